@@ -1,0 +1,44 @@
+# Thin wrapper around meson/ninja.  See README.md.
+BUILD      ?= build
+ASAN_BUILD ?= build-asan
+PREFIX     ?= /usr/local
+MESON      ?= meson
+
+# Debian packages needed to build and test.
+DEPS = build-essential meson ninja-build pkg-config zlib1g-dev libzstd-dev \
+       qemu-utils qemu-system-x86 qemu-block-extra fuse3 libfuse3-dev \
+       libnbd-dev nbdkit libjson-c-dev liburing-dev clang libclang-rt-14-dev \
+       python3
+
+.PHONY: all deps check check-fast demo bench install clean
+
+all: $(BUILD)/build.ninja
+	ninja -C $(BUILD)
+
+$(BUILD)/build.ninja:
+	$(MESON) setup $(BUILD)
+
+deps:
+	@bash scripts/deps.sh $(DEPS)
+
+check: deps all
+	$(MESON) test -C $(BUILD) --print-errorlogs --num-processes 2
+	@if [ -z "$$PMS_NO_ASAN" ]; then \
+	  [ -f $(ASAN_BUILD)/build.ninja ] || $(MESON) setup $(ASAN_BUILD) -Db_sanitize=address,undefined -Db_lundef=false; \
+	  ninja -C $(ASAN_BUILD) && \
+	  ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	  $(MESON) test -C $(ASAN_BUILD) --print-errorlogs --num-processes 2 --suite asan; \
+	fi
+
+demo: deps all
+	bash demo/demo.sh $(BUILD)
+
+bench: deps all
+	bash bench/run.sh $(BUILD)
+
+install: all
+	$(MESON) configure $(BUILD) -Dprefix=$(abspath $(PREFIX))
+	$(MESON) install -C $(BUILD)
+
+clean:
+	rm -rf $(BUILD) $(ASAN_BUILD)

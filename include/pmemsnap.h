@@ -1,0 +1,216 @@
+/* pmemsnap — persistent memory backed by disk images, with instant
+ * incremental snapshots.
+ *
+ * Public API.  Every function that can fail returns 0 (or a non-negative
+ * count) on success and a negative errno on failure; the failing call leaves
+ * a human readable message, prefixed with its own name, in a thread-local
+ * buffer that pms_errmsg() returns.  There is no other error channel.
+ *
+ * Threads: a pms_dev may be used from several threads at once; the library
+ * serialises what must be serialised (see lib/block/block.h).  Option and
+ * info structs carry a size field set by their init function so that fields
+ * can be appended without breaking the ABI.
+ */
+#ifndef PMEMSNAP_H
+#define PMEMSNAP_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define PMS_VERSION_MAJOR 0
+#define PMS_VERSION_MINOR 1
+
+typedef struct pms_dev pms_dev;
+
+/* Message of the last failing call in this thread ("" if none). */
+const char *pms_errmsg(void);
+
+/* ---- opening ------------------------------------------------------------ */
+
+enum pms_cache_mode {
+    PMS_CACHE_WRITEBACK = 0,   /* page cache, flush on pms_flush (default) */
+    PMS_CACHE_NONE,            /* O_DIRECT where the file system allows it */
+    PMS_CACHE_WRITETHROUGH,    /* every write is flushed before returning */
+    PMS_CACHE_UNSAFE,          /* flushes are ignored */
+    PMS_CACHE_DIRECTSYNC,      /* O_DIRECT + writethrough */
+};
+
+struct pms_open_opts {
+    size_t size;               /* sizeof(struct pms_open_opts), set by init */
+    int readonly;              /* open read-only (no write ever reaches the file) */
+    const char *format;        /* "qcow2", "raw" or NULL to probe */
+    uint64_t l2_cache_size;    /* bytes of L2 tables cached; 0 = default (1 MiB) */
+    uint64_t refcount_cache_size; /* bytes of refcount blocks cached; 0 = default */
+    int cache_mode;            /* enum pms_cache_mode */
+    int no_backing;            /* do not open the backing file (reads of unallocated
+                                  clusters return zeroes) */
+    int force_share;           /* accepted for qemu-io compatibility (-U) */
+    /* Fault injection for tests: a spec like "seed=N,crash_after=N,mode=drop|tear"
+     * inserts the fault-injecting "faulty" driver between the format and
+     * the file.  NULL in normal use. */
+    const char *fault_spec;
+};
+void pms_open_opts_init(struct pms_open_opts *o);
+
+int  pms_open(const char *path, const struct pms_open_opts *opts, pms_dev **devp);
+int  pms_close(pms_dev *dev);                 /* flushes everything; frees dev */
+int64_t pms_size(pms_dev *dev);
+
+/* ---- block I/O (bytes; any alignment) ------------------------------------ */
+
+int  pms_pread(pms_dev *dev, void *buf, size_t len, uint64_t off);
+int  pms_pwrite(pms_dev *dev, const void *buf, size_t len, uint64_t off);
+int  pms_write_zeroes(pms_dev *dev, size_t len, uint64_t off);
+int  pms_discard(pms_dev *dev, size_t len, uint64_t off);
+int  pms_flush(pms_dev *dev);                 /* durable on return */
+int  pms_truncate(pms_dev *dev, uint64_t new_size);  /* grow only for qcow2 */
+
+/* Allocation status of [off, off+len): fills *ext with the first extent,
+ * which may be shorter than len.  Mirrors qemu-img map --output=json. */
+#define PMS_BLOCK_DATA      0x1   /* reads come from data stored in some layer */
+#define PMS_BLOCK_ZERO      0x2   /* reads return zeroes */
+#define PMS_BLOCK_OFFSET    0x4   /* host_offset is valid (raw data at offset) */
+#define PMS_BLOCK_COMPRESSED 0x8
+struct pms_extent {
+    uint64_t start;            /* guest offset */
+    uint64_t length;
+    unsigned flags;            /* PMS_BLOCK_* */
+    int depth;                 /* 0 = this image, 1 = its backing file, ... */
+    uint64_t host_offset;      /* valid with PMS_BLOCK_OFFSET */
+};
+int  pms_block_status(pms_dev *dev, uint64_t off, uint64_t len, struct pms_extent *ext);
+
+/* ---- image creation ----------------------------------------------------- */
+
+struct pms_create_opts {
+    size_t size;               /* sizeof(struct pms_create_opts), set by init */
+    const char *format;        /* "qcow2" (default) or "raw" */
+    uint64_t cluster_size;     /* default 65536 */
+    int compat_v2;             /* write a version 2 image (compat=0.10) */
+    int extended_l2;           /* subcluster allocation */
+    int refcount_bits;         /* default 16 */
+    const char *backing_file;
+    const char *backing_format;
+    int lazy_refcounts;        /* accepted; pmemsnap never leaves refcounts stale */
+    int preallocation_metadata;/* accepted for compatibility, currently "off" */
+};
+void pms_create_opts_init(struct pms_create_opts *o);
+/* size may be 0 with a backing file: the backing file's size is used. */
+int  pms_create(const char *path, uint64_t size, const struct pms_create_opts *opts);
+
+/* ---- information -------------------------------------------------------- */
+
+struct pms_snapshot_info {
+    char id[32];
+    char *name;                /* owned by the list; freed by pms_snapshot_list_free */
+    uint64_t vm_state_size;
+    uint32_t date_sec;
+    uint32_t date_nsec;
+    uint64_t vm_clock_nsec;
+    uint64_t disk_size;        /* virtual size at snapshot time */
+    uint32_t icount_lo, icount_hi; /* instruction count, -1 if unknown */
+    int has_icount;
+};
+
+struct pms_info {
+    size_t size;               /* set by caller to sizeof(struct pms_info) */
+    char format[16];
+    uint64_t virtual_size;
+    uint64_t actual_size;      /* bytes allocated on the host file system */
+    uint64_t cluster_size;     /* 0 for raw */
+    int qcow2_version;         /* 2 or 3; 0 for raw */
+    int refcount_bits;
+    int extended_l2;
+    int lazy_refcounts;
+    int corrupt;
+    int dirty_flag;
+    char compression_type[8];  /* "zlib" / "zstd" */
+    char backing_file[1024];
+    char backing_format[32];
+    char full_backing_file[4096]; /* resolved path of the backing file */
+    int readonly;
+};
+int  pms_info(pms_dev *dev, struct pms_info *info);
+
+/* ---- consistency check (qcow2) ------------------------------------------ */
+
+#define PMS_CHECK_REPAIR_LEAKS  0x1
+#define PMS_CHECK_REPAIR_ALL    0x3
+struct pms_check_result {
+    size_t size;               /* set by caller */
+    uint64_t corruptions;
+    uint64_t leaks;
+    uint64_t check_errors;
+    uint64_t corruptions_fixed;
+    uint64_t leaks_fixed;
+    uint64_t image_end_offset;
+    uint64_t allocated_clusters;
+    uint64_t total_clusters;
+    uint64_t fragmented_clusters;
+    uint64_t compressed_clusters;
+};
+/* Messages describing each problem go to the callback (may be NULL). */
+typedef void (*pms_check_msg_fn)(void *opaque, const char *msg);
+int  pms_check(pms_dev *dev, unsigned flags, struct pms_check_result *res,
+               pms_check_msg_fn fn, void *opaque);
+
+/* ---- internal snapshots --------------------------------------------------- */
+
+int  pms_snapshot_create(pms_dev *dev, const char *name);
+int  pms_snapshot_revert(pms_dev *dev, const char *name);   /* name or id */
+int  pms_snapshot_delete(pms_dev *dev, const char *name);   /* name or id */
+int  pms_snapshot_list(pms_dev *dev, struct pms_snapshot_info **list, size_t *n);
+void pms_snapshot_list_free(struct pms_snapshot_info *list, size_t n);
+
+/* ---- the memory device (lib/mem) ---------------------------------------- */
+
+enum pms_dirty_mode {
+    PMS_DIRTY_AUTO = 0,        /* async WP + PAGEMAP_SCAN when present, else sync */
+    PMS_DIRTY_ASYNC_WP,
+    PMS_DIRTY_SYNC_WP,
+};
+
+struct pms_map_opts {
+    size_t size;               /* sizeof(struct pms_map_opts), set by init */
+    uint64_t mem_limit;        /* resident-memory cap in bytes, 0 = none */
+    int dirty_tracking;        /* enum pms_dirty_mode */
+    uint64_t chunk_size;       /* fault-in unit in bytes (power of two, >= page) */
+    unsigned writeback_interval_ms; /* background writeback period; 0 = default */
+    int prefetch;              /* stream the whole image in the background */
+};
+void pms_map_opts_init(struct pms_map_opts *o);
+
+int  pms_map(pms_dev *dev, const struct pms_map_opts *opts, void **addrp, size_t *lenp);
+int  pms_persist(pms_dev *dev, const void *addr, size_t len);
+int  pms_unmap(pms_dev *dev);
+
+/* Flags for pms_snapshot_create_ex. */
+#define PMS_SNAP_QUIESCED 0x1  /* caller already stopped every writer */
+int  pms_snapshot_create_ex(pms_dev *dev, const char *name, unsigned flags);
+
+struct pms_stats {
+    size_t size;               /* set by caller */
+    uint64_t faults;           /* missing faults served */
+    uint64_t wp_faults;        /* synchronous write-protect faults served */
+    uint64_t bytes_faulted_in;
+    uint64_t bytes_written_back;
+    uint64_t dirty_pages;
+    uint64_t resident_pages;
+    uint64_t pages_evicted;
+    uint64_t snapshots;
+    uint64_t last_snapshot_ns; /* wall time of the last snapshot */
+    uint64_t last_snapshot_pause_ns; /* time other threads were stopped */
+    uint64_t last_snapshot_bytes;    /* bytes written by the last snapshot */
+    int dirty_mode;            /* enum pms_dirty_mode actually in use */
+};
+int  pms_stats(pms_dev *dev, struct pms_stats *st);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,300 @@
+/* Block core: opening graphs, probing, request checks, locking.
+ *
+ * Invariants (checked here, so drivers may rely on them):
+ *  - every request handed to a driver lies inside [0, size) with no
+ *    arithmetic overflow, and len > 0;
+ *  - no write-type request reaches a read-only node;
+ *  - a format node's driver is entered with bs->lock held, so at most one
+ *    request is inside a given format driver at a time (requests are
+ *    serialised in arrival order; overlapping requests therefore never
+ *    interleave).
+ * Threads: any.  See block.h for the lock order.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include "block.h"
+#include "../util/error.h"
+
+static const struct pms_driver *format_drivers[] = { &pms_drv_qcow2, &pms_drv_raw };
+
+static struct bdev *bdev_new(const struct pms_driver *drv, const char *name)
+{
+    struct bdev *bs = calloc(1, sizeof *bs);
+    if (!bs)
+        return NULL;
+    bs->drv = drv;
+    bs->filename = strdup(name ? name : "");
+    if (drv->state_size)
+        bs->opaque = calloc(1, drv->state_size);
+    if (!bs->filename || (drv->state_size && !bs->opaque)) {
+        free(bs->filename);
+        free(bs->opaque);
+        free(bs);
+        return NULL;
+    }
+    pthread_mutex_init(&bs->lock, NULL);
+    return bs;
+}
+
+static void bdev_free(struct bdev *bs)
+{
+    pthread_mutex_destroy(&bs->lock);
+    free(bs->filename);
+    free(bs->opaque);
+    free(bs);
+}
+
+int bdev_open_protocol(const char *path, const struct pms_open_opts *o, bool readonly,
+                       struct bdev **bsp)
+{
+    const struct pms_driver *drv = (o && o->fault_spec) ? &pms_drv_faulty : &pms_drv_file;
+    struct bdev *bs = bdev_new(drv, path);
+    if (!bs)
+        return pms_err(ENOMEM, "out of memory");
+    bs->readonly = readonly;
+    bs->cache_mode = o ? o->cache_mode : 0;
+    int r = drv->open(bs, path, o);
+    if (r < 0) {
+        bdev_free(bs);
+        return r;
+    }
+    int64_t len = drv->getlength(bs);
+    bs->size = len < 0 ? 0 : (uint64_t)len;
+    *bsp = bs;
+    return 0;
+}
+
+const char *bdev_probe(struct bdev *file)
+{
+    uint8_t buf[512];
+    memset(buf, 0, sizeof buf);
+    int64_t len = bdev_file_length(file);
+    uint64_t n = len < 0 ? 0 : (len < (int64_t)sizeof buf ? (uint64_t)len : sizeof buf);
+    if (n && bdev_file_pread(file, buf, n, 0) < 0)
+        return "raw";
+    for (size_t i = 0; i < sizeof format_drivers / sizeof *format_drivers; i++)
+        if (format_drivers[i]->probe && format_drivers[i]->probe(buf, n) > 0)
+            return format_drivers[i]->name;
+    return "raw";
+}
+
+int bdev_open(const char *path, const struct pms_open_opts *o, struct bdev **bsp)
+{
+    struct pms_open_opts def;
+    if (!o) {
+        pms_open_opts_init(&def);
+        o = &def;
+    }
+    if (!path || !*path)
+        return pms_err(EINVAL, "no file name given");
+    const struct pms_driver *drv = NULL;
+    if (o->format) {
+        for (size_t i = 0; i < sizeof format_drivers / sizeof *format_drivers; i++)
+            if (strcmp(format_drivers[i]->name, o->format) == 0)
+                drv = format_drivers[i];
+        if (!drv)
+            return pms_err(EINVAL, "unknown image format '%s' (known: qcow2, raw)", o->format);
+    }
+    struct bdev *file;
+    int r = bdev_open_protocol(path, o, o->readonly, &file);
+    if (r < 0)
+        return r;
+    if (!drv) {
+        const char *fmt = bdev_probe(file);
+        drv = strcmp(fmt, "qcow2") == 0 ? &pms_drv_qcow2 : &pms_drv_raw;
+    }
+    struct bdev *bs = bdev_new(drv, path);
+    if (!bs) {
+        bdev_close(file);
+        return pms_err(ENOMEM, "out of memory");
+    }
+    bs->file = file;
+    bs->readonly = o->readonly;
+    bs->cache_mode = o->cache_mode;
+    r = drv->open(bs, path, o);
+    if (r < 0) {
+        bdev_close(file);
+        bdev_free(bs);
+        return r;
+    }
+    int64_t len = drv->getlength(bs);
+    if (len < 0) {
+        drv->close(bs);
+        bdev_close(bs->file);
+        if (bs->backing) bdev_close(bs->backing);
+        bdev_free(bs);
+        return (int)len;
+    }
+    bs->size = (uint64_t)len;
+    *bsp = bs;
+    return 0;
+}
+
+void bdev_close(struct bdev *bs)
+{
+    if (!bs)
+        return;
+    if (bs->drv->close)
+        bs->drv->close(bs);
+    if (bs->backing)
+        bdev_close(bs->backing);
+    if (bs->file)
+        bdev_close(bs->file);
+    bdev_free(bs);
+}
+
+static int check_req(struct bdev *bs, uint64_t len, uint64_t off, bool write)
+{
+    if (write && bs->readonly)
+        return pms_err(EROFS, "image '%s' is opened read-only", bs->filename);
+    if (off + len < off || off > bs->size || len > bs->size - off)
+        return pms_err(EINVAL, "request [%llu, +%llu) is outside the image (size %llu)",
+                       (unsigned long long)off, (unsigned long long)len,
+                       (unsigned long long)bs->size);
+    return 0;
+}
+
+#define LOCKED(bs, expr) ({ pthread_mutex_lock(&(bs)->lock); int r_ = (expr); \
+                            pthread_mutex_unlock(&(bs)->lock); r_; })
+
+int bdev_pread(struct bdev *bs, void *buf, uint64_t len, uint64_t off)
+{
+    int r = check_req(bs, len, off, false);
+    if (r < 0 || len == 0)
+        return r;
+    return LOCKED(bs, bs->drv->pread(bs, buf, len, off));
+}
+
+int bdev_pwrite(struct bdev *bs, const void *buf, uint64_t len, uint64_t off)
+{
+    int r = check_req(bs, len, off, true);
+    if (r < 0 || len == 0)
+        return r;
+    r = LOCKED(bs, bs->drv->pwrite(bs, buf, len, off));
+    if (r >= 0 && (bs->cache_mode == PMS_CACHE_WRITETHROUGH ||
+                   bs->cache_mode == PMS_CACHE_DIRECTSYNC))
+        r = bdev_flush(bs);
+    return r;
+}
+
+int bdev_pwrite_zeroes(struct bdev *bs, uint64_t len, uint64_t off, unsigned flags)
+{
+    int r = check_req(bs, len, off, true);
+    if (r < 0 || len == 0)
+        return r;
+    return LOCKED(bs, bs->drv->pwrite_zeroes(bs, len, off, flags));
+}
+
+int bdev_discard(struct bdev *bs, uint64_t len, uint64_t off)
+{
+    int r = check_req(bs, len, off, true);
+    if (r < 0 || len == 0)
+        return r;
+    if (!bs->drv->discard)
+        return 0;           /* discard is advisory */
+    return LOCKED(bs, bs->drv->discard(bs, len, off));
+}
+
+int bdev_flush(struct bdev *bs)
+{
+    if (bs->readonly || bs->cache_mode == PMS_CACHE_UNSAFE)
+        return 0;
+    return LOCKED(bs, bs->drv->flush ? bs->drv->flush(bs) : 0);
+}
+
+int64_t bdev_getlength(struct bdev *bs)
+{
+    return (int64_t)bs->size;
+}
+
+int bdev_truncate(struct bdev *bs, uint64_t size)
+{
+    if (bs->readonly)
+        return pms_err(EROFS, "image '%s' is opened read-only", bs->filename);
+    if (!bs->drv->truncate)
+        return pms_err(ENOTSUP, "format '%s' cannot be resized", bs->drv->name);
+    pthread_mutex_lock(&bs->lock);
+    int r = bs->drv->truncate(bs, size);
+    if (r >= 0)
+        bs->size = size;
+    pthread_mutex_unlock(&bs->lock);
+    return r;
+}
+
+int bdev_block_status(struct bdev *bs, uint64_t off, uint64_t len, struct pms_extent *ext)
+{
+    int r = check_req(bs, len, off, false);
+    if (r < 0)
+        return r;
+    if (len == 0)
+        return pms_err(EINVAL, "empty range");
+    memset(ext, 0, sizeof *ext);
+    if (!bs->drv->block_status) {
+        ext->start = off;
+        ext->length = len;
+        ext->flags = PMS_BLOCK_DATA;
+        return 0;
+    }
+    r = LOCKED(bs, bs->drv->block_status(bs, off, len, ext));
+    if (r >= 0 && (ext->length == 0 || ext->length > len))
+        return pms_err(EIO, "driver %s returned a bad extent", bs->drv->name);
+    return r;
+}
+
+/* ---- protocol child access (no lock: protocol drivers are stateless) ---- */
+
+int bdev_file_pread(struct bdev *file, void *buf, uint64_t len, uint64_t off)
+{
+    if (len == 0)
+        return 0;
+    if (off + len < off)
+        return pms_err(EINVAL, "offset overflow");
+    return file->drv->pread(file, buf, len, off);
+}
+
+int bdev_file_pwrite(struct bdev *file, const void *buf, uint64_t len, uint64_t off)
+{
+    if (len == 0)
+        return 0;
+    if (file->readonly)
+        return pms_err(EROFS, "'%s' is opened read-only", file->filename);
+    if (off + len < off)
+        return pms_err(EINVAL, "offset overflow");
+    return file->drv->pwrite(file, buf, len, off);
+}
+
+int bdev_file_flush(struct bdev *file)
+{
+    if (file->readonly || file->cache_mode == PMS_CACHE_UNSAFE)
+        return 0;
+    return file->drv->flush(file);
+}
+
+int64_t bdev_file_length(struct bdev *file)
+{
+    return file->drv->getlength(file);
+}
+
+int bdev_file_truncate(struct bdev *file, uint64_t size)
+{
+    if (file->readonly)
+        return pms_err(EROFS, "'%s' is opened read-only", file->filename);
+    return file->drv->truncate(file, size);
+}
+
+int bdev_file_discard(struct bdev *file, uint64_t len, uint64_t off)
+{
+    if (file->readonly)
+        return pms_err(EROFS, "'%s' is opened read-only", file->filename);
+    return file->drv->discard ? file->drv->discard(file, len, off) : 0;
+}
+
+int bdev_file_zero(struct bdev *file, uint64_t len, uint64_t off)
+{
+    if (file->readonly)
+        return pms_err(EROFS, "'%s' is opened read-only", file->filename);
+    return file->drv->pwrite_zeroes(file, len, off, 0);
+}

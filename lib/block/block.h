@@ -1,0 +1,112 @@
+/* Block core: the layer every driver sits under and every caller goes through.
+ *
+ * A bdev is one node of a graph: a format node (qcow2, raw) over a protocol
+ * node (file, faulty), and optionally a backing node.  Callers use bdev_*();
+ * drivers implement struct pms_driver.  The core checks every request
+ * (range inside the device, no overflow, writable) before the driver sees it,
+ * as nbdkit's server/backend.c does, so drivers may assume sane arguments.
+ *
+ * Threads: any thread may call bdev_*().  Each bdev has one mutex, `lock`,
+ * taken by the core around every driver call of a *format* node that is
+ * entered from outside (bdev_* on the top node).  It guards the driver's
+ * metadata (caches, tables, allocation) and so serialises overlapping
+ * requests: a request is tracked from check to completion under that lock.
+ * Protocol nodes (file) are stateless and thread-safe on their own (pread/
+ * pwrite), and are called by their parent with the parent's lock held.
+ * Lock order: parent before child; a backing node is a separate top with its
+ * own lock, taken while holding the child's lock (strictly downward).
+ */
+#ifndef PMS_BLOCK_H
+#define PMS_BLOCK_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stddef.h>
+#include "pmemsnap.h"
+
+struct bdev;
+
+/* Flags for pwrite_zeroes. */
+#define BDEV_ZERO_MAY_UNMAP  0x1   /* may deallocate, reads must still be zero */
+
+struct pms_driver {
+    const char *name;
+    size_t state_size;           /* bytes of bs->opaque allocated by the core */
+    /* Probe score for the first 512+ bytes of a file: >0 = this format. */
+    int  (*probe)(const uint8_t *buf, size_t len);
+    /* Open: path for protocol drivers; format drivers use bs->file. */
+    int  (*open)(struct bdev *bs, const char *path, const struct pms_open_opts *o);
+    void (*close)(struct bdev *bs);
+    int  (*pread)(struct bdev *bs, void *buf, uint64_t len, uint64_t off);
+    int  (*pwrite)(struct bdev *bs, const void *buf, uint64_t len, uint64_t off);
+    int  (*pwrite_zeroes)(struct bdev *bs, uint64_t len, uint64_t off, unsigned flags);
+    int  (*discard)(struct bdev *bs, uint64_t len, uint64_t off);
+    int  (*flush)(struct bdev *bs);
+    int64_t (*getlength)(struct bdev *bs);
+    int  (*truncate)(struct bdev *bs, uint64_t size);
+    /* First extent of [off, off+len) (len > 0); ext->length <= len. */
+    int  (*block_status)(struct bdev *bs, uint64_t off, uint64_t len,
+                         struct pms_extent *ext);
+    /* Format information; optional. */
+    int  (*info)(struct bdev *bs, struct pms_info *info);
+    int  (*check)(struct bdev *bs, unsigned flags, struct pms_check_result *res,
+                  pms_check_msg_fn fn, void *opaque);
+    /* Internal snapshots; optional (ENOTSUP). */
+    int  (*snapshot_create)(struct bdev *bs, const char *name);
+    int  (*snapshot_goto)(struct bdev *bs, const char *name);
+    int  (*snapshot_delete)(struct bdev *bs, const char *name);
+    int  (*snapshot_list)(struct bdev *bs, struct pms_snapshot_info **list, size_t *n);
+};
+
+struct bdev {
+    const struct pms_driver *drv;
+    void *opaque;                /* driver state (drv->state_size bytes) */
+    char *filename;
+    bool readonly;
+    int cache_mode;              /* enum pms_cache_mode */
+    struct bdev *file;           /* protocol child of a format node, or NULL */
+    struct bdev *backing;        /* backing image, or NULL */
+    pthread_mutex_t lock;        /* see header comment */
+    uint64_t size;               /* cached virtual size */
+};
+
+/* Drivers known to the core. */
+extern const struct pms_driver pms_drv_file;    /* protocol: posix file */
+extern const struct pms_driver pms_drv_faulty;  /* protocol: fault injection over file */
+extern const struct pms_driver pms_drv_raw;     /* format: raw pass-through */
+extern const struct pms_driver pms_drv_qcow2;   /* format: qcow2 */
+
+/* Open a whole graph: protocol node, format node (probed unless o->format),
+ * backing chain.  On error returns -errno with pms_err set. */
+int  bdev_open(const char *path, const struct pms_open_opts *o, struct bdev **bsp);
+/* Open only a protocol node (file, or faulty when o->fault_spec). */
+int  bdev_open_protocol(const char *path, const struct pms_open_opts *o, bool readonly,
+                        struct bdev **bsp);
+void bdev_close(struct bdev *bs);
+
+/* Checked, locked entry points (top level or child). */
+int  bdev_pread(struct bdev *bs, void *buf, uint64_t len, uint64_t off);
+int  bdev_pwrite(struct bdev *bs, const void *buf, uint64_t len, uint64_t off);
+int  bdev_pwrite_zeroes(struct bdev *bs, uint64_t len, uint64_t off, unsigned flags);
+int  bdev_discard(struct bdev *bs, uint64_t len, uint64_t off);
+int  bdev_flush(struct bdev *bs);
+int64_t bdev_getlength(struct bdev *bs);
+int  bdev_truncate(struct bdev *bs, uint64_t size);
+int  bdev_block_status(struct bdev *bs, uint64_t off, uint64_t len, struct pms_extent *ext);
+
+/* Unchecked-lock variants for protocol children: the child is stateless, so
+ * the parent calls these with its own lock held.  Writes past the end of a
+ * protocol node extend it. */
+int  bdev_file_pread(struct bdev *file, void *buf, uint64_t len, uint64_t off);
+int  bdev_file_pwrite(struct bdev *file, const void *buf, uint64_t len, uint64_t off);
+int  bdev_file_flush(struct bdev *file);
+int64_t bdev_file_length(struct bdev *file);
+int  bdev_file_truncate(struct bdev *file, uint64_t size);
+int  bdev_file_discard(struct bdev *file, uint64_t len, uint64_t off);
+int  bdev_file_zero(struct bdev *file, uint64_t len, uint64_t off);
+
+/* Probe the format of an open protocol node: "qcow2" or "raw". */
+const char *bdev_probe(struct bdev *file);
+
+#endif

@@ -1,0 +1,2 @@
+/* in progress */
+typedef int pms_dummy_t;

@@ -1,0 +1,230 @@
+/* qcow2 driver: in-memory state shared by qcow2*.c.
+ *
+ * Files: qcow2.c (open, header, I/O paths, create), qcow2-cache.c (L2 and
+ * refcount-block caches), qcow2-refcount.c (refcounts and allocation),
+ * qcow2-snapshot.c (internal snapshots), qcow2-check.c (check/repair).
+ *
+ * Threads: every function here is called with bs->lock held (the block core
+ * takes it around each driver entry), so the state below needs no locking of
+ * its own.  The protocol child (bs->file) is stateless; the backing node has
+ * its own lock, taken via bdev_pread().
+ *
+ * Cluster states (active L1 -> L2 entry):
+ *   UNALLOCATED  entry 0: reads from backing (or zero)
+ *   ZERO_PLAIN   ZERO flag, no offset: zeroes, nothing allocated
+ *   ZERO_ALLOC   ZERO flag with offset: zeroes, cluster kept allocated
+ *   NORMAL       offset: data at host offset; COPIED iff refcount == 1
+ *   COMPRESSED   compressed bytes at a sector-granular host range
+ * With extended L2 each of 32 subclusters is unallocated, zero or allocated.
+ *
+ * Invariants kept by every write path (crash may leak, never corrupt):
+ *  - a refcount increment is durable before any L2/L1 entry or snapshot table
+ *    points at the cluster (refcount cache flushed + file flushed before the
+ *    L2 cache is written back);
+ *  - new data is written before the L2 entry linking it;
+ *  - an L2 entry is cleared (durably) before its cluster's refcount drops;
+ *  - QCOW_OFLAG_COPIED is set in active L1/L2 entries iff refcount == 1;
+ *  - every host offset we follow is checked: aligned, below QCOW2_MAX_HOST_OFFSET,
+ *    and not overlapping the header, L1, refcount table or snapshot table.
+ */
+#ifndef PMS_QCOW2_H
+#define PMS_QCOW2_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include "../block.h"
+#include "qcow2-format.h"
+
+enum qcow2_ctype {
+    QC_UNALLOCATED, QC_ZERO_PLAIN, QC_ZERO_ALLOC, QC_NORMAL, QC_COMPRESSED,
+};
+
+/* Subcluster state of one guest offset (from qcow2_get_mapping). */
+enum qcow2_sctype {
+    SC_UNALLOCATED,      /* read from backing / zero */
+    SC_ZERO,             /* reads as zeroes */
+    SC_DATA,             /* data at host_off */
+    SC_COMPRESSED,       /* whole cluster compressed at host_off, csize bytes */
+};
+
+struct qcow2_cache_entry {
+    uint64_t offset;             /* host offset of the table, 0 = free slot */
+    uint8_t *data;               /* cluster_size bytes */
+    uint64_t lru;                /* last use tick */
+    bool dirty;
+};
+
+struct qcow2_cache {
+    struct qcow2_cache_entry *e;
+    int n;
+    uint64_t tick;
+    bool is_refcount;            /* refcount-block cache (flushed first) */
+};
+
+struct qcow2_snapshot {
+    uint64_t l1_table_offset;
+    uint32_t l1_size;
+    char *id_str;
+    char *name;
+    uint32_t date_sec, date_nsec;
+    uint64_t vm_clock_nsec;
+    uint64_t vm_state_size;
+    uint64_t disk_size;
+    uint64_t icount;             /* UINT64_MAX = unknown */
+    uint32_t extra_data_size;    /* as read (>= 24 after we rewrite) */
+    uint8_t *extra_unknown;      /* extra data beyond the 24 bytes we know, preserved */
+    uint32_t extra_unknown_size;
+};
+
+struct qcow2_ext {               /* header extension we preserve verbatim */
+    uint32_t type;
+    uint32_t len;
+    uint8_t *data;
+};
+
+struct qcow2_state {
+    /* geometry */
+    int version;
+    unsigned cluster_bits;
+    uint64_t cluster_size;
+    unsigned l2_bits;            /* log2 entries per L2 table */
+    uint64_t l2_entries;
+    unsigned l2_entry_size;      /* 8, or 16 with extended L2 */
+    bool ext_l2;
+    uint64_t sc_size;            /* subcluster size (= cluster_size without ext L2) */
+    unsigned sc_bits;
+    unsigned csize_shift;        /* compressed descriptor: 62 - (cluster_bits - 8) */
+    uint64_t csize_mask;
+    uint64_t coffset_mask;
+
+    uint64_t size;               /* virtual size */
+
+    /* active L1 (host-endian, entries as on disk incl. flags) */
+    uint64_t *l1;
+    uint32_t l1_size;
+    uint64_t l1_offset;
+
+    /* refcount table (host-endian) */
+    uint64_t *reftable;
+    uint64_t reftable_entries;   /* refcount_table_clusters * cluster_size / 8 */
+    uint64_t reftable_offset;
+    uint32_t reftable_clusters;
+    unsigned refcount_order;
+    unsigned refcount_bits;
+    uint64_t refcount_max;
+    unsigned rb_bits;            /* log2 refcount entries per refcount block */
+
+    /* header fields we keep */
+    uint64_t incompat, compat, autoclear;
+    uint32_t header_length;
+    uint8_t compression_type;
+    char *backing_file;          /* as stored; NULL = none */
+    char *backing_format;        /* from extension; NULL = none */
+    struct qcow2_ext *exts;      /* unknown extensions, preserved */
+    int nb_exts;
+    uint8_t *feature_table;      /* feature-name table as read (preserved) */
+    uint32_t feature_table_len;
+
+    /* snapshots */
+    struct qcow2_snapshot *snaps;
+    int nb_snaps;
+    uint64_t snapshots_offset;
+    uint64_t snapshots_size;     /* bytes of the table on disk */
+
+    struct qcow2_cache l2_cache;
+    struct qcow2_cache rb_cache;
+
+    uint64_t free_cluster_index; /* allocation hint: no free cluster below */
+    bool writable;
+    bool header_dirty;           /* cleared on close: dirty bit handling */
+    uint8_t *cbuf;               /* cluster-sized scratch for compressed reads */
+    uint8_t *zbuf;               /* 2 * cluster_size scratch for decompression input */
+};
+
+static inline struct qcow2_state *QS(struct bdev *bs) { return bs->opaque; }
+
+static inline uint64_t qc_off_in_cluster(struct qcow2_state *s, uint64_t off)
+{ return off & (s->cluster_size - 1); }
+static inline uint64_t qc_align_down(struct qcow2_state *s, uint64_t off)
+{ return off & ~(s->cluster_size - 1); }
+static inline uint64_t qc_size_to_clusters(struct qcow2_state *s, uint64_t sz)
+{ return (sz + s->cluster_size - 1) >> s->cluster_bits; }
+
+/* Classify a (standard part of an) L2 entry. */
+enum qcow2_ctype qcow2_entry_type(struct qcow2_state *s, uint64_t l2e);
+
+/* ---- qcow2-cache.c ------------------------------------------------------ */
+int  qcow2_cache_init(struct qcow2_cache *c, int n, uint64_t cluster_size, bool is_refcount);
+void qcow2_cache_destroy(struct qcow2_cache *c);
+/* Get the table at host offset off (reads it on a miss); the pointer stays
+ * valid until the next cache call on the same cache. */
+int  qcow2_cache_get(struct bdev *bs, struct qcow2_cache *c, uint64_t off, uint8_t **table);
+/* Like get, but without reading: the caller fills a fresh table (zeroed). */
+int  qcow2_cache_get_empty(struct bdev *bs, struct qcow2_cache *c, uint64_t off, uint8_t **table);
+void qcow2_cache_mark_dirty(struct qcow2_cache *c, const uint8_t *table);
+/* Write back every dirty entry (refcount cache first, with a file flush
+ * between, when c is the L2 cache). */
+int  qcow2_cache_writeback(struct bdev *bs, struct qcow2_cache *c);
+/* Drop an entry without writing (cluster was freed). */
+void qcow2_cache_discard(struct qcow2_cache *c, uint64_t off);
+/* Write back both caches in dependency order and flush the file. */
+int  qcow2_flush_metadata(struct bdev *bs);
+
+/* ---- qcow2-refcount.c --------------------------------------------------- */
+int  qcow2_refcount_init(struct bdev *bs);     /* reads the refcount table */
+int  qcow2_get_refcount(struct bdev *bs, uint64_t cluster_index, uint64_t *rc);
+/* Add addend (may be negative) to every cluster touched by [off, off+len). */
+int  qcow2_update_refcount(struct bdev *bs, uint64_t off, uint64_t len, int64_t addend);
+/* Set the refcount of one cluster (used by repair). */
+int  qcow2_set_refcount(struct bdev *bs, uint64_t cluster_index, uint64_t rc);
+/* Allocate n contiguous clusters with refcount 1; returns host offset or -errno. */
+int64_t qcow2_alloc_clusters(struct bdev *bs, uint64_t n);
+/* Decrease refcount of the clusters of [off, off+len) by one. */
+int  qcow2_free_clusters(struct bdev *bs, uint64_t off, uint64_t len);
+/* Refcount width helpers on a refcount block buffer. */
+uint64_t qcow2_rb_get(struct qcow2_state *s, const uint8_t *rb, uint64_t idx);
+void qcow2_rb_set(struct qcow2_state *s, uint8_t *rb, uint64_t idx, uint64_t v);
+/* Walk an L1 table (entries host-endian, of l1_size) adding addend to the
+ * refcount of every L2 table and data cluster it reaches, then set/clear
+ * COPIED in the L2 tables and (if l1 == s->l1) the L1 itself.  addend 0 only
+ * fixes COPIED flags.  l1 is updated in memory; the caller writes it. */
+int  qcow2_update_snapshot_refcount(struct bdev *bs, uint64_t *l1, uint32_t l1_size,
+                                    int addend);
+
+/* ---- qcow2.c ------------------------------------------------------------ */
+/* Is [off, off+len) a valid place for a metadata or data cluster: aligned,
+ * inside limits, not overlapping header/L1/reftable/snapshot table? */
+int  qcow2_check_host_range(struct bdev *bs, uint64_t off, uint64_t len, const char *what);
+/* Mark the image corrupt (sets the bit when writable), returns -EIO with msg. */
+int  qcow2_signal_corruption(struct bdev *bs, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+/* Rewrite header cluster (header, extensions, backing name). */
+int  qcow2_update_header(struct bdev *bs);
+/* Write the in-memory active L1 entries [first, first+n) to disk. */
+int  qcow2_write_l1(struct bdev *bs, uint32_t first, uint32_t n);
+/* Grow the active L1 to at least min_size entries (new table, atomically switched). */
+int  qcow2_grow_l1(struct bdev *bs, uint32_t min_size);
+/* Read the active L1 afresh from disk (after snapshot goto). */
+uint64_t qcow2_l2_get(struct qcow2_state *s, const uint8_t *l2, uint64_t idx);
+uint64_t qcow2_l2_get_bitmap(struct qcow2_state *s, const uint8_t *l2, uint64_t idx);
+void qcow2_l2_set(struct qcow2_state *s, uint8_t *l2, uint64_t idx, uint64_t v);
+void qcow2_l2_set_bitmap(struct qcow2_state *s, uint8_t *l2, uint64_t idx, uint64_t v);
+/* Host bytes [coff, coff+csize) of a compressed descriptor. */
+void qcow2_compressed_range(struct qcow2_state *s, uint64_t l2e, uint64_t *coff, uint64_t *csize);
+
+/* ---- qcow2-snapshot.c --------------------------------------------------- */
+int  qcow2_read_snapshots(struct bdev *bs);
+void qcow2_free_snapshots(struct qcow2_state *s);
+int  qcow2_snapshot_create(struct bdev *bs, const char *name);
+int  qcow2_snapshot_goto(struct bdev *bs, const char *name);
+int  qcow2_snapshot_delete(struct bdev *bs, const char *name);
+int  qcow2_snapshot_list(struct bdev *bs, struct pms_snapshot_info **list, size_t *n);
+
+/* ---- qcow2-check.c ------------------------------------------------------ */
+int  qcow2_check(struct bdev *bs, unsigned flags, struct pms_check_result *res,
+                 pms_check_msg_fn fn, void *opaque);
+
+/* ---- create (qcow2.c) --------------------------------------------------- */
+int  qcow2_create(const char *path, uint64_t size, const struct pms_create_opts *o);
+
+#endif

@@ -1,0 +1,310 @@
+/* Public API layer: argument checks, routing to the block graph or, while
+ * mapped, to the memory device, and the "FUNC: " error prefix.
+ * Threads: see pms-dev.h. */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+#include <string.h>
+#include "pms-dev.h"
+#include "util/error.h"
+#include "block/drivers/qcow2.h"
+
+void pms_open_opts_init(struct pms_open_opts *o)
+{
+    memset(o, 0, sizeof *o);
+    o->size = sizeof *o;
+}
+
+void pms_create_opts_init(struct pms_create_opts *o)
+{
+    memset(o, 0, sizeof *o);
+    o->size = sizeof *o;
+    o->format = "qcow2";
+    o->cluster_size = 65536;
+    o->refcount_bits = 16;
+}
+
+void pms_map_opts_init(struct pms_map_opts *o)
+{
+    memset(o, 0, sizeof *o);
+    o->size = sizeof *o;
+    o->dirty_tracking = PMS_DIRTY_AUTO;
+}
+
+int pms_open(const char *path, const struct pms_open_opts *opts, pms_dev **devp)
+{
+    pms_err_clear();
+    if (!devp) {
+        int r = pms_err(EINVAL, "devp is NULL");
+        PMS_API_ERR(r);
+        return r;
+    }
+    *devp = NULL;
+    pms_dev *dev = calloc(1, sizeof *dev);
+    if (!dev) {
+        int r = pms_err(ENOMEM, "out of memory");
+        PMS_API_ERR(r);
+        return r;
+    }
+    int r = bdev_open(path, opts, &dev->bs);
+    if (r < 0) {
+        free(dev);
+        PMS_API_ERR(r);
+        return r;
+    }
+    pthread_mutex_init(&dev->lock, NULL);
+    *devp = dev;
+    return 0;
+}
+
+int pms_close(pms_dev *dev)
+{
+    if (!dev)
+        return 0;
+    int r = 0;
+    if (dev->mem) {
+        r = pms_mem_unmap(dev->mem);
+        dev->mem = NULL;
+    }
+    int r2 = bdev_flush(dev->bs);
+    if (r == 0)
+        r = r2;
+    bdev_close(dev->bs);
+    pthread_mutex_destroy(&dev->lock);
+    free(dev);
+    PMS_API_ERR(r);
+    return r;
+}
+
+int64_t pms_size(pms_dev *dev)
+{
+    return bdev_getlength(dev->bs);
+}
+
+#define ROUTE(call_mem, call_bs) \
+    int r = dev->mem ? (call_mem) : (call_bs); PMS_API_ERR(r); return r
+
+int pms_pread(pms_dev *dev, void *buf, size_t len, uint64_t off)
+{
+    ROUTE(pms_mem_pread(dev->mem, buf, len, off), bdev_pread(dev->bs, buf, len, off));
+}
+
+int pms_pwrite(pms_dev *dev, const void *buf, size_t len, uint64_t off)
+{
+    ROUTE(pms_mem_pwrite(dev->mem, buf, len, off), bdev_pwrite(dev->bs, buf, len, off));
+}
+
+int pms_write_zeroes(pms_dev *dev, size_t len, uint64_t off)
+{
+    ROUTE(pms_mem_write_zeroes(dev->mem, len, off),
+          bdev_pwrite_zeroes(dev->bs, len, off, BDEV_ZERO_MAY_UNMAP));
+}
+
+int pms_discard(pms_dev *dev, size_t len, uint64_t off)
+{
+    ROUTE(pms_mem_discard(dev->mem, len, off), bdev_discard(dev->bs, len, off));
+}
+
+int pms_flush(pms_dev *dev)
+{
+    ROUTE(pms_mem_flush(dev->mem), bdev_flush(dev->bs));
+}
+
+int pms_truncate(pms_dev *dev, uint64_t size)
+{
+    int r = dev->mem ? pms_err(EBUSY, "device is mapped") : bdev_truncate(dev->bs, size);
+    PMS_API_ERR(r);
+    return r;
+}
+
+int pms_block_status(pms_dev *dev, uint64_t off, uint64_t len, struct pms_extent *ext)
+{
+    int r = bdev_block_status(dev->bs, off, len, ext);
+    PMS_API_ERR(r);
+    return r;
+}
+
+int pms_create(const char *path, uint64_t size, const struct pms_create_opts *opts)
+{
+    pms_err_clear();
+    struct pms_create_opts def;
+    if (!opts) {
+        pms_create_opts_init(&def);
+        opts = &def;
+    }
+    int r;
+    if (!path || !*path)
+        r = pms_err(EINVAL, "no file name given");
+    else if (!opts->format || strcmp(opts->format, "qcow2") == 0)
+        r = qcow2_create(path, size, opts);
+    else if (strcmp(opts->format, "raw") == 0) {
+        r = 0;
+        if (opts->backing_file)
+            r = pms_err(EINVAL, "raw images cannot have a backing file");
+        else {
+            FILE *f = fopen(path, "w");
+            if (!f)
+                r = pms_err(errno, "could not create '%s': %s", path, strerror(errno));
+            else {
+                if (ftruncate(fileno(f), (off_t)size) < 0)
+                    r = pms_err(errno, "could not resize '%s': %s", path, strerror(errno));
+                fclose(f);
+            }
+        }
+    } else
+        r = pms_err(EINVAL, "unknown image format '%s' (known: qcow2, raw)", opts->format);
+    PMS_API_ERR(r);
+    return r;
+}
+
+int pms_info(pms_dev *dev, struct pms_info *info)
+{
+    size_t sz = info->size ? info->size : sizeof *info;
+    memset(info, 0, sz < sizeof *info ? sz : sizeof *info);
+    info->size = sz;
+    struct bdev *bs = dev->bs;
+    info->virtual_size = bs->size;
+    info->readonly = bs->readonly;
+    int r = bs->drv->info ? bs->drv->info(bs, info) : 0;
+    PMS_API_ERR(r);
+    return r;
+}
+
+int pms_check(pms_dev *dev, unsigned flags, struct pms_check_result *res,
+              pms_check_msg_fn fn, void *opaque)
+{
+    struct bdev *bs = dev->bs;
+    size_t sz = res->size ? res->size : sizeof *res;
+    memset(res, 0, sz < sizeof *res ? sz : sizeof *res);
+    res->size = sz;
+    int r;
+    if (!bs->drv->check)
+        r = pms_err(ENOTSUP, "format '%s' does not support checks", bs->drv->name);
+    else if (flags && bs->readonly)
+        r = pms_err(EROFS, "cannot repair a read-only image");
+    else {
+        pthread_mutex_lock(&bs->lock);
+        r = bs->drv->check(bs, flags, res, fn, opaque);
+        pthread_mutex_unlock(&bs->lock);
+    }
+    PMS_API_ERR(r);
+    return r;
+}
+
+static int snap_call(pms_dev *dev, int (*fn)(struct bdev *, const char *), const char *name,
+                     bool write)
+{
+    struct bdev *bs = dev->bs;
+    if (!name || !*name)
+        return pms_err(EINVAL, "snapshot name is empty");
+    if (!fn)
+        return pms_err(ENOTSUP, "format '%s' does not support internal snapshots",
+                       bs->drv->name);
+    if (write && bs->readonly)
+        return pms_err(EROFS, "image '%s' is opened read-only", bs->filename);
+    pthread_mutex_lock(&bs->lock);
+    int r = fn(bs, name);
+    pthread_mutex_unlock(&bs->lock);
+    return r;
+}
+
+int pms_snapshot_create_ex(pms_dev *dev, const char *name, unsigned flags)
+{
+    int r = dev->mem ? pms_mem_snapshot_create(dev->mem, name, flags)
+                     : snap_call(dev, dev->bs->drv->snapshot_create, name, true);
+    PMS_API_ERR(r);
+    return r;
+}
+
+int pms_snapshot_create(pms_dev *dev, const char *name)
+{
+    int r = pms_snapshot_create_ex(dev, name, 0);
+    PMS_API_ERR(r);
+    return r;
+}
+
+int pms_snapshot_revert(pms_dev *dev, const char *name)
+{
+    int r = dev->mem ? pms_mem_snapshot_revert(dev->mem, name)
+                     : snap_call(dev, dev->bs->drv->snapshot_goto, name, true);
+    PMS_API_ERR(r);
+    return r;
+}
+
+int pms_snapshot_delete(pms_dev *dev, const char *name)
+{
+    int r = snap_call(dev, dev->bs->drv->snapshot_delete, name, true);
+    PMS_API_ERR(r);
+    return r;
+}
+
+int pms_snapshot_list(pms_dev *dev, struct pms_snapshot_info **list, size_t *n)
+{
+    struct bdev *bs = dev->bs;
+    int r;
+    *list = NULL;
+    *n = 0;
+    if (!bs->drv->snapshot_list)
+        r = 0;                       /* raw: no snapshots */
+    else {
+        pthread_mutex_lock(&bs->lock);
+        r = bs->drv->snapshot_list(bs, list, n);
+        pthread_mutex_unlock(&bs->lock);
+    }
+    PMS_API_ERR(r);
+    return r;
+}
+
+void pms_snapshot_list_free(struct pms_snapshot_info *list, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        free(list[i].name);
+    free(list);
+}
+
+int pms_map(pms_dev *dev, const struct pms_map_opts *opts, void **addrp, size_t *lenp)
+{
+    int r;
+    pthread_mutex_lock(&dev->lock);
+    if (dev->mem)
+        r = pms_err(EBUSY, "device is already mapped");
+    else
+        r = pms_mem_map(dev, opts, &dev->mem, addrp, lenp);
+    pthread_mutex_unlock(&dev->lock);
+    PMS_API_ERR(r);
+    return r;
+}
+
+int pms_unmap(pms_dev *dev)
+{
+    int r;
+    pthread_mutex_lock(&dev->lock);
+    if (!dev->mem)
+        r = pms_err(EINVAL, "device is not mapped");
+    else {
+        r = pms_mem_unmap(dev->mem);
+        dev->mem = NULL;
+    }
+    pthread_mutex_unlock(&dev->lock);
+    PMS_API_ERR(r);
+    return r;
+}
+
+int pms_persist(pms_dev *dev, const void *addr, size_t len)
+{
+    int r = dev->mem ? pms_mem_persist(dev->mem, addr, len)
+                     : pms_err(EINVAL, "device is not mapped");
+    PMS_API_ERR(r);
+    return r;
+}
+
+int pms_stats(pms_dev *dev, struct pms_stats *st)
+{
+    size_t sz = st->size ? st->size : sizeof *st;
+    memset(st, 0, sz < sizeof *st ? sz : sizeof *st);
+    st->size = sz;
+    int r = dev->mem ? pms_mem_stats(dev->mem, st) : 0;
+    PMS_API_ERR(r);
+    return r;
+}

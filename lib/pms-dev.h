@@ -1,0 +1,39 @@
+/* The public handle and the hooks between the API layer (lib/pmemsnap.c)
+ * and the memory device (lib/mem/).
+ *
+ * Threads: any thread may call the API.  dev->bs is the block graph (its own
+ * locking, see block/block.h).  dev->mem is set by pms_map and cleared by
+ * pms_unmap under dev->lock; the memory device documents its own threads.
+ * While mapped, every block-level API call on the device is routed through
+ * the memory device so that loads/stores and pms_pread/pms_pwrite agree.
+ */
+#ifndef PMS_DEV_H
+#define PMS_DEV_H
+
+#include <pthread.h>
+#include "pmemsnap.h"
+#include "block/block.h"
+
+struct pms_mem;
+
+struct pms_dev {
+    struct bdev *bs;
+    struct pms_mem *mem;          /* non-NULL while mapped */
+    pthread_mutex_t lock;         /* guards mem (map/unmap) */
+};
+
+/* Implemented in lib/mem/.  All return 0 or -errno with pms_err set. */
+int  pms_mem_map(pms_dev *dev, const struct pms_map_opts *o, struct pms_mem **memp,
+                 void **addrp, size_t *lenp);
+int  pms_mem_unmap(struct pms_mem *m);      /* persists everything, frees m */
+int  pms_mem_persist(struct pms_mem *m, const void *addr, size_t len);
+int  pms_mem_pread(struct pms_mem *m, void *buf, size_t len, uint64_t off);
+int  pms_mem_pwrite(struct pms_mem *m, const void *buf, size_t len, uint64_t off);
+int  pms_mem_write_zeroes(struct pms_mem *m, size_t len, uint64_t off);
+int  pms_mem_discard(struct pms_mem *m, size_t len, uint64_t off);
+int  pms_mem_flush(struct pms_mem *m);
+int  pms_mem_snapshot_create(struct pms_mem *m, const char *name, unsigned flags);
+int  pms_mem_snapshot_revert(struct pms_mem *m, const char *name);
+int  pms_mem_stats(struct pms_mem *m, struct pms_stats *st);
+
+#endif
