@@ -76,6 +76,7 @@ int  pms_truncate(pms_dev *dev, uint64_t new_size);  /* grow only for qcow2 */
 #define PMS_BLOCK_ZERO      0x2   /* reads return zeroes */
 #define PMS_BLOCK_OFFSET    0x4   /* host_offset is valid (raw data at offset) */
 #define PMS_BLOCK_COMPRESSED 0x8
+#define PMS_BLOCK_ALLOCATED 0x10  /* stored in some layer of the chain (qemu "present") */
 struct pms_extent {
     uint64_t start;            /* guest offset */
     uint64_t length;
@@ -207,6 +208,8 @@ struct pms_stats {
     uint64_t last_snapshot_pause_ns; /* time other threads were stopped */
     uint64_t last_snapshot_bytes;    /* bytes written by the last snapshot */
     int dirty_mode;            /* enum pms_dirty_mode actually in use */
+    uint64_t io_errors;        /* fault-ins that failed (the access got SIGBUS) */
+    char last_error[160];      /* message of the last such failure, "" if none */
 };
 int  pms_stats(pms_dev *dev, struct pms_stats *st);
 

@@ -1,2 +1,150 @@
-/* in progress */
-typedef int pms_dummy_t;
+/* qcow2 metadata caches: L2 tables and refcount blocks.
+ *
+ * A cache holds n cluster-sized tables keyed by host offset, LRU-evicted.
+ * Entry states: free (offset 0), clean (equals disk), dirty (newer than disk).
+ * Write-back order (the crash-safety rule "refcount before the pointer"):
+ * before any dirty L2 table is written, every dirty refcount block is written
+ * and the file flushed, so an L2 entry never reaches the disk pointing at a
+ * cluster whose refcount increment is not durable.  Data clusters are written
+ * straight to the file before their L2 entry is updated in the cache, and the
+ * same file flush makes them durable first.
+ * Threads: called with bs->lock held (see qcow2.h); no locking here.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include "qcow2.h"
+#include "../../util/error.h"
+
+int qcow2_cache_init(struct qcow2_cache *c, int n, uint64_t cluster_size, bool is_refcount)
+{
+    memset(c, 0, sizeof *c);
+    if (n < 4) n = 4;
+    c->e = calloc((size_t)n, sizeof *c->e);
+    if (!c->e)
+        return pms_err(ENOMEM, "out of memory for the metadata cache");
+    for (int i = 0; i < n; i++) {
+        if (posix_memalign((void **)&c->e[i].data, 4096, cluster_size)) {
+            c->n = i;
+            qcow2_cache_destroy(c);
+            return pms_err(ENOMEM, "out of memory for the metadata cache");
+        }
+    }
+    c->n = n;
+    c->is_refcount = is_refcount;
+    return 0;
+}
+
+void qcow2_cache_destroy(struct qcow2_cache *c)
+{
+    if (!c->e) return;
+    for (int i = 0; i < c->n; i++)
+        free(c->e[i].data);
+    free(c->e);
+    c->e = NULL;
+    c->n = 0;
+}
+
+static int write_entry(struct bdev *bs, struct qcow2_cache *c, struct qcow2_cache_entry *e)
+{
+    struct qcow2_state *s = QS(bs);
+    if (!e->dirty)
+        return 0;
+    if (!c->is_refcount) {
+        /* L2 write-back depends on the refcount cache being durable. */
+        int r = qcow2_cache_writeback(bs, &s->rb_cache);
+        if (r < 0) return r;
+    }
+    int r = bdev_file_pwrite(bs->file, e->data, s->cluster_size, e->offset);
+    if (r < 0)
+        return r;
+    e->dirty = false;
+    return 0;
+}
+
+int qcow2_cache_writeback(struct bdev *bs, struct qcow2_cache *c)
+{
+    bool any = false;
+    for (int i = 0; i < c->n; i++) {
+        if (c->e[i].dirty) {
+            int r = write_entry(bs, c, &c->e[i]);
+            if (r < 0) return r;
+            any = true;
+        }
+    }
+    if (any && c->is_refcount)
+        return bdev_file_flush(bs->file);
+    return 0;
+}
+
+static int lookup(struct bdev *bs, struct qcow2_cache *c, uint64_t off, bool read,
+                  uint8_t **table)
+{
+    struct qcow2_state *s = QS(bs);
+    int victim = -1;
+    for (int i = 0; i < c->n; i++) {
+        if (c->e[i].offset == off && off) {
+            c->e[i].lru = ++c->tick;
+            *table = c->e[i].data;
+            if (!read) memset(c->e[i].data, 0, s->cluster_size);
+            return 0;
+        }
+        if (victim < 0 || c->e[i].offset == 0 ||
+            (c->e[victim].offset != 0 && c->e[i].lru < c->e[victim].lru))
+            if (victim < 0 || c->e[victim].offset != 0)
+                victim = i;
+    }
+    struct qcow2_cache_entry *e = &c->e[victim];
+    int r = write_entry(bs, c, e);
+    if (r < 0)
+        return r;
+    e->offset = 0;
+    if (read) {
+        r = bdev_file_pread(bs->file, e->data, s->cluster_size, off);
+        if (r < 0)
+            return r;
+    } else
+        memset(e->data, 0, s->cluster_size);
+    e->offset = off;
+    e->lru = ++c->tick;
+    *table = e->data;
+    return 0;
+}
+
+int qcow2_cache_get(struct bdev *bs, struct qcow2_cache *c, uint64_t off, uint8_t **table)
+{
+    return lookup(bs, c, off, true, table);
+}
+
+int qcow2_cache_get_empty(struct bdev *bs, struct qcow2_cache *c, uint64_t off, uint8_t **table)
+{
+    return lookup(bs, c, off, false, table);
+}
+
+void qcow2_cache_mark_dirty(struct qcow2_cache *c, const uint8_t *table)
+{
+    for (int i = 0; i < c->n; i++)
+        if (c->e[i].data == table) {
+            c->e[i].dirty = true;
+            return;
+        }
+}
+
+void qcow2_cache_discard(struct qcow2_cache *c, uint64_t off)
+{
+    for (int i = 0; i < c->n; i++)
+        if (c->e[i].offset == off) {
+            c->e[i].offset = 0;
+            c->e[i].dirty = false;
+            c->e[i].lru = 0;
+        }
+}
+
+int qcow2_flush_metadata(struct bdev *bs)
+{
+    struct qcow2_state *s = QS(bs);
+    int r = qcow2_cache_writeback(bs, &s->rb_cache);
+    if (r < 0) return r;
+    r = qcow2_cache_writeback(bs, &s->l2_cache);
+    if (r < 0) return r;
+    return bdev_file_flush(bs->file);
+}

@@ -64,7 +64,7 @@ struct qcow2_ext_header {
 _Static_assert(sizeof(struct qcow2_ext_header) == 8, "extension header is 8 bytes");
 #define QCOW2_EXT_END            0x00000000u
 #define QCOW2_EXT_BACKING_FORMAT 0xe2792acau
-#define QCOW2_EXT_FEATURE_TABLE  0x6803f57u
+#define QCOW2_EXT_FEATURE_TABLE  0x6803f857u
 #define QCOW2_EXT_BITMAPS        0x23852875u
 #define QCOW2_EXT_CRYPTO         0x0537be77u
 #define QCOW2_EXT_DATA_FILE      0x44415441u

@@ -1,2 +1,417 @@
-/* in progress */
-typedef int pms_dummy_t;
+/* qcow2 internal snapshots: table I/O, create, apply (goto), delete, list.
+ *
+ * A snapshot is an L1 table copy plus one refcount per reference: creating
+ * one adds 1 to every L2 table and data cluster reachable from the active
+ * L1 (so later writes copy-on-write), which is metadata work proportional
+ * to the allocated size, never a data copy.
+ *
+ * Ordering (crash may leak, never lose a snapshot's data):
+ *   create: refcounts +1 (durable) -> snapshot L1 written -> new snapshot
+ *           table written -> header switch (one 12-byte write) -> old table freed.
+ *   goto:   snapshot tree +1 (durable) -> active L1 overwritten -> old tree -1.
+ *   delete: table without the entry + header switch (durable) -> tree -1 ->
+ *           its L1 freed.
+ * Between a refcount change and the COPIED-flag rewrite that follows it a
+ * crash leaves flags that `check -r all` repairs (QEMU has the same window).
+ * Threads: called with bs->lock held.
+ */
+#include <endian.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include "qcow2.h"
+#include "../../util/error.h"
+
+void qcow2_free_snapshots(struct qcow2_state *s)
+{
+    for (int i = 0; i < s->nb_snaps && s->snaps; i++) {
+        free(s->snaps[i].id_str);
+        free(s->snaps[i].name);
+        free(s->snaps[i].extra_unknown);
+    }
+    free(s->snaps);
+    s->snaps = NULL;
+}
+
+int qcow2_read_snapshots(struct bdev *bs)
+{
+    struct qcow2_state *s = QS(bs);
+    int n = s->nb_snaps;
+    s->snaps = NULL;
+    s->snapshots_size = 0;
+    if (n == 0) return 0;
+    int64_t flen = bdev_file_length(bs->file);
+    s->snaps = calloc((size_t)n, sizeof *s->snaps);
+    if (!s->snaps) return pms_err(ENOMEM, "out of memory");
+    uint64_t pos = s->snapshots_offset;
+    int r = 0;
+    for (int i = 0; i < n; i++) {
+        struct qcow2_snapshot *sn = &s->snaps[i];
+        pos = (pos + 7) & ~7ull;
+        if (pos - s->snapshots_offset > QCOW2_MAX_SNAPSHOT_TABLE || pos + 40 > (uint64_t)flen) {
+            r = pms_err(EINVAL, "snapshot table runs past the end of the file");
+            break;
+        }
+        struct qcow2_snapshot_header h;
+        r = bdev_file_pread(bs->file, &h, sizeof h, pos);
+        if (r < 0) break;
+        pos += sizeof h;
+        sn->l1_table_offset = be64toh(h.l1_table_offset);
+        sn->l1_size = be32toh(h.l1_size);
+        sn->date_sec = be32toh(h.date_sec);
+        sn->date_nsec = be32toh(h.date_nsec);
+        sn->vm_clock_nsec = be64toh(h.vm_clock_nsec);
+        sn->vm_state_size = be32toh(h.vm_state_size);
+        sn->extra_data_size = be32toh(h.extra_data_size);
+        sn->icount = UINT64_MAX;
+        uint16_t idl = be16toh(h.id_str_size), nml = be16toh(h.name_size);
+        if (sn->extra_data_size > QCOW2_MAX_SNAPSHOT_EXTRA) {
+            r = pms_err(EINVAL, "snapshot %d has too much extra data (%u bytes)", i,
+                        sn->extra_data_size);
+            break;
+        }
+        uint64_t rest = (uint64_t)sn->extra_data_size + idl + nml;
+        if (pos + rest > (uint64_t)flen) {
+            r = pms_err(EINVAL, "snapshot %d entry runs past the end of the file", i);
+            break;
+        }
+        uint8_t *buf = malloc(rest + 1);
+        if (!buf) { r = pms_err(ENOMEM, "out of memory"); break; }
+        r = bdev_file_pread(bs->file, buf, rest, pos);
+        if (r < 0) { free(buf); break; }
+        pos += rest;
+        struct qcow2_snapshot_extra ex;
+        memset(&ex, 0, sizeof ex);
+        memcpy(&ex, buf, sn->extra_data_size < sizeof ex ? sn->extra_data_size : sizeof ex);
+        if (sn->extra_data_size >= 8) sn->vm_state_size = be64toh(ex.vm_state_size_large);
+        if (sn->extra_data_size >= 16) sn->disk_size = be64toh(ex.disk_size);
+        else sn->disk_size = s->size;
+        if (sn->extra_data_size >= 24) sn->icount = be64toh(ex.icount);
+        if (sn->extra_data_size > sizeof ex) {
+            sn->extra_unknown_size = sn->extra_data_size - (uint32_t)sizeof ex;
+            sn->extra_unknown = malloc(sn->extra_unknown_size);
+            if (!sn->extra_unknown) { free(buf); r = pms_err(ENOMEM, "out of memory"); break; }
+            memcpy(sn->extra_unknown, buf + sizeof ex, sn->extra_unknown_size);
+        }
+        sn->id_str = strndup((char *)buf + sn->extra_data_size, idl);
+        sn->name = strndup((char *)buf + sn->extra_data_size + idl, nml);
+        free(buf);
+        if (!sn->id_str || !sn->name) { r = pms_err(ENOMEM, "out of memory"); break; }
+        if ((uint64_t)sn->l1_size * 8 > QCOW2_MAX_L1_BYTES) {
+            r = pms_err(EFBIG, "snapshot '%s' has a too large L1 table", sn->name);
+            break;
+        }
+        if (sn->l1_size && ((sn->l1_table_offset & (s->cluster_size - 1)) ||
+                            sn->l1_table_offset < s->cluster_size ||
+                            sn->l1_table_offset + (uint64_t)sn->l1_size * 8 > (uint64_t)flen)) {
+            r = pms_err(EINVAL, "snapshot '%s' has an invalid L1 table offset %llu", sn->name,
+                        (unsigned long long)sn->l1_table_offset);
+            break;
+        }
+    }
+    if (r < 0) {
+        /* count what we filled for free_snapshots */
+        return r;
+    }
+    s->snapshots_size = pos - s->snapshots_offset;
+    return 0;
+}
+
+/* Serialise the table; returns malloc'd buffer. */
+static uint8_t *build_table(struct qcow2_state *s, struct qcow2_snapshot *snaps, int n,
+                            uint64_t *lenp)
+{
+    uint64_t len = 0;
+    for (int i = 0; i < n; i++) {
+        uint32_t extra = 24 + snaps[i].extra_unknown_size;
+        len += 40 + extra + strlen(snaps[i].id_str) + strlen(snaps[i].name);
+        len = (len + 7) & ~7ull;
+    }
+    uint8_t *buf = calloc(1, len ? len : 8);
+    if (!buf) return NULL;
+    uint64_t pos = 0;
+    for (int i = 0; i < n; i++) {
+        struct qcow2_snapshot *sn = &snaps[i];
+        uint32_t extra = 24 + sn->extra_unknown_size;
+        size_t idl = strlen(sn->id_str), nml = strlen(sn->name);
+        struct qcow2_snapshot_header h = {
+            .l1_table_offset = htobe64(sn->l1_table_offset),
+            .l1_size = htobe32(sn->l1_size),
+            .id_str_size = htobe16((uint16_t)idl),
+            .name_size = htobe16((uint16_t)nml),
+            .date_sec = htobe32(sn->date_sec),
+            .date_nsec = htobe32(sn->date_nsec),
+            .vm_clock_nsec = htobe64(sn->vm_clock_nsec),
+            .vm_state_size = htobe32(sn->vm_state_size > UINT32_MAX ? 0 : (uint32_t)sn->vm_state_size),
+            .extra_data_size = htobe32(extra),
+        };
+        memcpy(buf + pos, &h, sizeof h);
+        pos += sizeof h;
+        struct qcow2_snapshot_extra ex = {
+            htobe64(sn->vm_state_size), htobe64(sn->disk_size), htobe64(sn->icount) };
+        memcpy(buf + pos, &ex, sizeof ex);
+        pos += sizeof ex;
+        if (sn->extra_unknown_size) {
+            memcpy(buf + pos, sn->extra_unknown, sn->extra_unknown_size);
+            pos += sn->extra_unknown_size;
+        }
+        memcpy(buf + pos, sn->id_str, idl); pos += idl;
+        memcpy(buf + pos, sn->name, nml); pos += nml;
+        pos = (pos + 7) & ~7ull;
+    }
+    (void)s;
+    *lenp = len;
+    return buf;
+}
+
+/* Write a new snapshot table for snaps[0..n) and switch the header to it. */
+static int write_table(struct bdev *bs, struct qcow2_snapshot *snaps, int n)
+{
+    struct qcow2_state *s = QS(bs);
+    uint64_t len = 0;
+    uint8_t *buf = build_table(s, snaps, n, &len);
+    if (!buf) return pms_err(ENOMEM, "out of memory");
+    if (len > QCOW2_MAX_SNAPSHOT_TABLE) {
+        free(buf);
+        return pms_err(EFBIG, "snapshot table too large");
+    }
+    int64_t off = 0;
+    int r = 0;
+    if (n) {
+        off = qcow2_alloc_clusters(bs, qc_size_to_clusters(s, len));
+        if (off < 0) { free(buf); return (int)off; }
+        r = qcow2_flush_metadata(bs);
+        if (r == 0) r = bdev_file_pwrite(bs->file, buf, len, (uint64_t)off);
+        if (r == 0) r = bdev_file_flush(bs->file);
+    }
+    free(buf);
+    if (r < 0) return r;
+    struct { uint32_t nb; uint64_t off; } __attribute__((packed)) h = {
+        htobe32((uint32_t)n), htobe64((uint64_t)off) };
+    r = bdev_file_pwrite(bs->file, &h, sizeof h, 60);
+    if (r == 0) r = bdev_file_flush(bs->file);
+    if (r < 0) return r;
+    uint64_t old = s->snapshots_offset, oldlen = s->snapshots_size;
+    s->snapshots_offset = (uint64_t)off;
+    s->snapshots_size = len;
+    if (oldlen)
+        r = qcow2_free_clusters(bs, old, oldlen);
+    return r;
+}
+
+static int find_snapshot(struct qcow2_state *s, const char *name)
+{
+    for (int i = 0; i < s->nb_snaps; i++)
+        if (strcmp(s->snaps[i].id_str, name) == 0)
+            return i;
+    for (int i = 0; i < s->nb_snaps; i++)
+        if (strcmp(s->snaps[i].name, name) == 0)
+            return i;
+    return -1;
+}
+
+static int read_l1(struct bdev *bs, uint64_t off, uint32_t n, uint64_t **out)
+{
+    struct qcow2_state *s = QS(bs);
+    uint64_t *l1 = calloc(n ? n : 1, 8);
+    if (!l1) return pms_err(ENOMEM, "out of memory");
+    int r = bdev_file_pread(bs->file, l1, (uint64_t)n * 8, off);
+    if (r < 0) { free(l1); return r; }
+    int64_t flen = bdev_file_length(bs->file);
+    for (uint32_t i = 0; i < n; i++) {
+        l1[i] = be64toh(l1[i]);
+        uint64_t l2 = l1[i] & L1E_OFFSET_MASK;
+        if (l2 && ((l2 & (s->cluster_size - 1)) || l2 >= (uint64_t)flen)) {
+            free(l1);
+            return qcow2_signal_corruption(bs, "snapshot L1 entry %u points to invalid offset %llu",
+                                           i, (unsigned long long)l2);
+        }
+    }
+    *out = l1;
+    return 0;
+}
+
+static int write_active_l1(struct bdev *bs)
+{
+    struct qcow2_state *s = QS(bs);
+    int r = qcow2_flush_metadata(bs);
+    if (r == 0) r = qcow2_write_l1(bs, 0, s->l1_size);
+    return r;
+}
+
+int qcow2_snapshot_create(struct bdev *bs, const char *name)
+{
+    struct qcow2_state *s = QS(bs);
+    if (strlen(name) > 65535)
+        return pms_err(EINVAL, "snapshot name too long");
+    if (find_snapshot(s, name) >= 0)
+        return pms_err(EEXIST, "a snapshot named '%s' already exists", name);
+    if (s->nb_snaps >= QCOW2_MAX_SNAPSHOTS)
+        return pms_err(ENOSPC, "too many snapshots");
+    int r = qcow2_drain_pending(bs);
+    if (r < 0) return r;
+    r = qcow2_flush_metadata(bs);
+    if (r < 0) return r;
+
+    unsigned long maxid = 0;
+    for (int i = 0; i < s->nb_snaps; i++) {
+        unsigned long v = strtoul(s->snaps[i].id_str, NULL, 10);
+        if (v > maxid) maxid = v;
+    }
+    struct qcow2_snapshot sn;
+    memset(&sn, 0, sizeof sn);
+    char idbuf[32];
+    snprintf(idbuf, sizeof idbuf, "%lu", maxid + 1);
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    sn.date_sec = (uint32_t)ts.tv_sec;
+    sn.date_nsec = (uint32_t)ts.tv_nsec;
+    sn.disk_size = s->size;
+    sn.icount = UINT64_MAX;
+    sn.l1_size = s->l1_size;
+
+    /* 1. refcounts of everything reachable +1, COPIED flags cleared */
+    r = qcow2_update_snapshot_refcount(bs, s->l1, s->l1_size, 1);
+    if (r < 0) return r;
+    r = write_active_l1(bs);
+    if (r < 0) return r;
+    /* 2. the snapshot's L1 copy */
+    if (s->l1_size) {
+        uint64_t bytes = (uint64_t)s->l1_size * 8;
+        int64_t off = qcow2_alloc_clusters(bs, qc_size_to_clusters(s, bytes));
+        if (off < 0) return (int)off;
+        r = qcow2_flush_metadata(bs);
+        if (r < 0) return r;
+        uint64_t *tmp = calloc(1, qc_size_to_clusters(s, bytes) << s->cluster_bits);
+        if (!tmp) return pms_err(ENOMEM, "out of memory");
+        for (uint32_t i = 0; i < s->l1_size; i++)
+            tmp[i] = htobe64(s->l1[i] & ~QCOW_OFLAG_COPIED);
+        r = bdev_file_pwrite(bs->file, tmp, bytes, (uint64_t)off);
+        free(tmp);
+        if (r == 0) r = bdev_file_flush(bs->file);
+        if (r < 0) return r;
+        sn.l1_table_offset = (uint64_t)off;
+    }
+    /* 3. new table with the entry, header switch */
+    sn.id_str = strdup(idbuf);
+    sn.name = strdup(name);
+    struct qcow2_snapshot *ns = realloc(s->snaps, (size_t)(s->nb_snaps + 1) * sizeof *ns);
+    if (!sn.id_str || !sn.name || !ns) {
+        free(sn.id_str); free(sn.name);
+        if (ns) s->snaps = ns;
+        return pms_err(ENOMEM, "out of memory");
+    }
+    s->snaps = ns;
+    s->snaps[s->nb_snaps] = sn;
+    r = write_table(bs, s->snaps, s->nb_snaps + 1);
+    if (r < 0) {
+        free(sn.id_str); free(sn.name);
+        return r;
+    }
+    s->nb_snaps++;
+    return qcow2_flush_metadata(bs);
+}
+
+int qcow2_snapshot_goto(struct bdev *bs, const char *name)
+{
+    struct qcow2_state *s = QS(bs);
+    int i = find_snapshot(s, name);
+    if (i < 0)
+        return pms_err(ENOENT, "snapshot '%s' not found", name);
+    struct qcow2_snapshot *sn = &s->snaps[i];
+    int r = qcow2_drain_pending(bs);
+    if (r < 0) return r;
+    uint64_t *snl1;
+    r = read_l1(bs, sn->l1_table_offset, sn->l1_size, &snl1);
+    if (r < 0) return r;
+    /* 1. the snapshot's tree gains a reference (the active L1) */
+    r = qcow2_update_snapshot_refcount(bs, snl1, sn->l1_size, 1);
+    if (r == 0) r = qcow2_flush_metadata(bs);
+    if (r == 0 && sn->l1_size > s->l1_size) r = qcow2_grow_l1(bs, sn->l1_size);
+    if (r < 0) { free(snl1); return r; }
+    /* 2. overwrite the active L1 */
+    uint64_t *old = malloc((size_t)s->l1_size * 8 + 8);
+    if (!old) { free(snl1); return pms_err(ENOMEM, "out of memory"); }
+    memcpy(old, s->l1, (size_t)s->l1_size * 8);
+    uint32_t oldn = s->l1_size;
+    for (uint32_t k = 0; k < s->l1_size; k++)
+        s->l1[k] = k < sn->l1_size ? snl1[k] : 0;
+    free(snl1);
+    r = write_active_l1(bs);
+    if (r == 0 && sn->disk_size != s->size) {
+        uint64_t be = htobe64(sn->disk_size);
+        r = bdev_file_pwrite(bs->file, &be, 8, 24);
+        if (r == 0) { r = bdev_file_flush(bs->file); s->size = sn->disk_size; bs->size = s->size; }
+    }
+    /* 3. the old tree loses its reference; 4. COPIED flags of the new tree */
+    if (r == 0) r = qcow2_update_snapshot_refcount(bs, old, oldn, -1);
+    free(old);
+    if (r == 0) r = qcow2_update_snapshot_refcount(bs, s->l1, s->l1_size, 0);
+    if (r == 0) r = write_active_l1(bs);
+    if (r == 0) r = qcow2_flush_metadata(bs);
+    return r;
+}
+
+int qcow2_snapshot_delete(struct bdev *bs, const char *name)
+{
+    struct qcow2_state *s = QS(bs);
+    int i = find_snapshot(s, name);
+    if (i < 0)
+        return pms_err(ENOENT, "snapshot '%s' not found", name);
+    int r = qcow2_drain_pending(bs);
+    if (r < 0) return r;
+    struct qcow2_snapshot sn = s->snaps[i];
+    uint64_t *snl1;
+    r = read_l1(bs, sn.l1_table_offset, sn.l1_size, &snl1);
+    if (r < 0) return r;
+    /* 1. table without the entry */
+    struct qcow2_snapshot *rest = malloc((size_t)s->nb_snaps * sizeof *rest + 1);
+    if (!rest) { free(snl1); return pms_err(ENOMEM, "out of memory"); }
+    int n = 0;
+    for (int k = 0; k < s->nb_snaps; k++)
+        if (k != i) rest[n++] = s->snaps[k];
+    r = write_table(bs, rest, n);
+    if (r < 0) { free(rest); free(snl1); return r; }
+    free(s->snaps);
+    s->snaps = rest;
+    s->nb_snaps = n;
+    /* 2. its tree and L1 lose their reference */
+    r = qcow2_update_snapshot_refcount(bs, snl1, sn.l1_size, -1);
+    if (r == 0 && sn.l1_size)
+        r = qcow2_free_clusters(bs, sn.l1_table_offset, (uint64_t)sn.l1_size * 8);
+    free(snl1);
+    free(sn.id_str); free(sn.name); free(sn.extra_unknown);
+    /* 3. COPIED flags of the active tree */
+    if (r == 0) r = qcow2_update_snapshot_refcount(bs, s->l1, s->l1_size, 0);
+    if (r == 0) r = write_active_l1(bs);
+    if (r == 0) r = qcow2_flush_metadata(bs);
+    return r;
+}
+
+int qcow2_snapshot_list(struct bdev *bs, struct pms_snapshot_info **list, size_t *np)
+{
+    struct qcow2_state *s = QS(bs);
+    *list = NULL;
+    *np = 0;
+    if (!s->nb_snaps) return 0;
+    struct pms_snapshot_info *l = calloc((size_t)s->nb_snaps, sizeof *l);
+    if (!l) return pms_err(ENOMEM, "out of memory");
+    for (int i = 0; i < s->nb_snaps; i++) {
+        struct qcow2_snapshot *sn = &s->snaps[i];
+        snprintf(l[i].id, sizeof l[i].id, "%s", sn->id_str);
+        l[i].name = strdup(sn->name);
+        if (!l[i].name) { pms_snapshot_list_free(l, (size_t)i); return pms_err(ENOMEM, "out of memory"); }
+        l[i].vm_state_size = sn->vm_state_size;
+        l[i].date_sec = sn->date_sec;
+        l[i].date_nsec = sn->date_nsec;
+        l[i].vm_clock_nsec = sn->vm_clock_nsec;
+        l[i].disk_size = sn->disk_size;
+        l[i].has_icount = sn->icount != UINT64_MAX;
+        l[i].icount_lo = (uint32_t)sn->icount;
+        l[i].icount_hi = (uint32_t)(sn->icount >> 32);
+    }
+    *list = l;
+    *np = (size_t)s->nb_snaps;
+    return 0;
+}

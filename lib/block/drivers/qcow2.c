@@ -1,7 +1,1363 @@
-/* in progress */
+/* qcow2 driver: open/validate, header, I/O paths, creation.
+ *
+ * See qcow2.h for the cluster states, the write-ordering invariants and the
+ * locking rule (everything runs under bs->lock).
+ *
+ * Write path for one cluster:
+ *   1. find the L2 table (allocate one, or copy a shared one: COW of metadata);
+ *   2. if the entry is NORMAL with COPIED (and, with extended L2, every
+ *      subcluster allocated) write in place;
+ *   3. else allocate a cluster, fill it with the cluster's current contents
+ *      (backing/zero/compressed/old data) overlaid with the new bytes, write
+ *      it, point the L2 entry at it (COPIED), and queue the old host
+ *      cluster's reference for release.
+ * Released references are applied only after the L2 change is durable
+ * (pending frees, drained by flush), so a crash can leak but never leaves
+ * an entry pointing at a freed cluster.
+ */
+#include <endian.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <zlib.h>
+#include <zstd.h>
 #include "qcow2.h"
 #include "../../util/error.h"
-static int p(const uint8_t *b, size_t l) { (void)b; (void)l; return 0; }
-static int o(struct bdev *bs, const char *path, const struct pms_open_opts *op) { (void)bs; (void)path; (void)op; return pms_err(ENOTSUP, "qcow2 not yet"); }
-const struct pms_driver pms_drv_qcow2 = { .name = "qcow2", .probe = p, .open = o };
-int qcow2_create(const char *path, uint64_t size, const struct pms_create_opts *op) { (void)path; (void)size; (void)op; return pms_err(ENOTSUP, "qcow2 not yet"); }
+
+/* ------------------------------------------------------------------------ */
+/* entries                                                                  */
+
+enum qcow2_ctype qcow2_entry_type(struct qcow2_state *s, uint64_t e)
+{
+    if (e & QCOW_OFLAG_COMPRESSED)
+        return QC_COMPRESSED;
+    if (!s->ext_l2 && (e & QCOW_OFLAG_ZERO))
+        return (e & L2E_OFFSET_MASK) ? QC_ZERO_ALLOC : QC_ZERO_PLAIN;
+    if (e & L2E_OFFSET_MASK)
+        return QC_NORMAL;
+    return QC_UNALLOCATED;
+}
+
+uint64_t qcow2_l2_get(struct qcow2_state *s, const uint8_t *l2, uint64_t i)
+{
+    uint64_t v;
+    memcpy(&v, l2 + i * s->l2_entry_size, 8);
+    return be64toh(v);
+}
+
+uint64_t qcow2_l2_get_bitmap(struct qcow2_state *s, const uint8_t *l2, uint64_t i)
+{
+    if (!s->ext_l2) return 0;
+    uint64_t v;
+    memcpy(&v, l2 + i * s->l2_entry_size + 8, 8);
+    return be64toh(v);
+}
+
+void qcow2_l2_set(struct qcow2_state *s, uint8_t *l2, uint64_t i, uint64_t v)
+{
+    v = htobe64(v);
+    memcpy(l2 + i * s->l2_entry_size, &v, 8);
+}
+
+void qcow2_l2_set_bitmap(struct qcow2_state *s, uint8_t *l2, uint64_t i, uint64_t v)
+{
+    if (!s->ext_l2) return;
+    v = htobe64(v);
+    memcpy(l2 + i * s->l2_entry_size + 8, &v, 8);
+}
+
+void qcow2_compressed_range(struct qcow2_state *s, uint64_t e, uint64_t *coff, uint64_t *csize)
+{
+    uint64_t off = e & s->coffset_mask;
+    uint64_t nsec = ((e >> s->csize_shift) & s->csize_mask) + 1;
+    *coff = off;
+    *csize = nsec * 512 - (off & 511);
+}
+
+int qcow2_signal_corruption(struct bdev *bs, const char *fmt, ...)
+{
+    char m[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(m, sizeof m, fmt, ap);
+    va_end(ap);
+    /* We do not set the on-disk corrupt bit: an image we refuse is never
+     * written.  The user runs `check -r all`. */
+    return pms_err(EIO, "image '%s' is corrupt: %s", bs->filename, m);
+}
+
+static bool ranges_overlap(uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
+{
+    return alen && blen && a < b + blen && b < a + alen;
+}
+
+int qcow2_check_host_range(struct bdev *bs, uint64_t off, uint64_t len, const char *what)
+{
+    struct qcow2_state *s = QS(bs);
+    if (off & 511 || off > QCOW2_MAX_HOST_OFFSET || len > QCOW2_MAX_HOST_OFFSET - off)
+        return qcow2_signal_corruption(bs, "%s at offset %llu is invalid", what,
+                                       (unsigned long long)off);
+    if (ranges_overlap(off, len, 0, s->cluster_size))
+        return qcow2_signal_corruption(bs, "%s at offset %llu overlaps the header", what,
+                                       (unsigned long long)off);
+    if (ranges_overlap(off, len, s->l1_offset, (uint64_t)s->l1_size * 8))
+        return qcow2_signal_corruption(bs, "%s at offset %llu overlaps the active L1 table",
+                                       what, (unsigned long long)off);
+    if (ranges_overlap(off, len, s->reftable_offset,
+                       (uint64_t)s->reftable_clusters << s->cluster_bits))
+        return qcow2_signal_corruption(bs, "%s at offset %llu overlaps the refcount table",
+                                       what, (unsigned long long)off);
+    if (ranges_overlap(off, len, s->snapshots_offset, s->snapshots_size))
+        return qcow2_signal_corruption(bs, "%s at offset %llu overlaps the snapshot table",
+                                       what, (unsigned long long)off);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* header                                                                   */
+
+static int probe(const uint8_t *buf, size_t len)
+{
+    uint32_t m;
+    if (len < 8) return 0;
+    memcpy(&m, buf, 4);
+    uint32_t v;
+    memcpy(&v, buf + 4, 4);
+    return be32toh(m) == QCOW2_MAGIC && be32toh(v) >= 2 ? 100 : 0;
+}
+
+static size_t add_ext(uint8_t *buf, size_t pos, size_t cap, uint32_t type, const void *data,
+                      uint32_t len)
+{
+    size_t need = 8 + ((len + 7u) & ~7u);
+    if (pos + need > cap) return SIZE_MAX;
+    struct qcow2_ext_header h = { htobe32(type), htobe32(len) };
+    memcpy(buf + pos, &h, 8);
+    memset(buf + pos + 8, 0, need - 8);
+    if (len) memcpy(buf + pos + 8, data, len);
+    return pos + need;
+}
+
+static const struct { uint8_t type, bit; const char *name; } feature_names[] = {
+    { 0, 0, "dirty bit" }, { 0, 1, "corrupt bit" }, { 0, 2, "external data file" },
+    { 0, 3, "compression type" }, { 0, 4, "extended L2 entries" },
+    { 1, 0, "lazy refcounts" }, { 2, 0, "bitmaps" }, { 2, 1, "raw external data" },
+};
+
+/* Serialise header + extensions + backing name into buf (one cluster). */
+static int build_header(struct qcow2_state *s, uint8_t *buf, size_t cap, size_t *lenp)
+{
+    memset(buf, 0, cap);
+    struct qcow2_header h;
+    memset(&h, 0, sizeof h);
+    h.magic = htobe32(QCOW2_MAGIC);
+    h.version = htobe32((uint32_t)s->version);
+    h.cluster_bits = htobe32(s->cluster_bits);
+    h.size = htobe64(s->size);
+    h.l1_size = htobe32(s->l1_size);
+    h.l1_table_offset = htobe64(s->l1_offset);
+    h.refcount_table_offset = htobe64(s->reftable_offset);
+    h.refcount_table_clusters = htobe32(s->reftable_clusters);
+    h.nb_snapshots = htobe32((uint32_t)s->nb_snaps);
+    h.snapshots_offset = htobe64(s->snapshots_offset);
+    size_t hlen = QCOW2_V2_HEADER_LEN;
+    if (s->version >= 3) {
+        h.incompatible_features = htobe64(s->incompat);
+        h.compatible_features = htobe64(s->compat);
+        h.autoclear_features = htobe64(s->autoclear);
+        h.refcount_order = htobe32(s->refcount_order);
+        hlen = s->header_length < sizeof h ? sizeof h : s->header_length;
+        h.header_length = htobe32((uint32_t)hlen);
+        h.compression_type = s->compression_type;
+    }
+    if (hlen > cap) return pms_err(ENOSPC, "header does not fit in one cluster");
+    memcpy(buf, &h, hlen < sizeof h ? hlen : sizeof h);
+    size_t pos = hlen;
+    if (s->backing_format)
+        pos = add_ext(buf, pos, cap, QCOW2_EXT_BACKING_FORMAT, s->backing_format,
+                      (uint32_t)strlen(s->backing_format));
+    if (pos != SIZE_MAX && s->version >= 3 && s->cluster_size > 4096) {
+        if (s->feature_table) {
+            pos = add_ext(buf, pos, cap, QCOW2_EXT_FEATURE_TABLE, s->feature_table,
+                          s->feature_table_len);
+        } else {
+            struct qcow2_feature_name ft[sizeof feature_names / sizeof *feature_names];
+            memset(ft, 0, sizeof ft);
+            for (size_t i = 0; i < sizeof ft / sizeof *ft; i++) {
+                ft[i].type = feature_names[i].type;
+                ft[i].bit = feature_names[i].bit;
+                strncpy(ft[i].name, feature_names[i].name, sizeof ft[i].name);
+            }
+            pos = add_ext(buf, pos, cap, QCOW2_EXT_FEATURE_TABLE, ft, sizeof ft);
+        }
+    }
+    for (int i = 0; pos != SIZE_MAX && i < s->nb_exts; i++)
+        pos = add_ext(buf, pos, cap, s->exts[i].type, s->exts[i].data, s->exts[i].len);
+    if (pos != SIZE_MAX && s->version >= 3)
+        pos = add_ext(buf, pos, cap, QCOW2_EXT_END, NULL, 0);
+    else if (pos != SIZE_MAX)
+        pos = add_ext(buf, pos, cap, QCOW2_EXT_END, NULL, 0);
+    if (pos == SIZE_MAX)
+        return pms_err(ENOSPC, "header extensions do not fit in one cluster");
+    if (s->backing_file) {
+        size_t bl = strlen(s->backing_file);
+        if (pos + bl > cap)
+            return pms_err(ENOSPC, "backing file name does not fit in the header cluster");
+        memcpy(buf + pos, s->backing_file, bl);
+        uint64_t bo = htobe64(pos);
+        uint32_t bsz = htobe32((uint32_t)bl);
+        memcpy(buf + 8, &bo, 8);
+        memcpy(buf + 16, &bsz, 4);
+        pos += bl;
+    }
+    *lenp = pos;
+    return 0;
+}
+
+int qcow2_update_header(struct bdev *bs)
+{
+    struct qcow2_state *s = QS(bs);
+    uint8_t *buf = malloc(s->cluster_size);
+    if (!buf) return pms_err(ENOMEM, "out of memory");
+    size_t len;
+    int r = build_header(s, buf, s->cluster_size, &len);
+    if (r == 0) r = bdev_file_pwrite(bs->file, buf, len, 0);
+    if (r == 0) r = bdev_file_flush(bs->file);
+    free(buf);
+    return r;
+}
+
+int qcow2_write_l1(struct bdev *bs, uint32_t first, uint32_t n)
+{
+    struct qcow2_state *s = QS(bs);
+    if (!n) return 0;
+    uint64_t *tmp = malloc((size_t)n * 8);
+    if (!tmp) return pms_err(ENOMEM, "out of memory");
+    for (uint32_t i = 0; i < n; i++) tmp[i] = htobe64(s->l1[first + i]);
+    int r = bdev_file_pwrite(bs->file, tmp, (uint64_t)n * 8, s->l1_offset + (uint64_t)first * 8);
+    free(tmp);
+    if (r == 0) r = bdev_file_flush(bs->file);
+    return r;
+}
+
+int qcow2_grow_l1(struct bdev *bs, uint32_t min_size)
+{
+    struct qcow2_state *s = QS(bs);
+    if (min_size <= s->l1_size) return 0;
+    uint64_t nsize = s->l1_size ? s->l1_size : 1;
+    while (nsize < min_size) nsize = nsize * 3 / 2 + 1;
+    if (nsize * 8 > QCOW2_MAX_L1_BYTES) nsize = min_size;
+    if (nsize * 8 > QCOW2_MAX_L1_BYTES)
+        return pms_err(EFBIG, "L1 table would exceed %u bytes", QCOW2_MAX_L1_BYTES);
+    uint64_t bytes = nsize * 8;
+    uint64_t *nl1 = calloc(1, qc_size_to_clusters(s, bytes) << s->cluster_bits);
+    if (!nl1) return pms_err(ENOMEM, "out of memory");
+    int r = qcow2_flush_metadata(bs);
+    int64_t off = r < 0 ? r : qcow2_alloc_clusters(bs, qc_size_to_clusters(s, bytes));
+    if (off < 0) { free(nl1); return (int)off; }
+    r = qcow2_flush_metadata(bs);
+    for (uint32_t i = 0; i < s->l1_size; i++) nl1[i] = htobe64(s->l1[i]);
+    if (r == 0) r = bdev_file_pwrite(bs->file, nl1, qc_size_to_clusters(s, bytes) << s->cluster_bits,
+                                     (uint64_t)off);
+    if (r == 0) r = bdev_file_flush(bs->file);
+    if (r < 0) { free(nl1); return r; }
+    struct { uint32_t size; uint64_t off; } __attribute__((packed)) h = {
+        htobe32((uint32_t)nsize), htobe64((uint64_t)off) };
+    r = bdev_file_pwrite(bs->file, &h, sizeof h, 36);
+    if (r == 0) r = bdev_file_flush(bs->file);
+    if (r < 0) { free(nl1); return r; }
+    for (uint64_t i = 0; i < nsize; i++) nl1[i] = be64toh(nl1[i]);
+    uint64_t old_off = s->l1_offset, old_size = s->l1_size;
+    free(s->l1);
+    s->l1 = nl1;
+    s->l1_size = (uint32_t)nsize;
+    s->l1_offset = (uint64_t)off;
+    return old_size ? qcow2_free_clusters(bs, old_off, old_size * 8) : 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* open                                                                     */
+
+static int read_extensions(struct bdev *bs, const uint8_t *buf, size_t buflen, size_t start,
+                           uint64_t end)
+{
+    struct qcow2_state *s = QS(bs);
+    size_t pos = start;
+    for (int n = 0; ; n++) {
+        if (n > 1000) return pms_err(EINVAL, "too many header extensions");
+        if (pos + 8 > end || pos + 8 > buflen)
+            return pms_err(EINVAL, "header extension list is not terminated");
+        struct qcow2_ext_header h;
+        memcpy(&h, buf + pos, 8);
+        uint32_t type = be32toh(h.type), len = be32toh(h.len);
+        pos += 8;
+        if (type == QCOW2_EXT_END) return 0;
+        if (len > end - pos || len > buflen - pos)
+            return pms_err(EINVAL, "header extension 0x%x (%u bytes) runs past the header "
+                           "cluster", type, len);
+        const uint8_t *d = buf + pos;
+        switch (type) {
+        case QCOW2_EXT_BACKING_FORMAT:
+            if (len > 31) return pms_err(EINVAL, "backing format name too long (%u bytes)", len);
+            free(s->backing_format);
+            s->backing_format = strndup((const char *)d, len);
+            break;
+        case QCOW2_EXT_FEATURE_TABLE:
+            free(s->feature_table);
+            s->feature_table = malloc(len ? len : 1);
+            if (!s->feature_table) return pms_err(ENOMEM, "out of memory");
+            memcpy(s->feature_table, d, len);
+            s->feature_table_len = len;
+            break;
+        case QCOW2_EXT_CRYPTO:
+            return pms_err(ENOTSUP, "encrypted images are not supported");
+        case QCOW2_EXT_DATA_FILE:
+            return pms_err(ENOTSUP, "images with an external data file are not supported");
+        default: {
+            struct qcow2_ext *ne = realloc(s->exts, (size_t)(s->nb_exts + 1) * sizeof *ne);
+            if (!ne) return pms_err(ENOMEM, "out of memory");
+            s->exts = ne;
+            ne[s->nb_exts].type = type;
+            ne[s->nb_exts].len = len;
+            ne[s->nb_exts].data = malloc(len ? len : 1);
+            if (!ne[s->nb_exts].data) return pms_err(ENOMEM, "out of memory");
+            memcpy(ne[s->nb_exts].data, d, len);
+            s->nb_exts++;
+        }
+        }
+        pos += (len + 7u) & ~7u;
+    }
+}
+
+static void free_state(struct qcow2_state *s)
+{
+    free(s->l1); s->l1 = NULL;
+    free(s->reftable); s->reftable = NULL;
+    free(s->backing_file); s->backing_file = NULL;
+    free(s->backing_format); s->backing_format = NULL;
+    for (int i = 0; i < s->nb_exts; i++) free(s->exts[i].data);
+    free(s->exts); s->exts = NULL; s->nb_exts = 0;
+    free(s->feature_table); s->feature_table = NULL;
+    qcow2_free_snapshots(s);
+    qcow2_cache_destroy(&s->l2_cache);
+    qcow2_cache_destroy(&s->rb_cache);
+    free(s->cbuf); s->cbuf = NULL;
+    free(s->zbuf); s->zbuf = NULL;
+    free(s->pending); s->pending = NULL;
+}
+
+static int open_backing(struct bdev *bs, const struct pms_open_opts *o)
+{
+    struct qcow2_state *s = QS(bs);
+    char path[PATH_MAX];
+    if (s->backing_file[0] == '/' || !strchr(bs->filename, '/'))
+        snprintf(path, sizeof path, "%s", s->backing_file);
+    else {
+        const char *sl = strrchr(bs->filename, '/');
+        snprintf(path, sizeof path, "%.*s/%s", (int)(sl - bs->filename), bs->filename,
+                 s->backing_file);
+    }
+    struct pms_open_opts bo;
+    pms_open_opts_init(&bo);
+    bo.readonly = 1;
+    bo.format = s->backing_format;
+    bo.cache_mode = o->cache_mode;
+    if (bo.format && strcmp(bo.format, "qcow2") && strcmp(bo.format, "raw"))
+        return pms_err(ENOTSUP, "backing file format '%s' is not supported", bo.format);
+    /* loops in the chain: bound the depth */
+    static __thread int depth;
+    if (depth > 16)
+        return pms_err(ELOOP, "backing chain is too deep (loop?)");
+    depth++;
+    int r = bdev_open(path, &bo, &bs->backing);
+    depth--;
+    if (r < 0)
+        return pms_err(-r, "could not open backing file '%s': %s", path, pms_err_get());
+    return 0;
+}
+
+static int qcow2_open(struct bdev *bs, const char *path, const struct pms_open_opts *o)
+{
+    struct qcow2_state *s = QS(bs);
+    (void)path;
+    int64_t flen = bdev_file_length(bs->file);
+    if (flen < 0) return (int)flen;
+    uint8_t hb[sizeof(struct qcow2_header)];
+    memset(hb, 0, sizeof hb);
+    if ((uint64_t)flen < QCOW2_V2_HEADER_LEN)
+        return pms_err(EINVAL, "file is too small to be a qcow2 image");
+    int r = bdev_file_pread(bs->file, hb, sizeof hb, 0);
+    if (r < 0) return r;
+    struct qcow2_header h;
+    memcpy(&h, hb, sizeof h);
+    if (be32toh(h.magic) != QCOW2_MAGIC)
+        return pms_err(EINVAL, "not a qcow2 image (bad magic)");
+    s->version = (int)be32toh(h.version);
+    if (s->version != 2 && s->version != 3)
+        return pms_err(ENOTSUP, "unsupported qcow2 version %d", s->version);
+    s->cluster_bits = be32toh(h.cluster_bits);
+    if (s->cluster_bits < QCOW2_MIN_CLUSTER_BITS || s->cluster_bits > QCOW2_MAX_CLUSTER_BITS)
+        return pms_err(EINVAL, "unsupported cluster size: 2^%u", s->cluster_bits);
+    s->cluster_size = 1ull << s->cluster_bits;
+    if (be32toh(h.crypt_method))
+        return pms_err(ENOTSUP, "encrypted images are not supported");
+    s->size = be64toh(h.size);
+    if (s->size > (1ull << 62))
+        return pms_err(EFBIG, "image size %llu is too large", (unsigned long long)s->size);
+    if (s->version == 2) {
+        s->refcount_order = 4;
+        s->header_length = QCOW2_V2_HEADER_LEN;
+    } else {
+        s->incompat = be64toh(h.incompatible_features);
+        s->compat = be64toh(h.compatible_features);
+        s->autoclear = be64toh(h.autoclear_features);
+        s->refcount_order = be32toh(h.refcount_order);
+        s->header_length = be32toh(h.header_length);
+        if (s->header_length < QCOW2_V3_MIN_HEADER_LEN)
+            return pms_err(EINVAL, "qcow2 header length %u is too small", s->header_length);
+        if (s->header_length > s->cluster_size)
+            return pms_err(EINVAL, "qcow2 header length %u exceeds the cluster size",
+                           s->header_length);
+        if (s->header_length >= 105)
+            s->compression_type = h.compression_type;
+        if (s->incompat & ~QCOW2_INCOMPAT_KNOWN) {
+            uint64_t unk = s->incompat & ~QCOW2_INCOMPAT_KNOWN;
+            if (unk & QCOW2_INCOMPAT_DATA_FILE)
+                return pms_err(ENOTSUP, "images with an external data file are not supported");
+            return pms_err(ENOTSUP, "unsupported qcow2 feature(s): incompatible bits 0x%llx",
+                           (unsigned long long)unk);
+        }
+        if (s->refcount_order > 6)
+            return pms_err(EINVAL, "refcount order %u is out of range (0..6)", s->refcount_order);
+        if (s->incompat & QCOW2_INCOMPAT_COMPRESSION) {
+            if (s->compression_type > 1)
+                return pms_err(ENOTSUP, "unknown compression type %u", s->compression_type);
+        } else if (s->compression_type != 0)
+            return pms_err(EINVAL, "compression type %u set without the compression feature bit",
+                           s->compression_type);
+        s->ext_l2 = (s->incompat & QCOW2_INCOMPAT_EXTL2) != 0;
+        if (s->ext_l2 && s->cluster_bits < 14)
+            return pms_err(EINVAL, "extended L2 entries need clusters of at least 16 KiB");
+    }
+    if ((s->incompat & QCOW2_INCOMPAT_CORRUPT) && !bs->readonly)
+        return pms_err(EACCES, "image is marked corrupt; it can only be opened read-only "
+                       "(repair with 'qemu-img check -r all')");
+    if ((s->incompat & QCOW2_INCOMPAT_DIRTY) && !bs->readonly)
+        return pms_err(EACCES, "image has the dirty bit set (lazy refcounts were in use); "
+                       "repair with 'qemu-img check -r all' or open read-only");
+    s->refcount_bits = 1u << s->refcount_order;
+    s->refcount_max = s->refcount_bits == 64 ? UINT64_MAX : (1ull << s->refcount_bits) - 1;
+    s->rb_bits = s->cluster_bits + 3 - s->refcount_order;
+    s->l2_entry_size = s->ext_l2 ? 16 : 8;
+    s->l2_bits = s->cluster_bits - (s->ext_l2 ? 4 : 3);
+    s->l2_entries = 1ull << s->l2_bits;
+    s->sc_bits = s->ext_l2 ? s->cluster_bits - 5 : s->cluster_bits;
+    s->sc_size = 1ull << s->sc_bits;
+    s->csize_shift = 62 - (s->cluster_bits - 8);
+    s->csize_mask = (1ull << (s->cluster_bits - 8)) - 1;
+    s->coffset_mask = (1ull << s->csize_shift) - 1;
+
+    /* header cluster and extensions */
+    uint8_t *cl = malloc(s->cluster_size);
+    if (!cl) return pms_err(ENOMEM, "out of memory");
+    r = bdev_file_pread(bs->file, cl, s->cluster_size, 0);
+    if (r < 0) { free(cl); return r; }
+    uint64_t bfo = be64toh(h.backing_file_offset);
+    uint32_t bfs = be32toh(h.backing_file_size);
+    uint64_t ext_end = bfo ? bfo : s->cluster_size;
+    if (bfo && (bfo > s->cluster_size || bfs > QCOW2_MAX_BACKING_NAME ||
+                bfo + bfs > s->cluster_size || bfo < s->header_length)) {
+        free(cl);
+        return pms_err(EINVAL, "backing file name (offset %llu, %u bytes) is invalid",
+                       (unsigned long long)bfo, bfs);
+    }
+    if (s->version >= 3 || s->header_length < ext_end) {
+        r = read_extensions(bs, cl, s->cluster_size, s->header_length, ext_end);
+        if (r < 0 && s->version == 2) { pms_err_clear(); r = 0; }  /* v2 may lack the end marker */
+        if (r < 0) { free(cl); return r; }
+    }
+    if (bfo) {
+        s->backing_file = strndup((const char *)cl + bfo, bfs);
+        if (!s->backing_file || strlen(s->backing_file) != bfs) {
+            free(cl);
+            return pms_err(EINVAL, "backing file name contains a NUL byte");
+        }
+    }
+    free(cl);
+
+    /* L1 */
+    s->l1_size = be32toh(h.l1_size);
+    s->l1_offset = be64toh(h.l1_table_offset);
+    uint64_t l2_coverage_bits = s->cluster_bits + s->l2_bits;
+    uint64_t need_l1 = (s->size + (1ull << l2_coverage_bits) - 1) >> l2_coverage_bits;
+    if ((uint64_t)s->l1_size * 8 > QCOW2_MAX_L1_BYTES)
+        return pms_err(EFBIG, "active L1 table too large (%u entries)", s->l1_size);
+    if (s->l1_size < need_l1)
+        return pms_err(EINVAL, "L1 table (%u entries) is too small for the image size",
+                       s->l1_size);
+    if (s->l1_size && (qc_off_in_cluster(s, s->l1_offset) ||
+                       s->l1_offset + (uint64_t)s->l1_size * 8 > (uint64_t)flen ||
+                       s->l1_offset < s->cluster_size))
+        return pms_err(EINVAL, "active L1 table offset %llu is invalid",
+                       (unsigned long long)s->l1_offset);
+    s->reftable_offset = be64toh(h.refcount_table_offset);
+    s->reftable_clusters = be32toh(h.refcount_table_clusters);
+    if (s->reftable_clusters == 0 || qc_off_in_cluster(s, s->reftable_offset) ||
+        s->reftable_offset < s->cluster_size ||
+        ((uint64_t)s->reftable_clusters << s->cluster_bits) > QCOW2_MAX_REFTABLE_BYTES ||
+        s->reftable_offset >= (uint64_t)flen)
+        return pms_err(EINVAL, "refcount table (offset %llu, %u clusters) is invalid",
+                       (unsigned long long)s->reftable_offset, s->reftable_clusters);
+    if (ranges_overlap(s->l1_offset, (uint64_t)s->l1_size * 8, s->reftable_offset,
+                       (uint64_t)s->reftable_clusters << s->cluster_bits))
+        return pms_err(EINVAL, "active L1 table overlaps the refcount table");
+    uint32_t nsnap = be32toh(h.nb_snapshots);
+    s->snapshots_offset = be64toh(h.snapshots_offset);
+    if (nsnap > QCOW2_MAX_SNAPSHOTS)
+        return pms_err(EINVAL, "too many snapshots (%u)", nsnap);
+    if (nsnap && (s->snapshots_offset & 7 || s->snapshots_offset < s->cluster_size ||
+                  s->snapshots_offset >= (uint64_t)flen))
+        return pms_err(EINVAL, "snapshot table offset %llu is invalid",
+                       (unsigned long long)s->snapshots_offset);
+    s->nb_snaps = (int)nsnap;
+
+    s->l1 = calloc(s->l1_size ? s->l1_size : 1, 8);
+    if (!s->l1) return pms_err(ENOMEM, "out of memory");
+    r = bdev_file_pread(bs->file, s->l1, (uint64_t)s->l1_size * 8, s->l1_offset);
+    if (r < 0) return r;
+    for (uint32_t i = 0; i < s->l1_size; i++) {
+        s->l1[i] = be64toh(s->l1[i]);
+        uint64_t l2 = s->l1[i] & L1E_OFFSET_MASK;
+        if (l2 && (qc_off_in_cluster(s, l2) || l2 >= (uint64_t)flen || l2 < s->cluster_size))
+            return pms_err(EINVAL, "L1 entry %u points to an invalid L2 table offset %llu",
+                           i, (unsigned long long)l2);
+    }
+    r = qcow2_read_snapshots(bs);
+    if (r < 0) return r;
+    r = qcow2_refcount_init(bs);
+    if (r < 0) return r;
+    for (uint32_t i = 0; i < s->l1_size; i++) {
+        uint64_t l2 = s->l1[i] & L1E_OFFSET_MASK;
+        if (l2 && (r = qcow2_check_host_range(bs, l2, s->cluster_size, "L2 table")) < 0)
+            return r;
+    }
+    /* caches */
+    uint64_t l2c = o->l2_cache_size ? o->l2_cache_size : (1u << 20);
+    uint64_t rbc = o->refcount_cache_size ? o->refcount_cache_size : (256u << 10);
+    int nl2 = (int)(l2c >> s->cluster_bits), nrb = (int)(rbc >> s->cluster_bits);
+    if (nl2 > 4096) nl2 = 4096;
+    if (nrb > 1024) nrb = 1024;
+    r = qcow2_cache_init(&s->l2_cache, nl2 < 16 ? 16 : nl2, s->cluster_size, false);
+    if (r < 0) return r;
+    r = qcow2_cache_init(&s->rb_cache, nrb < 8 ? 8 : nrb, s->cluster_size, true);
+    if (r < 0) return r;
+    s->cbuf = malloc(s->cluster_size);
+    s->zbuf = malloc(2 * s->cluster_size);
+    if (!s->cbuf || !s->zbuf) return pms_err(ENOMEM, "out of memory");
+    s->free_cluster_index = 0;
+    s->writable = !bs->readonly;
+    if (s->backing_file && !o->no_backing) {
+        r = open_backing(bs, o);
+        if (r < 0) return r;
+    }
+    if (s->writable && s->version >= 3 && (s->autoclear & ~QCOW2_AUTOCLEAR_KNOWN)) {
+        /* we do not maintain bitmaps: clearing the bit tells readers they are stale */
+        s->autoclear &= QCOW2_AUTOCLEAR_KNOWN;
+        r = qcow2_update_header(bs);
+        if (r < 0) return r;
+    }
+    return 0;
+}
+
+static int pending_drain(struct bdev *bs);
+
+static void qcow2_close(struct bdev *bs)
+{
+    struct qcow2_state *s = QS(bs);
+    if (s->writable && s->l1) {
+        if (qcow2_flush_metadata(bs) == 0 && s->npending) {
+            if (pending_drain(bs) == 0)
+                qcow2_flush_metadata(bs);
+        }
+    }
+    free_state(s);
+}
+
+static int open_wrap(struct bdev *bs, const char *path, const struct pms_open_opts *o)
+{
+    int r = qcow2_open(bs, path, o);
+    if (r < 0) {
+        struct qcow2_state *s = QS(bs);
+        if (bs->backing) { bdev_close(bs->backing); bs->backing = NULL; }
+        free_state(s);
+    }
+    return r;
+}
+
+/* ------------------------------------------------------------------------ */
+/* mapping                                                                  */
+
+struct mapping {
+    enum qcow2_sctype type;
+    uint64_t host;          /* host offset of the byte at off (SC_DATA), or the
+                               compressed descriptor's start (SC_COMPRESSED) */
+    uint64_t csize;         /* SC_COMPRESSED: compressed bytes */
+    uint64_t bytes;         /* bytes from off with the same state (within cluster) */
+    bool copied;            /* entry has COPIED (SC_DATA) */
+    bool zero_alloc;
+};
+
+/* L2 table offset for guest offset off, 0 if none.  Validates the entry. */
+static int l2_for(struct bdev *bs, uint64_t off, uint64_t *l2off, uint32_t *l1i)
+{
+    struct qcow2_state *s = QS(bs);
+    uint64_t i = off >> (s->cluster_bits + s->l2_bits);
+    *l1i = (uint32_t)i;
+    if (i >= s->l1_size) { *l2off = 0; return 0; }
+    *l2off = s->l1[i] & L1E_OFFSET_MASK;
+    return 0;
+}
+
+static int get_mapping(struct bdev *bs, uint64_t off, uint64_t maxlen, struct mapping *m)
+{
+    struct qcow2_state *s = QS(bs);
+    memset(m, 0, sizeof *m);
+    uint64_t in = qc_off_in_cluster(s, off);
+    uint64_t left = s->cluster_size - in;
+    if (left > maxlen) left = maxlen;
+    uint64_t l2off;
+    uint32_t l1i;
+    l2_for(bs, off, &l2off, &l1i);
+    if (!l2off) {
+        m->type = SC_UNALLOCATED;
+        m->bytes = left;
+        return 0;
+    }
+    uint8_t *l2;
+    int r = qcow2_cache_get(bs, &s->l2_cache, l2off, &l2);
+    if (r < 0) return r;
+    uint64_t idx = (off >> s->cluster_bits) & (s->l2_entries - 1);
+    uint64_t e = qcow2_l2_get(s, l2, idx);
+    uint64_t hoff = e & L2E_OFFSET_MASK;
+    int64_t flen = bdev_file_length(bs->file);
+    switch (qcow2_entry_type(s, e)) {
+    case QC_COMPRESSED: {
+        if (s->ext_l2 && qcow2_l2_get_bitmap(s, l2, idx))
+            return qcow2_signal_corruption(bs, "compressed cluster entry with a subcluster bitmap");
+        qcow2_compressed_range(s, e, &m->host, &m->csize);
+        if (m->host + m->csize > (uint64_t)flen + 512 || m->host < s->cluster_size)
+            return qcow2_signal_corruption(bs, "compressed cluster at %llu is outside the file",
+                                           (unsigned long long)m->host);
+        m->type = SC_COMPRESSED;
+        m->bytes = left;
+        return 0;
+    }
+    case QC_ZERO_PLAIN:
+    case QC_ZERO_ALLOC:
+        m->type = SC_ZERO;
+        m->bytes = left;
+        m->zero_alloc = hoff != 0;
+        m->host = hoff ? hoff + in : 0;
+        return 0;
+    case QC_UNALLOCATED:
+    case QC_NORMAL:
+        break;
+    }
+    if (e & (s->ext_l2 ? (L2E_STD_RESERVED_MASK | 1) : L2E_STD_RESERVED_MASK))
+        return qcow2_signal_corruption(bs, "L2 entry %llu of table at %llu has reserved bits set",
+                                       (unsigned long long)idx, (unsigned long long)l2off);
+    if (hoff && (hoff + s->cluster_size > (uint64_t)flen + s->cluster_size ||
+                 qc_off_in_cluster(s, hoff)))
+        return qcow2_signal_corruption(bs, "data cluster offset %llu is invalid",
+                                       (unsigned long long)hoff);
+    if (hoff && (r = qcow2_check_host_range(bs, hoff, s->cluster_size, "data cluster")) < 0)
+        return r;
+    m->copied = (e & QCOW_OFLAG_COPIED) != 0;
+    if (!s->ext_l2) {
+        m->type = hoff ? SC_DATA : SC_UNALLOCATED;
+        m->host = hoff ? hoff + in : 0;
+        m->bytes = left;
+        return 0;
+    }
+    uint64_t bm = qcow2_l2_get_bitmap(s, l2, idx);
+    uint32_t alloc = (uint32_t)bm, zero = (uint32_t)(bm >> 32);
+    if (alloc & zero)
+        return qcow2_signal_corruption(bs, "subcluster both allocated and zero (entry %llu)",
+                                       (unsigned long long)idx);
+    if (alloc && !hoff)
+        return qcow2_signal_corruption(bs, "allocated subclusters without a host cluster");
+    unsigned sc = (unsigned)(in >> s->sc_bits);
+    int st = (alloc >> sc) & 1 ? 2 : ((zero >> sc) & 1 ? 1 : 0);
+    unsigned end = sc + 1;
+    while (end < 32) {
+        int st2 = (alloc >> end) & 1 ? 2 : ((zero >> end) & 1 ? 1 : 0);
+        if (st2 != st) break;
+        end++;
+    }
+    uint64_t n = ((uint64_t)end << s->sc_bits) - in;
+    m->bytes = n < left ? n : left;
+    m->type = st == 2 ? SC_DATA : st == 1 ? SC_ZERO : SC_UNALLOCATED;
+    m->host = st == 2 ? hoff + in : 0;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* reads                                                                    */
+
+static int decompress(struct bdev *bs, const struct mapping *m, uint8_t *out)
+{
+    struct qcow2_state *s = QS(bs);
+    uint64_t csize = m->csize;
+    if (csize > 2 * s->cluster_size) csize = 2 * s->cluster_size;
+    int64_t flen = bdev_file_length(bs->file);
+    if (m->host + csize > (uint64_t)flen)
+        csize = (uint64_t)flen > m->host ? (uint64_t)flen - m->host : 0;
+    int r = bdev_file_pread(bs->file, s->zbuf, csize, m->host);
+    if (r < 0) return r;
+    if (s->compression_type == QCOW2_COMPRESSION_ZLIB) {
+        z_stream z;
+        memset(&z, 0, sizeof z);
+        if (inflateInit2(&z, -12) != Z_OK)
+            return pms_err(EIO, "zlib initialisation failed");
+        z.next_in = s->zbuf;
+        z.avail_in = (uInt)csize;
+        z.next_out = out;
+        z.avail_out = (uInt)s->cluster_size;
+        int zr = inflate(&z, Z_FINISH);
+        uint64_t got = s->cluster_size - z.avail_out;
+        inflateEnd(&z);
+        if ((zr != Z_STREAM_END && zr != Z_BUF_ERROR) || got != s->cluster_size)
+            return qcow2_signal_corruption(bs, "compressed cluster at %llu does not decompress",
+                                           (unsigned long long)m->host);
+        return 0;
+    }
+    ZSTD_DCtx *dc = ZSTD_createDCtx();
+    if (!dc) return pms_err(ENOMEM, "out of memory");
+    ZSTD_inBuffer in = { s->zbuf, csize, 0 };
+    ZSTD_outBuffer ob = { out, s->cluster_size, 0 };
+    size_t zr = 0;
+    while (ob.pos < ob.size) {
+        zr = ZSTD_decompressStream(dc, &ob, &in);
+        if (ZSTD_isError(zr)) break;
+        if (in.pos == in.size) break;
+        if (zr == 0) break;
+    }
+    ZSTD_freeDCtx(dc);
+    if (ZSTD_isError(zr) || ob.pos != s->cluster_size)
+        return qcow2_signal_corruption(bs, "zstd-compressed cluster at %llu does not decompress",
+                                       (unsigned long long)m->host);
+    return 0;
+}
+
+static int read_backing(struct bdev *bs, uint8_t *buf, uint64_t len, uint64_t off)
+{
+    if (!bs->backing) {
+        memset(buf, 0, len);
+        return 0;
+    }
+    uint64_t bsize = bs->backing->size;
+    uint64_t n = off >= bsize ? 0 : (len < bsize - off ? len : bsize - off);
+    if (n) {
+        int r = bdev_pread(bs->backing, buf, n, off);
+        if (r < 0) return r;
+    }
+    if (n < len) memset(buf + n, 0, len - n);
+    return 0;
+}
+
+/* Read [off, off+len) (len inside one cluster or beyond) into buf. */
+static int do_read(struct bdev *bs, uint8_t *buf, uint64_t len, uint64_t off)
+{
+    struct qcow2_state *s = QS(bs);
+    while (len) {
+        struct mapping m;
+        int r = get_mapping(bs, off, len, &m);
+        if (r < 0) return r;
+        uint64_t n = m.bytes;
+        switch (m.type) {
+        case SC_UNALLOCATED:
+            r = read_backing(bs, buf, n, off);
+            break;
+        case SC_ZERO:
+            memset(buf, 0, n);
+            break;
+        case SC_DATA:
+            r = bdev_file_pread(bs->file, buf, n, m.host);
+            break;
+        case SC_COMPRESSED:
+            r = decompress(bs, &m, s->cbuf);
+            if (r == 0) memcpy(buf, s->cbuf + qc_off_in_cluster(s, off), n);
+            break;
+        }
+        if (r < 0) return r;
+        buf += n; off += n; len -= n;
+    }
+    return 0;
+}
+
+static int qcow2_pread(struct bdev *bs, void *buf, uint64_t len, uint64_t off)
+{
+    return do_read(bs, buf, len, off);
+}
+
+/* ------------------------------------------------------------------------ */
+/* pending frees                                                            */
+
+static int pending_add(struct bdev *bs, uint64_t off, uint64_t len)
+{
+    struct qcow2_state *s = QS(bs);
+    if (s->npending == s->cappending) {
+        size_t nc = s->cappending ? s->cappending * 2 : 64;
+        struct qcow2_range *np = realloc(s->pending, nc * sizeof *np);
+        if (!np) return pms_err(ENOMEM, "out of memory");
+        s->pending = np;
+        s->cappending = nc;
+    }
+    s->pending[s->npending++] = (struct qcow2_range){ off, len };
+    return 0;
+}
+
+static int pending_drain(struct bdev *bs)
+{
+    struct qcow2_state *s = QS(bs);
+    for (size_t i = 0; i < s->npending; i++) {
+        int r = qcow2_free_clusters(bs, s->pending[i].off, s->pending[i].len);
+        if (r < 0) {
+            memmove(s->pending, s->pending + i, (s->npending - i) * sizeof *s->pending);
+            s->npending -= i;
+            return r;
+        }
+    }
+    s->npending = 0;
+    return 0;
+}
+
+/* Release the host reference held by entry e (after the L2 change is durable). */
+static int release_entry(struct bdev *bs, uint64_t e)
+{
+    struct qcow2_state *s = QS(bs);
+    switch (qcow2_entry_type(s, e)) {
+    case QC_COMPRESSED: {
+        uint64_t coff, csize;
+        qcow2_compressed_range(s, e, &coff, &csize);
+        return pending_add(bs, coff, csize);
+    }
+    case QC_NORMAL:
+    case QC_ZERO_ALLOC:
+        return pending_add(bs, e & L2E_OFFSET_MASK, s->cluster_size);
+    default:
+        return 0;
+    }
+}
+
+int qcow2_drain_pending(struct bdev *bs)
+{
+    struct qcow2_state *s = QS(bs);
+    if (!s->npending) return 0;
+    int r = qcow2_flush_metadata(bs);
+    if (r == 0) r = pending_drain(bs);
+    return r;
+}
+
+/* ------------------------------------------------------------------------ */
+/* writes                                                                   */
+
+/* Get a writable L2 table for guest offset off: allocates or copies it. */
+static int get_l2_writable(struct bdev *bs, uint64_t off, uint64_t *l2offp)
+{
+    struct qcow2_state *s = QS(bs);
+    uint64_t l1i = off >> (s->cluster_bits + s->l2_bits);
+    int r;
+    if (l1i >= s->l1_size) {
+        r = qcow2_grow_l1(bs, (uint32_t)l1i + 1);
+        if (r < 0) return r;
+    }
+    uint64_t l1e = s->l1[l1i];
+    uint64_t old = l1e & L1E_OFFSET_MASK;
+    if (old && (l1e & QCOW_OFLAG_COPIED)) {
+        *l2offp = old;
+        return 0;
+    }
+    /* need a new table: fresh, or a copy of a shared one */
+    uint8_t *copy = NULL;
+    if (old) {
+        uint8_t *t;
+        r = qcow2_cache_get(bs, &s->l2_cache, old, &t);
+        if (r < 0) return r;
+        copy = malloc(s->cluster_size);
+        if (!copy) return pms_err(ENOMEM, "out of memory");
+        memcpy(copy, t, s->cluster_size);
+        /* entries stay as they are: the data clusters are still shared, so
+         * their COPIED flags are already clear */
+    }
+    int64_t noff = qcow2_alloc_clusters(bs, 1);
+    if (noff < 0) { free(copy); return (int)noff; }
+    uint8_t *t;
+    r = qcow2_cache_get_empty(bs, &s->l2_cache, (uint64_t)noff, &t);
+    if (r < 0) { free(copy); return r; }
+    if (copy) memcpy(t, copy, s->cluster_size);
+    free(copy);
+    qcow2_cache_mark_dirty(&s->l2_cache, t);
+    /* the new table must be durable (after its refcount) before L1 points to it */
+    r = qcow2_cache_writeback(bs, &s->l2_cache);
+    if (r == 0) r = bdev_file_flush(bs->file);
+    if (r < 0) return r;
+    s->l1[l1i] = (uint64_t)noff | QCOW_OFLAG_COPIED;
+    r = qcow2_write_l1(bs, (uint32_t)l1i, 1);
+    if (r < 0) return r;
+    if (old) r = pending_add(bs, old, s->cluster_size);
+    *l2offp = (uint64_t)noff;
+    return r;
+}
+
+/* Write within one cluster: [off, off+len), buf NULL = zeroes. */
+static int write_cluster(struct bdev *bs, const uint8_t *buf, uint64_t len, uint64_t off)
+{
+    struct qcow2_state *s = QS(bs);
+    uint64_t in = qc_off_in_cluster(s, off);
+    uint64_t l2off;
+    int r = get_l2_writable(bs, off, &l2off);
+    if (r < 0) return r;
+    uint8_t *l2;
+    r = qcow2_cache_get(bs, &s->l2_cache, l2off, &l2);
+    if (r < 0) return r;
+    uint64_t idx = (off >> s->cluster_bits) & (s->l2_entries - 1);
+    uint64_t e = qcow2_l2_get(s, l2, idx);
+    uint64_t bm = qcow2_l2_get_bitmap(s, l2, idx);
+    enum qcow2_ctype t = qcow2_entry_type(s, e);
+    uint64_t hoff = e & L2E_OFFSET_MASK;
+    bool inplace = t == QC_NORMAL && (e & QCOW_OFLAG_COPIED) &&
+                   (!s->ext_l2 || (uint32_t)bm == 0xffffffffu);
+    if (hoff && t != QC_COMPRESSED) {
+        r = qcow2_check_host_range(bs, hoff, s->cluster_size, "data cluster");
+        if (r < 0) return r;
+    }
+    if (inplace) {
+        if (buf)
+            return bdev_file_pwrite(bs->file, buf, len, hoff + in);
+        return bdev_file_zero(bs->file, len, hoff + in);
+    }
+    /* Build the full new cluster. */
+    uint8_t *cl = malloc(s->cluster_size);
+    if (!cl) return pms_err(ENOMEM, "out of memory");
+    uint64_t base = qc_align_down(s, off);
+    uint64_t clen = s->cluster_size;
+    if (base + clen > s->size) clen = s->size - base;     /* last partial cluster */
+    memset(cl, 0, s->cluster_size);
+    if (in > 0 || len < clen) {
+        r = do_read(bs, cl, clen, base);
+        if (r < 0) { free(cl); return r; }
+    }
+    if (buf) memcpy(cl + in, buf, len);
+    else memset(cl + in, 0, len);
+    /* reuse a ZERO_ALLOC cluster we own exclusively */
+    uint64_t target;
+    bool fresh;
+    if (t == QC_ZERO_ALLOC && (e & QCOW_OFLAG_COPIED)) {
+        target = hoff;
+        fresh = false;
+    } else if (s->ext_l2 && t == QC_NORMAL && (e & QCOW_OFLAG_COPIED)) {
+        target = hoff;            /* fill the unallocated subclusters in place */
+        fresh = false;
+    } else {
+        int64_t n = qcow2_alloc_clusters(bs, 1);
+        if (n < 0) { free(cl); return (int)n; }
+        target = (uint64_t)n;
+        fresh = true;
+    }
+    r = bdev_file_pwrite(bs->file, cl, s->cluster_size, target);
+    free(cl);
+    if (r < 0) return r;
+    r = qcow2_cache_get(bs, &s->l2_cache, l2off, &l2);
+    if (r < 0) return r;
+    qcow2_l2_set(s, l2, idx, target | QCOW_OFLAG_COPIED);
+    qcow2_l2_set_bitmap(s, l2, idx, 0xffffffffull);
+    qcow2_cache_mark_dirty(&s->l2_cache, l2);
+    if (fresh)
+        r = release_entry(bs, e);
+    return r;
+}
+
+static int qcow2_pwrite(struct bdev *bs, const void *buf, uint64_t len, uint64_t off)
+{
+    struct qcow2_state *s = QS(bs);
+    const uint8_t *p = buf;
+    while (len) {
+        uint64_t n = s->cluster_size - qc_off_in_cluster(s, off);
+        if (n > len) n = len;
+        int r = write_cluster(bs, p, n, off);
+        if (r < 0) return r;
+        p += n; off += n; len -= n;
+    }
+    return 0;
+}
+
+/* Make one whole cluster read as zeroes without data (v3).  unmap: drop the
+ * host cluster; else keep it allocated as ZERO_ALLOC when we own it. */
+static int zero_whole_cluster(struct bdev *bs, uint64_t off, bool unmap)
+{
+    struct qcow2_state *s = QS(bs);
+    uint64_t l1i = off >> (s->cluster_bits + s->l2_bits);
+    if (l1i >= s->l1_size || !(s->l1[l1i] & L1E_OFFSET_MASK)) {
+        if (!bs->backing) return 0;      /* already reads as zero */
+    }
+    uint64_t l2off;
+    int r = get_l2_writable(bs, off, &l2off);
+    if (r < 0) return r;
+    uint8_t *l2;
+    r = qcow2_cache_get(bs, &s->l2_cache, l2off, &l2);
+    if (r < 0) return r;
+    uint64_t idx = (off >> s->cluster_bits) & (s->l2_entries - 1);
+    uint64_t e = qcow2_l2_get(s, l2, idx);
+    enum qcow2_ctype t = qcow2_entry_type(s, e);
+    uint64_t ne;
+    bool release = true;
+    if (s->ext_l2) {
+        ne = 0;
+        qcow2_l2_set_bitmap(s, l2, idx, 0xffffffffull << 32);
+    } else if (!unmap && (t == QC_NORMAL || t == QC_ZERO_ALLOC) && (e & QCOW_OFLAG_COPIED)) {
+        ne = (e & L2E_OFFSET_MASK) | QCOW_OFLAG_COPIED | QCOW_OFLAG_ZERO;
+        release = false;
+    } else
+        ne = QCOW_OFLAG_ZERO;
+    qcow2_l2_set(s, l2, idx, ne);
+    qcow2_cache_mark_dirty(&s->l2_cache, l2);
+    return release ? release_entry(bs, e) : 0;
+}
+
+static int qcow2_pwrite_zeroes(struct bdev *bs, uint64_t len, uint64_t off, unsigned flags)
+{
+    struct qcow2_state *s = QS(bs);
+    while (len) {
+        uint64_t in = qc_off_in_cluster(s, off);
+        uint64_t n = s->cluster_size - in;
+        if (n > len) n = len;
+        bool whole = in == 0 && (n == s->cluster_size || off + n == s->size);
+        int r;
+        if (whole && s->version >= 3)
+            r = zero_whole_cluster(bs, off, flags & BDEV_ZERO_MAY_UNMAP);
+        else {
+            /* v2 or partial cluster: skip if it already reads as zero */
+            struct mapping m;
+            r = get_mapping(bs, off, n, &m);
+            if (r == 0 && !((m.type == SC_ZERO || (m.type == SC_UNALLOCATED && !bs->backing))
+                            && m.bytes >= n))
+                r = write_cluster(bs, NULL, n, off);
+        }
+        if (r < 0) return r;
+        off += n; len -= n;
+    }
+    return 0;
+}
+
+static int qcow2_discard(struct bdev *bs, uint64_t len, uint64_t off)
+{
+    struct qcow2_state *s = QS(bs);
+    /* only whole clusters are discarded, like QEMU */
+    uint64_t start = (off + s->cluster_size - 1) & ~(s->cluster_size - 1);
+    uint64_t end = off + len == s->size ? off + len : (off + len) & ~(s->cluster_size - 1);
+    for (uint64_t o = start; o < end; o += s->cluster_size) {
+        uint64_t l1i = o >> (s->cluster_bits + s->l2_bits);
+        if (l1i >= s->l1_size || !(s->l1[l1i] & L1E_OFFSET_MASK)) continue;
+        uint8_t *l2;
+        int r = qcow2_cache_get(bs, &s->l2_cache, s->l1[l1i] & L1E_OFFSET_MASK, &l2);
+        if (r < 0) return r;
+        uint64_t idx = (o >> s->cluster_bits) & (s->l2_entries - 1);
+        uint64_t e = qcow2_l2_get(s, l2, idx);
+        uint64_t bm = qcow2_l2_get_bitmap(s, l2, idx);
+        enum qcow2_ctype t = qcow2_entry_type(s, e);
+        if (t == QC_UNALLOCATED && !bm && !bs->backing) continue;
+        if (t == QC_ZERO_PLAIN) continue;
+        uint64_t l2off;
+        r = get_l2_writable(bs, o, &l2off);
+        if (r < 0) return r;
+        r = qcow2_cache_get(bs, &s->l2_cache, l2off, &l2);
+        if (r < 0) return r;
+        if (s->ext_l2) {
+            qcow2_l2_set(s, l2, idx, 0);
+            qcow2_l2_set_bitmap(s, l2, idx, 0xffffffffull << 32);
+        } else
+            qcow2_l2_set(s, l2, idx, s->version >= 3 ? QCOW_OFLAG_ZERO : 0);
+        qcow2_cache_mark_dirty(&s->l2_cache, l2);
+        r = release_entry(bs, e);
+        if (r < 0) return r;
+    }
+    return 0;
+}
+
+static int qcow2_flush(struct bdev *bs)
+{
+    struct qcow2_state *s = QS(bs);
+    int r = qcow2_flush_metadata(bs);
+    if (r == 0 && s->npending) {
+        r = pending_drain(bs);
+        if (r == 0) r = qcow2_flush_metadata(bs);
+    }
+    return r;
+}
+
+static int64_t qcow2_getlength(struct bdev *bs)
+{
+    return (int64_t)QS(bs)->size;
+}
+
+static int qcow2_truncate(struct bdev *bs, uint64_t size)
+{
+    struct qcow2_state *s = QS(bs);
+    if (size < s->size)
+        return pms_err(ENOTSUP, "shrinking qcow2 images is not supported");
+    uint64_t cov = s->cluster_bits + s->l2_bits;
+    uint64_t need = (size + (1ull << cov) - 1) >> cov;
+    if (need > UINT32_MAX) return pms_err(EFBIG, "size too large");
+    int r = qcow2_grow_l1(bs, (uint32_t)need);
+    if (r < 0) return r;
+    uint64_t be = htobe64(size);
+    r = bdev_file_pwrite(bs->file, &be, 8, 24);
+    if (r == 0) r = bdev_file_flush(bs->file);
+    if (r == 0) s->size = size;
+    return r;
+}
+
+static int qcow2_block_status(struct bdev *bs, uint64_t off, uint64_t len, struct pms_extent *e)
+{
+    struct mapping m;
+    e->start = off;
+    uint64_t done = 0;
+    int r = 0;
+    unsigned flags = 0;
+    uint64_t host = 0;
+    int depth = 0;
+    /* merge consecutive clusters with the same state (and contiguous host) */
+    while (done < len) {
+        r = get_mapping(bs, off + done, len - done, &m);
+        if (r < 0) return r;
+        unsigned f;
+        uint64_t h = 0;
+        int d = 0;
+        uint64_t n = m.bytes;
+        switch (m.type) {
+        case SC_DATA: f = PMS_BLOCK_DATA | PMS_BLOCK_ALLOCATED | PMS_BLOCK_OFFSET; h = m.host; break;
+        case SC_ZERO: f = PMS_BLOCK_ZERO | PMS_BLOCK_ALLOCATED |
+                          (m.zero_alloc ? PMS_BLOCK_OFFSET : 0); h = m.host; break;
+        case SC_COMPRESSED: f = PMS_BLOCK_DATA | PMS_BLOCK_ALLOCATED | PMS_BLOCK_COMPRESSED; break;
+        default:
+            if (bs->backing && off + done < bs->backing->size) {
+                struct pms_extent be;
+                uint64_t bl = n < bs->backing->size - (off + done) ? n : bs->backing->size - (off + done);
+                r = bdev_block_status(bs->backing, off + done, bl, &be);
+                if (r < 0) return r;
+                f = be.flags;
+                h = be.host_offset;
+                d = be.depth + 1;
+                n = be.length;
+            } else {
+                f = PMS_BLOCK_ZERO;
+                d = bs->backing ? 1 : 0;
+            }
+        }
+        if (done == 0) {
+            flags = f; host = h; depth = d;
+        } else if (f != flags || d != depth ||
+                   ((f & PMS_BLOCK_OFFSET) && h != host + done)) {
+            break;
+        }
+        done += n;
+    }
+    e->length = done;
+    e->flags = flags;
+    e->depth = depth;
+    e->host_offset = host;
+    return 0;
+}
+
+static int qcow2_info(struct bdev *bs, struct pms_info *info)
+{
+    struct qcow2_state *s = QS(bs);
+    strcpy(info->format, "qcow2");
+    info->cluster_size = s->cluster_size;
+    info->qcow2_version = s->version;
+    info->refcount_bits = (int)s->refcount_bits;
+    info->extended_l2 = s->ext_l2;
+    info->lazy_refcounts = (s->compat & QCOW2_COMPAT_LAZY_REFCOUNTS) != 0;
+    info->corrupt = (s->incompat & QCOW2_INCOMPAT_CORRUPT) != 0;
+    info->dirty_flag = (s->incompat & QCOW2_INCOMPAT_DIRTY) != 0;
+    strcpy(info->compression_type, s->compression_type ? "zstd" : "zlib");
+    if (s->backing_file) {
+        snprintf(info->backing_file, sizeof info->backing_file, "%s", s->backing_file);
+        if (bs->backing)
+            snprintf(info->full_backing_file, sizeof info->full_backing_file, "%s",
+                     bs->backing->filename);
+    }
+    if (s->backing_format)
+        snprintf(info->backing_format, sizeof info->backing_format, "%s", s->backing_format);
+    return 0;
+}
+
+static int qcow2_check_entry(struct bdev *bs, unsigned flags, struct pms_check_result *res,
+                             pms_check_msg_fn fn, void *opaque)
+{
+    return qcow2_check(bs, flags, res, fn, opaque);
+}
+
+const struct pms_driver pms_drv_qcow2 = {
+    .name = "qcow2",
+    .state_size = sizeof(struct qcow2_state),
+    .probe = probe,
+    .open = open_wrap,
+    .close = qcow2_close,
+    .pread = qcow2_pread,
+    .pwrite = qcow2_pwrite,
+    .pwrite_zeroes = qcow2_pwrite_zeroes,
+    .discard = qcow2_discard,
+    .flush = qcow2_flush,
+    .getlength = qcow2_getlength,
+    .truncate = qcow2_truncate,
+    .block_status = qcow2_block_status,
+    .info = qcow2_info,
+    .check = qcow2_check_entry,
+    .snapshot_create = qcow2_snapshot_create,
+    .snapshot_goto = qcow2_snapshot_goto,
+    .snapshot_delete = qcow2_snapshot_delete,
+    .snapshot_list = qcow2_snapshot_list,
+};
+
+/* ------------------------------------------------------------------------ */
+/* create                                                                   */
+
+int qcow2_create(const char *path, uint64_t size, const struct pms_create_opts *o)
+{
+    uint64_t cs = o->cluster_size ? o->cluster_size : 65536;
+    if (cs < 512 || cs > (2u << 20) || (cs & (cs - 1)))
+        return pms_err(EINVAL, "cluster size must be a power of two between 512 and 2M");
+    unsigned cbits = (unsigned)__builtin_ctzll(cs);
+    int rbits = o->refcount_bits ? o->refcount_bits : 16;
+    if (rbits < 1 || rbits > 64 || (rbits & (rbits - 1)))
+        return pms_err(EINVAL, "refcount_bits must be a power of two between 1 and 64");
+    if (o->compat_v2 && rbits != 16)
+        return pms_err(EINVAL, "version 2 images only support 16-bit refcounts");
+    if (o->compat_v2 && o->extended_l2)
+        return pms_err(EINVAL, "extended L2 entries need a version 3 image");
+    if (o->extended_l2 && cs < 16384)
+        return pms_err(EINVAL, "extended L2 entries need a cluster size of at least 16k");
+    char *bf = NULL, *bfmt = NULL;
+    if (o->backing_file) {
+        if (strlen(o->backing_file) > QCOW2_MAX_BACKING_NAME)
+            return pms_err(EINVAL, "backing file name too long");
+        /* validate the backing file and take its size if none given */
+        char full[PATH_MAX];
+        if (o->backing_file[0] == '/' || !strchr(path, '/'))
+            snprintf(full, sizeof full, "%s", o->backing_file);
+        else {
+            const char *sl = strrchr(path, '/');
+            snprintf(full, sizeof full, "%.*s/%s", (int)(sl - path), path, o->backing_file);
+        }
+        struct pms_open_opts bo;
+        pms_open_opts_init(&bo);
+        bo.readonly = 1;
+        bo.format = o->backing_format;
+        struct bdev *b;
+        int r = bdev_open(full, &bo, &b);
+        if (r < 0)
+            return pms_err(-r, "could not open backing file '%s': %s", full, pms_err_get());
+        if (!size) size = b->size;
+        const char *fmt = o->backing_format ? o->backing_format : b->drv->name;
+        bfmt = strdup(fmt);
+        bdev_close(b);
+        bf = strdup(o->backing_file);
+    }
+    if (size > (1ull << 61)) {
+        free(bf); free(bfmt);
+        return pms_err(EFBIG, "image size too large");
+    }
+    struct qcow2_state st;
+    memset(&st, 0, sizeof st);
+    st.version = o->compat_v2 ? 2 : 3;
+    st.cluster_bits = cbits;
+    st.cluster_size = cs;
+    st.size = size;
+    st.ext_l2 = o->extended_l2;
+    unsigned l2bits = cbits - (st.ext_l2 ? 4 : 3);
+    uint64_t cov = cbits + l2bits;
+    uint64_t l1n = (size + (1ull << cov) - 1) >> cov;
+    if (l1n * 8 > QCOW2_MAX_L1_BYTES) {
+        free(bf); free(bfmt);
+        return pms_err(EFBIG, "image size too large for this cluster size");
+    }
+    st.l1_size = (uint32_t)l1n;
+    st.refcount_order = (unsigned)__builtin_ctz((unsigned)rbits);
+    st.header_length = 112;
+    st.incompat = st.ext_l2 ? QCOW2_INCOMPAT_EXTL2 : 0;
+    st.compat = 0;
+    st.backing_file = bf;
+    st.backing_format = bfmt;
+    /* layout: header | reftable | refblock | L1 ... ; grow reftable if the
+     * metadata itself needs more than one refcount block */
+    uint64_t rb_entries = (cs * 8) >> st.refcount_order;
+    uint64_t l1_clusters = (l1n * 8 + cs - 1) / cs;
+    if (l1_clusters == 0) l1_clusters = 1;
+    uint64_t rt_clusters = 1, rb_count = 1;
+    for (int i = 0; i < 16; i++) {
+        uint64_t total = 1 + rt_clusters + rb_count + l1_clusters;
+        uint64_t need_rb = (total + rb_entries - 1) / rb_entries;
+        uint64_t need_rt = (need_rb * 8 + cs - 1) / cs;
+        if (need_rb == rb_count && need_rt == rt_clusters) break;
+        rb_count = need_rb; rt_clusters = need_rt;
+    }
+    st.reftable_offset = cs;
+    st.reftable_clusters = (uint32_t)rt_clusters;
+    uint64_t rb_off = cs * (1 + rt_clusters);
+    st.l1_offset = rb_off + rb_count * cs;
+    uint64_t total = 1 + rt_clusters + rb_count + l1_clusters;
+
+    int fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        int e = errno;
+        free(bf); free(bfmt);
+        return pms_err(e, "could not create '%s': %s", path, strerror(e));
+    }
+    int r = 0;
+    uint8_t *buf = calloc(1, cs > 4096 ? cs : 4096);
+    size_t hlen = 0;
+    if (!buf) r = pms_err(ENOMEM, "out of memory");
+    if (r == 0) r = build_header(&st, buf, cs, &hlen);
+    if (r == 0 && pwrite(fd, buf, hlen, 0) != (ssize_t)hlen)
+        r = pms_err(errno ? errno : EIO, "write to '%s' failed", path);
+    /* refcount table */
+    for (uint64_t i = 0; r == 0 && i < rt_clusters; i++) {
+        memset(buf, 0, cs);
+        for (uint64_t j = 0; j < cs / 8; j++) {
+            uint64_t bi = i * (cs / 8) + j;
+            if (bi < rb_count) {
+                uint64_t v = htobe64(rb_off + bi * cs);
+                memcpy(buf + j * 8, &v, 8);
+            }
+        }
+        if (pwrite(fd, buf, cs, (off_t)(cs * (1 + i))) != (ssize_t)cs)
+            r = pms_err(errno ? errno : EIO, "write to '%s' failed", path);
+    }
+    /* refcount blocks */
+    for (uint64_t b = 0; r == 0 && b < rb_count; b++) {
+        memset(buf, 0, cs);
+        for (uint64_t ci = b * rb_entries; ci < (b + 1) * rb_entries && ci < total; ci++)
+            qcow2_rb_set(&st, buf, ci - b * rb_entries, 1);
+        if (pwrite(fd, buf, cs, (off_t)(rb_off + b * cs)) != (ssize_t)cs)
+            r = pms_err(errno ? errno : EIO, "write to '%s' failed", path);
+    }
+    /* L1 (zeroes): extend the file to cover it */
+    if (r == 0 && ftruncate(fd, (off_t)(st.l1_offset + (l1n ? l1n * 8 : 0))) < 0)
+        r = pms_err(errno, "could not extend '%s': %s", path, strerror(errno));
+    if (r == 0 && fsync(fd) < 0)
+        r = pms_err(errno, "fsync of '%s' failed", path);
+    close(fd);
+    free(buf);
+    free(bf);
+    free(bfmt);
+    if (r < 0) unlink(path);
+    return r;
+}

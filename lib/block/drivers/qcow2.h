@@ -82,6 +82,8 @@ struct qcow2_ext {               /* header extension we preserve verbatim */
     uint8_t *data;
 };
 
+struct qcow2_range { uint64_t off, len; };
+
 struct qcow2_state {
     /* geometry */
     int version;
@@ -139,6 +141,10 @@ struct qcow2_state {
     bool header_dirty;           /* cleared on close: dirty bit handling */
     uint8_t *cbuf;               /* cluster-sized scratch for compressed reads */
     uint8_t *zbuf;               /* 2 * cluster_size scratch for decompression input */
+    /* references released by the write path, applied after the L2 change
+     * that dropped them is durable (drained by flush) */
+    struct qcow2_range *pending;
+    size_t npending, cappending;
 };
 
 static inline struct qcow2_state *QS(struct bdev *bs) { return bs->opaque; }
@@ -204,11 +210,12 @@ int  qcow2_update_header(struct bdev *bs);
 int  qcow2_write_l1(struct bdev *bs, uint32_t first, uint32_t n);
 /* Grow the active L1 to at least min_size entries (new table, atomically switched). */
 int  qcow2_grow_l1(struct bdev *bs, uint32_t min_size);
-/* Read the active L1 afresh from disk (after snapshot goto). */
 uint64_t qcow2_l2_get(struct qcow2_state *s, const uint8_t *l2, uint64_t idx);
 uint64_t qcow2_l2_get_bitmap(struct qcow2_state *s, const uint8_t *l2, uint64_t idx);
 void qcow2_l2_set(struct qcow2_state *s, uint8_t *l2, uint64_t idx, uint64_t v);
 void qcow2_l2_set_bitmap(struct qcow2_state *s, uint8_t *l2, uint64_t idx, uint64_t v);
+/* Flush metadata, then apply the pending reference releases. */
+int  qcow2_drain_pending(struct bdev *bs);
 /* Host bytes [coff, coff+csize) of a compressed descriptor. */
 void qcow2_compressed_range(struct qcow2_state *s, uint64_t l2e, uint64_t *coff, uint64_t *csize);
 
