@@ -371,8 +371,53 @@ int qcow2_free_clusters(struct bdev *bs, uint64_t off, uint64_t len)
     return qcow2_update_refcount(bs, off, len, -1);
 }
 
+/* Check every L2 table and data reference reachable from l1 before a
+ * snapshot operation modifies anything, so that a hostile image is refused
+ * without a single write. */
+static int validate_tree(struct bdev *bs, const uint64_t *l1, uint32_t l1_size)
+{
+    struct qcow2_state *s = QS(bs);
+    int64_t flen = bdev_file_length(bs->file);
+    if (flen < 0) return (int)flen;
+    for (uint32_t i = 0; i < l1_size; i++) {
+        uint64_t l2off = l1[i] & L1E_OFFSET_MASK;
+        if (!l2off) continue;
+        if (qc_off_in_cluster(s, l2off) || l2off >= (uint64_t)flen)
+            return qcow2_signal_corruption(bs, "L1 entry %u points to invalid offset %llu", i,
+                                           (unsigned long long)l2off);
+        int r = qcow2_check_host_range(bs, l2off, s->cluster_size, "L2 table");
+        if (r < 0) return r;
+        uint8_t *l2;
+        r = qcow2_cache_get(bs, &s->l2_cache, l2off, &l2);
+        if (r < 0) return r;
+        for (uint64_t j = 0; j < s->l2_entries; j++) {
+            uint64_t e = qcow2_l2_get(s, l2, j);
+            enum qcow2_ctype t = qcow2_entry_type(s, e);
+            uint64_t off, len;
+            if (t == QC_COMPRESSED)
+                qcow2_compressed_range(s, e, &off, &len);
+            else if (t == QC_NORMAL || t == QC_ZERO_ALLOC) {
+                off = e & L2E_OFFSET_MASK;
+                len = s->cluster_size;
+                if (qc_off_in_cluster(s, off))
+                    return qcow2_signal_corruption(bs, "unaligned data cluster offset %llu",
+                                                   (unsigned long long)off);
+            } else
+                continue;
+            if (off >= (uint64_t)flen)
+                return qcow2_signal_corruption(bs, "cluster at offset %llu is beyond the end "
+                                               "of the file", (unsigned long long)off);
+            r = qcow2_check_host_range(bs, off, len, "data cluster");
+            if (r < 0) return r;
+        }
+    }
+    return 0;
+}
+
 int qcow2_update_snapshot_refcount(struct bdev *bs, uint64_t *l1, uint32_t l1_size, int addend)
 {
+    int vr = validate_tree(bs, l1, l1_size);
+    if (vr < 0) return vr;
     struct qcow2_state *s = QS(bs);
     for (uint32_t i = 0; i < l1_size; i++) {
         uint64_t l2off = l1[i] & L1E_OFFSET_MASK;
