@@ -374,7 +374,7 @@ int qcow2_free_clusters(struct bdev *bs, uint64_t off, uint64_t len)
 /* Check every L2 table and data reference reachable from l1 before a
  * snapshot operation modifies anything, so that a hostile image is refused
  * without a single write. */
-static int validate_tree(struct bdev *bs, const uint64_t *l1, uint32_t l1_size)
+int qcow2_validate_tree(struct bdev *bs, const uint64_t *l1, uint32_t l1_size)
 {
     struct qcow2_state *s = QS(bs);
     int64_t flen = bdev_file_length(bs->file);
@@ -416,7 +416,7 @@ static int validate_tree(struct bdev *bs, const uint64_t *l1, uint32_t l1_size)
 
 int qcow2_update_snapshot_refcount(struct bdev *bs, uint64_t *l1, uint32_t l1_size, int addend)
 {
-    int vr = validate_tree(bs, l1, l1_size);
+    int vr = qcow2_validate_tree(bs, l1, l1_size);
     if (vr < 0) return vr;
     struct qcow2_state *s = QS(bs);
     for (uint32_t i = 0; i < l1_size; i++) {

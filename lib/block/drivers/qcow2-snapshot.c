@@ -365,6 +365,8 @@ int qcow2_snapshot_delete(struct bdev *bs, const char *name)
     uint64_t *snl1;
     r = read_l1(bs, sn.l1_table_offset, sn.l1_size, &snl1);
     if (r < 0) return r;
+    r = qcow2_validate_tree(bs, snl1, sn.l1_size);
+    if (r < 0) { free(snl1); return r; }
     /* 1. table without the entry */
     struct qcow2_snapshot *rest = malloc((size_t)s->nb_snaps * sizeof *rest + 1);
     if (!rest) { free(snl1); return pms_err(ENOMEM, "out of memory"); }

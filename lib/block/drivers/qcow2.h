@@ -190,6 +190,8 @@ int  qcow2_free_clusters(struct bdev *bs, uint64_t off, uint64_t len);
 /* Refcount width helpers on a refcount block buffer. */
 uint64_t qcow2_rb_get(struct qcow2_state *s, const uint8_t *rb, uint64_t idx);
 void qcow2_rb_set(struct qcow2_state *s, uint8_t *rb, uint64_t idx, uint64_t v);
+/* Check every reference reachable from l1 (no writes). */
+int  qcow2_validate_tree(struct bdev *bs, const uint64_t *l1, uint32_t l1_size);
 /* Walk an L1 table (entries host-endian, of l1_size) adding addend to the
  * refcount of every L2 table and data cluster it reaches, then set/clear
  * COPIED in the L2 tables and (if l1 == s->l1) the L1 itself.  addend 0 only
