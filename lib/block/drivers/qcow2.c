@@ -660,6 +660,11 @@ static int get_mapping(struct bdev *bs, uint64_t off, uint64_t maxlen, struct ma
     }
     case QC_ZERO_PLAIN:
     case QC_ZERO_ALLOC:
+        if (hoff && (hoff >= (uint64_t)flen || qc_off_in_cluster(s, hoff)))
+            return qcow2_signal_corruption(bs, "zero cluster offset %llu is invalid",
+                                           (unsigned long long)hoff);
+        if (hoff && (r = qcow2_check_host_range(bs, hoff, s->cluster_size, "zero cluster")) < 0)
+            return r;
         m->type = SC_ZERO;
         m->bytes = left;
         m->zero_alloc = hoff != 0;
@@ -672,8 +677,7 @@ static int get_mapping(struct bdev *bs, uint64_t off, uint64_t maxlen, struct ma
     if (e & (s->ext_l2 ? (L2E_STD_RESERVED_MASK | 1) : L2E_STD_RESERVED_MASK))
         return qcow2_signal_corruption(bs, "L2 entry %llu of table at %llu has reserved bits set",
                                        (unsigned long long)idx, (unsigned long long)l2off);
-    if (hoff && (hoff + s->cluster_size > (uint64_t)flen + s->cluster_size ||
-                 qc_off_in_cluster(s, hoff)))
+    if (hoff && (hoff >= (uint64_t)flen || qc_off_in_cluster(s, hoff)))
         return qcow2_signal_corruption(bs, "data cluster offset %llu is invalid",
                                        (unsigned long long)hoff);
     if (hoff && (r = qcow2_check_host_range(bs, hoff, s->cluster_size, "data cluster")) < 0)
@@ -922,7 +926,10 @@ static int write_cluster(struct bdev *bs, const uint8_t *buf, uint64_t len, uint
     struct qcow2_state *s = QS(bs);
     uint64_t in = qc_off_in_cluster(s, off);
     uint64_t l2off;
-    int r = get_l2_writable(bs, off, &l2off);
+    struct mapping m;
+    int r = get_mapping(bs, off, len, &m);     /* validates the entry before any write */
+    if (r < 0) return r;
+    r = get_l2_writable(bs, off, &l2off);
     if (r < 0) return r;
     uint8_t *l2;
     r = qcow2_cache_get(bs, &s->l2_cache, l2off, &l2);
