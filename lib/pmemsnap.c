@@ -209,17 +209,22 @@ static int snap_call(pms_dev *dev, int (*fn)(struct bdev *, const char *), const
     return r;
 }
 
+static int snapshot_create(pms_dev *dev, const char *name, unsigned flags)
+{
+    return dev->mem ? pms_mem_snapshot_create(dev->mem, name, flags)
+                    : snap_call(dev, dev->bs->drv->snapshot_create, name, true);
+}
+
 int pms_snapshot_create_ex(pms_dev *dev, const char *name, unsigned flags)
 {
-    int r = dev->mem ? pms_mem_snapshot_create(dev->mem, name, flags)
-                     : snap_call(dev, dev->bs->drv->snapshot_create, name, true);
+    int r = snapshot_create(dev, name, flags);
     PMS_API_ERR(r);
     return r;
 }
 
 int pms_snapshot_create(pms_dev *dev, const char *name)
 {
-    int r = pms_snapshot_create_ex(dev, name, 0);
+    int r = snapshot_create(dev, name, 0);
     PMS_API_ERR(r);
     return r;
 }
