@@ -448,9 +448,6 @@ static int qcow2_open(struct bdev *bs, const char *path, const struct pms_open_o
     if ((s->incompat & QCOW2_INCOMPAT_CORRUPT) && !bs->readonly)
         return pms_err(EACCES, "image is marked corrupt; it can only be opened read-only "
                        "(repair with 'qemu-img check -r all')");
-    if ((s->incompat & QCOW2_INCOMPAT_DIRTY) && !bs->readonly)
-        return pms_err(EACCES, "image has the dirty bit set (lazy refcounts were in use); "
-                       "repair with 'qemu-img check -r all' or open read-only");
     s->refcount_bits = 1u << s->refcount_order;
     s->refcount_max = s->refcount_bits == 64 ? UINT64_MAX : (1ull << s->refcount_bits) - 1;
     s->rb_bits = s->cluster_bits + 3 - s->refcount_order;
@@ -564,6 +561,20 @@ static int qcow2_open(struct bdev *bs, const char *path, const struct pms_open_o
     s->writable = !bs->readonly;
     if (s->backing_file && !o->no_backing) {
         r = open_backing(bs, o);
+        if (r < 0) return r;
+    }
+    if (s->writable && (s->incompat & QCOW2_INCOMPAT_DIRTY)) {
+        /* Lazy refcounts were left unclean: rebuild them, as QEMU does. */
+        struct pms_check_result res;
+        memset(&res, 0, sizeof res);
+        res.size = sizeof res;
+        r = qcow2_check(bs, PMS_CHECK_REPAIR_ALL, &res, NULL, NULL);
+        if (r < 0) return r;
+        if (res.corruptions > res.corruptions_fixed || res.check_errors)
+            return pms_err(EIO, "image has the dirty bit set and its refcounts could not be "
+                           "repaired");
+        s->incompat &= ~QCOW2_INCOMPAT_DIRTY;
+        r = qcow2_update_header(bs);
         if (r < 0) return r;
     }
     if (s->writable && s->version >= 3 && (s->autoclear & ~QCOW2_AUTOCLEAR_KNOWN)) {
