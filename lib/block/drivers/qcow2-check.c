@@ -410,8 +410,8 @@ static int stored_refcount(struct ck *c, uint64_t k, uint64_t *rc)
     uint64_t off = s->reftable[idx] & REFT_OFFSET_MASK;
     if (!off)
         return 0;
-    if (qc_off_in_cluster(s, off))
-        return -EIO;
+    if (qc_off_in_cluster(s, off) || off > (uint64_t)INT64_MAX - s->cluster_size)
+        return -EIO;             /* as QEMU: unaligned or unreadable refcount block */
     if (c->rb_index != idx) {
         c->rb_index = UINT64_MAX;
         int r = read_file(c, c->rb, s->cluster_size, off);
@@ -610,7 +610,10 @@ int qcow2_check(struct bdev *bs, unsigned flags, struct pms_check_result *res,
     if (flags && (!s->writable || bs->readonly))
         return pms_err(EROFS, "cannot repair a read-only image");
     if (s->writable) {
-        r = qcow2_flush_metadata(bs);
+        /* reference releases still pending would read as leaks */
+        r = qcow2_drain_pending(bs);
+        if (r == 0)
+            r = qcow2_flush_metadata(bs);
         if (r < 0) {
             res->check_errors++;
             return r;

@@ -1,0 +1,217 @@
+#!/bin/bash
+# Corrupted-image suite: every command that opens an image, run over a set of
+# deliberately damaged qcow2 files (tests/block/corrupt-gen.py), with QEMU's
+# qemu-img as the oracle.
+#
+# usage: corrupt.sh [TOOL] [CASE...]
+#   TOOL   program with the CLI's command syntax (default: $PMEMSNAP when it
+#          implements the commands, else the corrupt-open test program)
+#   CASE   only these cases (names from corrupt-gen.py)
+# env: CORRUPT_JOBS (parallel cases, default nproc, at most 4),
+#      CORRUPT_KEEP=1 keeps the scratch directory.
+#
+# For every case and command:
+#   - no crash: exit status < 128, no sanitizer report, done within 10 s;
+#   - a failing command prints at most one line on stderr (check excepted:
+#     its findings go to stderr as with qemu-img);
+#   - read-only commands never change the file;
+#   - where qemu-img refuses to open the image, every command fails;
+#   - reads (io read, convert) that succeed return what qemu-img reads, and
+#     fail where qemu-img's read fails;
+#   - check: when both complete, same exit status, same counters as
+#     `qemu-img check --output=json` and the same ERROR/Leaked lines;
+#   - check -r leaks / -r all (on a copy) leave no leaks / a clean image as
+#     qemu-img check sees it, when they report success;
+#   - io write / snapshot -c (on a copy) either fail or take effect.
+# Differences that are allowed (we refuse where QEMU copes) print NOTE lines.
+set -u
+export LC_ALL=C
+CORRUPT_OPEN=${1:-}
+shift || true
+ONLY=("$@")
+
+if [ -n "${PMEMSNAP:-}" ] && [ -x "$PMEMSNAP" ] && "$PMEMSNAP" --help 2>&1 | grep -q convert; then
+    T=$PMEMSNAP
+elif [ -n "$CORRUPT_OPEN" ]; then
+    T=$CORRUPT_OPEN
+else
+    echo "corrupt.sh: no tool (neither \$PMEMSNAP with commands nor corrupt-open)" >&2
+    exit 1
+fi
+# Raw data on stdout from "io read" (corrupt-open) or qemu-io style text (CLI)?
+RAWREAD=0
+[ "$T" = "$CORRUPT_OPEN" ] && RAWREAD=1
+command -v qemu-img >/dev/null || { echo "SKIP: qemu-img not installed"; exit 77; }
+GEN=${SRCDIR:-$(dirname "$0")/..}/block/corrupt-gen.py
+[ -f "$GEN" ] || GEN=$(dirname "$0")/corrupt-gen.py
+JOBS=${CORRUPT_JOBS:-$(nproc 2>/dev/null || echo 2)}
+[ "$JOBS" -gt 4 ] && JOBS=4
+
+W=$(mktemp -d "${TMPDIR:-/tmp}/pms-corrupt.XXXXXX")
+[ -n "${CORRUPT_KEEP:-}" ] || trap 'rm -rf "$W"' EXIT
+python3 "$GEN" "$W/img" "${ONLY[@]}" || { echo "FAIL: generator"; exit 1; }
+head -c 4096 /dev/zero | tr '\0' '\315' >"$W/pattern-4k"
+
+# ---- one case (runs in a subshell; output to $W/res/CASE.log) -------------
+one_case() {
+    case=$1
+    local img=$W/img/$case.qcow2 D=$W/c/$case
+    mkdir -p "$D"
+    cp "$img" "$D/pristine"
+    fail() { echo "FAIL [$case] $*"; }
+    note() { echo "NOTE [$case] $*"; }
+
+    # run NAME LABEL CMD... : $D/NAME.out, $D/NAME.err, rc
+    run() {
+        local n=$1 label=$2 line nl=0
+        shift 2
+        timeout 10 "$@" >"$D/$n.out" 2>"$D/$n.err"
+        rc=$?
+        [ $rc -eq 124 ] && fail "$label: timed out"
+        [ $rc -ge 128 ] && [ $rc -ne 124 ] && fail "$label: crashed (exit $rc)"
+        while IFS= read -r line; do
+            nl=$((nl + 1))
+            if [[ $line =~ Sanitizer|runtime\ error: ]]; then
+                fail "$label: sanitizer report: $line"
+                break
+            fi
+        done <"$D/$n.err"
+        if [ $rc -ne 0 ] && [ "$label" != check ] && [ $nl -gt 1 ]; then
+            fail "$label: $nl lines on stderr: $(head -c 200 "$D/$n.err" | tr '\n' '|')"
+        fi
+        return 0
+    }
+    unchanged() {
+        cmp -s "$img" "$D/pristine" || { fail "$1 modified the image"; cp "$D/pristine" "$img"; }
+    }
+    first_line() { local l; IFS= read -r l <"$1"; echo "$l"; }
+
+    qemu-img info -f qcow2 "$img" >/dev/null 2>&1
+    qopen=$?
+    if [ $qopen -ge 128 ]; then
+        note "qemu-img info crashes (exit $qopen); treated as a refusal"
+    fi
+
+    # ---- info, map, snapshot -l -----------------------------------------
+    run info info "$T" info "$img"
+    [ $qopen -ne 0 ] && [ $rc -eq 0 ] && fail "info succeeded, qemu-img refuses the image"
+    run map map "$T" map "$img"
+    [ $qopen -ne 0 ] && [ $rc -eq 0 ] && fail "map succeeded, qemu-img refuses the image"
+    run snapl "snapshot -l" "$T" snapshot -l "$img"
+    [ $qopen -ne 0 ] && [ $rc -eq 0 ] && fail "snapshot -l succeeded, qemu-img refuses the image"
+    unchanged "info/map/snapshot -l"
+
+    # ---- io read --------------------------------------------------------
+    run read read "$T" io -c "read 0 64k" "$img"
+    unchanged "io read"
+    qemu-img dd -f qcow2 -O raw bs=65536 count=1 if="$img" of="$D/q.raw" >/dev/null 2>&1
+    qrc=$?
+    if [ $rc -eq 0 ]; then
+        if [ $qrc -ne 0 ]; then
+            fail "read succeeded, qemu-img cannot read the range"
+        elif [ $RAWREAD = 1 ] && ! cmp -s "$D/read.out" "$D/q.raw"; then
+            fail "read returned other data than qemu-img"
+        fi
+    elif [ $qrc -eq 0 ]; then
+        note "read refused, qemu-img reads it: $(first_line "$D/read.err")"
+    fi
+
+    # ---- convert --------------------------------------------------------
+    run convert convert "$T" convert -O raw "$img" "$D/ours.out"
+    unchanged convert
+    qemu-img convert -f qcow2 -O raw "$img" "$D/q.out" >/dev/null 2>&1
+    qrc=$?
+    if [ $rc -eq 0 ]; then
+        if [ $qrc -ne 0 ]; then
+            fail "convert succeeded, qemu-img convert fails"
+        elif ! cmp -s "$D/ours.out" "$D/q.out"; then
+            fail "convert output differs from qemu-img's ($(stat -c %s "$D/ours.out") vs $(stat -c %s "$D/q.out") bytes)"
+        fi
+    elif [ $qrc -eq 0 ]; then
+        note "convert refused, qemu-img converts it: $(first_line "$D/convert.err")"
+    fi
+    rm -f "$D/ours.out" "$D/q.out"
+
+    # ---- check ----------------------------------------------------------
+    run check check "$T" check --output=json "$img"
+    unchanged check
+    crc=$rc
+    qemu-img check -f qcow2 --output=json "$img" >"$D/q.json" 2>"$D/q.err"
+    qcrc=$?
+    [ $qopen -ne 0 ] && [ $crc -eq 0 ] && fail "check succeeded, qemu-img refuses the image"
+    if [ $crc -ne 1 ] && [ $qcrc -ne 1 ] && [ $crc -lt 128 ] && [ $qcrc -lt 128 ]; then
+        [ $crc -ne $qcrc ] && fail "check exit $crc, qemu-img check exit $qcrc"
+        local ours theirs
+        ours=$(json "$D/check.out")
+        theirs=$(json "$D/q.json")
+        [ "$ours" != "$theirs" ] &&
+            fail "check counters differ: ours $(echo $ours) / qemu $(echo $theirs)"
+        if [ "$(findings "$D/check.err")" != "$(findings "$D/q.err")" ]; then
+            fail "check findings differ (< qemu-img, > ours):"
+            diff <(findings "$D/q.err") <(findings "$D/check.err") | head -8 | sed 's/^/    /'
+        fi
+    elif [ $crc -ne 1 ] && [ $qcrc -eq 1 ] && [ $qopen -eq 0 ]; then
+        note "check completed (exit $crc), qemu-img check fails"
+    elif [ $crc -eq 1 ] && [ $qcrc -ne 1 ]; then
+        note "check failed, qemu-img check exits $qcrc: $(tail -n 1 "$D/check.err")"
+    fi
+
+    # ---- repairs (on copies) -----------------------------------------------
+    local mode q2 leaks
+    for mode in leaks all; do
+        cp "$D/pristine" "$D/copy.qcow2"
+        run repair check "$T" check -r $mode "$D/copy.qcow2"
+        [ $qopen -ne 0 ] && [ $rc -eq 0 ] && fail "check -r $mode succeeded, qemu-img refuses the image"
+        if [ $rc -eq 0 ] || { [ $mode = leaks ] && [ $rc -eq 2 ]; }; then
+            qemu-img check -f qcow2 --output=json "$D/copy.qcow2" >"$D/q2.json" 2>/dev/null
+            q2=$?
+            leaks=$(json "$D/q2.json" | sed -n 's/^leaks=//p')
+            [ "$leaks" != 0 ] && fail "check -r $mode exit $rc but qemu-img check still finds $leaks leaks"
+            [ $rc -eq 0 ] && [ $q2 -ne 0 ] && fail "check -r $mode reported a clean image, qemu-img check exits $q2"
+        fi
+    done
+
+    # ---- writes (on a copy) -------------------------------------------------
+    cp "$D/pristine" "$D/copy.qcow2"
+    run write write "$T" io -c "write 0 4k" "$D/copy.qcow2"
+    [ $qopen -ne 0 ] && [ $rc -eq 0 ] && fail "write succeeded, qemu-img refuses the image"
+    if [ $rc -eq 0 ] && [ $RAWREAD = 1 ]; then
+        run readback read-back "$T" io -c "read 0 4k" "$D/copy.qcow2"
+        [ $rc -eq 0 ] && ! cmp -s "$D/readback.out" "$W/pattern-4k" &&
+            fail "write succeeded but does not read back"
+    fi
+    run snapc "snapshot -c" "$T" snapshot -c x "$D/copy.qcow2"
+    [ $qopen -ne 0 ] && [ $rc -eq 0 ] && fail "snapshot -c succeeded, qemu-img refuses the image"
+    if [ $rc -eq 0 ]; then
+        run snapl2 "snapshot -l" "$T" snapshot -l "$D/copy.qcow2"
+        grep -qw x "$D/snapl2.out" || fail "snapshot -c succeeded but x is not listed"
+    fi
+    rm -rf "$D"
+}
+
+# json FILE: normalised check counters (missing fields are 0)
+json() {
+    awk 'BEGIN { n = split("corruptions leaks check-errors image-end-offset total-clusters " \
+                           "allocated-clusters fragmented-clusters compressed-clusters", k, " ") }
+         match($0, /"[a-z-]+": *[0-9]+/) {
+             s = substr($0, RSTART, RLENGTH); split(s, kv, /": */); v[substr(kv[1], 2)] = kv[2] }
+         END { for (i = 1; i <= n; i++) printf "%s=%d\n", k[i], v[k[i]] + 0 }' "$1"
+}
+
+# findings FILE: the per-problem lines of a check, in order
+findings() { grep -E '^(ERROR|Leaked|Repairing|Can.t get refcount)' "$1" || true; }
+
+mkdir -p "$W/res" "$W/c"
+ncases=0
+while IFS=$'\t' read -r c _; do
+    ncases=$((ncases + 1))
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
+    ( one_case "$c" >"$W/res/$c.log" 2>&1 ) &
+done <"$W/img/cases.txt"
+wait
+
+cat "$W"/res/*.log
+fails=$(cat "$W"/res/*.log | grep -c '^FAIL')
+notes=$(cat "$W"/res/*.log | grep -c '^NOTE')
+echo "corrupt.sh: $ncases cases, $fails failures, $notes notes (tool: $T)"
+[ "$ncases" -ge 1 ] && [ "$fails" -eq 0 ]
