@@ -1,3 +1,77 @@
+/* pmemsnap: command-line tool.
+ *
+ * `pmemsnap COMMAND [options] ...` — the commands follow qemu-img and
+ * qemu-io conventions (same options, same output lines, same exit codes) so
+ * that scripts written for QEMU's tools run unchanged:
+ *
+ *   create, info, check, snapshot, map, convert, bench   (cmd-img.c, cmd-bench.c)
+ *   io                                                   (cmd-io.c, qemu-io)
+ *
+ * This file only handles --help/--version and dispatches.  Every command
+ * returns its exit code; errors are one line on stderr, "pmemsnap: ...".
+ * A command never writes to an image it failed to open or refused.
+ */
 #include <stdio.h>
-#include "pmemsnap.h"
-int main(void) { fprintf(stderr, "pmemsnap: not yet\n"); return 1; }
+#include <string.h>
+#include "cli.h"
+
+static const struct {
+    const char *name;
+    int (*fn)(int, char **);
+    const char *synopsis;
+} cmds[] = {
+    { "create", cmd_create,
+      "create [-q] [-f qcow2|raw] [-o OPTIONS] [-b BACKING [-F FMT]] [-u] FILE [SIZE]" },
+    { "info", cmd_info,
+      "info [-f FMT] [--output=human|json] [-U] FILE" },
+    { "check", cmd_check,
+      "check [-q] [-f FMT] [-r leaks|all] [--output=human|json] [-U] FILE" },
+    { "snapshot", cmd_snapshot,
+      "snapshot [-q] [-f FMT] [-U] -l | -c NAME | -a NAME | -d NAME FILE" },
+    { "map", cmd_map,
+      "map [-f FMT] [--output=human|json] [--start-offset=OFF] [--max-length=LEN] [-U] FILE" },
+    { "convert", cmd_convert,
+      "convert [-p] [-q] [-n] [-f FMT] [-O qcow2|raw] [-o OPTIONS] [-t CACHE] [-T CACHE] [-U] SRC DST" },
+    { "io", cmd_io,
+      "io [-f FMT] [-r] [-n] [-t CACHE] [-i AIO] [-U] [-c CMD]... FILE" },
+    { "bench", cmd_bench,
+      "bench [-c COUNT] [-d DEPTH] [-f FMT] [-n] [-i AIO] [-o OFF] [--pattern=N] [-q] [-s SIZE] [-S STEP] [-t CACHE] [-w] [--flush-interval=N] [--no-drain] [-U] FILE" },
+};
+
+static void help(void)
+{
+    printf("Usage: %s COMMAND [OPTIONS] ...\n"
+           "Disk images (qcow2, raw) as persistent memory; qemu-img/qemu-io compatible tool.\n\n"
+           "Commands:\n", progname);
+    for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++)
+        printf("  %s\n", cmds[i].synopsis);
+    printf("\nSIZE and offsets accept k, M, G, T, P, E suffixes (powers of 1024).\n"
+           "Exit status: 0 success, 1 error; check also 2 (corruptions), 3 (leaks),\n"
+           "63 (format cannot be checked).  See pmemsnap(1).\n");
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2)
+        return usage_error("missing command");
+    const char *c = argv[1];
+    if (strcmp(c, "--help") == 0 || strcmp(c, "-h") == 0 || strcmp(c, "help") == 0) {
+        help();
+        return 0;
+    }
+    if (strcmp(c, "--version") == 0 || strcmp(c, "-V") == 0) {
+        printf("%s version %d.%d (qemu-img/qemu-io 7.2 compatible)\n", progname,
+               PMS_VERSION_MAJOR, PMS_VERSION_MINOR);
+        return 0;
+    }
+    for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++)
+        if (strcmp(c, cmds[i].name) == 0) {
+            for (int k = 2; k < argc; k++)
+                if (strcmp(argv[k], "--help") == 0 || strcmp(argv[k], "-h") == 0) {
+                    printf("Usage: %s %s\n", progname, cmds[i].synopsis);
+                    return 0;
+                }
+            return cmds[i].fn(argc - 1, argv + 1);
+        }
+    return usage_error("unknown command '%s'", c);
+}

@@ -1,0 +1,82 @@
+/* pmemsnap CLI: declarations shared by the command files.
+ *
+ * Layout (nbdkit-like): pmemsnap.c parses the global options and dispatches
+ * on the first word; each cmd-*.c implements one family of commands as
+ * `int cmd_<name>(int argc, char **argv)` returning the process exit code.
+ * util.c holds what several commands need: error printing, size parsing,
+ * qemu-style number formatting, a tiny JSON writer that prints keys in the
+ * same order as QEMU 7.2's QDict (so `--output=json` is byte-identical),
+ * and the open helper.
+ *
+ * The tool uses only the public API in include/pmemsnap.h, plus the pure
+ * size parser in lib/util/size.h.  Single threaded except `bench`.
+ */
+#ifndef PMS_CLI_H
+#define PMS_CLI_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include "pmemsnap.h"
+
+extern const char *progname;          /* "pmemsnap" */
+
+/* Print "pmemsnap: <msg>\n" to stderr. */
+void errorf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* Usage error: message + "Try 'pmemsnap --help' ..." hint; returns 1. */
+int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* The library's last message without a leading "pms_xxx: " prefix. */
+const char *libmsg(void);
+
+/* Sizes: "64k", "1M", "0x1000" (k/M/G/T/P/E powers of 1024).  0 or -1. */
+int parse_size(const char *s, uint64_t *out);
+/* Plain non-negative integer (decimal or 0x); 0 or -1. */
+int parse_uint(const char *s, uint64_t *out);
+/* qemu's size_to_str(): "%0.3g" with KiB/MiB/... ("324 KiB", "0 B"). */
+void size_to_str(uint64_t v, char *buf, size_t len);
+/* qemu-io's cvtstr(): "%.3f" with ".000" trimmed ("64 KiB", "1.062 MiB"). */
+void cvtstr(double v, char *buf, size_t len);
+/* Cache mode name (none, writeback, writethrough, unsafe, directsync). */
+int parse_cache_mode(const char *s, int *mode);
+/* "--output=json" style: 0 human, 1 json, -1 invalid. */
+int parse_output(const char *s);
+
+/* Open helper: fmt may be NULL (probe).  Prints the error and returns NULL. */
+pms_dev *open_image(const char *path, const char *fmt, bool readonly,
+                    int cache_mode, bool no_backing, bool force_share);
+/* Same without printing (pms_errmsg() has the reason). */
+pms_dev *open_quiet(const char *path, const char *fmt, bool readonly, int cache_mode,
+                    bool no_backing, bool force_share);
+/* Close, report a failure; returns 0 or -1. */
+int close_image(pms_dev *dev);
+
+/* Bytes the host file system has allocated for path (qemu "actual-size"). */
+int64_t host_allocated(const char *path);
+
+/* ---- JSON writer -------------------------------------------------------- */
+/* Objects print their members in QEMU's QDict iteration order (hash bucket
+ * order, most recently inserted first inside a bucket), values as QEMU's
+ * pretty printer does, so output is byte-identical to qemu-img's. */
+enum jtype { J_OBJ, J_ARR, J_STR, J_INT, J_BOOL };
+struct jval;
+struct jval *jobj(void);
+struct jval *jarr(void);
+struct jval *jstr(const char *s);
+struct jval *jint(int64_t v);
+struct jval *jbool(bool b);
+/* Add to an object (key copied) or append to an array (key NULL). */
+struct jval *jadd(struct jval *parent, const char *key, struct jval *v);
+void jprint(FILE *f, const struct jval *v);   /* pretty, trailing newline */
+void jfree(struct jval *v);
+
+/* ---- commands ----------------------------------------------------------- */
+int cmd_create(int argc, char **argv);
+int cmd_info(int argc, char **argv);
+int cmd_check(int argc, char **argv);
+int cmd_snapshot(int argc, char **argv);
+int cmd_map(int argc, char **argv);
+int cmd_convert(int argc, char **argv);
+int cmd_io(int argc, char **argv);
+int cmd_bench(int argc, char **argv);
+
+#endif

@@ -1,0 +1,1082 @@
+/* qemu-img compatible image commands: create, info, check, snapshot, map,
+ * convert.
+ *
+ * Output formats and exit codes are those of qemu-img 7.2 (see the test
+ * suite tests/cli, which diffs against the real tool).  JSON goes through
+ * the QDict-ordered writer in util.c; human output is printf-identical.
+ * Images are opened read-only unless the command modifies them (check -r,
+ * snapshot -c/-a/-d, convert's target).
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include "cli.h"
+
+enum { OPT_OUTPUT = 256, OPT_START, OPT_MAXLEN, OPT_IMAGE_OPTS };
+
+static int one_file(int argc, int optind_, const char **file)
+{
+    if (optind_ != argc - 1)
+        return usage_error("Expecting one image file name");
+    *file = NULL;
+    return 0;
+}
+
+/* qemu's path_combine(): a relative backing name is relative to the
+ * directory of the image that names it. */
+static char *path_combine(const char *base, const char *name)
+{
+    if (name[0] == '/' || !strrchr(base, '/'))
+        return strdup(name);
+    size_t dl = (size_t)(strrchr(base, '/') - base) + 1;
+    char *r = malloc(dl + strlen(name) + 1);
+    if (!r) return NULL;
+    memcpy(r, base, dl);
+    strcpy(r + dl, name);
+    return r;
+}
+
+/* ---- create option parsing (shared with convert) -------------------------- */
+
+struct copts {
+    struct pms_create_opts o;
+    bool is_raw;
+    bool has_size;
+    uint64_t size;
+    const char *compat;          /* as given */
+    const char *prealloc;
+    bool has_lazy, has_ext, has_cs, has_rb;
+    char *buf;                   /* strdup of all -o strings */
+};
+
+static int parse_bool_opt(const char *k, const char *v, int *out)
+{
+    if (strcmp(v, "on") == 0 || strcmp(v, "yes") == 0 || strcmp(v, "true") == 0) {
+        *out = 1;
+        return 0;
+    }
+    if (strcmp(v, "off") == 0 || strcmp(v, "no") == 0 || strcmp(v, "false") == 0) {
+        *out = 0;
+        return 0;
+    }
+    errorf("Parameter '%s' expects 'on' or 'off'", k);
+    return -1;
+}
+
+static void print_create_help(bool raw)
+{
+    printf("Supported options:\n");
+    if (!raw)
+        printf("  backing_file=<str>     - File name of a base image\n"
+               "  backing_fmt=<str>      - Image format of the base image\n"
+               "  cluster_size=<size>    - qcow2 cluster size\n"
+               "  compat=<str>           - Compatibility level (0.10 or 1.1)\n"
+               "  compression_type=<str> - Compression method (zlib)\n"
+               "  extended_l2=<bool (on/off)> - Extended L2 tables\n"
+               "  lazy_refcounts=<bool (on/off)> - Postpone refcount updates\n");
+    printf("  preallocation=<str>    - Preallocation mode (allowed values: off)\n");
+    if (!raw)
+        printf("  refcount_bits=<num>    - Width of a reference count entry in bits\n");
+    printf("  size=<size>            - Virtual disk size\n");
+}
+
+/* Parse one -o string into c (may be called several times).  Returns 0,
+ * 1 for "help" (printed), -1 on error (printed). */
+static int parse_copts(struct copts *c, char *s, const char *file)
+{
+    char *save = NULL;
+    for (char *kv = strtok_r(s, ",", &save); kv; kv = strtok_r(NULL, ",", &save)) {
+        char *v = strchr(kv, '=');
+        if (strcmp(kv, "help") == 0 || strcmp(kv, "?") == 0) {
+            print_create_help(c->is_raw);
+            return 1;
+        }
+        if (!v) {
+            errorf("%s: Invalid parameter '%s'", file, kv);
+            return -1;
+        }
+        *v++ = '\0';
+        bool qcow_only = true;
+        uint64_t n;
+        if (strcmp(kv, "size") == 0) {
+            qcow_only = false;
+            if (parse_size(v, &n) < 0) {
+                errorf("Parameter 'size' expects a non-negative number below 2^64");
+                return -1;
+            }
+            c->has_size = true;
+            c->size = n;
+        } else if (strcmp(kv, "preallocation") == 0) {
+            qcow_only = false;
+            if (strcmp(v, "off") != 0) {
+                errorf("%s: Preallocation mode '%s' is not supported (only 'off')", file, v);
+                return -1;
+            }
+            c->prealloc = v;
+            c->o.preallocation_metadata = 0;
+        } else if (c->is_raw) {
+            errorf("%s: Invalid parameter '%s'", file, kv);
+            return -1;
+        } else if (strcmp(kv, "cluster_size") == 0) {
+            if (parse_size(v, &n) < 0) {
+                errorf("Parameter 'cluster_size' expects a size");
+                return -1;
+            }
+            c->o.cluster_size = n;
+            c->has_cs = true;
+        } else if (strcmp(kv, "extended_l2") == 0) {
+            if (parse_bool_opt(kv, v, &c->o.extended_l2) < 0) return -1;
+            c->has_ext = true;
+        } else if (strcmp(kv, "refcount_bits") == 0) {
+            if (parse_uint(v, &n) < 0 || n > 64) {
+                errorf("%s: Invalid refcount_bits '%s'", file, v);
+                return -1;
+            }
+            c->o.refcount_bits = (int)n;
+            c->has_rb = true;
+        } else if (strcmp(kv, "compat") == 0) {
+            if (strcmp(v, "0.10") == 0 || strcmp(v, "v2") == 0)
+                c->o.compat_v2 = 1;
+            else if (strcmp(v, "1.1") == 0 || strcmp(v, "v3") == 0)
+                c->o.compat_v2 = 0;
+            else {
+                errorf("%s: Invalid parameter value for 'compat': '%s'", file, v);
+                return -1;
+            }
+            c->compat = v;
+        } else if (strcmp(kv, "backing_file") == 0) {
+            c->o.backing_file = v;
+        } else if (strcmp(kv, "backing_fmt") == 0) {
+            c->o.backing_format = v;
+        } else if (strcmp(kv, "lazy_refcounts") == 0) {
+            if (parse_bool_opt(kv, v, &c->o.lazy_refcounts) < 0) return -1;
+            c->has_lazy = true;
+        } else if (strcmp(kv, "compression_type") == 0) {
+            if (strcmp(v, "zlib") != 0) {
+                errorf("%s: compression_type '%s' is not supported (only zlib)", file, v);
+                return -1;
+            }
+        } else {
+            errorf("%s: Invalid parameter '%s'", file, kv);
+            return -1;
+        }
+        (void)qcow_only;
+    }
+    return 0;
+}
+
+static void print_formatting(const char *file, const struct copts *c, uint64_t size)
+{
+    if (c->is_raw) {
+        printf("Formatting '%s', fmt=raw size=%" PRIu64 "%s%s\n", file, size,
+               c->prealloc ? " preallocation=" : "", c->prealloc ? c->prealloc : "");
+        return;
+    }
+    const struct pms_create_opts *o = &c->o;
+    printf("Formatting '%s', fmt=qcow2 cluster_size=%" PRIu64 " extended_l2=%s", file,
+           o->cluster_size, o->extended_l2 ? "on" : "off");
+    if (c->prealloc)
+        printf(" preallocation=%s", c->prealloc);
+    printf(" compression_type=zlib size=%" PRIu64, size);
+    if (c->compat)
+        printf(" compat=%s", c->compat);
+    if (o->backing_file)
+        printf(" backing_file=%s", o->backing_file);
+    if (o->backing_format)
+        printf(" backing_fmt=%s", o->backing_format);
+    printf(" lazy_refcounts=%s refcount_bits=%d\n", o->lazy_refcounts ? "on" : "off",
+           o->refcount_bits);
+}
+
+/* Size of the backing image named by a new image at `file`, or -1. */
+static int64_t backing_size(const char *file, const char *backing, const char *fmt)
+{
+    char *full = path_combine(file, backing);
+    if (!full) return -1;
+    struct pms_open_opts o;
+    pms_open_opts_init(&o);
+    o.readonly = 1;
+    o.format = fmt;
+    o.no_backing = 1;
+    pms_dev *d = NULL;
+    int64_t sz = -1;
+    if (pms_open(full, &o, &d) < 0)
+        errorf("%s: Could not open backing image '%s': %s", file, full, libmsg());
+    else {
+        sz = pms_size(d);
+        pms_close(d);
+    }
+    free(full);
+    return sz;
+}
+
+int cmd_create(int argc, char **argv)
+{
+    static const struct option lo[] = {
+        { "help", no_argument, NULL, 'h' },
+        { "object", required_argument, NULL, 'O' + 1000 },
+        { NULL, 0, NULL, 0 },
+    };
+    const char *fmt = "qcow2", *backing = NULL, *bfmt = NULL;
+    char *optstrs[64];
+    int nopts = 0, quiet = 0, unsafe = 0, ch;
+    optind = 0;
+    while ((ch = getopt_long(argc, argv, "+:f:o:b:F:uqh", lo, NULL)) != -1) {
+        switch (ch) {
+        case 'f': fmt = optarg; break;
+        case 'o':
+            if (nopts == 64) return usage_error("too many -o options");
+            optstrs[nopts++] = optarg;
+            break;
+        case 'b': backing = optarg; break;
+        case 'F': bfmt = optarg; break;
+        case 'u': unsafe = 1; break;
+        case 'q': quiet = 1; break;
+        case ':': return usage_error("option requires an argument -- '%c'", optopt);
+        default: return usage_error("create: invalid option -- '%s'", argv[optind - 1]);
+        }
+    }
+    if (strcmp(fmt, "qcow2") && strcmp(fmt, "raw")) {
+        errorf("Unknown file format '%s'", fmt);
+        return 1;
+    }
+    if (optind >= argc)
+        return usage_error("Expecting image file name");
+    if (argc - optind > 2)
+        return usage_error("Unexpected argument: %s", argv[optind + 2]);
+    const char *file = argv[optind];
+
+    struct copts c;
+    memset(&c, 0, sizeof c);
+    pms_create_opts_init(&c.o);
+    c.is_raw = strcmp(fmt, "raw") == 0;
+    c.o.format = c.is_raw ? "raw" : "qcow2";
+    for (int i = 0; i < nopts; i++) {
+        char *s = strdup(optstrs[i]);
+        int r = s ? parse_copts(&c, s, file) : -1;
+        /* option values point into s: keep it for the process lifetime */
+        if (r != 0)
+            return r > 0 ? 0 : 1;
+    }
+    if (backing) c.o.backing_file = backing;
+    if (bfmt) c.o.backing_format = bfmt;
+    if (c.is_raw && (c.o.backing_file || c.o.backing_format)) {
+        errorf("%s: Invalid parameter 'backing_file'", file);
+        return 1;
+    }
+    if (c.o.backing_format && !c.o.backing_file) {
+        errorf("%s: backing_fmt given without backing_file", file);
+        return 1;
+    }
+    if (c.o.backing_file && !c.o.backing_format && !unsafe) {
+        errorf("%s: Backing file specified without backing format (use -F)", file);
+        return 1;
+    }
+    if (optind + 1 < argc) {
+        if (parse_size(argv[optind + 1], &c.size) < 0) {
+            errorf("Invalid image size specified. You may use k, M, G, T, P or E suffixes "
+                   "for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.");
+            return 1;
+        }
+        c.has_size = true;
+    }
+    if (!c.has_size) {
+        if (!c.o.backing_file || unsafe) {
+            errorf("%s: Image creation needs a size parameter", file);
+            return 1;
+        }
+        int64_t bs = backing_size(file, c.o.backing_file, c.o.backing_format);
+        if (bs < 0)
+            return 1;
+        c.size = (uint64_t)bs;
+    } else if (c.o.backing_file && !unsafe) {
+        /* like qemu-img: the backing file must be openable */
+        if (backing_size(file, c.o.backing_file, c.o.backing_format) < 0)
+            return 1;
+    }
+    if (!quiet)
+        print_formatting(file, &c, c.size);
+    fflush(stdout);
+    if (pms_create(file, c.size, &c.o) < 0) {
+        errorf("%s: %s", file, libmsg());
+        return 1;
+    }
+    return 0;
+}
+
+/* ---- info ------------------------------------------------------------------ */
+
+static void snapshot_row(const struct pms_snapshot_info *sn)
+{
+    char size[64], date[64] = "", clk[128], icount[64] = "";
+    struct tm tm;
+    time_t t = (time_t)sn->date_sec;
+    if (localtime_r(&t, &tm))
+        strftime(date, sizeof date, "%Y-%m-%d %H:%M:%S", &tm);
+    uint64_t secs = sn->vm_clock_nsec / 1000000000ULL;
+    snprintf(clk, sizeof clk, "%02d:%02d:%02d.%03d", (int)(secs / 3600),
+             (int)((secs / 60) % 60), (int)(secs % 60),
+             (int)((sn->vm_clock_nsec / 1000000) % 1000));
+    size_to_str(sn->vm_state_size, size, sizeof size);
+    if (sn->has_icount)
+        snprintf(icount, sizeof icount, "%" PRId64,
+                 (int64_t)(((uint64_t)sn->icount_hi << 32) | sn->icount_lo));
+    printf("%-9s %-16s %8s%20s%13s%11s\n", sn->id, sn->name ? sn->name : "", size, date,
+           clk, icount);
+}
+
+static void snapshot_table(const struct pms_snapshot_info *l, size_t n)
+{
+    printf("Snapshot list:\n");
+    printf("%-10s%-17s%8s%20s%13s%11s\n", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK",
+           "ICOUNT");
+    for (size_t i = 0; i < n; i++)
+        snapshot_row(&l[i]);
+}
+
+int cmd_info(int argc, char **argv)
+{
+    static const struct option lo[] = {
+        { "output", required_argument, NULL, OPT_OUTPUT },
+        { "force-share", no_argument, NULL, 'U' },
+        { "format", required_argument, NULL, 'f' },
+        { NULL, 0, NULL, 0 },
+    };
+    const char *fmt = NULL;
+    int json = 0, force = 0, ch;
+    optind = 0;
+    while ((ch = getopt_long(argc, argv, "+:f:U", lo, NULL)) != -1) {
+        switch (ch) {
+        case 'f': fmt = optarg; break;
+        case 'U': force = 1; break;
+        case OPT_OUTPUT:
+            if ((json = parse_output(optarg)) < 0) {
+                errorf("--output must be used with human or json as argument.");
+                return 1;
+            }
+            break;
+        case ':': return usage_error("option requires an argument -- '%c'", optopt);
+        default: return usage_error("info: invalid option -- '%s'", argv[optind - 1]);
+        }
+    }
+    const char *file;
+    if (one_file(argc, optind, &file)) return 1;
+    file = argv[optind];
+    pms_dev *dev = open_image(file, fmt, true, PMS_CACHE_WRITEBACK, true, force);
+    if (!dev)
+        return 1;
+    struct pms_info info;
+    memset(&info, 0, sizeof info);
+    info.size = sizeof info;
+    if (pms_info(dev, &info) < 0) {
+        errorf("%s", libmsg());
+        pms_close(dev);
+        return 1;
+    }
+    struct pms_snapshot_info *sn = NULL;
+    size_t nsn = 0;
+    if (pms_snapshot_list(dev, &sn, &nsn) < 0) {
+        errorf("%s", libmsg());
+        pms_close(dev);
+        return 1;
+    }
+    int64_t vsize = pms_size(dev);
+    int64_t asize = host_allocated(file);
+    bool qcow2 = strcmp(info.format, "qcow2") == 0;
+    char *full = info.backing_file[0] ? path_combine(file, info.backing_file) : NULL;
+
+    if (json) {
+        struct jval *o = jobj();
+        /* insertion order = QAPI ImageInfo field order (tie-break only) */
+        jadd(o, "filename", jstr(file));
+        jadd(o, "format", jstr(info.format));
+        jadd(o, "dirty-flag", jbool(info.dirty_flag));
+        if (asize >= 0)
+            jadd(o, "actual-size", jint(asize));
+        jadd(o, "virtual-size", jint(vsize));
+        if (info.cluster_size)
+            jadd(o, "cluster-size", jint((int64_t)info.cluster_size));
+        if (info.backing_file[0]) {
+            jadd(o, "backing-filename", jstr(info.backing_file));
+            if (full)
+                jadd(o, "full-backing-filename", jstr(full));
+            if (info.backing_format[0])
+                jadd(o, "backing-filename-format", jstr(info.backing_format));
+        }
+        if (nsn) {
+            struct jval *a = jadd(o, "snapshots", jarr());
+            for (size_t i = 0; i < nsn; i++) {
+                struct jval *s = jadd(a, NULL, jobj());
+                jadd(s, "id", jstr(sn[i].id));
+                jadd(s, "name", jstr(sn[i].name));
+                jadd(s, "vm-state-size", jint((int64_t)sn[i].vm_state_size));
+                jadd(s, "date-sec", jint(sn[i].date_sec));
+                jadd(s, "date-nsec", jint(sn[i].date_nsec));
+                jadd(s, "vm-clock-sec", jint((int64_t)(sn[i].vm_clock_nsec / 1000000000ULL)));
+                jadd(s, "vm-clock-nsec", jint((int64_t)(sn[i].vm_clock_nsec % 1000000000ULL)));
+                if (sn[i].has_icount)
+                    jadd(s, "icount", jint((int64_t)(((uint64_t)sn[i].icount_hi << 32) |
+                                                     sn[i].icount_lo)));
+            }
+        }
+        if (qcow2) {
+            struct jval *fs = jadd(o, "format-specific", jobj());
+            jadd(fs, "type", jstr("qcow2"));
+            struct jval *d = jadd(fs, "data", jobj());
+            jadd(d, "compat", jstr(info.qcow2_version >= 3 ? "1.1" : "0.10"));
+            if (info.qcow2_version >= 3) {
+                jadd(d, "lazy-refcounts", jbool(info.lazy_refcounts));
+                jadd(d, "corrupt", jbool(info.corrupt));
+            }
+            jadd(d, "refcount-bits", jint(info.refcount_bits));
+            if (info.qcow2_version >= 3)
+                jadd(d, "extended-l2", jbool(info.extended_l2));
+            jadd(d, "compression-type",
+                 jstr(info.compression_type[0] ? info.compression_type : "zlib"));
+        }
+        jprint(stdout, o);
+        jfree(o);
+    } else {
+        char vs[64], ds[64];
+        size_to_str((uint64_t)vsize, vs, sizeof vs);
+        printf("image: %s\nfile format: %s\nvirtual size: %s (%" PRId64 " bytes)\n", file,
+               info.format, vs, vsize);
+        if (asize >= 0) {
+            size_to_str((uint64_t)asize, ds, sizeof ds);
+            printf("disk size: %s\n", ds);
+        } else
+            printf("disk size: unavailable\n");
+        if (info.cluster_size)
+            printf("cluster_size: %" PRIu64 "\n", info.cluster_size);
+        if (info.dirty_flag)
+            printf("cleanly shut down: no\n");
+        if (info.backing_file[0]) {
+            printf("backing file: %s", info.backing_file);
+            if (!full)
+                printf(" (cannot determine actual path)");
+            else if (strcmp(full, info.backing_file))
+                printf(" (actual path: %s)", full);
+            printf("\n");
+            if (info.backing_format[0])
+                printf("backing file format: %s\n", info.backing_format);
+        }
+        if (nsn)
+            snapshot_table(sn, nsn);
+        if (qcow2) {
+            /* same order as the QDict dump in qemu-img */
+            printf("Format specific information:\n");
+            printf("    compat: %s\n", info.qcow2_version >= 3 ? "1.1" : "0.10");
+            printf("    compression type: %s\n",
+                   info.compression_type[0] ? info.compression_type : "zlib");
+            if (info.qcow2_version >= 3)
+                printf("    lazy refcounts: %s\n", info.lazy_refcounts ? "true" : "false");
+            printf("    refcount bits: %d\n", info.refcount_bits);
+            if (info.qcow2_version >= 3)
+                printf("    corrupt: %s\n    extended l2: %s\n",
+                       info.corrupt ? "true" : "false", info.extended_l2 ? "true" : "false");
+        }
+    }
+    free(full);
+    pms_snapshot_list_free(sn, nsn);
+    return close_image(dev) < 0 ? 1 : 0;
+}
+
+/* ---- check ----------------------------------------------------------------- */
+
+static void check_msg(void *opaque, const char *msg)
+{
+    (void)opaque;
+    size_t n = strlen(msg);
+    fflush(stdout);
+    fprintf(stderr, "%s%s", msg, n && msg[n - 1] == '\n' ? "" : "\n");
+}
+
+static void check_human(const struct pms_check_result *r)
+{
+    if (!(r->corruptions || r->leaks || r->check_errors))
+        printf("No errors were found on the image.\n");
+    else {
+        if (r->corruptions)
+            printf("\n%" PRIu64 " errors were found on the image.\n"
+                   "Data may be corrupted, or further writes to the image may corrupt it.\n",
+                   r->corruptions);
+        if (r->leaks)
+            printf("\n%" PRIu64 " leaked clusters were found on the image.\n"
+                   "This means waste of disk space, but no harm to data.\n", r->leaks);
+        if (r->check_errors)
+            printf("\n%" PRIu64 " internal errors have occurred during the check.\n",
+                   r->check_errors);
+    }
+    if (r->total_clusters && r->allocated_clusters)
+        printf("%" PRIu64 "/%" PRIu64 " = %0.2f%% allocated, %0.2f%% fragmented, "
+               "%0.2f%% compressed clusters\n", r->allocated_clusters, r->total_clusters,
+               (double)r->allocated_clusters * 100.0 / (double)r->total_clusters,
+               (double)r->fragmented_clusters * 100.0 / (double)r->allocated_clusters,
+               (double)r->compressed_clusters * 100.0 / (double)r->allocated_clusters);
+    if (r->image_end_offset)
+        printf("Image end offset: %" PRIu64 "\n", r->image_end_offset);
+}
+
+static void check_json(const char *file, const char *fmt, const struct pms_check_result *r)
+{
+    struct jval *o = jobj();
+    jadd(o, "filename", jstr(file));
+    jadd(o, "format", jstr(fmt));
+    jadd(o, "check-errors", jint((int64_t)r->check_errors));
+    if (r->image_end_offset) jadd(o, "image-end-offset", jint((int64_t)r->image_end_offset));
+    if (r->corruptions) jadd(o, "corruptions", jint((int64_t)r->corruptions));
+    if (r->leaks) jadd(o, "leaks", jint((int64_t)r->leaks));
+    if (r->corruptions_fixed)
+        jadd(o, "corruptions-fixed", jint((int64_t)r->corruptions_fixed));
+    if (r->leaks_fixed) jadd(o, "leaks-fixed", jint((int64_t)r->leaks_fixed));
+    if (r->total_clusters) jadd(o, "total-clusters", jint((int64_t)r->total_clusters));
+    if (r->allocated_clusters)
+        jadd(o, "allocated-clusters", jint((int64_t)r->allocated_clusters));
+    if (r->fragmented_clusters)
+        jadd(o, "fragmented-clusters", jint((int64_t)r->fragmented_clusters));
+    if (r->compressed_clusters)
+        jadd(o, "compressed-clusters", jint((int64_t)r->compressed_clusters));
+    jprint(stdout, o);
+    jfree(o);
+}
+
+int cmd_check(int argc, char **argv)
+{
+    static const struct option lo[] = {
+        { "output", required_argument, NULL, OPT_OUTPUT },
+        { "repair", required_argument, NULL, 'r' },
+        { "force-share", no_argument, NULL, 'U' },
+        { "format", required_argument, NULL, 'f' },
+        { NULL, 0, NULL, 0 },
+    };
+    const char *fmt = NULL;
+    int json = 0, force = 0, quiet = 0, ch;
+    unsigned flags = 0;
+    optind = 0;
+    while ((ch = getopt_long(argc, argv, "+:f:r:T:qU", lo, NULL)) != -1) {
+        switch (ch) {
+        case 'f': fmt = optarg; break;
+        case 'U': force = 1; break;
+        case 'q': quiet = 1; break;
+        case 'T': break;               /* source cache mode: accepted */
+        case 'r':
+            if (strcmp(optarg, "leaks") == 0) flags = PMS_CHECK_REPAIR_LEAKS;
+            else if (strcmp(optarg, "all") == 0) flags = PMS_CHECK_REPAIR_ALL;
+            else {
+                errorf("Unknown option value for -r (expecting 'leaks' or 'all'): %s", optarg);
+                return 1;
+            }
+            break;
+        case OPT_OUTPUT:
+            if ((json = parse_output(optarg)) < 0) {
+                errorf("--output must be used with human or json as argument.");
+                return 1;
+            }
+            break;
+        case ':': return usage_error("option requires an argument -- '%c'", optopt);
+        default: return usage_error("check: invalid option -- '%s'", argv[optind - 1]);
+        }
+    }
+    const char *file;
+    if (one_file(argc, optind, &file)) return 1;
+    file = argv[optind];
+    if (flags && force) {
+        errorf("--force-share/-U is not allowed with -r");
+        return 1;
+    }
+    pms_dev *dev = open_image(file, fmt, flags == 0, PMS_CACHE_WRITEBACK, true, force);
+    if (!dev)
+        return 1;
+    struct pms_info info = { .size = sizeof info };
+    pms_info(dev, &info);
+    struct pms_check_result r;
+    memset(&r, 0, sizeof r);
+    r.size = sizeof r;
+    int ret = pms_check(dev, flags, &r, check_msg, NULL);
+    if (ret == -ENOTSUP) {
+        errorf("This image format does not support checks");
+        pms_close(dev);
+        return 63;
+    }
+    if (ret == 0 && (r.corruptions_fixed || r.leaks_fixed)) {
+        uint64_t cf = r.corruptions_fixed, lf = r.leaks_fixed;
+        if (!json && !quiet)
+            printf("The following inconsistencies were found and repaired:\n\n"
+                   "    %" PRIu64 " leaked clusters\n"
+                   "    %" PRIu64 " corruptions\n\n"
+                   "Double checking the fixed image now...\n", lf, cf);
+        memset(&r, 0, sizeof r);
+        r.size = sizeof r;
+        ret = pms_check(dev, 0, &r, check_msg, NULL);
+        /* qemu-img drops the *-fixed counts from the re-check's JSON */
+    }
+    if (ret == 0 && !quiet) {
+        if (json)
+            check_json(file, info.format, &r);
+        else
+            check_human(&r);
+    }
+    int rc;
+    if (ret < 0 || r.check_errors) {
+        if (ret < 0)
+            errorf("Check failed: %s", libmsg());
+        else
+            errorf("Check failed");
+        rc = 1;
+    } else if (r.corruptions)
+        rc = 2;
+    else if (r.leaks)
+        rc = 3;
+    else
+        rc = 0;
+    if (close_image(dev) < 0 && rc == 0)
+        rc = 1;
+    return rc;
+}
+
+/* ---- snapshot ---------------------------------------------------------------- */
+
+int cmd_snapshot(int argc, char **argv)
+{
+    static const struct option lo[] = {
+        { "force-share", no_argument, NULL, 'U' },
+        { "format", required_argument, NULL, 'f' },
+        { NULL, 0, NULL, 0 },
+    };
+    const char *fmt = NULL, *name = NULL;
+    int action = 0, force = 0, quiet = 0, ch;
+    optind = 0;
+    while ((ch = getopt_long(argc, argv, "+:la:c:d:f:qU", lo, NULL)) != -1) {
+        switch (ch) {
+        case 'f': fmt = optarg; break;
+        case 'U': force = 1; break;
+        case 'q': quiet = 1; break;
+        case 'l': case 'a': case 'c': case 'd':
+            if (action)
+                return usage_error("Cannot mix '-l', '-a', '-c', '-d'");
+            action = ch;
+            name = optarg;
+            break;
+        case ':': return usage_error("option requires an argument -- '%c'", optopt);
+        default: return usage_error("snapshot: invalid option -- '%s'", argv[optind - 1]);
+        }
+    }
+    (void)quiet;
+    const char *file;
+    if (one_file(argc, optind, &file)) return 1;
+    file = argv[optind];
+    if (!action)
+        action = 'l';
+    if (action != 'l' && force) {
+        errorf("--force-share/-U is only valid with -l");
+        return 1;
+    }
+    pms_dev *dev = open_image(file, fmt, action == 'l', PMS_CACHE_WRITEBACK, true, force);
+    if (!dev)
+        return 1;
+    int rc = 0;
+    switch (action) {
+    case 'l': {
+        struct pms_snapshot_info *l = NULL;
+        size_t n = 0;
+        if (pms_snapshot_list(dev, &l, &n) < 0) {
+            errorf("%s", libmsg());
+            rc = 1;
+        } else if (n)
+            snapshot_table(l, n);
+        pms_snapshot_list_free(l, n);
+        break;
+    }
+    case 'c':
+        if (pms_snapshot_create(dev, name) < 0) {
+            errorf("Could not create snapshot '%s': %s", name, libmsg());
+            rc = 1;
+        }
+        break;
+    case 'a':
+        if (pms_snapshot_revert(dev, name) < 0) {
+            errorf("Could not apply snapshot '%s': %s", name, libmsg());
+            rc = 1;
+        }
+        break;
+    case 'd':
+        if (pms_snapshot_delete(dev, name) < 0) {
+            errorf("Could not delete snapshot '%s': %s", name, libmsg());
+            rc = 1;
+        }
+        break;
+    }
+    if (close_image(dev) < 0)
+        rc = 1;
+    return rc;
+}
+
+/* ---- map ------------------------------------------------------------------------ */
+
+#define MAX_CHAIN 64
+
+struct chain {
+    int n;
+    char *name[MAX_CHAIN];      /* filename of each layer, as qemu prints it */
+    bool raw[MAX_CHAIN];
+};
+
+static void chain_load(struct chain *c, const char *file, const char *fmt)
+{
+    memset(c, 0, sizeof *c);
+    char *cur = strdup(file);
+    const char *f = fmt;
+    while (cur && c->n < MAX_CHAIN) {
+        c->name[c->n] = cur;
+        struct pms_open_opts o;
+        pms_open_opts_init(&o);
+        o.readonly = 1;
+        o.no_backing = 1;
+        o.format = f;
+        o.force_share = 1;
+        pms_dev *d = NULL;
+        if (pms_open(cur, &o, &d) < 0)
+            break;
+        struct pms_info info = { .size = sizeof info };
+        pms_info(d, &info);
+        pms_close(d);
+        c->raw[c->n] = strcmp(info.format, "raw") == 0;
+        c->n++;
+        cur = info.backing_file[0] ? path_combine(cur, info.backing_file) : NULL;
+        f = info.backing_format[0] ? NULL : NULL;
+    }
+    if (cur && c->n < MAX_CHAIN && c->name[c->n] == cur) {
+        free(cur);
+        c->name[c->n] = NULL;
+    }
+}
+
+static void chain_free(struct chain *c)
+{
+    for (int i = 0; i < c->n; i++)
+        free(c->name[i]);
+}
+
+struct mapent {
+    uint64_t start, length, offset;
+    int depth;
+    bool present, zero, data, has_offset;
+};
+
+static bool mergeable(const struct mapent *a, const struct mapent *b)
+{
+    if (a->length == 0) return false;
+    if (a->zero != b->zero || a->data != b->data || a->depth != b->depth ||
+        a->present != b->present || a->has_offset != b->has_offset)
+        return false;
+    if (a->has_offset && a->offset + a->length != b->offset)
+        return false;
+    return true;
+}
+
+static int dump_ent(struct mapent *e, struct mapent *next, bool json, const struct chain *c)
+{
+    if (json) {
+        printf("{ \"start\": %" PRIu64 ", \"length\": %" PRIu64 ", \"depth\": %d,"
+               " \"present\": %s, \"zero\": %s, \"data\": %s", e->start, e->length, e->depth,
+               e->present ? "true" : "false", e->zero ? "true" : "false",
+               e->data ? "true" : "false");
+        if (e->has_offset)
+            printf(", \"offset\": %" PRIu64, e->offset);
+        putchar('}');
+        if (next)
+            puts(",");
+        return 0;
+    }
+    if (e->data && !e->has_offset) {
+        errorf("File contains external, encrypted or compressed clusters.");
+        return -1;
+    }
+    if (e->data && !e->zero) {
+        const char *fn = e->depth < c->n ? c->name[e->depth] : "";
+        printf("%#-16" PRIx64 "%#-16" PRIx64 "%#-16" PRIx64 "%s\n", e->start, e->length,
+               e->offset, fn);
+    }
+    if (next && (!next->data || next->zero) && (!e->data || e->zero)) {
+        next->data = false;
+        next->zero = true;
+    }
+    return 0;
+}
+
+int cmd_map(int argc, char **argv)
+{
+    static const struct option lo[] = {
+        { "output", required_argument, NULL, OPT_OUTPUT },
+        { "start-offset", required_argument, NULL, 's' },
+        { "max-length", required_argument, NULL, 'l' },
+        { "force-share", no_argument, NULL, 'U' },
+        { "format", required_argument, NULL, 'f' },
+        { NULL, 0, NULL, 0 },
+    };
+    const char *fmt = NULL;
+    int json = 0, force = 0, ch;
+    uint64_t start = 0, maxlen = UINT64_MAX;
+    optind = 0;
+    while ((ch = getopt_long(argc, argv, "+:f:s:l:U", lo, NULL)) != -1) {
+        switch (ch) {
+        case 'f': fmt = optarg; break;
+        case 'U': force = 1; break;
+        case 's':
+            if (parse_size(optarg, &start) < 0) {
+                errorf("Invalid start offset specified");
+                return 1;
+            }
+            break;
+        case 'l':
+            if (parse_size(optarg, &maxlen) < 0) {
+                errorf("Invalid length specified");
+                return 1;
+            }
+            break;
+        case OPT_OUTPUT:
+            if ((json = parse_output(optarg)) < 0) {
+                errorf("--output must be used with human or json as argument.");
+                return 1;
+            }
+            break;
+        case ':': return usage_error("option requires an argument -- '%c'", optopt);
+        default: return usage_error("map: invalid option -- '%s'", argv[optind - 1]);
+        }
+    }
+    const char *file;
+    if (one_file(argc, optind, &file)) return 1;
+    file = argv[optind];
+    pms_dev *dev = open_image(file, fmt, true, PMS_CACHE_WRITEBACK, false, force);
+    if (!dev)
+        return 1;
+    struct chain c;
+    chain_load(&c, file, fmt);
+    uint64_t size = (uint64_t)pms_size(dev);
+    uint64_t end = maxlen < size - (start < size ? start : size) ? start + maxlen : size;
+    if (start > size) start = size;
+
+    int rc = 0;
+    struct mapent cur = { 0 }, nx;
+    bool have = false;
+    if (json)
+        putchar('[');
+    else
+        printf("%-16s%-16s%-16s%s\n", "Offset", "Length", "Mapped to", "File");
+    if (start == end && json) {     /* qemu prints one empty entry */
+        struct mapent e = { .start = start };
+        dump_ent(&e, NULL, true, &c);
+    }
+    for (uint64_t off = start; off < end;) {
+        struct pms_extent x;
+        uint64_t len = end - off;
+        if (len > (1ULL << 30)) len = 1ULL << 30;
+        if (pms_block_status(dev, off, len, &x) < 0) {
+            errorf("Could not read file metadata: %s", libmsg());
+            rc = 1;
+            break;
+        }
+        nx = (struct mapent){
+            .start = off, .length = x.length, .depth = x.depth,
+            .data = !!(x.flags & PMS_BLOCK_DATA), .zero = !!(x.flags & PMS_BLOCK_ZERO),
+            .has_offset = !!(x.flags & PMS_BLOCK_OFFSET), .offset = x.host_offset,
+            .present = (x.flags & PMS_BLOCK_ALLOCATED) ||
+                       (x.depth < c.n && c.raw[x.depth]),
+        };
+        if (!nx.has_offset) nx.offset = 0;
+        off += x.length;
+        if (have && mergeable(&cur, &nx)) {
+            cur.length += nx.length;
+            continue;
+        }
+        if (have && dump_ent(&cur, &nx, json, &c) < 0) {
+            rc = 1;
+            break;
+        }
+        cur = nx;
+        have = true;
+    }
+    if (rc == 0 && have && dump_ent(&cur, NULL, json, &c) < 0)
+        rc = 1;
+    if (json)
+        printf("]\n");
+    chain_free(&c);
+    if (close_image(dev) < 0)
+        rc = 1;
+    return rc;
+}
+
+/* ---- convert ---------------------------------------------------------------------- */
+
+struct progress { bool on; double last; };
+
+static void progress_print(struct progress *p, double pct, bool force)
+{
+    if (!p->on) return;
+    if (!force && pct - p->last < 1.0)
+        return;
+    p->last = pct;
+    printf("    (%.2f/100%%)\r", pct);
+    fflush(stdout);
+}
+
+static bool all_zero(const uint8_t *b, size_t n)
+{
+    return n == 0 || (b[0] == 0 && memcmp(b, b + 1, n - 1) == 0);
+}
+
+/* Write the non-zero 4 KiB granules of buf at off (sparse target). */
+static int write_sparse(pms_dev *dst, const uint8_t *buf, size_t n, uint64_t off, bool zero_fill)
+{
+    const size_t g = 4096;
+    size_t i = 0;
+    while (i < n) {
+        size_t l = n - i < g ? n - i : g;
+        bool z = all_zero(buf + i, l);
+        size_t j = i + l;
+        while (j < n) {
+            size_t l2 = n - j < g ? n - j : g;
+            if (all_zero(buf + j, l2) != z) break;
+            j += l2;
+        }
+        int r = z ? (zero_fill ? pms_write_zeroes(dst, j - i, off + i) : 0)
+                  : pms_pwrite(dst, buf + i, j - i, off + i);
+        if (r < 0) return r;
+        i = j;
+    }
+    return 0;
+}
+
+int cmd_convert(int argc, char **argv)
+{
+    static const struct option lo[] = {
+        { "force-share", no_argument, NULL, 'U' },
+        { NULL, 0, NULL, 0 },
+    };
+    const char *fmt = NULL, *ofmt = "raw";
+    char *optstrs[64];
+    int nopts = 0, prog = 0, quiet = 0, noc = 0, force = 0, ch;
+    int tcache = PMS_CACHE_UNSAFE, scache = PMS_CACHE_WRITEBACK;
+    optind = 0;
+    while ((ch = getopt_long(argc, argv, "+:f:O:o:pqnt:T:UWm:", lo, NULL)) != -1) {
+        switch (ch) {
+        case 'f': fmt = optarg; break;
+        case 'O': ofmt = optarg; break;
+        case 'o':
+            if (nopts == 64) return usage_error("too many -o options");
+            optstrs[nopts++] = optarg;
+            break;
+        case 'p': prog = 1; break;
+        case 'q': quiet = 1; break;
+        case 'n': noc = 1; break;
+        case 'U': force = 1; break;
+        case 'W': case 'm': break;      /* parallelism knobs: accepted */
+        case 't':
+            if (parse_cache_mode(optarg, &tcache) < 0) {
+                errorf("Invalid cache option: %s", optarg);
+                return 1;
+            }
+            break;
+        case 'T':
+            if (parse_cache_mode(optarg, &scache) < 0) {
+                errorf("Invalid source cache option: %s", optarg);
+                return 1;
+            }
+            break;
+        case ':': return usage_error("option requires an argument -- '%c'", optopt);
+        default: return usage_error("convert: invalid option -- '%s'", argv[optind - 1]);
+        }
+    }
+    if (argc - optind != 2)
+        return usage_error("Expecting a source and a target image file name");
+    if (strcmp(ofmt, "qcow2") && strcmp(ofmt, "raw")) {
+        errorf("Unknown file format '%s'", ofmt);
+        return 1;
+    }
+    if (noc && nopts) {
+        errorf("-o has no effect when skipping image creation");
+        return 1;
+    }
+    const char *src = argv[optind], *dst = argv[optind + 1];
+    struct copts c;
+    memset(&c, 0, sizeof c);
+    pms_create_opts_init(&c.o);
+    c.is_raw = strcmp(ofmt, "raw") == 0;
+    c.o.format = ofmt;
+    for (int i = 0; i < nopts; i++) {
+        char *s = strdup(optstrs[i]);
+        int r = s ? parse_copts(&c, s, dst) : -1;
+        if (r != 0)
+            return r > 0 ? 0 : 1;
+    }
+    pms_dev *in = open_image(src, fmt, true, scache, false, force);
+    if (!in)
+        return 1;
+    uint64_t size = (uint64_t)pms_size(in);
+    if (!noc && pms_create(dst, size, &c.o) < 0) {
+        errorf("%s: error while converting %s: %s", dst, ofmt, libmsg());
+        pms_close(in);
+        return 1;
+    }
+    pms_dev *out = open_image(dst, noc ? NULL : ofmt, false, tcache, true, false);
+    if (!out) {
+        pms_close(in);
+        return 1;
+    }
+    if (noc && (uint64_t)pms_size(out) < size) {
+        errorf("%s: target is smaller than the source", dst);
+        pms_close(in);
+        pms_close(out);
+        return 1;
+    }
+    struct progress p = { .on = prog && !quiet, .last = 0 };
+    progress_print(&p, 0, true);
+    const size_t chunk = 2u << 20;
+    uint8_t *buf = malloc(chunk);
+    int rc = 0;
+    if (!buf) {
+        errorf("out of memory");
+        rc = 1;
+    }
+    for (uint64_t off = 0; rc == 0 && off < size;) {
+        struct pms_extent x;
+        uint64_t len = size - off;
+        if (len > chunk) len = chunk;
+        if (pms_block_status(in, off, len, &x) < 0) {
+            errorf("error while reading block status at offset %" PRIu64 ": %s", off, libmsg());
+            rc = 1;
+            break;
+        }
+        if (x.flags & PMS_BLOCK_ZERO) {
+            if (noc && pms_write_zeroes(out, x.length, off) < 0) {
+                errorf("error while writing at byte %" PRIu64 ": %s", off, libmsg());
+                rc = 1;
+            }
+        } else if (pms_pread(in, buf, x.length, off) < 0) {
+            errorf("error while reading at byte %" PRIu64 ": %s", off, libmsg());
+            rc = 1;
+        } else if (write_sparse(out, buf, x.length, off, noc) < 0) {
+            errorf("error while writing at byte %" PRIu64 ": %s", off, libmsg());
+            rc = 1;
+        }
+        off += x.length;
+        progress_print(&p, (double)off * 100.0 / (double)size, false);
+    }
+    free(buf);
+    if (rc == 0) {
+        progress_print(&p, 100.0, true);
+        if (pms_flush(out) < 0) {
+            errorf("%s", libmsg());
+            rc = 1;
+        }
+    }
+    if (p.on)
+        printf("\n");
+    if (close_image(out) < 0) rc = 1;
+    pms_close(in);
+    return rc;
+}

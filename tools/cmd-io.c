@@ -1,0 +1,775 @@
+/* `pmemsnap io`: a qemu-io work-alike, so QEMU iotests-style scripts run
+ * unchanged against pmemsnap's engine.
+ *
+ * Command line: io [-f FMT] [-r] [-n] [-t CACHE] [-i AIO] [-U] [-k] [-d MODE]
+ * [-c CMD]... [FILE].  The -c commands run in order; without -c, lines are
+ * read from stdin with a "qemu-io> " prompt, as qemu-io does.  A failing
+ * command does not stop the following ones; the exit status is 1 if any
+ * command failed (qemu-io 7.2 behaviour), and `quit` stops early.
+ *
+ * Commands: read, write, discard, flush (aio_flush), map, length, open,
+ * close, sleep, help, quit.  Each parses its arguments with getopt (argv[0]
+ * = command name, so getopt's messages match qemu-io's), and prints
+ * qemu-io's lines: the "wrote N/N bytes at offset O" report and its timing
+ * line, "Pattern verification failed at offset O, N bytes", hexdumps (-v),
+ * "Parsing error: ..." and the usage line on bad arguments.  What qemu-io
+ * prints on stdout we print on stdout, what it prints on stderr (with its
+ * program name) we print on stderr with "pmemsnap: ".
+ */
+#include <ctype.h>
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include "util/size.h"
+#include "cli.h"
+
+#define REQ_MAX 2147483136ULL      /* BDRV_REQUEST_MAX_BYTES */
+
+struct io {
+    pms_dev *dev;
+    char *file;
+    bool readonly;
+    bool raw;                      /* raw format: everything "allocated" */
+    int cache_mode;
+    bool force_share;
+    const char *fmt;
+    bool quit;
+};
+
+struct iocmd {
+    const char *name, *alt;
+    int (*fn)(struct io *, int, char **);
+    int argmin, argmax;            /* argmax -1 = unlimited */
+    bool need_file, write;
+    const char *args, *oneline, *help;
+};
+
+static const struct iocmd *find_cmd(const char *name);
+static void cmd_usage(const struct iocmd *c)
+{
+    printf("%s %s -- %s\n", c->name, c->args, c->oneline);
+}
+
+/* ---- qemu-io output helpers ------------------------------------------------ */
+
+static double tdiv(double v, struct timespec t)
+{
+    return v / ((double)t.tv_sec + (double)t.tv_nsec / 1e9);
+}
+
+static struct timespec tsub(struct timespec a, struct timespec b)
+{
+    struct timespec r = { a.tv_sec - b.tv_sec, a.tv_nsec - b.tv_nsec };
+    if (r.tv_nsec < 0) { r.tv_sec--; r.tv_nsec += 1000000000L; }
+    return r;
+}
+
+static void timestr(struct timespec t, char *ts, size_t n, bool fixed)
+{
+    double frac = (double)t.tv_nsec / 1e9;
+    if (fixed || t.tv_sec >= 3600)
+        snprintf(ts, n, "%u:%02u:%05.2f", (unsigned)(t.tv_sec / 3600),
+                 (unsigned)((t.tv_sec % 3600) / 60), (double)(t.tv_sec % 60) + frac);
+    else
+        snprintf(ts, n, "%05.2f sec", (double)t.tv_sec + frac);
+}
+
+static void report(const char *op, struct timespec t, int64_t off, int64_t count,
+                   int64_t total, int cnt, bool C)
+{
+    char s1[64], s2[64], ts[64];
+    timestr(t, ts, sizeof ts, C);
+    if (!C) {
+        cvtstr((double)total, s1, sizeof s1);
+        cvtstr(tdiv((double)total, t), s2, sizeof s2);
+        printf("%s %" PRId64 "/%" PRId64 " bytes at offset %" PRId64 "\n", op, total, count,
+               off);
+        printf("%s, %d ops; %s (%s/sec and %.4f ops/sec)\n", s1, cnt, ts, s2,
+               tdiv((double)cnt, t));
+    } else
+        printf("%" PRId64 ",%d,%s,%.3f,%.3f\n", total, cnt, ts, tdiv((double)total, t),
+               tdiv((double)cnt, t));
+}
+
+static void dump_buffer(const uint8_t *p, int64_t off, int64_t len)
+{
+    for (int64_t i = 0; i < len; i += 16) {
+        printf("%08" PRIx64 ":  ", (uint64_t)(off + i));
+        for (int j = 0; j < 16 && i + j < len; j++)
+            printf("%02x ", p[i + j]);
+        printf(" ");
+        for (int j = 0; j < 16 && i + j < len; j++)
+            putchar(isalnum(p[i + j]) ? p[i + j] : '.');
+        printf("\n");
+    }
+}
+
+/* qemu_strtosz(): number with optional fraction and B/K/M/G/T/P/E suffix. */
+static int64_t cvtnum(const char *s)
+{
+    uint64_t v;
+    if (!*s || *s == '-')
+        return -EINVAL;
+    int r = pms_parse_size(s, &v);
+    if (r < 0)
+        return r;
+    if (v > INT64_MAX)
+        return -ERANGE;
+    return (int64_t)v;
+}
+
+static void cvtnum_err(int64_t rc, const char *arg)
+{
+    if (rc == -EINVAL)
+        printf("Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- %s\n",
+               arg);
+    else if (rc == -ERANGE)
+        printf("Parsing error: argument too large -- %s\n", arg);
+    else
+        printf("Parsing error: %s\n", arg);
+}
+
+static int parse_pattern(const char *s)
+{
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 0);
+    if (errno || end == s || *end || v < 0 || v > 0xff) {
+        printf("%s is not a valid pattern byte\n", s);
+        return -1;
+    }
+    return (int)v;
+}
+
+static int range_check(struct io *io, int64_t off, int64_t count)
+{
+    int64_t size = pms_size(io->dev);
+    if (off < 0 || count < 0 || off > size || count > size - off)
+        return -EIO;
+    return 0;
+}
+
+static uint8_t *io_alloc(size_t n, int pattern)
+{
+    uint8_t *b = malloc(n ? n : 1);
+    if (b)
+        memset(b, pattern, n);
+    return b;
+}
+
+/* ---- commands -------------------------------------------------------------- */
+
+static int do_read(struct io *io, int argc, char **argv)
+{
+    bool C = false, q = false, v = false, P = false;
+    int pattern = 0, ch;
+    int64_t poff = 0, pcount = -1;
+    optind = 0;
+    while ((ch = getopt(argc, argv, "bCl:pP:qs:v")) != -1) {
+        switch (ch) {
+        case 'b':
+            printf("reading the VM state (-b) is not supported\n");
+            return -ENOTSUP;
+        case 'C': C = true; break;
+        case 'p': break;
+        case 'q': q = true; break;
+        case 'v': v = true; break;
+        case 'P':
+            P = true;
+            if ((pattern = parse_pattern(optarg)) < 0) return -EINVAL;
+            break;
+        case 'l':
+            if ((pcount = cvtnum(optarg)) < 0) { cvtnum_err(pcount, optarg); return -EINVAL; }
+            break;
+        case 's':
+            if ((poff = cvtnum(optarg)) < 0) { cvtnum_err(poff, optarg); return -EINVAL; }
+            break;
+        default:
+            cmd_usage(find_cmd("read"));
+            return -EINVAL;
+        }
+    }
+    if (optind != argc - 2) {
+        cmd_usage(find_cmd("read"));
+        return -EINVAL;
+    }
+    int64_t off = cvtnum(argv[optind]);
+    if (off < 0) { cvtnum_err(off, argv[optind]); return -EINVAL; }
+    int64_t count = cvtnum(argv[optind + 1]);
+    if (count < 0) { cvtnum_err(count, argv[optind + 1]); return -EINVAL; }
+    if ((uint64_t)count > REQ_MAX) {
+        printf("length cannot exceed %" PRIu64 ", cannot read\n", (uint64_t)REQ_MAX);
+        return -EINVAL;
+    }
+    if (!P && (poff || pcount >= 0)) {
+        cmd_usage(find_cmd("read"));
+        return -EINVAL;
+    }
+    if (pcount < 0)
+        pcount = count - poff;
+    if (poff > count || pcount < 0 || pcount > count - poff) {
+        printf("pattern verification range exceeds end of read data\n");
+        return -EINVAL;
+    }
+    uint8_t *buf = io_alloc((size_t)count, 0xab);
+    if (!buf) {
+        printf("read failed: %s\n", strerror(ENOMEM));
+        return -ENOMEM;
+    }
+    struct timespec t1, t2;
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    int r = range_check(io, off, count);
+    if (r == 0)
+        r = pms_pread(io->dev, buf, (size_t)count, (uint64_t)off);
+    clock_gettime(CLOCK_MONOTONIC, &t2);
+    if (r < 0) {
+        printf("read failed: %s\n", strerror(-r));
+        free(buf);
+        return r;
+    }
+    r = 0;
+    if (P) {
+        for (int64_t i = 0; i < pcount; i++)
+            if (buf[poff + i] != (uint8_t)pattern) {
+                printf("Pattern verification failed at offset %" PRId64 ", %" PRId64 " bytes\n",
+                       off + poff, pcount);
+                r = -EINVAL;
+                break;
+            }
+    }
+    if (!q) {
+        if (v)
+            dump_buffer(buf, off, count);
+        report("read", tsub(t2, t1), off, count, count, 1, C);
+    }
+    free(buf);
+    return r;
+}
+
+static int do_write(struct io *io, int argc, char **argv)
+{
+    bool C = false, q = false, z = false, P = false, fua = false, unmap = false;
+    const char *src = NULL;
+    int pattern = 0xcd, ch;
+    optind = 0;
+    while ((ch = getopt(argc, argv, "bcCfnpP:qs:uz")) != -1) {
+        switch (ch) {
+        case 'b':
+            printf("writing the VM state (-b) is not supported\n");
+            return -ENOTSUP;
+        case 'c':
+            printf("compressed writes (-c) are not supported\n");
+            return -ENOTSUP;
+        case 'C': C = true; break;
+        case 'f': fua = true; break;
+        case 'n': break;               /* no fallback: our zero writes never fall back */
+        case 'p': break;
+        case 'q': q = true; break;
+        case 'u': unmap = true; break;
+        case 'z': z = true; break;
+        case 's': src = optarg; break;
+        case 'P':
+            P = true;
+            if ((pattern = parse_pattern(optarg)) < 0) return -EINVAL;
+            break;
+        default:
+            cmd_usage(find_cmd("write"));
+            return -EINVAL;
+        }
+    }
+    (void)unmap;
+    if (optind != argc - 2) {
+        cmd_usage(find_cmd("write"));
+        return -EINVAL;
+    }
+    if ((int)z + (int)P + (src != NULL) > 1) {
+        printf("Only one of -z, -P, and -s can be specified at the same time\n");
+        return -EINVAL;
+    }
+    int64_t off = cvtnum(argv[optind]);
+    if (off < 0) { cvtnum_err(off, argv[optind]); return -EINVAL; }
+    int64_t count = cvtnum(argv[optind + 1]);
+    if (count < 0) { cvtnum_err(count, argv[optind + 1]); return -EINVAL; }
+    if (!z && (uint64_t)count > REQ_MAX) {
+        printf("length cannot exceed %" PRIu64 ", cannot write\n", (uint64_t)REQ_MAX);
+        return -EINVAL;
+    }
+    uint8_t *buf = NULL;
+    if (!z) {
+        buf = io_alloc((size_t)count, pattern);
+        if (!buf) {
+            printf("write failed: %s\n", strerror(ENOMEM));
+            return -ENOMEM;
+        }
+        if (src) {
+            FILE *f = fopen(src, "r");
+            if (!f) {
+                printf("Failed to open %s: %s\n", src, strerror(errno));
+                free(buf);
+                return -EINVAL;
+            }
+            size_t got = fread(buf, 1, (size_t)count, f);
+            fclose(f);
+            if ((int64_t)got < count) {
+                printf("Failed to read %" PRId64 " bytes from %s\n", count, src);
+                free(buf);
+                return -EINVAL;
+            }
+        }
+    }
+    struct timespec t1, t2;
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    int r = range_check(io, off, count);
+    if (r == 0)
+        r = z ? pms_write_zeroes(io->dev, (size_t)count, (uint64_t)off)
+              : pms_pwrite(io->dev, buf, (size_t)count, (uint64_t)off);
+    if (r >= 0 && fua)
+        r = pms_flush(io->dev);
+    clock_gettime(CLOCK_MONOTONIC, &t2);
+    free(buf);
+    if (r < 0) {
+        printf("write failed: %s\n", strerror(-r));
+        return r;
+    }
+    if (!q)
+        report("wrote", tsub(t2, t1), off, count, count, 1, C);
+    return 0;
+}
+
+static int do_discard(struct io *io, int argc, char **argv)
+{
+    bool C = false, q = false;
+    int ch;
+    optind = 0;
+    while ((ch = getopt(argc, argv, "Cq")) != -1) {
+        switch (ch) {
+        case 'C': C = true; break;
+        case 'q': q = true; break;
+        default:
+            cmd_usage(find_cmd("discard"));
+            return -EINVAL;
+        }
+    }
+    if (optind != argc - 2) {
+        cmd_usage(find_cmd("discard"));
+        return -EINVAL;
+    }
+    int64_t off = cvtnum(argv[optind]);
+    if (off < 0) { cvtnum_err(off, argv[optind]); return -EINVAL; }
+    int64_t count = cvtnum(argv[optind + 1]);
+    if (count < 0) { cvtnum_err(count, argv[optind + 1]); return -EINVAL; }
+    if ((uint64_t)count > REQ_MAX) {
+        printf("length cannot exceed %" PRIu64 ", cannot discard\n", (uint64_t)REQ_MAX);
+        return -EINVAL;
+    }
+    struct timespec t1, t2;
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    int r = range_check(io, off, count);
+    if (r == 0)
+        r = pms_discard(io->dev, (size_t)count, (uint64_t)off);
+    clock_gettime(CLOCK_MONOTONIC, &t2);
+    if (r < 0) {
+        printf("discard failed: %s\n", strerror(-r));
+        return r;
+    }
+    if (!q)
+        report("discard", tsub(t2, t1), off, count, count, 1, C);
+    return 0;
+}
+
+static int do_flush(struct io *io, int argc, char **argv)
+{
+    (void)argc; (void)argv;
+    int r = pms_flush(io->dev);
+    if (r < 0)
+        fprintf(stderr, "%s: flush failed: %s\n", progname, libmsg());
+    return r;
+}
+
+static int do_length(struct io *io, int argc, char **argv)
+{
+    (void)argc; (void)argv;
+    int64_t size = pms_size(io->dev);
+    char s[64];
+    if (size < 0) {
+        printf("getlength: %s\n", strerror((int)-size));
+        return (int)size;
+    }
+    cvtstr((double)size, s, sizeof s);
+    printf("%s\n", s);
+    return 0;
+}
+
+/* qemu-io map: runs of "allocated in the top layer" vs not. */
+static int is_alloc(struct io *io, uint64_t off, uint64_t len, uint64_t *num)
+{
+    int first = -1;
+    uint64_t done = 0;
+    while (done < len) {
+        struct pms_extent e;
+        uint64_t l = len - done;
+        if (l > (1ULL << 30)) l = 1ULL << 30;
+        int r = pms_block_status(io->dev, off + done, l, &e);
+        if (r < 0)
+            return r;
+        int a = io->raw || ((e.flags & PMS_BLOCK_ALLOCATED) && e.depth == 0);
+        if (first < 0) first = a;
+        else if (a != first) break;
+        done += e.length;
+    }
+    *num = done;
+    return first;
+}
+
+static int do_map(struct io *io, int argc, char **argv)
+{
+    (void)argc; (void)argv;
+    int64_t size = pms_size(io->dev);
+    uint64_t off = 0, bytes = (uint64_t)size;
+    char s1[64], s2[64];
+    while (bytes) {
+        uint64_t num;
+        int r = is_alloc(io, off, bytes, &num);
+        if (r < 0) {
+            fprintf(stderr, "%s: Failed to get allocation status: %s\n", progname, libmsg());
+            return r;
+        }
+        cvtstr((double)num, s1, sizeof s1);
+        cvtstr((double)off, s2, sizeof s2);
+        printf("%s (0x%" PRIx64 ") bytes %s at offset %s (0x%" PRIx64 ")\n", s1, num,
+               r ? "    allocated" : "not allocated", s2, off);
+        off += num;
+        bytes -= num;
+    }
+    return 0;
+}
+
+static int io_open(struct io *io, const char *file)
+{
+    io->dev = open_quiet(file, io->fmt, io->readonly, io->cache_mode, false, io->force_share);
+    if (!io->dev) {
+        fprintf(stderr, "%s: can't open device %s: %s\n", progname, file, libmsg());
+        return -EINVAL;
+    }
+    io->file = strdup(file);
+    struct pms_info info = { .size = sizeof info };
+    pms_info(io->dev, &info);
+    io->raw = strcmp(info.format, "raw") == 0;
+    return 0;
+}
+
+static int io_close(struct io *io)
+{
+    int r = 0;
+    if (io->dev && pms_close(io->dev) < 0) {
+        fprintf(stderr, "%s: %s\n", progname, libmsg());
+        r = -EIO;
+    }
+    io->dev = NULL;
+    free(io->file);
+    io->file = NULL;
+    return r;
+}
+
+static int do_open(struct io *io, int argc, char **argv)
+{
+    int ch;
+    if (io->dev) {
+        fprintf(stderr, "%s: file open already, try 'help close'\n", progname);
+        return -EBUSY;
+    }
+    io->readonly = false;
+    io->fmt = NULL;
+    optind = 0;
+    while ((ch = getopt(argc, argv, "snCro:kt:d:c:f:iU")) != -1) {
+        switch (ch) {
+        case 'r': io->readonly = true; break;
+        case 'n': io->cache_mode = PMS_CACHE_NONE; break;
+        case 'U': io->force_share = true; break;
+        case 'f': io->fmt = optarg; break;
+        case 't': case 'c':
+            if (parse_cache_mode(optarg, &io->cache_mode) < 0) {
+                fprintf(stderr, "%s: Invalid cache option: %s\n", progname, optarg);
+                return -EINVAL;
+            }
+            break;
+        case 's': case 'C': case 'k': case 'i': case 'd': break;
+        case 'o':
+            fprintf(stderr, "%s: -o is not supported\n", progname);
+            return -EINVAL;
+        default:
+            cmd_usage(find_cmd("open"));
+            return -EINVAL;
+        }
+    }
+    if (optind != argc - 1) {
+        cmd_usage(find_cmd("open"));
+        return -EINVAL;
+    }
+    return io_open(io, argv[optind]);
+}
+
+static int do_close(struct io *io, int argc, char **argv)
+{
+    (void)argc; (void)argv;
+    return io_close(io);
+}
+
+static int do_quit(struct io *io, int argc, char **argv)
+{
+    (void)argc; (void)argv;
+    io->quit = true;
+    return 0;
+}
+
+static int do_sleep(struct io *io, int argc, char **argv)
+{
+    (void)io; (void)argc;
+    char *end;
+    long ms = strtol(argv[1], &end, 10);
+    if (ms < 0 || *end) {
+        printf("%s is not a valid number\n", argv[1]);
+        return -EINVAL;
+    }
+    struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
+    nanosleep(&ts, NULL);
+    return 0;
+}
+
+static int do_help(struct io *io, int argc, char **argv);
+
+static const struct iocmd iocmds[] = {
+    { "read", "r", do_read, 2, -1, true, false,
+      "[-abCqv] [-P pattern [-s off] [-l len]] off len",
+      "reads a number of bytes at a specified offset",
+      " reads a range of bytes from the given offset\n\n"
+      " -C, -- report statistics in a machine parsable format\n"
+      " -l, -- length for pattern verification (only with -P)\n"
+      " -p, -- ignored for backwards compatibility\n"
+      " -P, -- use a pattern to verify read data\n"
+      " -q, -- quiet mode, do not show I/O statistics\n"
+      " -s, -- start offset for pattern verification (only with -P)\n"
+      " -v, -- dump buffer to standard output\n" },
+    { "write", "w", do_write, 2, -1, true, true,
+      "[-bcCfnquz] [-P pattern | -s source_file] off len",
+      "writes a number of bytes at a specified offset",
+      " writes a range of bytes from the given offset\n\n"
+      " -C, -- report statistics in a machine parsable format\n"
+      " -f, -- flush after the write (forced unit access)\n"
+      " -P, -- use different pattern to fill file (default 0xcd)\n"
+      " -q, -- quiet mode, do not show I/O statistics\n"
+      " -s, -- use the contents of a file as the data\n"
+      " -u, -- with -z, allow unmapping\n"
+      " -z, -- write zeroes\n" },
+    { "discard", "d", do_discard, 2, -1, true, true, "[-Cq] off len",
+      "discards a number of bytes at a specified offset",
+      " discards a range of bytes from the given offset\n\n"
+      " -C, -- report statistics in a machine parsable format\n"
+      " -q, -- quiet mode, do not show I/O statistics\n" },
+    { "flush", "f", do_flush, 0, 0, true, false, "",
+      "flush all in-core file state to disk", NULL },
+    { "aio_flush", NULL, do_flush, 0, 0, true, false, "",
+      "completes all outstanding aio requests and flushes", NULL },
+    { "map", NULL, do_map, 0, 0, true, false, "",
+      "prints the allocated areas of a file", NULL },
+    { "length", "l", do_length, 0, 0, true, false, "",
+      "gets the length of the current file", NULL },
+    { "open", "o", do_open, 1, -1, false, false,
+      "[-Cinrs] [-c cache] [-f fmt] [-U] [filename]", "open the file specified by path",
+      NULL },
+    { "close", "c", do_close, 0, 0, true, false, "", "close the current open file", NULL },
+    { "sleep", NULL, do_sleep, 1, 1, false, false, "milliseconds",
+      "waits for the given value in milliseconds", NULL },
+    { "help", "?", do_help, 0, 1, false, false, "[command]",
+      "help for one or all commands", NULL },
+    { "quit", "q", do_quit, 0, 0, false, false, "", "exit the program", NULL },
+};
+
+static const struct iocmd *find_cmd(const char *name)
+{
+    for (size_t i = 0; i < sizeof iocmds / sizeof iocmds[0]; i++)
+        if (strcmp(iocmds[i].name, name) == 0 ||
+            (iocmds[i].alt && strcmp(iocmds[i].alt, name) == 0))
+            return &iocmds[i];
+    return NULL;
+}
+
+static int do_help(struct io *io, int argc, char **argv)
+{
+    (void)io;
+    if (argc == 2) {
+        const struct iocmd *c = find_cmd(argv[1]);
+        if (!c) {
+            printf("command %s not found\n", argv[1]);
+            return -EINVAL;
+        }
+        cmd_usage(c);
+        if (c->help)
+            printf("\n%s\n", c->help);
+        return 0;
+    }
+    for (size_t i = 0; i < sizeof iocmds / sizeof iocmds[0]; i++)
+        cmd_usage(&iocmds[i]);
+    printf("\nUse 'help commandname' for extended help.\n");
+    return 0;
+}
+
+/* Split on blanks (qemu-io splits on spaces). */
+static int run_line(struct io *io, char *line)
+{
+    char *argv[64];
+    int argc = 0;
+    for (char *save = NULL, *t = strtok_r(line, " \t\r\n", &save); t;
+         t = strtok_r(NULL, " \t\r\n", &save)) {
+        if (argc == 63) {
+            fprintf(stderr, "%s: too many arguments\n", progname);
+            return -EINVAL;
+        }
+        argv[argc++] = t;
+    }
+    argv[argc] = NULL;
+    if (argc == 0)
+        return 0;
+    const struct iocmd *c = find_cmd(argv[0]);
+    if (!c) {
+        fprintf(stderr, "command \"%s\" not found\n", argv[0]);
+        return -EINVAL;
+    }
+    int nargs = argc - 1;
+    if (nargs < c->argmin || (c->argmax >= 0 && nargs > c->argmax)) {
+        if (c->argmax == -1)
+            fprintf(stderr, "bad argument count %d to %s, expected at least %d arguments\n",
+                    nargs, c->name, c->argmin);
+        else if (c->argmin == c->argmax)
+            fprintf(stderr, "bad argument count %d to %s, expected %d arguments\n", nargs,
+                    c->name, c->argmin);
+        else
+            fprintf(stderr, "bad argument count %d to %s, expected between %d and %d "
+                    "arguments\n", nargs, c->name, c->argmin, c->argmax);
+        return -EINVAL;
+    }
+    if (c->need_file && !io->dev) {
+        fprintf(stderr, "no file open, try 'help open'\n");
+        return -EINVAL;
+    }
+    if (c->write && io->readonly) {
+        fprintf(stderr, "%s: Block node is read-only\n", progname);
+        return -EACCES;
+    }
+    int r = c->fn(io, argc, argv);
+    fflush(stdout);
+    return r;
+}
+
+int cmd_io(int argc, char **argv)
+{
+    static const struct option lo[] = {
+        { "cmd", required_argument, NULL, 'c' },
+        { "format", required_argument, NULL, 'f' },
+        { "read-only", no_argument, NULL, 'r' },
+        { "nocache", no_argument, NULL, 'n' },
+        { "cache", required_argument, NULL, 't' },
+        { "aio", required_argument, NULL, 'i' },
+        { "native-aio", no_argument, NULL, 'k' },
+        { "discard", required_argument, NULL, 'd' },
+        { "force-share", no_argument, NULL, 'U' },
+        { "misalign", no_argument, NULL, 'm' },
+        { "snapshot", no_argument, NULL, 's' },
+        { NULL, 0, NULL, 0 },
+    };
+    struct io io = { .cache_mode = PMS_CACHE_WRITEBACK };
+    char **cmds = calloc((size_t)argc + 1, sizeof *cmds);
+    int ncmds = 0, ch;
+    if (!cmds) {
+        errorf("out of memory");
+        return 1;
+    }
+    optind = 0;
+    while ((ch = getopt_long(argc, argv, "+:c:f:rnt:i:kd:Ums", lo, NULL)) != -1) {
+        switch (ch) {
+        case 'c': cmds[ncmds++] = optarg; break;
+        case 'f': io.fmt = optarg; break;
+        case 'r': io.readonly = true; break;
+        case 'n': io.cache_mode = PMS_CACHE_NONE; break;
+        case 'U': io.force_share = true; break;
+        case 'k': case 'm': break;
+        case 's':
+            free(cmds);
+            errorf("-s (snapshot mode) is not supported");
+            return 1;
+        case 'd':
+            if (strcmp(optarg, "ignore") && strcmp(optarg, "off") && strcmp(optarg, "unmap") &&
+                strcmp(optarg, "on")) {
+                free(cmds);
+                errorf("Invalid discard option: %s", optarg);
+                return 1;
+            }
+            break;
+        case 't':
+            if (parse_cache_mode(optarg, &io.cache_mode) < 0) {
+                free(cmds);
+                errorf("Invalid cache option: %s", optarg);
+                return 1;
+            }
+            break;
+        case 'i':
+            if (strcmp(optarg, "threads") && strcmp(optarg, "native") &&
+                strcmp(optarg, "io_uring")) {
+                free(cmds);
+                errorf("Invalid aio option: %s", optarg);
+                return 1;
+            }
+            break;
+        case ':':
+            free(cmds);
+            return usage_error("option requires an argument -- '%c'", optopt);
+        default:
+            free(cmds);
+            return usage_error("io: invalid option -- '%s'", argv[optind - 1]);
+        }
+    }
+    if (argc - optind > 1) {
+        free(cmds);
+        return usage_error("too many arguments");
+    }
+    if (io.fmt && strcmp(io.fmt, "qcow2") && strcmp(io.fmt, "raw")) {
+        free(cmds);
+        errorf("Unknown file format '%s'", io.fmt);
+        return 1;
+    }
+    if (optind < argc && io_open(&io, argv[optind]) < 0) {
+        free(cmds);
+        return 1;
+    }
+    int last = 0;
+    if (ncmds) {
+        for (int i = 0; i < ncmds && !io.quit; i++) {
+            char *line = strdup(cmds[i]);
+            int r = line ? run_line(&io, line) : -ENOMEM;
+            free(line);
+            if (r < 0)
+                last = r;
+        }
+    } else {
+        char *line = NULL;
+        size_t cap = 0;
+        while (!io.quit) {
+            printf("qemu-io> ");
+            fflush(stdout);
+            if (getline(&line, &cap, stdin) < 0)
+                break;
+            int r = run_line(&io, line);
+            if (r < 0)
+                last = r;
+        }
+        free(line);
+    }
+    free(cmds);
+    if (io_close(&io) < 0)
+        last = -EIO;
+    return last ? 1 : 0;
+}
