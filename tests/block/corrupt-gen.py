@@ -161,6 +161,29 @@ def base(kind):
         run('qemu-img', 'create', '-q', '-f', 'qcow2', '-F', 'qcow2', '-b',
             'base-backing-lower.qcow2', p)
         qemu_io(p, 'write -P 0x66 64k 64k')
+    elif kind == 'extl2':         # extended L2: subcluster writes
+        run('qemu-img', 'create', '-q', '-f', 'qcow2', '-o', 'extended_l2=on', p, '4M')
+        qemu_io(p, 'write -P 0x11 0 4k', 'write -P 0x12 8k 4k', 'write -z 64k 4k',
+                'write -P 0x13 1M 64k')
+    elif kind == 'rc1':           # 1-bit refcounts
+        run('qemu-img', 'create', '-q', '-f', 'qcow2', '-o', 'refcount_bits=1', p, '4M')
+        qemu_io(p, 'write -P 0x11 0 128k')
+    elif kind == 'rc64':          # 64-bit refcounts and a snapshot
+        run('qemu-img', 'create', '-q', '-f', 'qcow2', '-o', 'refcount_bits=64', p, '4M')
+        qemu_io(p, 'write -P 0x11 0 128k')
+        run('qemu-img', 'snapshot', '-c', 's1', p)
+        qemu_io(p, 'write -P 0x22 0 64k')
+    elif kind == 'c512':          # smallest clusters: many L2 tables
+        run('qemu-img', 'create', '-q', '-f', 'qcow2', '-o', 'cluster_size=512', p, '1M')
+        qemu_io(p, 'write -P 0x11 0 8k', 'write -P 0x22 300k 2k', 'write -P 0x33 1020k 4k')
+    elif kind == 'c2m':           # largest clusters
+        run('qemu-img', 'create', '-q', '-f', 'qcow2', '-o', 'cluster_size=2M', p, '8M')
+        qemu_io(p, 'write -P 0x11 0 64k', 'write -P 0x22 6M 64k')
+    elif kind == 'frag':          # out-of-order allocation, zero and discarded clusters
+        run('qemu-img', 'create', '-q', '-f', 'qcow2', p, '8M')
+        qemu_io(p, 'write -P 0x11 3M 64k', 'write -P 0x22 0 64k', 'write -P 0x33 6M 128k',
+                'write -P 0x44 64k 64k', 'write -P 0x55 2M 192k', 'write -z 2M 64k',
+                'discard 6M 64k', 'write -z -u 7M 64k')
     else:
         raise KeyError(kind)
     BASES[kind] = p
@@ -176,6 +199,12 @@ def case(name, kind, desc):
         return fn
     return deco
 
+
+# ---- valid images (check counters, reads, map against qemu-img) -------------
+
+for _kind in ('plain', 'v2', 'snap', 'zlib', 'zstd', 'backing', 'extl2', 'rc1', 'rc64',
+              'c512', 'c2m', 'frag'):
+    case('ok-' + _kind, _kind, 'valid image (%s)' % _kind)(lambda m: None)
 
 # ---- header fields ----------------------------------------------------------
 
@@ -347,6 +376,36 @@ def _(m): m.w64(m.l1e_off(0), m.r64(m.l1e_off(0)) & ~(1 << 63))
 @case('l2e-shared', 'plain', 'two L2 entries point at the same data cluster')
 def _(m): m.w64(m.l2e_off(0, 5), m.r64(m.l2e_off(0, 0)))
 
+@case('l1e-all-same', 'plain', 'every L1 entry points at the same L2 table')
+def _(m):
+    e = m.r64(m.l1e_off(0)) & ~(1 << 63)
+    for i in range(m.r32(36)):
+        m.w64(m.l1e_off(i), e)
+
+@case('l2e-self', 'plain', 'L2 entry points at its own L2 table')
+def _(m): m.w64(m.l2e_off(0, 0), (1 << 63) | m.l2_table())
+
+@case('l2e-compressed-huge', 'plain', 'compressed L2 entry with the largest size field')
+def _(m): m.w64(m.l2e_off(0, 0), (1 << 62) | ((1 << 62) - 1))
+
+@case('extl2-bitmap', 'extl2', 'extended L2: allocated and zero bits both set')
+def _(m): m.w64(m.l2e_off(0, 0) + 8, 0x0000000100000001)
+
+@case('extl2-unalloc-bitmap', 'extl2', 'extended L2: unallocated cluster with allocation bits')
+def _(m):
+    off = m.l2_table() + 16 * 5
+    m.w64(off, 0)
+    m.w64(off + 8, 0x3)
+
+@case('snap-l2e-eof', 'snap', 'inactive L2 entry beyond the end of the file')
+def _(m):
+    sn_l1 = m.r64(m.snap_entry(0))
+    l2 = m.r64(sn_l1) & 0x00fffffffffffe00
+    m.w64(l2, 1 << 40)
+
+@case('rt-entry-self', 'plain', 'refcount block is the refcount table itself')
+def _(m): m.w64(m.h['rt_off'], m.h['rt_off'])
+
 # ---- refcounts --------------------------------------------------------------
 
 @case('rc-leak', 'plain', 'leaked cluster (refcount 1, unreferenced)')
@@ -395,11 +454,17 @@ def _(m):
     id0 = m.f.read(m.r16(e0 + 12))
     m.wbytes(e1 + 40 + x1, id0)
 
-@case('snap-l2-shared-leak', 'snap', 'inactive L2 refcount lowered (shared table)')
+@case('snap-data-rc-low', 'snap', 'data cluster shared by two snapshots with refcount 1')
 def _(m):
     sn_l1 = m.r64(m.snap_entry(0))
     l2 = m.r64(sn_l1) & 0x00fffffffffffe00
-    m.set_refcount(l2 // m.h['cs'], 1)
+    m.set_refcount((m.r64(l2 + 8) & 0x00fffffffffffe00) // m.h['cs'], 1)
+
+@case('snap-l2-rc-high', 'snap', 'inactive L2 table refcount too high')
+def _(m):
+    sn_l1 = m.r64(m.snap_entry(0))
+    l2 = m.r64(sn_l1) & 0x00fffffffffffe00
+    m.set_refcount(l2 // m.h['cs'], 3)
 
 # ---- compressed clusters ----------------------------------------------------
 
