@@ -8,6 +8,7 @@
  * snapshot -c/-a/-d, convert's target).
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <stdlib.h>
@@ -723,7 +724,28 @@ struct chain {
     int n;
     char *name[MAX_CHAIN];      /* filename of each layer, as qemu prints it */
     bool raw[MAX_CHAIN];
+    int fd[MAX_CHAIN];          /* the layer's host file, for hole queries */
 };
+
+/* Is [off, off+len) of the host file a hole?  *n = length of the run with
+ * the same answer (<= len).  Unknown (fd < 0, errors) = not a hole. */
+static bool host_hole(int fd, uint64_t off, uint64_t len, uint64_t *n)
+{
+    *n = len;
+    if (fd < 0)
+        return false;
+    off_t d = lseek(fd, (off_t)off, SEEK_DATA);
+    if (d < 0)
+        return errno == ENXIO;          /* hole up to EOF (or past EOF) */
+    if ((uint64_t)d > off) {
+        if ((uint64_t)d - off < len) *n = (uint64_t)d - off;
+        return true;
+    }
+    off_t h = lseek(fd, (off_t)off, SEEK_HOLE);
+    if (h > (off_t)off && (uint64_t)h - off < len)
+        *n = (uint64_t)h - off;
+    return false;
+}
 
 static void chain_load(struct chain *c, const char *file, const char *fmt)
 {
@@ -745,6 +767,7 @@ static void chain_load(struct chain *c, const char *file, const char *fmt)
         pms_info(d, &info);
         pms_close(d);
         c->raw[c->n] = strcmp(info.format, "raw") == 0;
+        c->fd[c->n] = open(cur, O_RDONLY | O_CLOEXEC);
         c->n++;
         cur = info.backing_file[0] ? path_combine(cur, info.backing_file) : NULL;
         f = info.backing_format[0] ? NULL : NULL;
@@ -757,8 +780,11 @@ static void chain_load(struct chain *c, const char *file, const char *fmt)
 
 static void chain_free(struct chain *c)
 {
-    for (int i = 0; i < c->n; i++)
+    for (int i = 0; i < c->n; i++) {
         free(c->name[i]);
+        if (c->fd[i] >= 0)
+            close(c->fd[i]);
+    }
 }
 
 struct mapent {
@@ -889,16 +915,31 @@ int cmd_map(int argc, char **argv)
         };
         if (!nx.has_offset) nx.offset = 0;
         off += x.length;
-        if (have && mergeable(&cur, &nx)) {
-            cur.length += nx.length;
-            continue;
+        /* like qemu (want_zero): ask the host file whether data clusters
+         * are holes there; such ranges are reported "zero": true too */
+        uint64_t done = 0;
+        while (done < x.length && rc == 0) {
+            struct mapent piece = nx;
+            piece.start += done;
+            piece.offset += done;
+            piece.length = x.length - done;
+            if (nx.data && nx.has_offset && !nx.zero && nx.depth < c.n)
+                piece.zero = host_hole(c.fd[nx.depth], piece.offset, piece.length,
+                                       &piece.length);
+            done += piece.length;
+            if (have && mergeable(&cur, &piece)) {
+                cur.length += piece.length;
+                continue;
+            }
+            if (have && dump_ent(&cur, &piece, json, &c) < 0) {
+                rc = 1;
+                break;
+            }
+            cur = piece;
+            have = true;
         }
-        if (have && dump_ent(&cur, &nx, json, &c) < 0) {
-            rc = 1;
+        if (rc)
             break;
-        }
-        cur = nx;
-        have = true;
     }
     if (rc == 0 && have && dump_ent(&cur, NULL, json, &c) < 0)
         rc = 1;

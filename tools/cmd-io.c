@@ -114,6 +114,9 @@ static int64_t cvtnum(const char *s)
     uint64_t v;
     if (!*s || *s == '-')
         return -EINVAL;
+    /* qemu_strtosz rejects "KiB" spellings and hex fractions */
+    if (strstr(s, "iB") || ((s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) && strchr(s, '.')))
+        return -EINVAL;
     int r = pms_parse_size(s, &v);
     if (r < 0)
         return r;
@@ -202,7 +205,8 @@ static int do_read(struct io *io, int argc, char **argv)
     int64_t count = cvtnum(argv[optind + 1]);
     if (count < 0) { cvtnum_err(count, argv[optind + 1]); return -EINVAL; }
     if ((uint64_t)count > REQ_MAX) {
-        printf("length cannot exceed %" PRIu64 ", cannot read\n", (uint64_t)REQ_MAX);
+        printf("length cannot exceed %" PRIu64 ", given %s\n", (uint64_t)REQ_MAX,
+               argv[optind + 1]);
         return -EINVAL;
     }
     if (!P && (poff || pcount >= 0)) {
@@ -253,6 +257,7 @@ static int do_read(struct io *io, int argc, char **argv)
 static int do_write(struct io *io, int argc, char **argv)
 {
     bool C = false, q = false, z = false, P = false, fua = false, unmap = false;
+    bool nofallback = false;
     const char *src = NULL;
     int pattern = 0xcd, ch;
     optind = 0;
@@ -266,7 +271,7 @@ static int do_write(struct io *io, int argc, char **argv)
             return -ENOTSUP;
         case 'C': C = true; break;
         case 'f': fua = true; break;
-        case 'n': break;               /* no fallback: our zero writes never fall back */
+        case 'n': nofallback = true; break;
         case 'p': break;
         case 'q': q = true; break;
         case 'u': unmap = true; break;
@@ -294,8 +299,9 @@ static int do_write(struct io *io, int argc, char **argv)
     if (off < 0) { cvtnum_err(off, argv[optind]); return -EINVAL; }
     int64_t count = cvtnum(argv[optind + 1]);
     if (count < 0) { cvtnum_err(count, argv[optind + 1]); return -EINVAL; }
-    if (!z && (uint64_t)count > REQ_MAX) {
-        printf("length cannot exceed %" PRIu64 ", cannot write\n", (uint64_t)REQ_MAX);
+    if ((uint64_t)count > REQ_MAX && !(z && nofallback)) {
+        printf("length cannot exceed %" PRIu64 " without -n, given %s\n", (uint64_t)REQ_MAX,
+               argv[optind + 1]);
         return -EINVAL;
     }
     uint8_t *buf = NULL;
@@ -363,7 +369,8 @@ static int do_discard(struct io *io, int argc, char **argv)
     int64_t count = cvtnum(argv[optind + 1]);
     if (count < 0) { cvtnum_err(count, argv[optind + 1]); return -EINVAL; }
     if ((uint64_t)count > REQ_MAX) {
-        printf("length cannot exceed %" PRIu64 ", cannot discard\n", (uint64_t)REQ_MAX);
+        printf("length cannot exceed %" PRIu64 ", given %s\n", (uint64_t)REQ_MAX,
+               argv[optind + 1]);
         return -EINVAL;
     }
     struct timespec t1, t2;
@@ -485,21 +492,25 @@ static int do_open(struct io *io, int argc, char **argv)
     io->readonly = false;
     io->fmt = NULL;
     optind = 0;
-    while ((ch = getopt(argc, argv, "snCro:kt:d:c:f:iU")) != -1) {
+    while ((ch = getopt(argc, argv, "snCro:kt:d:U")) != -1) {
         switch (ch) {
         case 'r': io->readonly = true; break;
         case 'n': io->cache_mode = PMS_CACHE_NONE; break;
         case 'U': io->force_share = true; break;
-        case 'f': io->fmt = optarg; break;
-        case 't': case 'c':
+        case 't':
             if (parse_cache_mode(optarg, &io->cache_mode) < 0) {
                 fprintf(stderr, "%s: Invalid cache option: %s\n", progname, optarg);
                 return -EINVAL;
             }
             break;
-        case 's': case 'C': case 'k': case 'i': case 'd': break;
+        case 's': case 'C': case 'k': case 'd': break;
         case 'o':
-            fprintf(stderr, "%s: -o is not supported\n", progname);
+            if (strncmp(optarg, "driver=", 7) == 0 &&
+                (!strcmp(optarg + 7, "raw") || !strcmp(optarg + 7, "qcow2"))) {
+                io->fmt = strcmp(optarg + 7, "raw") ? "qcow2" : "raw";
+                break;
+            }
+            fprintf(stderr, "%s: open -o: only driver=raw|qcow2 is supported\n", progname);
             return -EINVAL;
         default:
             cmd_usage(find_cmd("open"));
@@ -579,7 +590,7 @@ static const struct iocmd iocmds[] = {
     { "length", "l", do_length, 0, 0, true, false, "",
       "gets the length of the current file", NULL },
     { "open", "o", do_open, 1, -1, false, false,
-      "[-Cinrs] [-c cache] [-f fmt] [-U] [filename]", "open the file specified by path",
+      "[-rsCnkU] [-t cache] [-d discard] [-o options] [path]", "open the file specified by path",
       NULL },
     { "close", "c", do_close, 0, 0, true, false, "", "close the current open file", NULL },
     { "sleep", NULL, do_sleep, 1, 1, false, false, "milliseconds",
