@@ -349,6 +349,7 @@ static void free_state(struct qcow2_state *s)
     qcow2_cache_destroy(&s->rb_cache);
     free(s->cbuf); s->cbuf = NULL;
     free(s->zbuf); s->zbuf = NULL;
+    free(s->wbuf); s->wbuf = NULL;
     free(s->pending); s->pending = NULL;
 }
 
@@ -961,19 +962,33 @@ static int write_cluster(struct bdev *bs, const uint8_t *buf, uint64_t len, uint
             return bdev_file_pwrite(bs->file, buf, len, hoff + in);
         return bdev_file_zero(bs->file, len, hoff + in);
     }
-    /* Build the full new cluster. */
-    uint8_t *cl = malloc(s->cluster_size);
-    if (!cl) return pms_err(ENOMEM, "out of memory");
     uint64_t base = qc_align_down(s, off);
     uint64_t clen = s->cluster_size;
     if (base + clen > s->size) clen = s->size - base;     /* last partial cluster */
-    memset(cl, 0, s->cluster_size);
-    if (in > 0 || len < clen) {
-        r = do_read(bs, cl, clen, base);
-        if (r < 0) { free(cl); return r; }
+    /* Does the part we do not overwrite read as zeroes?  Then the new
+     * cluster needs no copy: zero ranges are punched/extended instead of
+     * written, which keeps allocating writes cheap. */
+    bool whole = in == 0 && len >= clen;
+    bool src_zero = whole;
+    if (!whole) {
+        struct mapping m2;
+        r = get_mapping(bs, base, clen, &m2);
+        if (r < 0) return r;
+        src_zero = m2.bytes >= clen &&
+                   (m2.type == SC_ZERO ||
+                    (m2.type == SC_UNALLOCATED && (!bs->backing || base >= bs->backing->size)));
     }
-    if (buf) memcpy(cl + in, buf, len);
-    else memset(cl + in, 0, len);
+    uint8_t *cl = NULL;
+    if (!src_zero) {
+        if (!s->wbuf && !(s->wbuf = malloc(s->cluster_size)))
+            return pms_err(ENOMEM, "out of memory");
+        cl = s->wbuf;
+        memset(cl, 0, s->cluster_size);
+        r = do_read(bs, cl, clen, base);
+        if (r < 0) return r;
+        if (buf) memcpy(cl + in, buf, len);
+        else memset(cl + in, 0, len);
+    }
     /* reuse a ZERO_ALLOC cluster we own exclusively */
     uint64_t target;
     bool fresh;
@@ -985,12 +1000,25 @@ static int write_cluster(struct bdev *bs, const uint8_t *buf, uint64_t len, uint
         fresh = false;
     } else {
         int64_t n = qcow2_alloc_clusters(bs, 1);
-        if (n < 0) { free(cl); return (int)n; }
+        if (n < 0) return (int)n;
         target = (uint64_t)n;
         fresh = true;
     }
-    r = bdev_file_pwrite(bs->file, cl, s->cluster_size, target);
-    free(cl);
+    if (cl)
+        r = bdev_file_pwrite(bs->file, cl, s->cluster_size, target);
+    else {
+        int64_t flen = bdev_file_length(bs->file);
+        if (flen < 0) return (int)flen;
+        bool past_eof = target >= (uint64_t)flen;
+        r = 0;
+        if (in && !past_eof)
+            r = bdev_file_zero(bs->file, in, target);
+        if (r == 0)
+            r = buf ? bdev_file_pwrite(bs->file, buf, len, target + in)
+                    : bdev_file_zero(bs->file, len, target + in);
+        if (r == 0 && in + len < s->cluster_size)
+            r = bdev_file_zero(bs->file, s->cluster_size - in - len, target + in + len);
+    }
     if (r < 0) return r;
     r = qcow2_cache_get(bs, &s->l2_cache, l2off, &l2);
     if (r < 0) return r;

@@ -141,6 +141,7 @@ struct qcow2_state {
     bool header_dirty;           /* cleared on close: dirty bit handling */
     uint8_t *cbuf;               /* cluster-sized scratch for compressed reads */
     uint8_t *zbuf;               /* 2 * cluster_size scratch for decompression input */
+    uint8_t *wbuf;               /* cluster-sized scratch for copy-on-write */
     /* references released by the write path, applied after the L2 change
      * that dropped them is durable (drained by flush) */
     struct qcow2_range *pending;
