@@ -58,7 +58,7 @@ for cs in 4096 65536 2097152; do
         run qemu-img create -q -f raw src.raw 8M || continue
         run $QIO -f raw -c "write -P 0x5a 0 3M" -c "write -P 0x17 $((3 * 1048576 + 333)) 1M" src.raw || continue
         # some incompressible data: qemu stores those clusters uncompressed
-        head -c 300000 /dev/urandom | dd of=src.raw bs=1 seek=$((5 * 1048576 + 7)) conv=notrunc status=none
+        head -c 300000 /dev/urandom | dd of=src.raw bs=300000 seek=$((5 * 1048576 + 7)) oflag=seek_bytes iflag=fullblock conv=notrunc status=none
         run qemu-img convert -c -f raw -O qcow2 -o cluster_size=$cs,compression_type=$ct src.raw c.qcow2 || continue
         qcheck c.qcow2 || continue
         same_raw c.qcow2 || continue

@@ -6,6 +6,7 @@
 set -u
 TT=${1:?usage: $0 PMS_TESTTOOL}
 TT=$(readlink -f "$TT")
+SRCDIR_BLOCK=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 HAVE_CLI=0
 if [ -z "${PMS_USE_TESTTOOL:-}" ] && [ -n "${PMEMSNAP:-}" ] && [ -x "$PMEMSNAP" ] &&
    "$PMEMSNAP" --help >/dev/null 2>&1; then
@@ -18,6 +19,7 @@ T=$(mktemp -d "${TMPDIR:-/tmp}/pms-block.XXXXXX")
 trap 'rm -rf "$T"' EXIT
 cd "$T" || exit 1
 FAILS=0
+PY=/usr/bin/python3; [ -x $PY ] || PY=python3   # the pyenv shim costs ~0.7 s a start
 NTESTS=0
 FAILED_NAMES=()
 echo "# using $( [ $HAVE_CLI = 1 ] && echo "CLI $PMS" || echo "test tool $PMS")"
@@ -80,7 +82,7 @@ map_cmp() {
         fail "our map --output=json $1: $(tail -n 3 err.txt)"; return 1
     fi
     local d
-    if ! d=$(python3 - qmap.json pmap.json <<'PY'
+    if ! d=$($PY - qmap.json pmap.json <<'PY'
 import json, sys
 q = json.load(open(sys.argv[1])); p = json.load(open(sys.argv[2]))
 keys = ("start", "length", "depth", "present", "zero", "data", "offset")
@@ -103,4 +105,42 @@ finish() {
     echo "# $NTESTS cases, $FAILS failures${FAILED_NAMES[*]:+: ${FAILED_NAMES[*]}}"
     [ "$FAILS" -eq 0 ]
     exit $?
+}
+
+# play SIDE IMG SCRIPT: run a scenario script (see model.py) on IMG, either
+# with our tool (SIDE=ours) or with qemu-io/qemu-img (SIDE=qemu).
+play() {
+    local side=$1 img=$2 script=$3 line ios=() w
+    flush_io() {
+        [ ${#ios[@]} -gt 0 ] || return 0
+        if [ $side = ours ]; then run "$PMS" io "${ios[@]}" "$img" || return 1
+        else run qemu-io "${ios[@]}" "$img" || return 1; fi
+        ios=()
+    }
+    while IFS= read -r line; do
+        line=${line%%#*}
+        read -r -a w <<< "$line"
+        [ ${#w[@]} -gt 0 ] || continue
+        case ${w[0]} in
+            io) ios+=(-c "${w[*]:1}") ;;
+            snap-c|snap-a|snap-d)
+                flush_io || return 1
+                local f=-${w[0]#snap-}
+                if [ $side = ours ]; then run "$PMS" snapshot $f "${w[1]}" "$img" || return 1
+                else run qemu-img snapshot $f "${w[1]}" "$img" || return 1; fi ;;
+            *) fail "bad script line: $line"; return 1 ;;
+        esac
+    done < "$script"
+    flush_io
+}
+
+# qverify IMG SIZE SCRIPT [model args]: qemu-io read -P of every known run.
+qverify() {
+    local img=$1 size=$2 script=$3; shift 3
+    local args=() l out
+    while IFS= read -r l; do [ -n "$l" ] && args+=(-c "$l"); done < <($PY "$SRCDIR_BLOCK/model.py" "$size" "$script" "$@")
+    if ! out=$(qemu-io -r -U "${args[@]}" "$img" 2>&1); then
+        fail "qemu-io read -P on $img: $(echo "$out" | grep -m3 -i 'fail\|error' | tr '\n' '|')"
+        return 1
+    fi
 }
