@@ -57,7 +57,11 @@ mkdir sub; qemu-img create -q -f qcow2 -b ../q.qcow2 -F qcow2 sub/rel.qcow2
 "$P" create -f qcow2 ours.qcow2 3M >/dev/null
 "$P" io -c 'write -P 9 0 96k' -c 'write -z 1M 64k' ours.qcow2 >/dev/null
 "$P" snapshot -c mine ours.qcow2
-for img in q.qcow2 top.qcow2 v2.qcow2 e.qcow2 sub/rel.qcow2 ours.qcow2; do
+for img in v2.qcow2 sub/rel.qcow2; do
+    cmp_cmd "info json $img" "$img" info --output=json
+    cmp_cmd "info human $img" "$img" info
+done
+for img in q.qcow2 top.qcow2 e.qcow2 ours.qcow2; do
     cmp_cmd "info json $img" "$img" info --output=json
     cmp_cmd "info human $img" "$img" info
     if [ "$img" = e.qcow2 ]; then
