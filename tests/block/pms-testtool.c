@@ -316,7 +316,7 @@ static int cmd_info(int argc, char **argv)
                    in.lazy_refcounts ? "true" : "false", in.refcount_bits,
                    in.corrupt ? "true" : "false", in.extended_l2 ? "true" : "false");
         else
-            printf(", \"refcount-bits\": %d", in.refcount_bits);
+            printf(", \"compression-type\": \"zlib\", \"refcount-bits\": %d", in.refcount_bits);
         printf("}}");
     }
     printf(",\n    \"dirty-flag\": %s\n}\n", in.dirty_flag ? "true" : "false");
