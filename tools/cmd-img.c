@@ -1001,7 +1001,7 @@ int cmd_convert(int argc, char **argv)
     const char *fmt = NULL, *ofmt = "raw";
     char *optstrs[64];
     int nopts = 0, prog = 0, quiet = 0, noc = 0, force = 0, ch;
-    int tcache = PMS_CACHE_UNSAFE, scache = PMS_CACHE_WRITEBACK;
+    int tcache = PMS_CACHE_WRITEBACK, scache = PMS_CACHE_WRITEBACK;  /* durable on exit */
     optind = 0;
     while ((ch = getopt_long(argc, argv, "+:f:O:o:pqnt:T:UWm:", lo, NULL)) != -1) {
         switch (ch) {
