@@ -551,6 +551,46 @@ static int do_sleep(struct io *io, int argc, char **argv)
     return 0;
 }
 
+
+/* readv/writev: several lengths, one request of their sum (same report). */
+static int do_vec(struct io *io, int argc, char **argv, bool write)
+{
+    const char *name = write ? "writev" : "readv";
+    char *nargv[16], tot[32];
+    int n = 0, ch;
+    nargv[n++] = write ? "write" : "read";
+    optind = 0;
+    while ((ch = getopt(argc, argv, write ? "CfqP:" : "CqvP:")) != -1) {
+        switch (ch) {
+        case 'C': nargv[n++] = "-C"; break;
+        case 'f': nargv[n++] = "-f"; break;
+        case 'q': nargv[n++] = "-q"; break;
+        case 'v': nargv[n++] = "-v"; break;
+        case 'P': nargv[n++] = "-P"; nargv[n++] = optarg; break;
+        default:
+            cmd_usage(find_cmd(name));
+            return -EINVAL;
+        }
+    }
+    if (optind > argc - 2) {
+        cmd_usage(find_cmd(name));
+        return -EINVAL;
+    }
+    int64_t total = 0;
+    for (int i = optind + 1; i < argc; i++) {
+        int64_t l = cvtnum(argv[i]);
+        if (l < 0) { cvtnum_err(l, argv[i]); return -EINVAL; }
+        total += l;
+    }
+    snprintf(tot, sizeof tot, "%" PRId64, total);
+    nargv[n++] = argv[optind];
+    nargv[n++] = tot;
+    nargv[n] = NULL;
+    return write ? do_write(io, n, nargv) : do_read(io, n, nargv);
+}
+static int do_readv(struct io *io, int argc, char **argv) { return do_vec(io, argc, argv, false); }
+static int do_writev(struct io *io, int argc, char **argv) { return do_vec(io, argc, argv, true); }
+
 static int do_help(struct io *io, int argc, char **argv);
 
 static const struct iocmd iocmds[] = {
@@ -576,6 +616,10 @@ static const struct iocmd iocmds[] = {
       " -s, -- use the contents of a file as the data\n"
       " -u, -- with -z, allow unmapping\n"
       " -z, -- write zeroes\n" },
+    { "readv", NULL, do_readv, 2, -1, true, false, "[-Cqv] [-P pattern] off len [len..]",
+      "reads a number of bytes at a specified offset", NULL },
+    { "writev", NULL, do_writev, 2, -1, true, true, "[-Cfq] [-P pattern] off len [len..]",
+      "writes a number of bytes at a specified offset", NULL },
     { "discard", "d", do_discard, 2, -1, true, true, "[-Cq] off len",
       "discards a number of bytes at a specified offset",
       " discards a range of bytes from the given offset\n\n"

@@ -15,6 +15,7 @@ cmds=(
  'read -C 0 4k' 'write -q 0 1' 'read 0 3G' 'write 0 3G' 'read 4M 0' 'read 0x1000 0x10'
  'read 1k 1.5k' 'read 2.5 1' 'read 1KiB 1' 'read 99999999999999999999999 1'
  'write -P 0x5a 2M 1M' 'read -P 0x5a 2M 1M' 'read -v 2M 17' 'map'
+ 'writev -P 3 0 4k 8k' 'readv -P 3 0 4k 8k' 'readv -P 4 0 4k 8k' 'readv 0' 'readv -v 0 8 8'
 )
 args=()
 for c in "${cmds[@]}"; do args+=(-c "$c"); done
