@@ -2,7 +2,7 @@
 # that is removed on exit; `fail` prints one line and exits 1.
 set -u
 : "${PMEMSNAP:?PMEMSNAP must point at the pmemsnap binary}"
-P=$PMEMSNAP
+P=$(realpath "$PMEMSNAP")
 T=$(mktemp -d "${TMPDIR:-/tmp}/pms-cli.XXXXXX")
 trap 'rm -rf "$T"' EXIT
 cd "$T" || exit 1
