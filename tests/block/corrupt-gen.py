@@ -426,6 +426,9 @@ def _(m): m.w64(m.h['rt_off'], 1 << 40)
 @case('rt-entry-unaligned', 'plain', 'refcount table entry not cluster aligned')
 def _(m): m.w64(m.h['rt_off'], m.refblock(0) + 0x1000)
 
+@case('rt-entry-zero', 'plain', 'refcount table entry 0 cleared (refcount block missing)')
+def _(m): m.w64(m.h['rt_off'], 0)
+
 @case('rt-entry-l1', 'plain', 'refcount block overlapping the L1 table')
 def _(m): m.w64(m.h['rt_off'], m.h['l1_off'])
 

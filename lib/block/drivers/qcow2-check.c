@@ -23,9 +23,9 @@
  *
  * Repair: PMS_CHECK_REPAIR_LEAKS sets leaked refcounts down to the computed
  * value; PMS_CHECK_REPAIR_ALL additionally raises refcounts that are too low
- * (only where the refcount block covering the cluster exists and is sound:
- * a full rebuild of the refcount structure is not implemented and is
- * reported as a check error) and fixes COPIED flags.  Stored refcounts are
+ * (in place where the refcount block covering the cluster exists and is
+ * sound; otherwise, as QEMU, by rebuilding the whole refcount structure
+ * after the end of the file) and fixes COPIED flags.  Stored refcounts are
  * read straight from the refcount blocks after the metadata caches have been
  * flushed; repairs go through qcow2_set_refcount() and the caches.
  *
@@ -49,6 +49,8 @@
 #define CHECK_WORK_LIMIT (1ull << 28)
 
 #define REFT_RESERVED_MASK 0x1ffull
+/* the part of PMS_CHECK_REPAIR_ALL beyond leaks */
+#define FIX_ERRORS (PMS_CHECK_REPAIR_ALL & ~PMS_CHECK_REPAIR_LEAKS)
 
 struct ck {
     struct bdev *bs;
@@ -460,7 +462,7 @@ static int compare_refcounts(struct ck *c, unsigned fix, uint64_t *highest, bool
         }
         if (rc1 > rc2 && (fix & PMS_CHECK_REPAIR_LEAKS))
             fixed = &res->leaks_fixed;
-        else if (rc1 < rc2 && (fix & PMS_CHECK_REPAIR_ALL & ~PMS_CHECK_REPAIR_LEAKS) &&
+        else if (rc1 < rc2 && (fix & FIX_ERRORS) &&
                  refblock_sound(c, i))
             fixed = &res->corruptions_fixed;
         msg(c, "%s cluster %" PRIu64 " refcount=%" PRIu64 " reference=%" PRIu64,
@@ -490,7 +492,7 @@ static int check_oflag_copied(struct ck *c, bool *changed)
     struct qcow2_state *s = c->s;
     struct pms_check_result *res = c->res;
     bool repair;
-    if (c->flags & PMS_CHECK_REPAIR_ALL & ~PMS_CHECK_REPAIR_LEAKS)
+    if (c->flags & FIX_ERRORS)
         repair = true;
     else if (c->flags & PMS_CHECK_REPAIR_LEAKS)
         repair = !res->check_errors && !res->corruptions && !res->leaks;
@@ -588,6 +590,111 @@ static int check_oflag_copied(struct ck *c, bool *changed)
     return 0;
 }
 
+/* Make room for clusters [0, n) in the refcount array. */
+static int grow_rc(struct ck *c, uint64_t n)
+{
+    if (n <= c->cap)
+        return 0;
+    uint32_t *p = realloc(c->rc, n * sizeof *p);
+    if (!p) {
+        c->res->check_errors++;
+        return pms_err(ENOMEM, "qcow2 check: out of memory");
+    }
+    memset(p + c->cap, 0, (n - c->cap) * sizeof *p);
+    c->rc = p;
+    c->cap = n;
+    return 0;
+}
+
+/* Replace the refcount structure by one built from the computed refcounts:
+ * new refcount blocks and a new refcount table are written after the last
+ * cluster of the file (nothing in use can be there), flushed, and only then
+ * does the header point at them (one 12-byte write, as QEMU does).  The old
+ * table and blocks become leaks, which the caller repairs. */
+static int rebuild_refcounts(struct ck *c)
+{
+    struct qcow2_state *s = c->s;
+    uint64_t cs = s->cluster_size, per_rb = 1ull << s->rb_bits;
+    uint64_t first = c->nb, nrb = 0, nrt = 0;
+    if (qc_size_to_clusters(s, c->file_len) > first)
+        first = qc_size_to_clusters(s, c->file_len);
+    for (;;) {
+        uint64_t total = first + nrb + nrt;
+        uint64_t need_rb = (total + per_rb - 1) / per_rb;
+        uint64_t need_rt = (need_rb * 8 + cs - 1) / cs;
+        if (need_rb == nrb && need_rt == nrt)
+            break;
+        nrb = need_rb;
+        nrt = need_rt;
+    }
+    if (nrt * cs > QCOW2_MAX_REFTABLE_BYTES || nrt > UINT32_MAX)
+        return pms_err(EFBIG, "qcow2 check: rebuilt refcount table would be too large");
+    uint64_t end = first + nrb + nrt;
+    int r = grow_rc(c, end);
+    if (r < 0)
+        return r;
+    for (uint64_t k = first; k < end; k++)
+        c->rc[k] = 1;
+    c->nb = end;
+
+    uint64_t rt_entries = nrt * cs / 8;
+    uint64_t *rt = calloc(rt_entries, 8);
+    uint64_t *rt_host = calloc(rt_entries, 8);
+    if (!rt || !rt_host) {
+        free(rt);
+        free(rt_host);
+        return pms_err(ENOMEM, "qcow2 check: out of memory");
+    }
+    for (uint64_t j = 0; j < nrb && r == 0; j++) {
+        memset(c->rb, 0, cs);
+        for (uint64_t i = 0; i < per_rb; i++) {
+            uint64_t k = j * per_rb + i;
+            if (k < c->nb && c->rc[k])
+                qcow2_rb_set(s, c->rb, i, c->rc[k]);
+        }
+        uint64_t off = (first + j) << s->cluster_bits;
+        rt_host[j] = off;
+        rt[j] = htobe64(off);
+        r = bdev_file_pwrite(c->bs->file, c->rb, cs, off);
+    }
+    c->rb_index = UINT64_MAX;
+    uint64_t rt_off = (first + nrb) << s->cluster_bits;
+    if (r == 0)
+        r = bdev_file_pwrite(c->bs->file, rt, nrt * cs, rt_off);
+    if (r == 0)
+        r = bdev_file_flush(c->bs->file);
+    if (r == 0) {
+        uint8_t hdr[12];
+        uint64_t be_off = htobe64(rt_off);
+        uint32_t be_n = htobe32((uint32_t)nrt);
+        memcpy(hdr, &be_off, 8);
+        memcpy(hdr + 8, &be_n, 4);
+        r = bdev_file_pwrite(c->bs->file, hdr, sizeof hdr, 48);
+        if (r == 0)
+            r = bdev_file_flush(c->bs->file);
+    }
+    free(rt);
+    if (r < 0) {
+        free(rt_host);
+        return r;
+    }
+    /* the driver now works on the new structure */
+    for (int i = 0; i < s->rb_cache.n; i++)
+        if (s->rb_cache.e[i].offset)
+            qcow2_cache_discard(&s->rb_cache, s->rb_cache.e[i].offset);
+    free(s->reftable);
+    s->reftable = rt_host;
+    s->reftable_offset = rt_off;
+    s->reftable_clusters = (uint32_t)nrt;
+    s->reftable_entries = rt_entries;
+    s->free_cluster_index = 0;
+    int64_t len = bdev_file_length(c->bs->file);
+    if (len < 0)
+        return (int)len;
+    c->file_len = (uint64_t)len;
+    return 0;
+}
+
 static uint64_t phys_mem(void)
 {
     long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
@@ -656,14 +763,51 @@ int qcow2_check(struct bdev *bs, unsigned flags, struct pms_check_result *res,
     uint64_t highest;
     struct pms_check_result pre = *res;
     compare_refcounts(&c, 0, &highest, &changed);
-    if (flags) {
-        if (c.rebuild && (!(flags & PMS_CHECK_REPAIR_ALL & ~PMS_CHECK_REPAIR_LEAKS) ||
-                          c.rebuild_hard)) {
+    if (flags && c.rebuild && c.rebuild_hard && (flags & FIX_ERRORS)) {
+        /* as QEMU: rebuild, then count again; the old structure's clusters
+         * are now leaks, repaired right away */
+        struct pms_check_result old = *res;
+        msg(&c, "Rebuilding refcount structure");
+        r = rebuild_refcounts(&c);
+        if (r < 0) {
+            msg(&c, "ERROR could not rebuild the refcount structure: %s", pms_err_get());
+            res->check_errors++;
+            goto out;
+        }
+        res->corruptions = 0;
+        res->leaks = 0;
+        res->allocated_clusters = res->fragmented_clusters = res->compressed_clusters = 0;
+        c.rebuild = c.rebuild_hard = false;
+        c.nb = qc_size_to_clusters(s, c.file_len);
+        r = grow_rc(&c, c.nb + 1);
+        if (r < 0)
+            goto out;
+        memset(c.rc, 0, c.cap * sizeof *c.rc);
+        c.work = 0;
+        r = calculate_refcounts(&c);
+        if (r < 0)
+            goto out;
+        struct pms_check_result saved = *res;
+        compare_refcounts(&c, flags & PMS_CHECK_REPAIR_LEAKS, &highest, &changed);
+        if (c.rebuild)
+            msg(&c, "ERROR rebuilt refcount structure is still broken");
+        uint64_t fresh_leaks = res->leaks;
+        *res = saved;               /* the old structure's leaks are not reported */
+        if (res->corruptions < old.corruptions)
+            res->corruptions_fixed += old.corruptions - res->corruptions;
+        if (res->leaks < old.leaks)
+            res->leaks_fixed += old.leaks - res->leaks;
+        res->leaks += fresh_leaks;
+        changed = true;
+        r = flush_meta(&c);
+        if (r < 0)
+            goto out;
+    } else if (flags) {
+        if (c.rebuild && !(flags & FIX_ERRORS)) {
             msg(&c, "ERROR need to rebuild refcount structures");
             res->check_errors++;
-            r = pms_err(EIO, "qcow2 check: the refcount structures need to be rebuilt%s",
-                        (flags & PMS_CHECK_REPAIR_ALL & ~PMS_CHECK_REPAIR_LEAKS)
-                        ? ", which is not supported" : " (repair all errors)");
+            r = pms_err(EIO, "qcow2 check: the refcount structures need to be rebuilt "
+                        "(repair all errors)");
             goto out;
         }
         if (res->leaks || res->corruptions) {
