@@ -12,7 +12,8 @@
  *   delete: table without the entry + header switch (durable) -> tree -1 ->
  *           its L1 freed.
  * Between a refcount change and the COPIED-flag rewrite that follows it a
- * crash leaves flags that `check -r all` repairs (QEMU has the same window).
+ * crash leaves flags that disagree with refcounts (QEMU has the same window);
+ * the dirty bracket below makes every later writable open repair them.
  * Threads: called with bs->lock held.
  */
 #include <endian.h>
@@ -240,7 +241,7 @@ static int write_active_l1(struct bdev *bs)
     return r;
 }
 
-int qcow2_snapshot_create(struct bdev *bs, const char *name)
+static int do_create(struct bdev *bs, const char *name)
 {
     struct qcow2_state *s = QS(bs);
     if (strlen(name) > 65535)
@@ -313,7 +314,7 @@ int qcow2_snapshot_create(struct bdev *bs, const char *name)
     return qcow2_flush_metadata(bs);
 }
 
-int qcow2_snapshot_goto(struct bdev *bs, const char *name)
+static int do_goto(struct bdev *bs, const char *name)
 {
     struct qcow2_state *s = QS(bs);
     int i = find_snapshot(s, name);
@@ -353,7 +354,7 @@ int qcow2_snapshot_goto(struct bdev *bs, const char *name)
     return r;
 }
 
-int qcow2_snapshot_delete(struct bdev *bs, const char *name)
+static int do_delete(struct bdev *bs, const char *name)
 {
     struct qcow2_state *s = QS(bs);
     int i = find_snapshot(s, name);
@@ -389,6 +390,65 @@ int qcow2_snapshot_delete(struct bdev *bs, const char *name)
     if (r == 0) r = write_active_l1(bs);
     if (r == 0) r = qcow2_flush_metadata(bs);
     return r;
+}
+
+/* The dirty bracket.  A snapshot operation changes refcounts and the COPIED
+ * flags of the active tree in different clusters, which no write order can
+ * make atomic.  On version 3 images the operation therefore runs with the
+ * incompatible "dirty" bit set (durably, before the first change): a crash
+ * inside leaves an image that every qcow2 implementation (QEMU and us)
+ * repairs on its next writable open, instead of one whose stale COPIED
+ * flags could let a later writer overwrite a cluster a snapshot still uses.
+ * A failed operation leaves the bit set for the same reason. */
+static int set_dirty(struct bdev *bs, bool dirty)
+{
+    struct qcow2_state *s = QS(bs);
+    if (s->version < 3)
+        return 0;
+    int r = qcow2_flush_metadata(bs);
+    if (r < 0) return r;
+    uint64_t v = dirty ? (s->incompat | QCOW2_INCOMPAT_DIRTY) : (s->incompat & ~QCOW2_INCOMPAT_DIRTY);
+    uint64_t be = htobe64(v);
+    r = bdev_file_pwrite(bs->file, &be, 8, 72);
+    if (r == 0) r = bdev_file_flush(bs->file);
+    if (r == 0) s->incompat = v;
+    return r;
+}
+
+static int bracket(struct bdev *bs, const char *name, int (*op)(struct bdev *, const char *))
+{
+    int r = set_dirty(bs, true);
+    if (r < 0) return r;
+    r = op(bs, name);
+    if (r < 0) {
+        /* nothing changed when the operation refused up front */
+        if (r == -EEXIST || r == -ENOENT || r == -EINVAL || r == -ENOSPC)
+            set_dirty(bs, false);
+        return r;
+    }
+    return set_dirty(bs, false);
+}
+
+int qcow2_snapshot_create(struct bdev *bs, const char *name)
+{
+    struct qcow2_state *s = QS(bs);
+    if (find_snapshot(s, name) >= 0)
+        return pms_err(EEXIST, "a snapshot named '%s' already exists", name);
+    return bracket(bs, name, do_create);
+}
+
+int qcow2_snapshot_goto(struct bdev *bs, const char *name)
+{
+    if (find_snapshot(QS(bs), name) < 0)
+        return pms_err(ENOENT, "snapshot '%s' not found", name);
+    return bracket(bs, name, do_goto);
+}
+
+int qcow2_snapshot_delete(struct bdev *bs, const char *name)
+{
+    if (find_snapshot(QS(bs), name) < 0)
+        return pms_err(ENOENT, "snapshot '%s' not found", name);
+    return bracket(bs, name, do_delete);
 }
 
 int qcow2_snapshot_list(struct bdev *bs, struct pms_snapshot_info **list, size_t *np)

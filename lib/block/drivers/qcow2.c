@@ -37,7 +37,7 @@ enum qcow2_ctype qcow2_entry_type(struct qcow2_state *s, uint64_t e)
 {
     if (e & QCOW_OFLAG_COMPRESSED)
         return QC_COMPRESSED;
-    if (!s->ext_l2 && (e & QCOW_OFLAG_ZERO))
+    if (!s->ext_l2 && (e & QCOW_OFLAG_ZERO) && s->version >= 3)
         return (e & L2E_OFFSET_MASK) ? QC_ZERO_ALLOC : QC_ZERO_PLAIN;
     if (e & L2E_OFFSET_MASK)
         return QC_NORMAL;
@@ -129,7 +129,8 @@ static int probe(const uint8_t *buf, size_t len)
     memcpy(&m, buf, 4);
     uint32_t v;
     memcpy(&v, buf + 4, 4);
-    return be32toh(m) == QCOW2_MAGIC && be32toh(v) >= 2 ? 100 : 0;
+    (void)v;   /* any version: an unsupported one is refused with a clear error */
+    return be32toh(m) == QCOW2_MAGIC ? 100 : 0;
 }
 
 static size_t add_ext(uint8_t *buf, size_t pos, size_t cap, uint32_t type, const void *data,
@@ -686,7 +687,7 @@ static int get_mapping(struct bdev *bs, uint64_t off, uint64_t maxlen, struct ma
     case QC_NORMAL:
         break;
     }
-    if (e & (s->ext_l2 ? (L2E_STD_RESERVED_MASK | 1) : L2E_STD_RESERVED_MASK))
+    if (e & (s->ext_l2 || s->version < 3 ? (L2E_STD_RESERVED_MASK | 1) : L2E_STD_RESERVED_MASK))
         return qcow2_signal_corruption(bs, "L2 entry %llu of table at %llu has reserved bits set",
                                        (unsigned long long)idx, (unsigned long long)l2off);
     if (hoff && (hoff >= (uint64_t)flen || qc_off_in_cluster(s, hoff)))
@@ -719,7 +720,8 @@ static int get_mapping(struct bdev *bs, uint64_t off, uint64_t maxlen, struct ma
     uint64_t n = ((uint64_t)end << s->sc_bits) - in;
     m->bytes = n < left ? n : left;
     m->type = st == 2 ? SC_DATA : st == 1 ? SC_ZERO : SC_UNALLOCATED;
-    m->host = st == 2 ? hoff + in : 0;
+    m->host = hoff ? hoff + in : 0;
+    m->zero_alloc = hoff != 0;
     return 0;
 }
 
@@ -1150,7 +1152,8 @@ static int qcow2_flush(struct bdev *bs)
 
 static int64_t qcow2_getlength(struct bdev *bs)
 {
-    return (int64_t)QS(bs)->size;
+    /* QEMU sees whole 512-byte sectors only */
+    return (int64_t)(QS(bs)->size & ~511ull);
 }
 
 static int qcow2_truncate(struct bdev *bs, uint64_t size)
@@ -1193,7 +1196,11 @@ static int qcow2_block_status(struct bdev *bs, uint64_t off, uint64_t len, struc
                           (m.zero_alloc ? PMS_BLOCK_OFFSET : 0); h = m.host; break;
         case SC_COMPRESSED: f = PMS_BLOCK_DATA | PMS_BLOCK_ALLOCATED | PMS_BLOCK_COMPRESSED; break;
         default:
-            if (bs->backing && off + done < bs->backing->size) {
+            if (m.zero_alloc && !bs->backing) {
+                /* unallocated subcluster of an allocated cluster */
+                f = PMS_BLOCK_ZERO | PMS_BLOCK_OFFSET;
+                h = m.host;
+            } else if (bs->backing && off + done < bs->backing->size) {
                 struct pms_extent be;
                 uint64_t bl = n < bs->backing->size - (off + done) ? n : bs->backing->size - (off + done);
                 r = bdev_block_status(bs->backing, off + done, bl, &be);
@@ -1203,8 +1210,7 @@ static int qcow2_block_status(struct bdev *bs, uint64_t off, uint64_t len, struc
                 d = be.depth + 1;
                 n = be.length;
             } else {
-                f = PMS_BLOCK_ZERO;
-                d = bs->backing ? 1 : 0;
+                f = PMS_BLOCK_ZERO;     /* beyond the chain: depth 0, like qemu */
             }
         }
         if (done == 0) {
