@@ -15,7 +15,8 @@
 # synchronous requests; qemu-img keeps `depth` AIO requests in flight.
 #
 # Environment: PMEMSNAP (binary), BENCH_DIR (scratch, default /var/tmp),
-# BENCH_SNAP_SIZE (default 8G), BENCH_QUICK=1 (smaller counts).
+# BENCH_SNAP_SIZE (default 8G), BENCH_QUICK=1 (smaller counts),
+# BENCH_ROWS=0 (only the snapshot part).
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 P=${PMEMSNAP:-$here/../build/tools/pmemsnap}
@@ -51,7 +52,7 @@ cp empty.qcow2 full.qcow2
 qemu-img bench -q -w -c 16384 -s 64k -d 32 --pattern=1 full.qcow2 >/dev/null || die "fill"
 "$P" info full.qcow2 >/dev/null 2>&1 || die "pmemsnap cannot open qcow2: $("$P" info full.qcow2 2>&1)"
 
-for d in 1 32; do
+for d in $([ "${BENCH_ROWS:-1}" = 1 ] && echo 1 32); do
     # reads do not modify the image: both tools on the same file
     c=$((100000 / q))
     a=$(secs "$P" bench -c $c -d $d -s 4k empty.qcow2)
@@ -99,9 +100,17 @@ qemu-img bench -q -w -c $nclus -s 64k -d 32 --pattern=3 big.qcow2 >/dev/null || 
 t1=$(date +%s.%N)
 printf '  filled %s in %.1f s\n' "$SNAP_SIZE" "$(echo "$t1 - $t0" | bc)"
 sync
-timed() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>&1 || { echo "fail"; return; }; e=$(date +%s.%N); echo "$e - $s" | bc; }
+timed() {
+    local s e
+    s=$(date +%s.%N)
+    "$@" >/dev/null 2>"$W/timed.err" || { echo "   !! failed: $* :: $(cat "$W/timed.err")" >&2; echo "-1"; return; }
+    e=$(date +%s.%N)
+    echo "$e - $s" | bc
+}
 printf '  %-28s %10s %10s %7s\n' "operation" "pmemsnap" "qemu-img" "ratio"
-srow() { awk -v l="$1" -v a="$2" -v b="$3" 'BEGIN { printf "  %-28s %9.3fs %9.3fs %7.2f\n", l, a, b, (a > 0) ? b / a : 0 }'; }
+srow() { awk -v l="$1" -v a="$2" -v b="$3" 'BEGIN {
+    if (a < 0 || b < 0) { printf "  %-28s %10s %10s\n", l, (a < 0) ? "FAILED" : a "s", (b < 0) ? "FAILED" : b "s"; exit }
+    printf "  %-28s %9.3fs %9.3fs %7.2f\n", l, a, b, (a > 0) ? b / a : 0 }'; }
 for i in 1 2; do
     b=$(timed qemu-img snapshot -c s$i big.qcow2); bd=$(timed qemu-img snapshot -d s$i big.qcow2)
     a=$(timed "$P" snapshot -c s$i big.qcow2); ad=$(timed "$P" snapshot -d s$i big.qcow2)
