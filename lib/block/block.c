@@ -263,6 +263,7 @@ int bdev_file_pwrite(struct bdev *file, const void *buf, uint64_t len, uint64_t 
         return pms_err(EROFS, "'%s' is opened read-only", file->filename);
     if (off + len < off)
         return pms_err(EINVAL, "offset overflow");
+    __atomic_store_n(&file->unflushed, 1, __ATOMIC_SEQ_CST);
     return file->drv->pwrite(file, buf, len, off);
 }
 
@@ -270,7 +271,12 @@ int bdev_file_flush(struct bdev *file)
 {
     if (file->readonly || file->cache_mode == PMS_CACHE_UNSAFE)
         return 0;
-    return file->drv->flush(file);
+    if (!__atomic_exchange_n(&file->unflushed, 0, __ATOMIC_SEQ_CST))
+        return 0;
+    int r = file->drv->flush(file);
+    if (r < 0)
+        __atomic_store_n(&file->unflushed, 1, __ATOMIC_SEQ_CST);
+    return r;
 }
 
 int64_t bdev_file_length(struct bdev *file)
@@ -282,6 +288,7 @@ int bdev_file_truncate(struct bdev *file, uint64_t size)
 {
     if (file->readonly)
         return pms_err(EROFS, "'%s' is opened read-only", file->filename);
+    __atomic_store_n(&file->unflushed, 1, __ATOMIC_SEQ_CST);
     return file->drv->truncate(file, size);
 }
 
@@ -289,6 +296,7 @@ int bdev_file_discard(struct bdev *file, uint64_t len, uint64_t off)
 {
     if (file->readonly)
         return pms_err(EROFS, "'%s' is opened read-only", file->filename);
+    __atomic_store_n(&file->unflushed, 1, __ATOMIC_SEQ_CST);
     return file->drv->discard ? file->drv->discard(file, len, off) : 0;
 }
 
@@ -296,5 +304,6 @@ int bdev_file_zero(struct bdev *file, uint64_t len, uint64_t off)
 {
     if (file->readonly)
         return pms_err(EROFS, "'%s' is opened read-only", file->filename);
+    __atomic_store_n(&file->unflushed, 1, __ATOMIC_SEQ_CST);
     return file->drv->pwrite_zeroes(file, len, off, 0);
 }

@@ -69,6 +69,8 @@ struct bdev {
     struct bdev *backing;        /* backing image, or NULL */
     pthread_mutex_t lock;        /* see header comment */
     uint64_t size;               /* cached virtual size */
+    int unflushed;               /* protocol node: written since the last flush
+                                    (atomic; lets redundant flushes be skipped) */
 };
 
 /* Drivers known to the core. */
