@@ -10,7 +10,8 @@
  *   io -c "read OFF LEN" | -c "write OFF LEN" FILE
  *   convert -O raw FILE OUT
  *
- * Errors print one line on stderr and exit 1.
+ * "-f FMT" is accepted anywhere (the image is always opened as qcow2), and
+ * io takes -r (read-only open).  Errors print one line on stderr and exit 1.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -194,6 +195,12 @@ static int cmd_snapshot(int argc, char **argv)
 
 static int cmd_io(int argc, char **argv)
 {
+    bool ro = false;
+    if (argc == 4 && !strcmp(argv[0], "-r")) {
+        ro = true;
+        argc--;
+        argv++;
+    }
     if (argc != 3 || strcmp(argv[0], "-c"))
         return usage();
     char op[16];
@@ -207,7 +214,7 @@ static int cmd_io(int argc, char **argv)
     if (len > (64u << 20))
         return usage();
     pms_dev *dev;
-    if (open_img(argv[2], !wr, &dev))
+    if (open_img(argv[2], ro || !wr, &dev))
         return 1;
     uint8_t *buf = malloc(len ? len : 1);
     int ret = 0;
@@ -265,6 +272,16 @@ int main(int argc, char **argv)
     const char *cmd = argv[1];
     argc -= 2;
     argv += 2;
+    int n = 0;                      /* drop "-f FMT" */
+    for (int i = 0; i < argc; i++) {
+        if (!strcmp(argv[i], "-f") && i + 1 < argc)
+            i++;
+        else
+            argv[n++] = argv[i];
+    }
+    argc = n;
+    if (argc < 1)
+        return usage();
     if (!strcmp(cmd, "info") && argc == 1)
         return cmd_info(argv[0]);
     if (!strcmp(cmd, "check"))

@@ -55,7 +55,8 @@ head -c 4096 /dev/zero | tr '\0' '\315' >"$W/pattern-4k"
 # ---- one case (runs in a subshell; output to $W/res/CASE.log) -------------
 one_case() {
     case=$1
-    local img=$W/img/$case.qcow2 D=$W/c/$case
+    # copies live next to the original so that relative backing names resolve
+    local img=$W/img/$case.qcow2 D=$W/c/$case copy=$W/img/$case.copy.qcow2
     mkdir -p "$D"
     cp "$img" "$D/pristine"
     fail() { echo "FAIL [$case] $*"; }
@@ -93,17 +94,17 @@ one_case() {
     fi
 
     # ---- info, map, snapshot -l -----------------------------------------
-    run info info "$T" info "$img"
+    run info info "$T" info -f qcow2 "$img"
     [ $qopen -ne 0 ] && [ $rc -eq 0 ] && fail "info succeeded, qemu-img refuses the image"
-    run map map "$T" map "$img"
+    run map map "$T" map -f qcow2 "$img"
     [ $qopen -ne 0 ] && [ $rc -eq 0 ] && fail "map succeeded, qemu-img refuses the image"
-    run snapl "snapshot -l" "$T" snapshot -l "$img"
+    run snapl "snapshot -l" "$T" snapshot -f qcow2 -l "$img"
     [ $qopen -ne 0 ] && [ $rc -eq 0 ] && fail "snapshot -l succeeded, qemu-img refuses the image"
     unchanged "info/map/snapshot -l"
 
     # ---- convert --------------------------------------------------------
     # (qemu-img is only asked where it opens the image at all)
-    run convert convert "$T" convert -O raw "$img" "$D/ours.out"
+    run convert convert "$T" convert -f qcow2 -O raw "$img" "$D/ours.out"
     unchanged convert
     qcrc=1
     [ $qopen -eq 0 ] && { qemu-img convert -f qcow2 -O raw "$img" "$D/q.out" >/dev/null 2>&1; qcrc=$?; }
@@ -118,7 +119,7 @@ one_case() {
     fi
 
     # ---- io read --------------------------------------------------------
-    run read read "$T" io -c "read 0 64k" "$img"
+    run read read "$T" io -f qcow2 -r -c "read 0 64k" "$img"
     unchanged "io read"
     if [ $qcrc -eq 0 ]; then
         head -c 65536 "$D/q.out" >"$D/q.raw"
@@ -139,7 +140,7 @@ one_case() {
     rm -f "$D/ours.out" "$D/q.out" "$D/q.raw"
 
     # ---- check ----------------------------------------------------------
-    run check check "$T" check --output=json "$img"
+    run check check "$T" check -f qcow2 --output=json "$img"
     unchanged check
     crc=$rc
     qcrc=1
@@ -168,11 +169,11 @@ one_case() {
     local mode q2 leaks modes="leaks all"
     [ $crc -eq 1 ] && [ $qopen -ne 0 ] && modes=
     for mode in $modes; do
-        cp "$D/pristine" "$D/copy.qcow2"
-        run repair check "$T" check -r $mode "$D/copy.qcow2"
+        cp "$D/pristine" "$copy"
+        run repair check "$T" check -f qcow2 -r $mode "$copy"
         [ $qopen -ne 0 ] && [ $rc -eq 0 ] && fail "check -r $mode succeeded, qemu-img refuses the image"
         if [ $rc -eq 0 ] || { [ $mode = leaks ] && [ $rc -eq 2 ]; }; then
-            qemu-img check -f qcow2 --output=json "$D/copy.qcow2" >"$D/q2.json" 2>/dev/null
+            qemu-img check -f qcow2 --output=json "$copy" >"$D/q2.json" 2>/dev/null
             q2=$?
             leaks=$(json "$D/q2.json" | sed -n 's/^leaks=//p')
             [ "$leaks" != 0 ] && fail "check -r $mode exit $rc but qemu-img check still finds $leaks leaks"
@@ -181,21 +182,21 @@ one_case() {
     done
 
     # ---- writes (on a copy) -------------------------------------------------
-    cp "$D/pristine" "$D/copy.qcow2"
-    run write write "$T" io -c "write 0 4k" "$D/copy.qcow2"
+    cp "$D/pristine" "$copy"
+    run write write "$T" io -f qcow2 -c "write 0 4k" "$copy"
     [ $qopen -ne 0 ] && [ $rc -eq 0 ] && fail "write succeeded, qemu-img refuses the image"
     if [ $rc -eq 0 ] && [ $RAWREAD = 1 ]; then
-        run readback read-back "$T" io -c "read 0 4k" "$D/copy.qcow2"
+        run readback read-back "$T" io -f qcow2 -r -c "read 0 4k" "$copy"
         [ $rc -eq 0 ] && ! cmp -s "$D/readback.out" "$W/pattern-4k" &&
             fail "write succeeded but does not read back"
     fi
-    run snapc "snapshot -c" "$T" snapshot -c x "$D/copy.qcow2"
+    run snapc "snapshot -c" "$T" snapshot -f qcow2 -c x "$copy"
     [ $qopen -ne 0 ] && [ $rc -eq 0 ] && fail "snapshot -c succeeded, qemu-img refuses the image"
     if [ $rc -eq 0 ]; then
-        run snapl2 "snapshot -l" "$T" snapshot -l "$D/copy.qcow2"
+        run snapl2 "snapshot -l" "$T" snapshot -f qcow2 -l "$copy"
         grep -qw x "$D/snapl2.out" || fail "snapshot -c succeeded but x is not listed"
     fi
-    rm -rf "$D"
+    rm -rf "$D" "$copy"
 }
 
 # json FILE: normalised check counters (missing fields are 0)
