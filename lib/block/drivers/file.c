@@ -5,6 +5,14 @@
  * file.  Zero writes punch holes where the file system can, else write zero
  * buffers.  cache=none is accepted but served through the page cache: qcow2
  * metadata updates are sub-sector, which O_DIRECT would reject.
+ *
+ * Locking: QEMU-compatible OFD byte locks (file-posix's scheme: byte 100+i
+ * "holds permission i", byte 200+i "does not share permission i"; i = 1
+ * write, 3 resize).  We take the "does not share write/resize" locks, so a
+ * QEMU writer (qemu-io, qemu-img snapshot -c, a running VM) refuses the
+ * image while we have it open, while QEMU readers (qemu-img info, check,
+ * snapshot -l) still work; and we refuse an image a QEMU writer holds.
+ * force_share (-U) skips all of it, as in QEMU.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -20,9 +28,43 @@
 
 struct file_state { int fd; bool is_blk; };
 
+enum { LOCK_PERM_BASE = 100, LOCK_SHARED_BASE = 200, PERM_WRITE = 1, PERM_RESIZE = 3 };
+
+/* Does another open file description hold a lock on byte off? */
+static bool byte_locked(int fd, off_t off)
+{
+    struct flock fl = { .l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = off, .l_len = 1 };
+    if (fcntl(fd, F_OFD_GETLK, &fl) < 0)
+        return false;
+    return fl.l_type != F_UNLCK;
+}
+
+static int take_locks(struct bdev *bs, int fd, const char *path)
+{
+    static const struct { int off; const char *what; } rw_tests[] = {
+        { LOCK_PERM_BASE + PERM_WRITE, "shared \"write\"" },
+        { LOCK_PERM_BASE + PERM_RESIZE, "shared \"resize\"" },
+        { LOCK_SHARED_BASE + PERM_WRITE, "\"write\"" },
+        { LOCK_SHARED_BASE + PERM_RESIZE, "\"resize\"" },
+    };
+    size_t ntests = bs->readonly ? 2 : 4;
+    for (size_t i = 0; i < ntests; i++)
+        if (byte_locked(fd, rw_tests[i].off))
+            return pms_err(EBUSY, "failed to get %s lock on '%s': is another process using "
+                           "the image? (-U / force_share opens it anyway, read-only)",
+                           rw_tests[i].what, path);
+    for (int b = PERM_WRITE; b <= PERM_RESIZE; b += 2) {
+        struct flock fl = { .l_type = F_RDLCK, .l_whence = SEEK_SET,
+                            .l_start = LOCK_SHARED_BASE + b, .l_len = 1 };
+        if (fcntl(fd, F_OFD_SETLK, &fl) < 0 && errno != EINVAL && errno != ENOLCK &&
+            errno != EOPNOTSUPP)
+            return pms_err(EBUSY, "failed to lock '%s': %s", path, strerror(errno));
+    }
+    return 0;
+}
+
 static int file_open(struct bdev *bs, const char *path, const struct pms_open_opts *o)
 {
-    (void)o;
     struct file_state *s = bs->opaque;
     int fd = open(path, (bs->readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
     if (fd < 0)
@@ -36,6 +78,13 @@ static int file_open(struct bdev *bs, const char *path, const struct pms_open_op
     if (S_ISDIR(st.st_mode)) {
         close(fd);
         return pms_err(EISDIR, "'%s' is a directory", path);
+    }
+    if (!(o && o->force_share) && S_ISREG(st.st_mode)) {
+        int r = take_locks(bs, fd, path);
+        if (r < 0) {
+            close(fd);
+            return r;
+        }
     }
     s->fd = fd;
     s->is_blk = S_ISBLK(st.st_mode);
