@@ -1,15 +1,1138 @@
-/* Memory device — placeholder until lib/mem lands. */
+/* Memory device, buffered mode: an image exposed as an anonymous mapping
+ * whose pages are faulted in lazily through userfaultfd and written back
+ * through the block layer.
+ *
+ * Page states (per 4 KiB page of the mapping):
+ *   MISSING   pte none; the image holds the page's bytes.  A touch raises a
+ *             missing fault; the fault thread reads the surrounding chunk
+ *             (bdev_block_status: zero extents need no I/O) and installs it
+ *             write-protected (UFFDIO_COPY_MODE_WP; zero extents are copied
+ *             from a zeroed buffer because uffd-wp does not stick to the
+ *             shared zero page; read-only mappings use UFFDIO_ZEROPAGE).
+ *   CLEAN     resident, write-protected, bytes == image bytes (or a newer
+ *             write of them is in flight from the writeback path).
+ *   DIRTY     resident, written since its last writeback.  Async mode
+ *             (UFFD_FEATURE_WP_ASYNC): the kernel resolves the first store
+ *             and clears the pte's uffd-wp bit; PAGEMAP_SCAN with
+ *             PM_SCAN_WP_MATCHING reports written pages and re-protects
+ *             them in one call.  Sync mode: the store raises a WP fault, the
+ *             fault thread sets the page's bit in `dirty` and un-protects.
+ *   POISONED  fault-in failed with an I/O error; UFFDIO_POISON makes every
+ *             access SIGBUS until the page is dropped (revert, eviction).
+ * Transitions: MISSING->CLEAN (fault/prefetch, under mu), CLEAN->DIRTY
+ * (store), DIRTY->CLEAN (writeback: re-protect first, then write the bytes
+ * from the mapping; a store racing the write re-dirties the page, so the
+ * image converges), CLEAN->MISSING (eviction/revert, MADV_DONTNEED).
+ * Invariant: a MISSING page is never newer in memory than in the image,
+ * so fault-in may always read the image.  Only clean pages are dropped,
+ * and only while no store can slip in between the check and the drop
+ * (sync: stores fault to us and wait on wp_mu; async: a safepoint).
+ *
+ * Threads:
+ *   fault thread    reads uffd messages, serves missing faults (mu),
+ *                   sync WP faults (wp_mu), poisons on read errors.
+ *                   Never touches the mapping with loads/stores and never
+ *                   waits for application threads.
+ *   writeback thread every writeback_interval_ms (or when kicked): writes
+ *                   dirty pages back (wb_mu), evicts clean pages over the
+ *                   memory cap (wb_mu, mu, safepoint).
+ *   prefetch thread optional; installs missing chunks front to back (mu).
+ *   callers         persist/snapshot/revert/unmap take wb_mu; pread/pwrite
+ *                   copy to/from the mapping like any store (no lock).
+ * Locks, in order: wb_mu (one writer of memory contents to the image at a
+ * time; held across a snapshot so nothing dirtied after the cut reaches the
+ * image before the commit) -> mu (residency bitmap, installs and drops) ->
+ * wp_mu (sync-mode dirty bitmap; never held across I/O or malloc) ->
+ * bs->lock (taken inside bdev_*).  Counters are atomics, read lock-free.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
 #include "pms-dev.h"
 #include "util/error.h"
-int pms_mem_map(pms_dev *d, const struct pms_map_opts *o, struct pms_mem **m, void **a, size_t *l)
-{ (void)d; (void)o; (void)m; (void)a; (void)l; return pms_err(ENOTSUP, "not implemented"); }
-int pms_mem_unmap(struct pms_mem *m) { (void)m; return 0; }
-int pms_mem_persist(struct pms_mem *m, const void *a, size_t l) { (void)m; (void)a; (void)l; return -ENOTSUP; }
-int pms_mem_pread(struct pms_mem *m, void *b, size_t l, uint64_t o) { (void)m; (void)b; (void)l; (void)o; return -ENOTSUP; }
-int pms_mem_pwrite(struct pms_mem *m, const void *b, size_t l, uint64_t o) { (void)m; (void)b; (void)l; (void)o; return -ENOTSUP; }
-int pms_mem_write_zeroes(struct pms_mem *m, size_t l, uint64_t o) { (void)m; (void)l; (void)o; return -ENOTSUP; }
-int pms_mem_discard(struct pms_mem *m, size_t l, uint64_t o) { (void)m; (void)l; (void)o; return -ENOTSUP; }
-int pms_mem_flush(struct pms_mem *m) { (void)m; return -ENOTSUP; }
-int pms_mem_snapshot_create(struct pms_mem *m, const char *n, unsigned f) { (void)m; (void)n; (void)f; return -ENOTSUP; }
-int pms_mem_snapshot_revert(struct pms_mem *m, const char *n) { (void)m; (void)n; return -ENOTSUP; }
-int pms_mem_stats(struct pms_mem *m, struct pms_stats *s) { (void)m; (void)s; return -ENOTSUP; }
+#include "mem-int.h"
+#include "uffd-compat.h"
+
+#define PG          4096ull
+#define RA_MAX      (4ull << 20)      /* sequential read-ahead window */
+#define PF_STEP     (1ull << 20)      /* prefetch unit */
+#define SCAN_VEC    65536             /* PAGEMAP_SCAN output entries */
+#define EVICT_STEP  (2ull << 20)
+
+struct run { uint64_t off, len, stage; };
+
+struct pms_mem {
+    pms_dev *dev;
+    struct bdev *bs;
+    uint8_t *base;
+    uint64_t maplen, size, npages;
+    uint64_t chunk;
+    bool ro, async, wp;
+    int uffd, pagemap_fd, evfd;
+    uint64_t features;
+    unsigned interval_ms;
+    uint64_t limit_pages;
+
+    pthread_mutex_t mu, wp_mu, wb_mu;
+    pthread_mutex_t ctl_mu;          /* kick/evict handshake with writeback thread */
+    pthread_cond_t ctl_cond, evict_cond;
+    bool kick, want_evict;
+    uint64_t evict_rounds;
+
+    uint64_t *resident, *dirty;      /* bitmaps (mu / wp_mu) */
+    uint8_t *fbuf, *pbuf;            /* fault / prefetch read buffers */
+    struct page_region *vec;         /* PAGEMAP_SCAN output (wb_mu) */
+    struct run *runs;                /* snapshot cut runs (wb_mu) */
+    uint64_t nruns_max;
+    uint8_t *stage;                  /* snapshot staging (wb_mu) */
+    uint64_t seq_next, ra, hand;
+
+    pthread_t fault_th, wb_th, pf_th;
+    bool have_wb, have_pf, have_fault;
+    _Atomic bool stop;
+
+    _Atomic uint64_t faults, wp_faults, bytes_in, bytes_out, nresident, ndirty,
+                     evicted, snapshots, snap_ns, snap_pause_ns, snap_bytes, io_errors;
+    char lasterr[160];               /* mu */
+};
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static bool bit(const uint64_t *b, uint64_t i) { return (b[i >> 6] >> (i & 63)) & 1; }
+static void bset(uint64_t *b, uint64_t i) { b[i >> 6] |= 1ull << (i & 63); }
+static void bclr(uint64_t *b, uint64_t i) { b[i >> 6] &= ~(1ull << (i & 63)); }
+
+static void *vmalloc(uint64_t len)
+{
+    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+/* ---- uffd primitives ------------------------------------------------------ */
+
+static int uwake(struct pms_mem *m, uint64_t off, uint64_t len)
+{
+    struct uffdio_range r = { (uint64_t)(uintptr_t)(m->base + off), len };
+    return ioctl(m->uffd, UFFDIO_WAKE, &r) < 0 ? -errno : 0;
+}
+
+static int uprotect(struct pms_mem *m, uint64_t off, uint64_t len, bool wp, bool wake)
+{
+    struct uffdio_writeprotect w = {
+        .range = { (uint64_t)(uintptr_t)(m->base + off), len },
+        .mode = (wp ? UFFDIO_WRITEPROTECT_MODE_WP : 0) |
+                (wake ? 0 : UFFDIO_WRITEPROTECT_MODE_DONTWAKE),
+    };
+    while (ioctl(m->uffd, UFFDIO_WRITEPROTECT, &w) < 0)
+        if (errno != EAGAIN)
+            return -errno;
+    return 0;
+}
+
+/* Mark [off, off+len) resident (mu held). */
+static void mark_resident(struct pms_mem *m, uint64_t off, uint64_t len)
+{
+    for (uint64_t p = off / PG; p < (off + len) / PG; p++)
+        if (!bit(m->resident, p)) {
+            bset(m->resident, p);
+            atomic_fetch_add(&m->nresident, 1);
+        }
+}
+
+/* Install bytes (src) or zeroes (src NULL) over missing pages in
+ * [off, off+len); pages that turn out present are skipped.  mu held. */
+static int install(struct pms_mem *m, uint64_t off, uint64_t len, const uint8_t *src)
+{
+    while (len) {
+        long done;
+        if (src) {
+            struct uffdio_copy c = {
+                .dst = (uint64_t)(uintptr_t)(m->base + off),
+                .src = (uint64_t)(uintptr_t)src, .len = len,
+                .mode = UFFDIO_COPY_MODE_DONTWAKE | (m->wp ? UFFDIO_COPY_MODE_WP : 0),
+            };
+            int r = ioctl(m->uffd, UFFDIO_COPY, &c);
+            done = c.copy > 0 ? c.copy : 0;
+            if (r < 0 && errno != EEXIST && errno != EAGAIN)
+                return -errno;
+            if (r < 0 && errno == EEXIST && done == 0)
+                done = -1;
+        } else {
+            struct uffdio_zeropage z = {
+                .range = { (uint64_t)(uintptr_t)(m->base + off), len },
+                .mode = UFFDIO_ZEROPAGE_MODE_DONTWAKE,
+            };
+            int r = ioctl(m->uffd, UFFDIO_ZEROPAGE, &z);
+            done = z.zeropage > 0 ? z.zeropage : 0;
+            if (r < 0 && errno != EEXIST && errno != EAGAIN)
+                return -errno;
+            if (r < 0 && errno == EEXIST && done == 0)
+                done = -1;
+        }
+        if (done < 0) {                 /* first page already present */
+            mark_resident(m, off, PG);
+            done = PG;
+        } else
+            mark_resident(m, off, (uint64_t)done);
+        off += (uint64_t)done;
+        len -= (uint64_t)done;
+        if (src)
+            src += done;
+    }
+    return 0;
+}
+
+/* Read [off, off+len) of the image into buf and install it; off, len page
+ * aligned, inside the mapping.  mu held. */
+static int fill_run(struct pms_mem *m, uint8_t *buf, uint64_t off, uint64_t len)
+{
+    uint64_t end = off + len;
+    while (off < end) {
+        uint64_t n = end - off;
+        bool zero = false;
+        if (off >= m->size) {
+            zero = true;
+        } else {
+            uint64_t dl = (end < m->size ? end : m->size) - off;
+            struct pms_extent e;
+            /* raw over the fault injector has no block status: read it all */
+            bool bst = !(m->bs->file && !m->bs->file->drv->block_status &&
+                         strcmp(m->bs->drv->name, "raw") == 0);
+            if (bst && bdev_block_status(m->bs, off, dl, &e) == 0) {
+                zero = (e.flags & PMS_BLOCK_ZERO) != 0;
+                n = e.length;
+            } else
+                n = dl;
+            if (off + n < end) {     /* extent end: round to pages */
+                uint64_t pe = (off + n + PG - 1) & ~(PG - 1);
+                if (pe > off + n && zero)
+                    zero = false, n = pe - off;        /* partial page: read it */
+                else
+                    n = pe - off;
+            }
+            if (off + n > end)
+                n = end - off;
+        }
+        if (zero && m->wp) {
+            /* a write-protected zero page does not stay protected (the
+             * kernel drops uffd-wp on the shared zero pfn): install real
+             * zero-filled pages instead; still no I/O */
+            memset(buf, 0, n);
+            int r = install(m, off, n, buf);
+            if (r < 0)
+                return pms_err(-r, "UFFDIO_COPY failed: %s", strerror(-r));
+        } else if (zero) {
+            int r = install(m, off, n, NULL);
+            if (r < 0)
+                return pms_err(-r, "UFFDIO_ZEROPAGE failed: %s", strerror(-r));
+        } else {
+            uint64_t rl = off + n <= m->size ? n : m->size - off;
+            int r = bdev_pread(m->bs, buf, rl, off);
+            if (r < 0)
+                return r;
+            if (rl < n)
+                memset(buf + rl, 0, n - rl);
+            atomic_fetch_add(&m->bytes_in, n);
+            r = install(m, off, n, buf);
+            if (r < 0)
+                return pms_err(-r, "UFFDIO_COPY failed: %s", strerror(-r));
+        }
+        off += n;
+    }
+    return 0;
+}
+
+/* Install all missing pages of [off, end).  mu held. */
+static int fill(struct pms_mem *m, uint8_t *buf, uint64_t off, uint64_t end)
+{
+    uint64_t p = off / PG, pe = end / PG;
+    while (p < pe) {
+        while (p < pe && bit(m->resident, p))
+            p++;
+        uint64_t q = p;
+        while (q < pe && !bit(m->resident, q))
+            q++;
+        if (q > p) {
+            int r = fill_run(m, buf, p * PG, (q - p) * PG);
+            if (r < 0)
+                return r;
+        }
+        p = q;
+    }
+    return 0;
+}
+
+static void record_error(struct pms_mem *m, uint64_t off, const char *msg)
+{
+    atomic_fetch_add(&m->io_errors, 1);
+    snprintf(m->lasterr, sizeof m->lasterr, "read error faulting in offset %llu: %s",
+             (unsigned long long)off, msg);
+}
+
+/* Wait (bounded) for the writeback thread to bring residency under cap. */
+static void wait_cap(struct pms_mem *m, uint64_t want)
+{
+    if (!m->limit_pages || atomic_load(&m->nresident) + want <= m->limit_pages)
+        return;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_nsec += 200 * 1000000L;
+    if (ts.tv_nsec >= 1000000000L) { ts.tv_sec++; ts.tv_nsec -= 1000000000L; }
+    pthread_mutex_lock(&m->ctl_mu);
+    uint64_t round = m->evict_rounds;
+    m->want_evict = true;
+    pthread_cond_signal(&m->ctl_cond);
+    while (m->evict_rounds == round && !atomic_load(&m->stop) &&
+           atomic_load(&m->nresident) + want > m->limit_pages)
+        if (pthread_cond_timedwait(&m->evict_cond, &m->ctl_mu, &ts) != 0)
+            break;
+    pthread_mutex_unlock(&m->ctl_mu);
+}
+
+static void serve_missing(struct pms_mem *m, uint64_t addr, unsigned flags, pid_t ptid)
+{
+    uint64_t off = (addr - (uint64_t)(uintptr_t)m->base) & ~(PG - 1);
+    uint64_t c0 = off & ~(m->chunk - 1);
+    if (c0 == m->seq_next || off == m->seq_next)
+        m->ra = m->ra * 2 > RA_MAX ? RA_MAX : m->ra * 2;
+    else
+        m->ra = m->chunk;
+    uint64_t win = m->ra;
+    if (m->limit_pages && win / PG > m->limit_pages / 8)
+        win = m->chunk;
+    uint64_t c1 = c0 + win < m->maplen ? c0 + win : m->maplen;
+    m->seq_next = c1;
+    wait_cap(m, (c1 - c0) / PG);
+    atomic_fetch_add(&m->faults, 1);
+
+    pthread_mutex_lock(&m->mu);
+    bool was = bit(m->resident, off / PG);
+    /* install the faulting chunk first, wake, then the read-ahead */
+    uint64_t f1 = c0 + m->chunk < c1 ? c0 + m->chunk : c1;
+    int r = fill(m, m->fbuf, c0, f1);
+    if (r < 0 && !bit(m->resident, off / PG)) {
+        /* retry the faulting page alone: the error may be elsewhere */
+        pms_err_clear();
+        r = fill(m, m->fbuf, off, off + PG);
+        if (r < 0) {
+            record_error(m, off, pms_err_get());
+            struct uffdio_poison p = {
+                .range = { (uint64_t)(uintptr_t)(m->base + off), PG }, .mode = 0 };
+            if ((m->features & UFFD_FEATURE_POISON) &&
+                ioctl(m->uffd, UFFDIO_POISON, &p) == 0) {
+                mark_resident(m, off, PG);
+            } else if (ptid > 0) {
+                syscall(SYS_tgkill, getpid(), ptid, SIGBUS);
+            }
+            pthread_mutex_unlock(&m->mu);
+            return;
+        }
+    }
+    if (!was && m->wp && !m->async && (flags & UFFD_PAGEFAULT_FLAG_WRITE) &&
+        bit(m->resident, off / PG)) {
+        /* sync mode: a write fault installs the page writable and dirty */
+        pthread_mutex_lock(&m->wp_mu);
+        if (!bit(m->dirty, off / PG)) {
+            bset(m->dirty, off / PG);
+            atomic_fetch_add(&m->ndirty, 1);
+        }
+        uprotect(m, off, PG, false, false);
+        pthread_mutex_unlock(&m->wp_mu);
+    }
+    uwake(m, c0, f1 - c0);
+    if (f1 < c1 && r == 0)
+        fill(m, m->fbuf, f1, c1);     /* read-ahead: errors surface on touch */
+    pthread_mutex_unlock(&m->mu);
+    if (f1 < c1)
+        uwake(m, f1, c1 - f1);
+}
+
+static void serve_wp(struct pms_mem *m, uint64_t addr)
+{
+    uint64_t off = (addr - (uint64_t)(uintptr_t)m->base) & ~(PG - 1);
+    atomic_fetch_add(&m->wp_faults, 1);
+    pthread_mutex_lock(&m->wp_mu);
+    if (bit(m->resident, off / PG)) {
+        if (!bit(m->dirty, off / PG)) {
+            bset(m->dirty, off / PG);
+            atomic_fetch_add(&m->ndirty, 1);
+        }
+        uprotect(m, off, PG, false, true);
+    } else
+        uwake(m, off, PG);
+    pthread_mutex_unlock(&m->wp_mu);
+}
+
+static void *fault_main(void *arg)
+{
+    struct pms_mem *m = arg;
+    pms_sp_exempt(1);
+    struct uffd_msg msg[16];
+    while (!atomic_load(&m->stop)) {
+        struct pollfd pf[2] = { { m->uffd, POLLIN, 0 }, { m->evfd, POLLIN, 0 } };
+        if (poll(pf, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            break;
+        }
+        if (pf[1].revents)
+            break;
+        ssize_t n = read(m->uffd, msg, sizeof msg);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                continue;
+            if (getenv("PMS_MEM_DEBUG")) fprintf(stderr, "fault thread: read: %s\n", strerror(errno));
+            break;
+        }
+        for (ssize_t i = 0; i < n / (ssize_t)sizeof *msg; i++) {
+            if (msg[i].event != UFFD_EVENT_PAGEFAULT)
+                continue;
+            uint64_t a = msg[i].arg.pagefault.address;
+            unsigned fl = (unsigned)msg[i].arg.pagefault.flags;
+            if (fl & UFFD_PAGEFAULT_FLAG_WP)
+                serve_wp(m, a);
+            else
+                serve_missing(m, a, fl, (pid_t)msg[i].arg.pagefault.feat.ptid);
+        }
+    }
+    pms_sp_exempt(0);
+    return NULL;
+}
+
+static void *prefetch_main(void *arg)
+{
+    struct pms_mem *m = arg;
+    pms_sp_exempt(1);
+    for (uint64_t off = 0; off < m->maplen && !atomic_load(&m->stop); off += PF_STEP) {
+        if (m->limit_pages && atomic_load(&m->nresident) > m->limit_pages / 2)
+            break;
+        uint64_t end = off + PF_STEP < m->maplen ? off + PF_STEP : m->maplen;
+        pthread_mutex_lock(&m->mu);
+        int r = fill(m, m->pbuf, off, end);
+        pthread_mutex_unlock(&m->mu);
+        uwake(m, off, end - off);
+        if (r < 0)
+            pms_err_clear();         /* leave the range to the fault path */
+    }
+    pms_sp_exempt(0);
+    return NULL;
+}
+
+/* ---- dirty collection and writeback -------------------------------------- */
+
+static int scan(struct pms_mem *m, uint64_t *start, uint64_t end, bool wp_match,
+                struct page_region *vec, uint64_t vlen)
+{
+    struct pm_scan_arg a = {
+        .size = sizeof a,
+        .flags = wp_match ? (PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC) : 0,
+        .start = (uint64_t)(uintptr_t)m->base + *start,
+        .end = (uint64_t)(uintptr_t)m->base + end,
+        .vec = (uint64_t)(uintptr_t)vec, .vec_len = vlen,
+        .category_mask = PAGE_IS_WRITTEN | PAGE_IS_PRESENT,   /* holes count as "written" */
+        .return_mask = PAGE_IS_WRITTEN,
+    };
+    int n = ioctl(m->pagemap_fd, PAGEMAP_SCAN, &a);
+    if (n < 0)
+        return -errno;
+    *start = a.walk_end - (uint64_t)(uintptr_t)m->base;
+    for (int i = 0; i < n; i++) {
+        vec[i].start -= (uint64_t)(uintptr_t)m->base;
+        vec[i].end -= (uint64_t)(uintptr_t)m->base;
+    }
+    return n;
+}
+
+/* Write [off, off+len) of the mapping to the image (clipped to its size). */
+static int write_out(struct pms_mem *m, const uint8_t *src, uint64_t off, uint64_t len)
+{
+    if (off >= m->size)
+        return 0;
+    if (off + len > m->size)
+        len = m->size - off;
+    int r = bdev_pwrite(m->bs, src, len, off);
+    if (r >= 0)
+        atomic_fetch_add(&m->bytes_out, len);
+    return r < 0 ? r : 0;
+}
+
+/* Collect the sync-mode dirty runs of [s, e) into m->runs, re-protecting
+ * them and clearing their bits; at most max runs.  wp_mu held.  Returns
+ * the count; *next = where to continue. */
+static uint64_t collect_sync(struct pms_mem *m, uint64_t s, uint64_t e, uint64_t max,
+                             uint64_t *next)
+{
+    uint64_t n = 0, p = s / PG, pe = e / PG;
+    while (p < pe && n < max) {
+        if (!m->dirty[p >> 6]) {
+            p = (p | 63) + 1;
+            continue;
+        }
+        if (!bit(m->dirty, p)) {
+            p++;
+            continue;
+        }
+        uint64_t q = p;
+        while (q < pe && bit(m->dirty, q)) {
+            bclr(m->dirty, q);
+            q++;
+        }
+        atomic_fetch_sub(&m->ndirty, q - p);
+        uprotect(m, p * PG, (q - p) * PG, true, false);
+        m->runs[n++] = (struct run){ p * PG, (q - p) * PG, 0 };
+        p = q;
+    }
+    *next = p * PG < e ? p * PG : e;
+    return n;
+}
+
+/* Write back every dirty page of [s, e); wb_mu held.  Returns bytes or -errno. */
+static int64_t writeback(struct pms_mem *m, uint64_t s, uint64_t e)
+{
+    int64_t bytes = 0;
+    if (!m->wp)
+        return 0;
+    if (m->async) {
+        uint64_t cur = s;
+        while (cur < e) {
+            int n = scan(m, &cur, e, true, m->vec, SCAN_VEC);
+            if (n < 0)
+                return pms_err(-n, "PAGEMAP_SCAN failed: %s", strerror(-n));
+            for (int i = 0; i < n; i++) {
+                uint64_t o = m->vec[i].start, l = m->vec[i].end - o;
+                int r = write_out(m, m->base + o, o, l);
+                if (r < 0)
+                    return r;
+                bytes += (int64_t)l;
+            }
+            if (n == 0)
+                break;
+        }
+        return bytes;
+    }
+    uint64_t cur = s;
+    while (cur < e) {
+        pthread_mutex_lock(&m->wp_mu);
+        uint64_t n = collect_sync(m, cur, e, m->nruns_max, &cur);
+        pthread_mutex_unlock(&m->wp_mu);
+        for (uint64_t i = 0; i < n; i++) {
+            int r = write_out(m, m->base + m->runs[i].off, m->runs[i].off, m->runs[i].len);
+            if (r < 0)
+                return r;
+            bytes += (int64_t)m->runs[i].len;
+        }
+    }
+    return bytes;
+}
+
+/* Drop clean resident pages until residency is at 3/4 of the cap.
+ * wb_mu held. */
+static void evict(struct pms_mem *m)
+{
+    uint64_t target = m->limit_pages * 3 / 4;
+    if (atomic_load(&m->nresident) <= target)
+        return;
+    pthread_mutex_lock(&m->mu);
+    if (m->async && pms_sp_stop(50) < 0) {
+        pthread_mutex_unlock(&m->mu);
+        return;
+    }
+    pthread_mutex_lock(&m->wp_mu);
+    uint64_t start = m->hand, cur = start, steps = 0, nsteps = m->maplen / EVICT_STEP + 2;
+    struct page_region wv[512];
+    while (atomic_load(&m->nresident) > target && steps++ < nsteps) {
+        uint64_t end = cur + EVICT_STEP < m->maplen ? cur + EVICT_STEP : m->maplen;
+        uint64_t p0 = cur / PG, pe = end / PG;
+        bool any = false;
+        for (uint64_t w = p0 >> 6; w <= (pe - 1) >> 6 && !any; w++)
+            any = m->resident[w] != 0;
+        if (any) {
+            /* pages written since their writeback stay */
+            uint64_t keep0[EVICT_STEP / PG / 64];
+            memset(keep0, 0, sizeof keep0);
+            if (m->async) {
+                uint64_t sc = cur;
+                while (sc < end) {
+                    int n = scan(m, &sc, end, false, wv, 512);
+                    if (n <= 0)
+                        break;
+                    for (int i = 0; i < n; i++)
+                        for (uint64_t o = wv[i].start; o < wv[i].end; o += PG)
+                            bset(keep0, (o - cur) / PG);
+                }
+            } else if (m->wp) {
+                for (uint64_t p = p0; p < pe; p++)
+                    if (bit(m->dirty, p))
+                        bset(keep0, p - p0);
+            }
+            uint64_t p = p0;
+            while (p < pe) {
+                while (p < pe && (!bit(m->resident, p) || bit(keep0, p - p0)))
+                    p++;
+                uint64_t q = p;
+                while (q < pe && bit(m->resident, q) && !bit(keep0, q - p0))
+                    q++;
+                if (q > p) {
+                    madvise(m->base + p * PG, (q - p) * PG, MADV_DONTNEED);
+                    for (uint64_t i = p; i < q; i++)
+                        bclr(m->resident, i);
+                    atomic_fetch_sub(&m->nresident, q - p);
+                    atomic_fetch_add(&m->evicted, q - p);
+                }
+                p = q;
+            }
+        }
+        cur = end >= m->maplen ? 0 : end;
+    }
+    m->hand = cur;
+    pthread_mutex_unlock(&m->wp_mu);
+    if (m->async)
+        pms_sp_release();
+    pthread_mutex_unlock(&m->mu);
+}
+
+static void *wb_main(void *arg)
+{
+    struct pms_mem *m = arg;
+    pms_sp_exempt(1);
+    while (!atomic_load(&m->stop)) {
+        pthread_mutex_lock(&m->ctl_mu);
+        if (!m->kick && !m->want_evict) {
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            uint64_t ns = (uint64_t)ts.tv_nsec + (uint64_t)m->interval_ms * 1000000ull;
+            ts.tv_sec += (time_t)(ns / 1000000000ull);
+            ts.tv_nsec = (long)(ns % 1000000000ull);
+            pthread_cond_timedwait(&m->ctl_cond, &m->ctl_mu, &ts);
+        }
+        m->kick = false;
+        m->want_evict = false;
+        pthread_mutex_unlock(&m->ctl_mu);
+        if (atomic_load(&m->stop))
+            break;
+        pthread_mutex_lock(&m->wb_mu);
+        if (writeback(m, 0, m->maplen) < 0)
+            pms_err_clear();          /* retried next round; persist reports */
+        if (m->limit_pages && atomic_load(&m->nresident) > m->limit_pages * 7 / 8)
+            evict(m);
+        pthread_mutex_unlock(&m->wb_mu);
+        pthread_mutex_lock(&m->ctl_mu);
+        m->evict_rounds++;
+        pthread_cond_broadcast(&m->evict_cond);
+        pthread_mutex_unlock(&m->ctl_mu);
+    }
+    pms_sp_exempt(0);
+    return NULL;
+}
+
+/* ---- setup ------------------------------------------------------------------ */
+
+static int uffd_open(int flags)
+{
+    int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | flags);
+    if (fd >= 0 || errno != EPERM)
+        return fd < 0 ? -errno : fd;
+    /* unprivileged: /dev/userfaultfd (needs read/write access to it) */
+    int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+    if (dev >= 0) {
+        fd = ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK | flags);
+        close(dev);
+        if (fd >= 0)
+            return fd;
+    }
+    /* last resort: user-mode faults only (kernel accesses get EFAULT) */
+    if (!(flags & UFFD_USER_MODE_ONLY)) {
+        fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY);
+        if (fd >= 0)
+            return fd;
+    }
+    return -EPERM;
+}
+
+static uint64_t probe_features(void)
+{
+    int fd = uffd_open(0);
+    if (fd < 0)
+        return 0;
+    struct uffdio_api api = { .api = UFFD_API, .features = 0 };
+    uint64_t f = ioctl(fd, UFFDIO_API, &api) == 0 ? api.features : 0;
+    close(fd);
+    return f;
+}
+
+static void mem_free(struct pms_mem *m)
+{
+    if (m->base) munmap(m->base, m->maplen);
+    if (m->resident) munmap(m->resident, (m->npages / 64 + 1) * 8);
+    if (m->dirty) munmap(m->dirty, (m->npages / 64 + 1) * 8);
+    if (m->vec) munmap(m->vec, SCAN_VEC * sizeof *m->vec);
+    if (m->runs) munmap(m->runs, m->nruns_max * sizeof *m->runs);
+    if (m->stage) munmap(m->stage, m->maplen);
+    free(m->fbuf);
+    free(m->pbuf);
+    if (m->uffd >= 0) close(m->uffd);
+    if (m->pagemap_fd >= 0) close(m->pagemap_fd);
+    if (m->evfd >= 0) close(m->evfd);
+    pthread_mutex_destroy(&m->mu);
+    pthread_mutex_destroy(&m->wp_mu);
+    pthread_mutex_destroy(&m->wb_mu);
+    pthread_mutex_destroy(&m->ctl_mu);
+    pthread_cond_destroy(&m->ctl_cond);
+    pthread_cond_destroy(&m->evict_cond);
+    free(m);
+}
+
+static void stop_threads(struct pms_mem *m)
+{
+    atomic_store(&m->stop, true);
+    uint64_t one = 1;
+    if (write(m->evfd, &one, sizeof one) < 0) { /* poll sees stop anyway */ }
+    pthread_mutex_lock(&m->ctl_mu);
+    pthread_cond_broadcast(&m->ctl_cond);
+    pthread_cond_broadcast(&m->evict_cond);
+    pthread_mutex_unlock(&m->ctl_mu);
+    if (m->have_pf) pthread_join(m->pf_th, NULL);
+    if (m->have_wb) pthread_join(m->wb_th, NULL);
+    if (m->have_fault) pthread_join(m->fault_th, NULL);
+    m->have_pf = m->have_wb = m->have_fault = false;
+}
+
+int pms_mem_map(pms_dev *dev, const struct pms_map_opts *o, struct pms_mem **memp,
+                void **addrp, size_t *lenp)
+{
+    struct pms_map_opts def;
+    if (!o) {
+        pms_map_opts_init(&def);
+        o = &def;
+    }
+    if (!addrp)
+        return pms_err(EINVAL, "addrp is NULL");
+    uint64_t size = dev->bs->size;
+    if (size == 0)
+        return pms_err(EINVAL, "image '%s' is empty", dev->bs->filename);
+    if (o->chunk_size && (o->chunk_size < PG || (o->chunk_size & (o->chunk_size - 1))))
+        return pms_err(EINVAL, "chunk_size %llu is not a power of two >= %llu",
+                       (unsigned long long)o->chunk_size, PG);
+    if (o->dirty_tracking < PMS_DIRTY_AUTO || o->dirty_tracking > PMS_DIRTY_SYNC_WP)
+        return pms_err(EINVAL, "unknown dirty_tracking mode %d", o->dirty_tracking);
+    int r = pms_sp_init();
+    if (r < 0)
+        return pms_err(-r, "cannot install the safepoint signal handler");
+
+    struct pms_mem *m = calloc(1, sizeof *m);
+    if (!m)
+        return pms_err(ENOMEM, "out of memory");
+    m->uffd = m->pagemap_fd = m->evfd = -1;
+    pthread_mutex_init(&m->mu, NULL);
+    pthread_mutex_init(&m->wp_mu, NULL);
+    pthread_mutex_init(&m->wb_mu, NULL);
+    pthread_mutex_init(&m->ctl_mu, NULL);
+    pthread_cond_init(&m->ctl_cond, NULL);
+    pthread_cond_init(&m->evict_cond, NULL);
+    m->dev = dev;
+    m->bs = dev->bs;
+    m->size = size;
+    m->maplen = (size + PG - 1) & ~(PG - 1);
+    m->npages = m->maplen / PG;
+    m->ro = dev->bs->readonly;
+    m->chunk = o->chunk_size ? o->chunk_size : 65536;
+    struct pms_info info = { .size = sizeof info };
+    if (!o->chunk_size && dev->bs->drv->info && dev->bs->drv->info(dev->bs, &info) == 0 &&
+        info.cluster_size >= PG && info.cluster_size <= (2u << 20))
+        m->chunk = info.cluster_size;
+    m->ra = m->chunk;
+    m->seq_next = UINT64_MAX;
+    m->interval_ms = o->writeback_interval_ms ? o->writeback_interval_ms : 1000;
+    m->limit_pages = o->mem_limit / PG;
+    if (o->mem_limit && m->limit_pages < 4 * (m->chunk / PG)) {
+        mem_free(m);
+        return pms_err(EINVAL, "mem_limit %llu is below four chunks (%llu bytes)",
+                       (unsigned long long)o->mem_limit, (unsigned long long)(4 * m->chunk));
+    }
+
+    uint64_t avail = probe_features();
+    bool have_async = (avail & UFFD_FEATURE_WP_ASYNC) && (avail & UFFD_FEATURE_PAGEFAULT_FLAG_WP);
+    m->wp = !m->ro;
+    if (m->wp && !(avail & UFFD_FEATURE_PAGEFAULT_FLAG_WP)) {
+        mem_free(m);
+        return pms_err(ENOTSUP, "kernel lacks userfaultfd write protection");
+    }
+    if (o->dirty_tracking == PMS_DIRTY_ASYNC_WP && !have_async && m->wp) {
+        mem_free(m);
+        return pms_err(ENOTSUP, "kernel lacks UFFD_FEATURE_WP_ASYNC (async dirty tracking)");
+    }
+    m->async = m->wp && have_async && o->dirty_tracking != PMS_DIRTY_SYNC_WP;
+    if (m->async) {
+        m->pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+        struct pm_scan_arg a = { .size = sizeof a };
+        if (m->pagemap_fd < 0 || (ioctl(m->pagemap_fd, PAGEMAP_SCAN, &a) < 0 && errno == ENOTTY)) {
+            if (o->dirty_tracking == PMS_DIRTY_ASYNC_WP) {
+                mem_free(m);
+                return pms_err(ENOTSUP, "kernel lacks PAGEMAP_SCAN (async dirty tracking)");
+            }
+            m->async = false;
+        }
+    }
+
+    r = m->uffd = uffd_open(0);
+    if (r < 0) {
+        mem_free(m);
+        return pms_err(-r, "userfaultfd unavailable (%s): run as root, or set "
+                       "vm.unprivileged_userfaultfd=1, or grant access to /dev/userfaultfd",
+                       strerror(-r));
+    }
+    struct uffdio_api api = { .api = UFFD_API };
+    api.features = avail & (UFFD_FEATURE_THREAD_ID | UFFD_FEATURE_POISON);
+    if (m->wp)
+        api.features |= UFFD_FEATURE_PAGEFAULT_FLAG_WP;
+    if (m->async)
+        api.features |= UFFD_FEATURE_WP_ASYNC;
+    if (ioctl(m->uffd, UFFDIO_API, &api) < 0) {
+        r = -errno;
+        mem_free(m);
+        return pms_err(-r, "UFFDIO_API failed: %s", strerror(-r));
+    }
+    m->features = api.features;
+
+    m->base = mmap(NULL, m->maplen, m->ro ? PROT_READ : PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m->base == MAP_FAILED) {
+        m->base = NULL;
+        r = errno;
+        mem_free(m);
+        return pms_err(r, "cannot reserve %llu bytes of address space: %s",
+                       (unsigned long long)m->maplen, strerror(r));
+    }
+    madvise(m->base, m->maplen, MADV_NOHUGEPAGE);
+    struct uffdio_register reg = {
+        .range = { (uint64_t)(uintptr_t)m->base, m->maplen },
+        .mode = UFFDIO_REGISTER_MODE_MISSING | (m->wp ? UFFDIO_REGISTER_MODE_WP : 0),
+    };
+    if (ioctl(m->uffd, UFFDIO_REGISTER, &reg) < 0) {
+        r = errno;
+        mem_free(m);
+        return pms_err(r, "UFFDIO_REGISTER failed: %s", strerror(r));
+    }
+    uint64_t bm = (m->npages / 64 + 1) * 8;
+    m->nruns_max = m->npages / 2 + 1;
+    m->resident = vmalloc(bm);
+    m->dirty = vmalloc(bm);
+    m->vec = vmalloc(SCAN_VEC * sizeof *m->vec);
+    m->runs = vmalloc(m->nruns_max * sizeof *m->runs);
+    m->stage = vmalloc(m->maplen);
+    m->fbuf = malloc(RA_MAX > m->chunk ? RA_MAX : m->chunk);
+    m->pbuf = malloc(PF_STEP);
+    m->evfd = eventfd(0, EFD_CLOEXEC);
+    if (!m->resident || !m->dirty || !m->vec || !m->runs || !m->stage || !m->fbuf ||
+        !m->pbuf || m->evfd < 0) {
+        mem_free(m);
+        return pms_err(ENOMEM, "out of memory");
+    }
+    if ((r = pthread_create(&m->fault_th, NULL, fault_main, m)) != 0) {
+        mem_free(m);
+        return pms_err(r, "cannot create the fault thread");
+    }
+    m->have_fault = true;
+    if (m->wp) {
+        if ((r = pthread_create(&m->wb_th, NULL, wb_main, m)) != 0) {
+            stop_threads(m);
+            mem_free(m);
+            return pms_err(r, "cannot create the writeback thread");
+        }
+        m->have_wb = true;
+    }
+    if (o->prefetch && pthread_create(&m->pf_th, NULL, prefetch_main, m) == 0)
+        m->have_pf = true;
+    *memp = m;
+    *addrp = m->base;
+    if (lenp)
+        *lenp = (size_t)m->size;
+    return 0;
+}
+
+int pms_mem_unmap(struct pms_mem *m)
+{
+    int r = 0;
+    if (m->wp) {            /* the fault thread still serves: writeback may fault */
+        pthread_mutex_lock(&m->wb_mu);
+        int64_t w = writeback(m, 0, m->maplen);
+        r = w < 0 ? (int)w : bdev_flush(m->bs);
+        pthread_mutex_unlock(&m->wb_mu);
+    }
+    stop_threads(m);
+    mem_free(m);
+    return r;
+}
+
+static int range_of(struct pms_mem *m, const void *addr, size_t len, uint64_t *s, uint64_t *e)
+{
+    uintptr_t a = (uintptr_t)addr, b = (uintptr_t)m->base;
+    if (a < b || a - b > m->size || len > m->size - (a - b))
+        return pms_err(EINVAL, "range %p+%zu is not inside the mapping %p+%llu",
+                       addr, len, (void *)m->base, (unsigned long long)m->size);
+    *s = (a - b) & ~(PG - 1);
+    *e = ((a - b) + len + PG - 1) & ~(PG - 1);
+    return 0;
+}
+
+static int persist_range(struct pms_mem *m, uint64_t s, uint64_t e)
+{
+    if (m->ro)
+        return 0;
+    pthread_mutex_lock(&m->wb_mu);
+    int64_t w = writeback(m, s, e);
+    int r = w < 0 ? (int)w : bdev_flush(m->bs);
+    pthread_mutex_unlock(&m->wb_mu);
+    return r;
+}
+
+int pms_mem_persist(struct pms_mem *m, const void *addr, size_t len)
+{
+    uint64_t s = 0, e = 0;
+    int r = range_of(m, addr, len, &s, &e);
+    return r < 0 ? r : persist_range(m, s, e);
+}
+
+int pms_mem_flush(struct pms_mem *m)
+{
+    return persist_range(m, 0, m->maplen);
+}
+
+static int io_check(struct pms_mem *m, size_t len, uint64_t off, bool write)
+{
+    if (write && m->ro)
+        return pms_err(EROFS, "image '%s' is opened read-only", m->bs->filename);
+    if (off > m->size || len > m->size - off)
+        return pms_err(EINVAL, "request [%llu, +%zu) is outside the image (size %llu)",
+                       (unsigned long long)off, len, (unsigned long long)m->size);
+    return 0;
+}
+
+/* While mapped, the mapping is the device: block-level reads and writes are
+ * copies to and from it, so they fault in and dirty pages like stores do. */
+int pms_mem_pread(struct pms_mem *m, void *buf, size_t len, uint64_t off)
+{
+    int r = io_check(m, len, off, false);
+    if (r == 0)
+        memcpy(buf, m->base + off, len);
+    return r;
+}
+
+int pms_mem_pwrite(struct pms_mem *m, const void *buf, size_t len, uint64_t off)
+{
+    int r = io_check(m, len, off, true);
+    if (r == 0)
+        memcpy(m->base + off, buf, len);
+    return r;
+}
+
+int pms_mem_write_zeroes(struct pms_mem *m, size_t len, uint64_t off)
+{
+    int r = io_check(m, len, off, true);
+    if (r == 0)
+        memset(m->base + off, 0, len);
+    return r;
+}
+
+int pms_mem_discard(struct pms_mem *m, size_t len, uint64_t off)
+{
+    return io_check(m, len, off, true);    /* advisory: contents stay */
+}
+
+/* ---- snapshots ---------------------------------------------------------------- */
+
+static int snap_locked(struct bdev *bs, int (*fn)(struct bdev *, const char *), const char *name)
+{
+    pthread_mutex_lock(&bs->lock);
+    int r = fn(bs, name);
+    pthread_mutex_unlock(&bs->lock);
+    return r;
+}
+
+/* The cut: copy the final dirty set into the staging area and re-protect
+ * it.  Runs with the application stopped: no malloc, no error messages.
+ * Returns the number of runs or -errno. */
+static int64_t cut(struct pms_mem *m)
+{
+    uint64_t nr = 0, staged = 0;
+    if (m->async) {
+        uint64_t cur = 0;
+        while (cur < m->maplen) {
+            int n = scan(m, &cur, m->maplen, true, m->vec, SCAN_VEC);
+            if (n < 0)
+                return n;
+            for (int i = 0; i < n; i++) {
+                uint64_t o = m->vec[i].start, l = m->vec[i].end - o;
+                memcpy(m->stage + staged, m->base + o, l);
+                m->runs[nr++] = (struct run){ o, l, staged };
+                staged += l;
+            }
+            if (n == 0)
+                break;
+        }
+        return (int64_t)nr;
+    }
+    pthread_mutex_lock(&m->wp_mu);
+    uint64_t cur = 0;
+    while (cur < m->maplen) {
+        uint64_t first = nr;
+        nr += collect_sync(m, cur, m->maplen, m->nruns_max - nr, &cur);
+        for (uint64_t i = first; i < nr; i++) {
+            memcpy(m->stage + staged, m->base + m->runs[i].off, m->runs[i].len);
+            m->runs[i].stage = staged;
+            staged += m->runs[i].len;
+        }
+        if (nr == first)
+            break;
+    }
+    pthread_mutex_unlock(&m->wp_mu);
+    return (int64_t)nr;
+}
+
+int pms_mem_snapshot_create(struct pms_mem *m, const char *name, unsigned flags)
+{
+    struct bdev *bs = m->bs;
+    if (!name || !*name)
+        return pms_err(EINVAL, "snapshot name is empty");
+    if (!bs->drv->snapshot_create)
+        return pms_err(ENOTSUP, "format '%s' does not support internal snapshots",
+                       bs->drv->name);
+    if (m->ro)
+        return pms_err(EROFS, "image '%s' is opened read-only", bs->filename);
+    uint64_t t0 = now_ns();
+    pthread_mutex_lock(&m->wb_mu);
+    int64_t bytes = 0, prev = INT64_MAX;
+    /* pre-copy while the dirty set shrinks */
+    for (int round = 0; round < 6; round++) {
+        int64_t w = writeback(m, 0, m->maplen);
+        if (w < 0) {
+            pthread_mutex_unlock(&m->wb_mu);
+            return (int)w;
+        }
+        bytes += w;
+        if (w < (int64_t)(256 << 10) || w >= prev)
+            break;
+        prev = w;
+    }
+    bool stop = !(flags & PMS_SNAP_QUIESCED);
+    int r = stop ? pms_sp_stop(1000) : 0;
+    if (r < 0) {
+        pthread_mutex_unlock(&m->wb_mu);
+        return pms_err(-r, "could not stop application thread %d within 1 s (is signal "
+                       "SIGRTMIN+6 blocked?); stop writers and pass PMS_SNAP_QUIESCED",
+                       pms_sp_stuck_tid());
+    }
+    uint64_t tp = now_ns();
+    int64_t nr = cut(m);
+    if (stop)
+        pms_sp_release();
+    uint64_t pause = now_ns() - tp;
+    if (nr < 0) {
+        pthread_mutex_unlock(&m->wb_mu);
+        return pms_err((int)-nr, "final dirty scan failed: %s", strerror((int)-nr));
+    }
+    r = 0;
+    uint64_t staged = 0;
+    for (int64_t i = 0; i < nr && r == 0; i++) {
+        r = write_out(m, m->stage + m->runs[i].stage, m->runs[i].off, m->runs[i].len);
+        staged += m->runs[i].len;
+    }
+    if (r == 0)
+        r = snap_locked(bs, bs->drv->snapshot_create, name);
+    if (r == 0)
+        r = bdev_flush(bs);
+    pthread_mutex_unlock(&m->wb_mu);
+    if (staged)
+        madvise(m->stage, (staged + PG - 1) & ~(PG - 1), MADV_DONTNEED);
+    if (r < 0)
+        return r;
+    atomic_fetch_add(&m->snapshots, 1);
+    atomic_store(&m->snap_ns, now_ns() - t0);
+    atomic_store(&m->snap_pause_ns, stop ? pause : 0);
+    atomic_store(&m->snap_bytes, (uint64_t)bytes + staged);
+    return 0;
+}
+
+int pms_mem_snapshot_revert(struct pms_mem *m, const char *name)
+{
+    struct bdev *bs = m->bs;
+    if (!name || !*name)
+        return pms_err(EINVAL, "snapshot name is empty");
+    if (!bs->drv->snapshot_goto)
+        return pms_err(ENOTSUP, "format '%s' does not support internal snapshots",
+                       bs->drv->name);
+    if (m->ro)
+        return pms_err(EROFS, "image '%s' is opened read-only", bs->filename);
+    pthread_mutex_lock(&m->wb_mu);
+    int r = snap_locked(bs, bs->drv->snapshot_goto, name);
+    if (r == 0) {
+        /* current contents (dirty or not) are discarded */
+        pthread_mutex_lock(&m->mu);
+        pthread_mutex_lock(&m->wp_mu);
+        madvise(m->base, m->maplen, MADV_DONTNEED);
+        memset(m->resident, 0, (m->npages / 64 + 1) * 8);
+        memset(m->dirty, 0, (m->npages / 64 + 1) * 8);
+        atomic_store(&m->nresident, 0);
+        atomic_store(&m->ndirty, 0);
+        m->seq_next = UINT64_MAX;
+        pthread_mutex_unlock(&m->wp_mu);
+        pthread_mutex_unlock(&m->mu);
+    }
+    pthread_mutex_unlock(&m->wb_mu);
+    return r;
+}
+
+int pms_mem_stats(struct pms_mem *m, struct pms_stats *st)
+{
+    st->faults = atomic_load(&m->faults);
+    st->wp_faults = atomic_load(&m->wp_faults);
+    st->bytes_faulted_in = atomic_load(&m->bytes_in);
+    st->bytes_written_back = atomic_load(&m->bytes_out);
+    st->resident_pages = atomic_load(&m->nresident);
+    st->pages_evicted = atomic_load(&m->evicted);
+    st->snapshots = atomic_load(&m->snapshots);
+    st->last_snapshot_ns = atomic_load(&m->snap_ns);
+    st->last_snapshot_pause_ns = atomic_load(&m->snap_pause_ns);
+    st->last_snapshot_bytes = atomic_load(&m->snap_bytes);
+    st->dirty_mode = !m->wp ? PMS_DIRTY_AUTO : m->async ? PMS_DIRTY_ASYNC_WP : PMS_DIRTY_SYNC_WP;
+    if (m->async) {
+        /* count written pages without re-protecting them */
+        uint64_t cur = 0, n = 0;
+        struct page_region v[256];
+        while (cur < m->maplen) {
+            int k = scan(m, &cur, m->maplen, false, v, 256);
+            if (k <= 0)
+                break;
+            for (int i = 0; i < k; i++)
+                n += (v[i].end - v[i].start) / PG;
+        }
+        st->dirty_pages = n;
+    } else
+        st->dirty_pages = atomic_load(&m->ndirty);
+    if (st->size >= offsetof(struct pms_stats, last_error) + sizeof st->last_error) {
+        st->io_errors = atomic_load(&m->io_errors);
+        pthread_mutex_lock(&m->mu);
+        snprintf(st->last_error, sizeof st->last_error, "%s", m->lasterr);
+        pthread_mutex_unlock(&m->mu);
+    }
+    return 0;
+}

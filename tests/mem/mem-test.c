@@ -1,0 +1,387 @@
+/* Memory-device test driver: one subcommand per scenario; the shell
+ * scripts around it check the persisted bytes with QEMU's own tools.
+ *
+ *   mem-test basic   IMG MODE           lazy fault-in, stores, persist, coherence
+ *   mem-test crash   IMG MODE           persist rounds forever (parent kill -9s us)
+ *   mem-test atomic  IMG MODE NT NS     NT writer threads, NS live snapshots
+ *   mem-test verify  RAW NT [PREVSUM]   check one snapshot's slots (converted raw)
+ *   mem-test revert  IMG MODE           snapshot, store, revert, check
+ *   mem-test cap     IMG MODE LIMIT_MB STORE_MB
+ *   mem-test sigbus  IMG OFF            read error during fault-in -> SIGBUS
+ *   mem-test ro      IMG                read-only mapping: loads work, stores SIGSEGV
+ * MODE: auto | async | sync.  Exit 0 = pass, 1 = fail, 77 = feature missing.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include "pmemsnap.h"
+
+#define PG 4096
+#define FAIL(...) do { fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
+                       fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); exit(1); } while (0)
+#define CHECK(c, ...) do { if (!(c)) FAIL(__VA_ARGS__); } while (0)
+#define API(call) do { int r_ = (call); if (r_ < 0) { \
+        if (r_ == -ENOTSUP) { fprintf(stderr, "SKIP: %s\n", pms_errmsg()); exit(77); } \
+        FAIL("%s: %s", #call, pms_errmsg()); } } while (0)
+
+static int mode_of(const char *s)
+{
+    if (strcmp(s, "async") == 0) return PMS_DIRTY_ASYNC_WP;
+    if (strcmp(s, "sync") == 0) return PMS_DIRTY_SYNC_WP;
+    return PMS_DIRTY_AUTO;
+}
+
+static pms_dev *open_img(const char *path, int ro, const char *fault)
+{
+    struct pms_open_opts o;
+    pms_open_opts_init(&o);
+    o.readonly = ro;
+    o.fault_spec = fault;
+    pms_dev *d;
+    API(pms_open(path, &o, &d));
+    return d;
+}
+
+static uint8_t *map(pms_dev *d, const char *mode, uint64_t limit, size_t *len)
+{
+    struct pms_map_opts mo;
+    pms_map_opts_init(&mo);
+    mo.dirty_tracking = mode_of(mode);
+    mo.mem_limit = limit;
+    mo.writeback_interval_ms = 50;
+    void *a;
+    API(pms_map(d, &mo, &a, len));
+    return a;
+}
+
+static struct pms_stats stats(pms_dev *d)
+{
+    struct pms_stats st = { .size = sizeof st };
+    API(pms_stats(d, &st));
+    return st;
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* ---- basic --------------------------------------------------------------- */
+/* Expects the image to hold 0x5a in [1M, 2M) (written by qemu-io). */
+static int t_basic(const char *img, const char *mode)
+{
+    pms_dev *d = open_img(img, 0, NULL);
+    size_t len;
+    uint8_t *p = map(d, mode, 0, &len);
+    struct pms_stats st = stats(d);
+    CHECK(st.faults == 0 && st.bytes_faulted_in == 0, "map read data (faults=%" PRIu64 ")", st.faults);
+    CHECK(p[1 << 20] == 0x5a && p[(2 << 20) - 1] == 0x5a, "pattern not faulted in");
+    CHECK(p[0] == 0 && p[3 << 20] == 0, "zero region not zero");
+    st = stats(d);
+    CHECK(st.faults >= 2, "no faults counted");
+    /* stores: 0x11 over [4M, 4M+256K), persist that range */
+    memset(p + (4 << 20), 0x11, 256 << 10);
+    API(pms_persist(d, p + (4 << 20), 256 << 10));
+    st = stats(d);
+    CHECK(st.bytes_written_back >= (256 << 10), "persist wrote %" PRIu64, st.bytes_written_back);
+    /* coherence: pwrite seen by loads; stores seen by pread */
+    uint8_t buf[8192];
+    memset(buf, 0x22, sizeof buf);
+    API(pms_pwrite(d, buf, sizeof buf, (5 << 20) + 100));
+    CHECK(p[(5 << 20) + 100] == 0x22 && p[(5 << 20) + 100 + 8191] == 0x22 &&
+          p[(5 << 20) + 99] == 0, "pwrite not visible in mapping");
+    memset(p + (6 << 20), 0x33, 3 * PG);
+    API(pms_pread(d, buf, sizeof buf, 6 << 20));
+    CHECK(buf[0] == 0x33 && buf[8191] == 0x33, "store not visible to pread");
+    API(pms_write_zeroes(d, PG, 1 << 20));
+    CHECK(p[1 << 20] == 0 && p[(1 << 20) + PG] == 0x5a, "write_zeroes not visible");
+    /* background writeback without persist: wait for it */
+    memset(p + (7 << 20), 0x44, 64 << 10);
+    uint64_t before = stats(d).bytes_written_back;
+    for (int i = 0; i < 100 && stats(d).bytes_written_back < before + (64 << 10); i++)
+        usleep(20000);
+    CHECK(stats(d).bytes_written_back >= before + (64 << 10), "background writeback idle");
+    st = stats(d);
+    printf("mode=%d faults=%" PRIu64 " wp_faults=%" PRIu64 " in=%" PRIu64 " out=%" PRIu64 "\n",
+           st.dirty_mode, st.faults, st.wp_faults, st.bytes_faulted_in, st.bytes_written_back);
+    if (strcmp(mode, "sync") == 0)
+        CHECK(st.dirty_mode == PMS_DIRTY_SYNC_WP && st.wp_faults > 0, "sync mode not in use");
+    if (strcmp(mode, "async") == 0)
+        CHECK(st.dirty_mode == PMS_DIRTY_ASYNC_WP, "async mode not in use");
+    API(pms_unmap(d));
+    /* after unmap the block path sees everything */
+    API(pms_pread(d, buf, 16, (5 << 20) + 100));
+    CHECK(buf[0] == 0x22, "pwrite lost at unmap");
+    API(pms_close(d));
+    return 0;
+}
+
+/* ---- crash --------------------------------------------------------------- */
+/* Round k: fill [k*1M, (k+1)*1M) with 0x10+k, persist it, report; then keep
+ * scribbling 0xee over the next round's range without persisting. */
+static int t_crash(const char *img, const char *mode)
+{
+    pms_dev *d = open_img(img, 0, NULL);
+    size_t len;
+    uint8_t *p = map(d, mode, 0, &len);
+    for (unsigned k = 0; (k + 2) * (1u << 20) <= len; k++) {
+        memset(p + ((size_t)k << 20), 0x10 + (int)k, 1 << 20);
+        API(pms_persist(d, p + ((size_t)k << 20), 1 << 20));
+        printf("persisted %u\n", k);
+        fflush(stdout);
+        for (int i = 0; i < 64; i++) {
+            memset(p + ((size_t)(k + 1) << 20) + (size_t)(rand() % 256) * PG, 0xee, PG);
+            usleep(500);
+        }
+    }
+    for (;;)
+        pause();
+}
+
+/* ---- atomic cut ------------------------------------------------------------ */
+#define SLOTS 64        /* one slot per page; thread t owns pages [t*SLOTS, (t+1)*SLOTS) */
+static uint8_t *g_p;
+static atomic_int g_stop;
+
+static void *writer(void *arg)
+{
+    uintptr_t t = (uintptr_t)arg;
+    volatile uint64_t *slot[SLOTS];
+    for (int j = 0; j < SLOTS; j++)
+        slot[j] = (volatile uint64_t *)(g_p + (t * SLOTS + (uintptr_t)j) * PG + 8 * t);
+    for (uint64_t n = 1; !atomic_load_explicit(&g_stop, memory_order_relaxed); n++)
+        for (int j = 0; j < SLOTS; j++)
+            *slot[j] = n;
+    return NULL;
+}
+
+static int t_atomic(const char *img, const char *mode, int nt, int ns)
+{
+    pms_dev *d = open_img(img, 0, NULL);
+    size_t len;
+    g_p = map(d, mode, 0, &len);
+    CHECK((size_t)nt * SLOTS * PG <= len, "image too small");
+    pthread_t th[64];
+    for (int t = 0; t < nt; t++)
+        pthread_create(&th[t], NULL, writer, (void *)(uintptr_t)t);
+    usleep(50000);
+    for (int s = 0; s < ns; s++) {
+        char name[32];
+        snprintf(name, sizeof name, "s%d", s);
+        /* also dirty a spread of pages so the snapshot has work */
+        for (int i = 0; i < 256; i++)
+            g_p[(size_t)(nt * SLOTS + 16 + i * 3) * PG] = (uint8_t)s;
+        API(pms_snapshot_create(d, name));
+        struct pms_stats st = stats(d);
+        printf("snapshot %s: %.2f ms, pause %.3f ms, %" PRIu64 " KiB\n", name,
+               st.last_snapshot_ns / 1e6, st.last_snapshot_pause_ns / 1e6,
+               st.last_snapshot_bytes >> 10);
+        usleep(30000);
+    }
+    atomic_store(&g_stop, 1);
+    for (int t = 0; t < nt; t++)
+        pthread_join(th[t], NULL);
+    API(pms_unmap(d));
+    API(pms_close(d));
+    return 0;
+}
+
+/* Checks a raw dump of one snapshot: per thread, slots read n..n,n-1..n-1. */
+static int t_verify(const char *raw, int nt)
+{
+    FILE *f = fopen(raw, "rb");
+    CHECK(f, "open %s", raw);
+    uint64_t total = 0;
+    for (int t = 0; t < nt; t++) {
+        uint64_t v[SLOTS];
+        for (int j = 0; j < SLOTS; j++) {
+            fseek(f, (long)(((size_t)t * SLOTS + (size_t)j) * PG + 8 * (size_t)t), SEEK_SET);
+            CHECK(fread(&v[j], 8, 1, f) == 1, "short read");
+        }
+        int drops = 0;
+        for (int j = 1; j < SLOTS; j++) {
+            if (v[j] == v[j - 1]) continue;
+            CHECK(v[j] + 1 == v[j - 1] && !drops,
+                  "thread %d not a prefix: slot %d=%" PRIu64 " slot %d=%" PRIu64, t, j - 1,
+                  v[j - 1], j, v[j]);
+            drops++;
+        }
+        CHECK(v[0] > 0, "thread %d never ran", t);
+        total += v[0];
+    }
+    fclose(f);
+    printf("%" PRIu64 "\n", total);
+    return 0;
+}
+
+/* ---- revert ----------------------------------------------------------------- */
+static int t_revert(const char *img, const char *mode)
+{
+    pms_dev *d = open_img(img, 0, NULL);
+    size_t len;
+    uint8_t *p = map(d, mode, 0, &len);
+    memset(p, 0xa1, 2 << 20);
+    API(pms_snapshot_create_ex(d, "A", PMS_SNAP_QUIESCED));
+    memset(p, 0xb2, 1 << 20);                 /* dirty, never written back */
+    memset(p + (3 << 20), 0xb2, 1 << 20);
+    API(pms_persist(d, p + (3 << 20), 1 << 20));     /* written back + flushed */
+    API(pms_snapshot_revert(d, "A"));
+    CHECK(p[0] == 0xa1 && p[(1 << 20) - 1] == 0xa1 && p[(2 << 20) - 1] == 0xa1,
+          "revert: got %#x", p[0]);
+    CHECK(p[3 << 20] == 0, "revert: persisted-after-snapshot data still visible");
+    uint8_t b = 0;
+    API(pms_pread(d, &b, 1, 100));
+    CHECK(b == 0xa1, "pread after revert");
+    memset(p + (5 << 20), 0xc3, 64 << 10);
+    API(pms_unmap(d));
+    API(pms_close(d));
+    return 0;
+}
+
+/* ---- memory cap ------------------------------------------------------------ */
+static uint64_t rss_kb(const char *key)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    uint64_t v = 0;
+    while (f && fgets(line, sizeof line, f))
+        if (strncmp(line, key, strlen(key)) == 0)
+            v = strtoull(line + strlen(key) + 1, NULL, 10);
+    if (f) fclose(f);
+    return v;
+}
+
+static int t_cap(const char *img, const char *mode, uint64_t limit_mb, uint64_t store_mb)
+{
+    pms_dev *d = open_img(img, 0, NULL);
+    size_t len;
+    uint64_t base_rss = rss_kb("RssAnon:");
+    uint8_t *p = map(d, mode, limit_mb << 20, &len);
+    uint64_t nblk = len / (64 << 10), n = store_mb * 16, seed = 12345, maxrss = 0;
+    uint64_t t0 = now_ns();
+    uint64_t *offs = malloc(n * sizeof *offs);
+    for (uint64_t i = 0; i < n; i++) {
+        seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+        uint64_t b = (seed >> 20) % nblk;
+        offs[i] = b;
+        uint64_t *q = (uint64_t *)(p + b * (64 << 10));
+        for (int j = 0; j < (64 << 10) / 8; j += 512)
+            q[j] = b * 1000 + (uint64_t)j;         /* one store per page */
+        memset(q + 1, (int)(b & 0xff), 64);
+        if ((i & 255) == 0) {
+            uint64_t r = rss_kb("RssAnon:");
+            if (r > maxrss) maxrss = r;
+        }
+    }
+    double secs = (now_ns() - t0) / 1e9;
+    /* read back everything: evicted pages come back from the image */
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t b = offs[i], *q = (uint64_t *)(p + b * (64 << 10));
+        for (int j = 0; j < (64 << 10) / 8; j += 512)
+            CHECK(q[j] == b * 1000 + (uint64_t)j, "block %" PRIu64 " page %d lost", b, j / 512);
+        uint64_t r = rss_kb("RssAnon:");
+        if ((i & 255) == 0 && r > maxrss) maxrss = r;
+    }
+    struct pms_stats st = stats(d);
+    uint64_t used = maxrss > base_rss ? maxrss - base_rss : 0;
+    printf("cap %" PRIu64 " MiB: %" PRIu64 " MiB stored in %.2f s, peak RssAnon growth %" PRIu64
+           " MiB, evicted %" PRIu64 " MiB, written back %" PRIu64 " MiB\n",
+           limit_mb, store_mb, secs, used >> 10, (st.pages_evicted * PG) >> 20,
+           st.bytes_written_back >> 20);
+    uint64_t slack = getenv("PMS_CAP_SLACK_MB") ? strtoull(getenv("PMS_CAP_SLACK_MB"), NULL, 0) : 64;
+    CHECK(used <= (limit_mb + slack) << 10, "RSS %" PRIu64 " MiB over cap %" PRIu64 " + %" PRIu64,
+          used >> 10, limit_mb, slack);
+    CHECK(st.pages_evicted > 0, "nothing evicted");
+    API(pms_unmap(d));
+    API(pms_close(d));
+    free(offs);
+    return 0;
+}
+
+/* ---- SIGBUS on read error ----------------------------------------------------- */
+static sigjmp_buf g_jb;
+static volatile sig_atomic_t g_sig;
+static void on_sig(int s) { g_sig = s; siglongjmp(g_jb, 1); }
+
+static int t_sigbus(const char *img, uint64_t off)
+{
+    char spec[64];
+    snprintf(spec, sizeof spec, "read_error_at=%" PRIu64, off);
+    pms_dev *d = open_img(img, 0, spec);
+    size_t len;
+    uint8_t *p = map(d, "auto", 0, &len);
+    struct sigaction sa = { .sa_handler = on_sig };
+    sigaction(SIGBUS, &sa, NULL);
+    volatile uint8_t v = 0;
+    if (sigsetjmp(g_jb, 1) == 0) {
+        v = p[off];
+        FAIL("no SIGBUS reading offset %" PRIu64 " (got %d)", off, v);
+    }
+    CHECK(g_sig == SIGBUS, "signal %d", g_sig);
+    struct pms_stats st = stats(d);
+    CHECK(st.io_errors >= 1 && strstr(st.last_error, "read error"), "error not reported: '%s'",
+          st.last_error);
+    printf("SIGBUS ok; io_errors=%" PRIu64 ": %s\n", st.io_errors, st.last_error);
+    /* the rest of the device still works */
+    v = p[off + (1 << 20)];
+    p[off + (1 << 20)] = 7;
+    CHECK(p[off + (1 << 20)] == 7, "store after error");
+    (void)v;
+    API(pms_unmap(d));
+    API(pms_close(d));
+    return 0;
+}
+
+static int t_ro(const char *img)
+{
+    pms_dev *d = open_img(img, 1, NULL);
+    size_t len;
+    uint8_t *p = map(d, "auto", 0, &len);
+    CHECK(p[1 << 20] == 0x5a, "read-only load");
+    struct sigaction sa = { .sa_handler = on_sig };
+    sigaction(SIGSEGV, &sa, NULL);
+    g_sig = 0;
+    if (sigsetjmp(g_jb, 1) == 0) {
+        p[1 << 20] = 1;
+        FAIL("store to a read-only mapping succeeded");
+    }
+    CHECK(g_sig == SIGSEGV, "signal %d", g_sig);
+    uint8_t b = 1;
+    CHECK(pms_pwrite(d, &b, 1, 0) == -EROFS, "pwrite on read-only");
+    CHECK(pms_snapshot_create(d, "x") < 0, "snapshot on read-only");
+    API(pms_unmap(d));
+    API(pms_close(d));
+    printf("read-only ok\n");
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 3) {
+        fprintf(stderr, "usage: see the comment at the top of mem-test.c\n");
+        return 2;
+    }
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    const char *cmd = argv[1], *img = argv[2], *mode = argc > 3 ? argv[3] : "auto";
+    if (!strcmp(cmd, "basic")) return t_basic(img, mode);
+    if (!strcmp(cmd, "crash")) return t_crash(img, mode);
+    if (!strcmp(cmd, "atomic") && argc > 5) return t_atomic(img, mode, atoi(argv[4]), atoi(argv[5]));
+    if (!strcmp(cmd, "verify")) return t_verify(img, atoi(argv[3]));
+    if (!strcmp(cmd, "revert")) return t_revert(img, mode);
+    if (!strcmp(cmd, "cap") && argc > 5)
+        return t_cap(img, mode, strtoull(argv[4], NULL, 0), strtoull(argv[5], NULL, 0));
+    if (!strcmp(cmd, "sigbus")) return t_sigbus(img, strtoull(argv[3], NULL, 0));
+    if (!strcmp(cmd, "ro")) return t_ro(img);
+    fprintf(stderr, "unknown subcommand %s\n", cmd);
+    return 2;
+}
