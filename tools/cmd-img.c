@@ -51,7 +51,6 @@ struct copts {
     const char *compat;          /* as given */
     const char *prealloc;
     bool has_lazy, has_ext, has_cs, has_rb;
-    char *buf;                   /* strdup of all -o strings */
 };
 
 static int parse_bool_opt(const char *k, const char *v, int *out)
@@ -257,9 +256,8 @@ int cmd_create(int argc, char **argv)
     c.is_raw = strcmp(fmt, "raw") == 0;
     c.o.format = c.is_raw ? "raw" : "qcow2";
     for (int i = 0; i < nopts; i++) {
-        char *s = strdup(optstrs[i]);
-        int r = s ? parse_copts(&c, s, file) : -1;
-        /* option values point into s: keep it for the process lifetime */
+        /* parsed in place: option values point into argv */
+        int r = parse_copts(&c, optstrs[i], file);
         if (r != 0)
             return r > 0 ? 0 : 1;
     }
@@ -1049,8 +1047,7 @@ int cmd_convert(int argc, char **argv)
     c.is_raw = strcmp(ofmt, "raw") == 0;
     c.o.format = ofmt;
     for (int i = 0; i < nopts; i++) {
-        char *s = strdup(optstrs[i]);
-        int r = s ? parse_copts(&c, s, dst) : -1;
+        int r = parse_copts(&c, optstrs[i], dst);
         if (r != 0)
             return r > 0 ? 0 : 1;
     }
