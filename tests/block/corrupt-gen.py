@@ -385,6 +385,9 @@ def _(m):
 @case('l2e-self', 'plain', 'L2 entry points at its own L2 table')
 def _(m): m.w64(m.l2e_off(0, 0), (1 << 63) | m.l2_table())
 
+@case('rc1-overflow', 'rc1', '1-bit refcounts, a data cluster referenced twice')
+def _(m): m.w64(m.l2e_off(0, 5), m.r64(m.l2e_off(0, 0)))
+
 @case('l2e-compressed-huge', 'plain', 'compressed L2 entry with the largest size field')
 def _(m): m.w64(m.l2e_off(0, 0), (1 << 62) | ((1 << 62) - 1))
 

@@ -21,7 +21,8 @@
 #   - check: when both complete, same exit status, same counters as
 #     `qemu-img check --output=json` and the same ERROR/Leaked lines;
 #   - check -r leaks / -r all (on a copy) leave no leaks / a clean image as
-#     qemu-img check sees it, when they report success;
+#     qemu-img check sees it, when they report success, and never change
+#     the guest data;
 #   - io write / snapshot -c (on a copy) either fail or take effect.
 # Differences that are allowed (we refuse where QEMU copes) print NOTE lines.
 set -u
@@ -118,6 +119,8 @@ one_case() {
         note "convert refused, qemu-img converts it: $(first_line "$D/convert.err")"
     fi
 
+    convert_ok=$qcrc
+
     # ---- io read --------------------------------------------------------
     run read read "$T" io -f qcow2 -r -c "read 0 64k" "$img"
     unchanged "io read"
@@ -178,6 +181,11 @@ one_case() {
             leaks=$(json "$D/q2.json" | sed -n 's/^leaks=//p')
             [ "$leaks" != 0 ] && fail "check -r $mode exit $rc but qemu-img check still finds $leaks leaks"
             [ $rc -eq 0 ] && [ $q2 -ne 0 ] && fail "check -r $mode reported a clean image, qemu-img check exits $q2"
+        fi
+        # a repair never changes what the guest reads
+        if [ $rc -ne 1 ] && [ $convert_ok -eq 0 ] &&
+           ! qemu-img compare -q -f qcow2 -F qcow2 "$img" "$copy" >/dev/null 2>&1; then
+            fail "check -r $mode changed the guest data (qemu-img compare)"
         fi
     done
 
