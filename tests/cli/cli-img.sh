@@ -6,7 +6,8 @@
 . "$(dirname "$0")/lib.sh"
 command -v qemu-img >/dev/null || { echo "SKIP: no qemu-img"; exit 77; }
 
-jsondiff() { # jsondiff DESC A B: semantic comparison, then byte comparison
+jsondiff() { # jsondiff DESC A B: byte comparison; on mismatch a semantic diff
+    if cmp -s "$2" "$3"; then pass "$1"; return; fi
     if ! python3 - "$2" "$3" <<'PY'
 import json, sys
 a = json.load(open(sys.argv[1])); b = json.load(open(sys.argv[2]))
