@@ -139,7 +139,8 @@ static int uprotect(struct pms_mem *m, uint64_t off, uint64_t len, bool wp, bool
 {
     struct uffdio_writeprotect w = {
         .range = { (uint64_t)(uintptr_t)(m->base + off), len },
-        .mode = (wp ? UFFDIO_WRITEPROTECT_MODE_WP : 0) |
+        /* WP|DONTWAKE is EINVAL: protecting never wakes anyway */
+        .mode = wp ? UFFDIO_WRITEPROTECT_MODE_WP :
                 (wake ? 0 : UFFDIO_WRITEPROTECT_MODE_DONTWAKE),
     };
     while (ioctl(m->uffd, UFFDIO_WRITEPROTECT, &w) < 0)

@@ -7,7 +7,7 @@
  *   mem-test verify  RAW NT [PREVSUM]   check one snapshot's slots (converted raw)
  *   mem-test revert  IMG MODE           snapshot, store, revert, check
  *   mem-test cap     IMG MODE LIMIT_MB STORE_MB
- *   mem-test sigbus  IMG OFF            read error during fault-in -> SIGBUS
+ *   mem-test sigbus  IMG OFF HOSTOFF    read error during fault-in -> SIGBUS
  *   mem-test ro      IMG                read-only mapping: loads work, stores SIGSEGV
  * MODE: auto | async | sync.  Exit 0 = pass, 1 = fail, 77 = feature missing.
  */
@@ -313,10 +313,10 @@ static sigjmp_buf g_jb;
 static volatile sig_atomic_t g_sig;
 static void on_sig(int s) { g_sig = s; siglongjmp(g_jb, 1); }
 
-static int t_sigbus(const char *img, uint64_t off)
+static int t_sigbus(const char *img, uint64_t off, uint64_t host)
 {
     char spec[64];
-    snprintf(spec, sizeof spec, "read_error_at=%" PRIu64, off);
+    snprintf(spec, sizeof spec, "read_error_at=%" PRIu64, host);
     pms_dev *d = open_img(img, 0, spec);
     size_t len;
     uint8_t *p = map(d, "auto", 0, &len);
@@ -380,7 +380,8 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "revert")) return t_revert(img, mode);
     if (!strcmp(cmd, "cap") && argc > 5)
         return t_cap(img, mode, strtoull(argv[4], NULL, 0), strtoull(argv[5], NULL, 0));
-    if (!strcmp(cmd, "sigbus")) return t_sigbus(img, strtoull(argv[3], NULL, 0));
+    if (!strcmp(cmd, "sigbus") && argc > 4)
+        return t_sigbus(img, strtoull(argv[3], NULL, 0), strtoull(argv[4], NULL, 0));
     if (!strcmp(cmd, "ro")) return t_ro(img);
     fprintf(stderr, "unknown subcommand %s\n", cmd);
     return 2;

@@ -1,0 +1,16 @@
+#!/bin/bash
+# I/O error during fault-in: the touching thread gets SIGBUS, the error is
+# readable through pms_stats; the rest of the mapping keeps working.
+. "$(dirname "$0")/lib.sh"
+img=$T/e.qcow2
+qemu-img create -q -f qcow2 "$img" 16M
+qemu-io -f qcow2 -c "write -P 0x5a 0 8M" "$img" >/dev/null
+# host offset of guest offset 2M (injected errors are on the file)
+host=$(qemu-img map --output=json -f qcow2 "$img" | python3 -c '
+import json,sys
+for e in json.load(sys.stdin):
+    if e["start"] <= 2097152 < e["start"] + e["length"] and e.get("offset") is not None:
+        print(e["offset"] + 2097152 - e["start"]); break')
+[ -n "$host" ] || fail "no host offset"
+"$MEMTEST" sigbus "$img" 2097152 "$host" || fail sigbus
+echo ok
