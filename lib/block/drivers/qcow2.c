@@ -1107,6 +1107,10 @@ static int qcow2_pwrite_zeroes(struct bdev *bs, uint64_t len, uint64_t off, unsi
 static int qcow2_discard(struct bdev *bs, uint64_t len, uint64_t off)
 {
     struct qcow2_state *s = QS(bs);
+    /* A v2 image cannot mark clusters as zero: discarding would expose the
+     * backing file, so (like QEMU) it keeps the data. */
+    if (s->version < 3 && bs->backing)
+        return 0;
     /* only whole clusters are discarded, like QEMU */
     uint64_t start = (off + s->cluster_size - 1) & ~(s->cluster_size - 1);
     uint64_t end = off + len == s->size ? off + len : (off + len) & ~(s->cluster_size - 1);
