@@ -108,7 +108,7 @@ int cmd_bench(int argc, char **argv)
     int pattern = 0, cache = PMS_CACHE_WRITEBACK, quiet = 0, write = 0, force = 0, ch;
     bool has_pattern = false, has_fi = false;
     optind = 0;
-    while ((ch = getopt_long(argc, argv, "+:c:d:f:ni:o:qs:S:t:wU", lo, NULL)) != -1) {
+    while ((ch = getopt_long(argc, argv, ":c:d:f:ni:o:qs:S:t:wU", lo, NULL)) != -1) {
         switch (ch) {
         case 'c':
             if (parse_uint(optarg, &count) < 0 || count > INT32_MAX)

@@ -225,7 +225,7 @@ int cmd_create(int argc, char **argv)
     char *optstrs[64];
     int nopts = 0, quiet = 0, unsafe = 0, ch;
     optind = 0;
-    while ((ch = getopt_long(argc, argv, "+:f:o:b:F:uqh", lo, NULL)) != -1) {
+    while ((ch = getopt_long(argc, argv, ":f:o:b:F:uqh", lo, NULL)) != -1) {
         switch (ch) {
         case 'f': fmt = optarg; break;
         case 'o':
@@ -348,7 +348,7 @@ int cmd_info(int argc, char **argv)
     const char *fmt = NULL;
     int json = 0, force = 0, ch;
     optind = 0;
-    while ((ch = getopt_long(argc, argv, "+:f:U", lo, NULL)) != -1) {
+    while ((ch = getopt_long(argc, argv, ":f:U", lo, NULL)) != -1) {
         switch (ch) {
         case 'f': fmt = optarg; break;
         case 'U': force = 1; break;
@@ -556,7 +556,7 @@ int cmd_check(int argc, char **argv)
     int json = 0, force = 0, quiet = 0, ch;
     unsigned flags = 0;
     optind = 0;
-    while ((ch = getopt_long(argc, argv, "+:f:r:T:qU", lo, NULL)) != -1) {
+    while ((ch = getopt_long(argc, argv, ":f:r:T:qU", lo, NULL)) != -1) {
         switch (ch) {
         case 'f': fmt = optarg; break;
         case 'U': force = 1; break;
@@ -649,7 +649,7 @@ int cmd_snapshot(int argc, char **argv)
     const char *fmt = NULL, *name = NULL;
     int action = 0, force = 0, quiet = 0, ch;
     optind = 0;
-    while ((ch = getopt_long(argc, argv, "+:la:c:d:f:qU", lo, NULL)) != -1) {
+    while ((ch = getopt_long(argc, argv, ":la:c:d:f:qU", lo, NULL)) != -1) {
         switch (ch) {
         case 'f': fmt = optarg; break;
         case 'U': force = 1; break;
@@ -846,7 +846,7 @@ int cmd_map(int argc, char **argv)
     int json = 0, force = 0, ch;
     uint64_t start = 0, maxlen = UINT64_MAX;
     optind = 0;
-    while ((ch = getopt_long(argc, argv, "+:f:s:l:U", lo, NULL)) != -1) {
+    while ((ch = getopt_long(argc, argv, ":f:s:l:U", lo, NULL)) != -1) {
         switch (ch) {
         case 'f': fmt = optarg; break;
         case 'U': force = 1; break;
@@ -1001,7 +1001,7 @@ int cmd_convert(int argc, char **argv)
     int nopts = 0, prog = 0, quiet = 0, noc = 0, force = 0, ch;
     int tcache = PMS_CACHE_WRITEBACK, scache = PMS_CACHE_WRITEBACK;  /* durable on exit */
     optind = 0;
-    while ((ch = getopt_long(argc, argv, "+:f:O:o:pqnt:T:UWm:", lo, NULL)) != -1) {
+    while ((ch = getopt_long(argc, argv, ":f:O:o:pqnt:T:UWm:", lo, NULL)) != -1) {
         switch (ch) {
         case 'f': fmt = optarg; break;
         case 'O': ofmt = optarg; break;

@@ -744,7 +744,7 @@ int cmd_io(int argc, char **argv)
         return 1;
     }
     optind = 0;
-    while ((ch = getopt_long(argc, argv, "+:c:f:rnt:i:kd:Ums", lo, NULL)) != -1) {
+    while ((ch = getopt_long(argc, argv, ":c:f:rnt:i:kd:Ums", lo, NULL)) != -1) {
         switch (ch) {
         case 'c': cmds[ncmds++] = optarg; break;
         case 'f': io.fmt = optarg; break;

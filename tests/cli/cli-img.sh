@@ -71,7 +71,7 @@ for img in q.qcow2 top.qcow2 e.qcow2 ours.qcow2; do
     cmp_cmd "check json $img" "$img" check --output=json
     cmp_cmd "snapshot -l $img" "$img" snapshot -l
     diff <("$P" io -c map "$img" 2>&1) <(qemu-io -c map "$img" 2>&1) >/dev/null &&
-        pass "io map $img" || fail "io map $img"
+        pass "io map $img" || { fail "io map $img"; diff <("$P" io -c map "$img" 2>&1) <(qemu-io -c map "$img" 2>&1); }
 done
 cmp_cmd "map --start-offset/--max-length" top.qcow2 map --output=json --start-offset=64k --max-length=1M
 
