@@ -1,0 +1,135 @@
+/* Public API contract tests: argument checks, error channel, read-only
+ * handling, block status, create options.  Oracles: qemu-img / qemu-io run
+ * on the images this test writes. */
+#include <errno.h>
+#include <stdarg.h>
+#include <sys/wait.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include "pmemsnap.h"
+
+static int fails;
+#define CHECK(cond, ...) do { if (!(cond)) { fails++; printf("FAIL %s:%d: ", __FILE__, __LINE__); \
+    printf(__VA_ARGS__); printf("\n"); } } while (0)
+
+static int sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static int sh(const char *fmt, ...)
+{
+    char cmd[4096];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof cmd, fmt, ap);
+    va_end(ap);
+    int r = system(cmd);
+    return WIFEXITED(r) ? WEXITSTATUS(r) : 128;
+}
+
+int main(void)
+{
+    char dir[] = "/tmp/pms-api-XXXXXX";
+    if (!mkdtemp(dir)) return 1;
+    char img[256], ro[256];
+    snprintf(img, sizeof img, "%s/a.qcow2", dir);
+    snprintf(ro, sizeof ro, "%s/ro.qcow2", dir);
+    pms_dev *d = NULL;
+
+    /* open errors: message prefixed by the function, negative errno */
+    int r = pms_open(img, NULL, &d);
+    CHECK(r == -ENOENT, "open of a missing file returned %d", r);
+    CHECK(strncmp(pms_errmsg(), "pms_open: ", 10) == 0, "message '%s' lacks the prefix", pms_errmsg());
+    CHECK(d == NULL, "devp set on failure");
+
+    struct pms_create_opts co;
+    pms_create_opts_init(&co);
+    co.cluster_size = 3000;
+    r = pms_create(img, 1 << 20, &co);
+    CHECK(r == -EINVAL, "cluster_size 3000 accepted (%d)", r);
+    CHECK(strstr(pms_errmsg(), "pms_create: ") == pms_errmsg(), "bad prefix: %s", pms_errmsg());
+    pms_create_opts_init(&co);
+    co.format = "vmdk";
+    CHECK(pms_create(img, 1 << 20, &co) == -EINVAL, "unknown format accepted");
+
+    pms_create_opts_init(&co);
+    co.cluster_size = 4096;
+    r = pms_create(img, 8 << 20, &co);
+    CHECK(r == 0, "create failed: %s", pms_errmsg());
+    CHECK(sh("qemu-img check -q %s", img) == 0, "qemu-img check of a fresh image failed");
+    CHECK(sh("qemu-img info %s | grep -q 'cluster_size: 4096'", img) == 0, "cluster size not 4096");
+
+    r = pms_open(img, NULL, &d);
+    CHECK(r == 0, "open: %s", pms_errmsg());
+    if (r) return 1;
+    CHECK(pms_size(d) == 8 << 20, "size %lld", (long long)pms_size(d));
+
+    /* range checks happen before the driver */
+    char buf[8192];
+    memset(buf, 0x5c, sizeof buf);
+    r = pms_pwrite(d, buf, 4096, (8 << 20) - 100);
+    CHECK(r == -EINVAL, "write past the end returned %d", r);
+    CHECK(strncmp(pms_errmsg(), "pms_pwrite: ", 12) == 0, "message '%s'", pms_errmsg());
+    r = pms_pread(d, buf, 16, UINT64_MAX - 8);
+    CHECK(r == -EINVAL, "overflowing read returned %d", r);
+    CHECK(pms_pwrite(d, buf, 0, 8 << 20) == 0, "empty write at the end failed");
+
+    /* unaligned write, zeroes, discard, flush; status */
+    CHECK(pms_pwrite(d, buf, 5000, 12345) == 0, "write: %s", pms_errmsg());
+    CHECK(pms_write_zeroes(d, 4096, 1 << 20) == 0, "zero: %s", pms_errmsg());
+    CHECK(pms_flush(d) == 0, "flush: %s", pms_errmsg());
+    struct pms_extent e;
+    CHECK(pms_block_status(d, 12288, 4096, &e) == 0, "status: %s", pms_errmsg());
+    CHECK((e.flags & PMS_BLOCK_DATA) && e.start == 12288, "status of written cluster: flags %#x", e.flags);
+    CHECK(pms_block_status(d, 4 << 20, 1 << 20, &e) == 0 && !(e.flags & PMS_BLOCK_ALLOCATED) &&
+          (e.flags & PMS_BLOCK_ZERO) && e.length == 1 << 20, "unallocated extent wrong");
+    CHECK(pms_block_status(d, 0, 0, &e) < 0, "empty status range accepted");
+
+    /* snapshots: names, missing, duplicate */
+    CHECK(pms_snapshot_create(d, "") == -EINVAL, "empty snapshot name accepted");
+    CHECK(pms_snapshot_create(d, "s1") == 0, "snapshot: %s", pms_errmsg());
+    CHECK(pms_snapshot_create(d, "s1") == -EEXIST, "duplicate snapshot name accepted");
+    CHECK(pms_snapshot_revert(d, "nope") == -ENOENT, "revert to a missing snapshot");
+    CHECK(strncmp(pms_errmsg(), "pms_snapshot_revert: ", 21) == 0, "message '%s'", pms_errmsg());
+    struct pms_snapshot_info *l;
+    size_t n;
+    CHECK(pms_snapshot_list(d, &l, &n) == 0 && n == 1 && strcmp(l[0].name, "s1") == 0 &&
+          strcmp(l[0].id, "1") == 0 && l[0].disk_size == 8 << 20, "list wrong");
+    if (n) pms_snapshot_list_free(l, n);
+    memset(buf, 0x77, 4096);
+    CHECK(pms_pwrite(d, buf, 4096, 12288) == 0, "write after snapshot: %s", pms_errmsg());
+    CHECK(pms_unmap(d) == -EINVAL, "unmap of an unmapped device");
+    CHECK(pms_close(d) == 0, "close: %s", pms_errmsg());
+
+    CHECK(sh("qemu-img check -q %s", img) == 0, "qemu-img check after writes");
+    CHECK(sh("qemu-io -c 'read -P 0 0 12288' -c 'read -P 0x77 12288 4096' "
+             "-c 'read -P 0x5c 16384 961' -c 'read -P 0 17345 100' -c 'read -P 0 1M 4k' %s "
+             "| grep -q failed", img) != 0, "qemu-io found wrong data");
+    CHECK(sh("qemu-img snapshot -l %s | grep -q ' s1 '", img) == 0, "qemu-img does not list s1");
+    CHECK(sh("cp %s %s && qemu-img snapshot -a s1 %s && qemu-io -c 'read -P 0x5c 12345 4039' %s "
+             "| grep -q failed", img, ro, ro, ro) != 0, "snapshot content wrong");
+
+    /* read-only: no write reaches the file */
+    struct pms_open_opts oo;
+    pms_open_opts_init(&oo);
+    oo.readonly = 1;
+    CHECK(pms_open(img, &oo, &d) == 0, "read-only open: %s", pms_errmsg());
+    CHECK(pms_pwrite(d, buf, 512, 0) == -EROFS, "write to a read-only device");
+    CHECK(pms_snapshot_create(d, "x") == -EROFS, "snapshot on a read-only device");
+    CHECK(pms_discard(d, 4096, 0) == -EROFS, "discard on a read-only device");
+    struct pms_info info = { .size = sizeof info };
+    CHECK(pms_info(d, &info) == 0 && strcmp(info.format, "qcow2") == 0 && info.cluster_size == 4096 &&
+          info.qcow2_version == 3 && info.refcount_bits == 16, "info wrong");
+    CHECK(pms_close(d) == 0, "close");
+
+    /* format forcing and unknown format */
+    pms_open_opts_init(&oo);
+    oo.format = "nope";
+    CHECK(pms_open(img, &oo, &d) == -EINVAL, "unknown format accepted");
+    oo.format = "raw";
+    CHECK(pms_open(img, &oo, &d) == 0, "forced raw open");
+    CHECK(pms_size(d) > 0 && pms_close(d) == 0, "raw view");
+
+    sh("rm -rf %s", dir);
+    printf("%d failed\n", fails);
+    return fails ? 1 : 0;
+}
