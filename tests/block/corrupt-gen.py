@@ -161,6 +161,9 @@ def base(kind):
         run('qemu-img', 'create', '-q', '-f', 'qcow2', '-F', 'qcow2', '-b',
             'base-backing-lower.qcow2', p)
         qemu_io(p, 'write -P 0x66 64k 64k')
+    elif kind == 'huge':          # 32 TiB virtual: 64k L1 entries, one L2 table
+        run('qemu-img', 'create', '-q', '-f', 'qcow2', p, '32T')
+        qemu_io(p, 'write -P 0x11 0 64k')
     elif kind == 'extl2':         # extended L2: subcluster writes
         run('qemu-img', 'create', '-q', '-f', 'qcow2', '-o', 'extended_l2=on', p, '4M')
         qemu_io(p, 'write -P 0x11 0 4k', 'write -P 0x12 8k 4k', 'write -z 64k 4k',
@@ -193,9 +196,10 @@ def base(kind):
 CASES = []
 
 
-def case(name, kind, desc):
+def case(name, kind, desc, only=''):
+    """only: comma-separated commands the suite runs on this image (default all)"""
     def deco(fn):
-        CASES.append((name, kind, desc, fn))
+        CASES.append((name, kind, desc, fn, only))
         return fn
     return deco
 
@@ -388,6 +392,14 @@ def _(m): m.w64(m.l2e_off(0, 0), (1 << 63) | m.l2_table())
 @case('rc1-overflow', 'rc1', '1-bit refcounts, a data cluster referenced twice')
 def _(m): m.w64(m.l2e_off(0, 5), m.r64(m.l2e_off(0, 0)))
 
+@case('l1e-all-shared-huge', 'huge', '65536 L1 entries all pointing at one full L2 table '
+      '(check must give up in bounded time; QEMU would walk 2^29 entries)', only='check')
+def _(m):
+    e = m.r64(m.l1e_off(0)) & ~(1 << 63)
+    l2 = e & 0x00fffffffffffe00
+    m.wbytes(l2, struct.pack('>Q', m.r64(l2)) * (m.h['cs'] // 8))
+    m.wbytes(m.h['l1_off'], struct.pack('>Q', e) * m.r32(36))
+
 @case('l2e-compressed-huge', 'plain', 'compressed L2 entry with the largest size field')
 def _(m): m.w64(m.l2e_off(0, 0), (1 << 62) | ((1 << 62) - 1))
 
@@ -530,7 +542,7 @@ def _(m): m.w64(m.l2e_off(0, 0), m.r64(m.l2e_off(0, 0)) | 1)
 def main():
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, 'cases.txt'), 'w') as lst:
-        for name, kind, desc, fn in CASES:
+        for name, kind, desc, fn, only in CASES:
             if ONLY and name not in ONLY:
                 continue
             p = os.path.join(OUT, name + '.qcow2')
@@ -538,7 +550,7 @@ def main():
             m = Img(p)
             fn(m)
             m.close()
-            lst.write('%s\t%s\n' % (name, desc))
+            lst.write('%s\t%s\t%s\n' % (name, only or 'all', desc))
 
 
 if __name__ == '__main__':

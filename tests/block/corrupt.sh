@@ -207,6 +207,31 @@ one_case() {
     rm -rf "$D" "$copy"
 }
 
+# ---- hostile images only the check is run on (too big for reads; QEMU's
+# check would not finish): check must give up in bounded time (a few
+# seconds of CPU; the limit is generous for loaded or sanitizer builds),
+# without crash, and not change the file.
+check_only_case() {
+    case=$1
+    local img=$W/img/$case.qcow2 D=$W/c/$case
+    mkdir -p "$D"
+    cp "$img" "$D/pristine"
+    local rc
+    for args in ""; do
+        # shellcheck disable=SC2086
+        timeout 90 "$T" check -f qcow2 $args "$img" >"$D/out" 2>"$D/err"
+        rc=$?
+        [ $rc -eq 124 ] && echo "FAIL [$case] check $args: timed out"
+        [ $rc -ge 128 ] && [ $rc -ne 124 ] && echo "FAIL [$case] check $args: crashed (exit $rc)"
+        grep -qE 'Sanitizer|runtime error:' "$D/err" && echo "FAIL [$case] check $args: sanitizer report"
+        [ $rc -eq 0 ] && echo "FAIL [$case] check $args: reported a clean image"
+        if [ -z "$args" ] && ! cmp -s "$img" "$D/pristine"; then
+            echo "FAIL [$case] check modified the image"
+        fi
+    done
+    rm -rf "$D"
+}
+
 # json FILE: normalised check counters (missing fields are 0)
 json() {
     awk 'BEGIN { n = split("corruptions leaks check-errors image-end-offset total-clusters " \
@@ -221,10 +246,14 @@ findings() { grep -E '^(ERROR|Leaked|Repairing|Can.t get refcount)' "$1" || true
 
 mkdir -p "$W/res" "$W/c"
 ncases=0
-while IFS=$'\t' read -r c _; do
+while IFS=$'\t' read -r c only _; do
     ncases=$((ncases + 1))
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
-    ( one_case "$c" >"$W/res/$c.log" 2>&1 ) &
+    if [ "$only" = all ]; then
+        ( one_case "$c" >"$W/res/$c.log" 2>&1 ) &
+    else
+        ( check_only_case "$c" >"$W/res/$c.log" 2>&1 ) &
+    fi
 done <"$W/img/cases.txt"
 wait
 

@@ -43,10 +43,16 @@
 #include "../../util/error.h"
 
 /* Upper bound of L1 + L2 entries examined in one check (each L2 table is
- * walked once per reference).  2^28 entries of 8 bytes is 2 GiB of tables,
- * i.e. 16 TiB of guest data summed over the active image and all snapshots
- * with 64 KiB clusters; a legitimate image stays far below. */
-#define CHECK_WORK_LIMIT (1ull << 28)
+ * walked once per reference, as QEMU does).  2^27 entries is 1 GiB of tables
+ * read, i.e. 8 TiB of guest data summed over the active image and all
+ * snapshots with 64 KiB clusters (a few seconds); an image whose L1 entries
+ * all point at the same full L2 table would otherwise need up to
+ * 2^22 * 2^18 entries. */
+#define CHECK_WORK_LIMIT (1ull << 27)
+
+/* Messages passed to the callback at most (a hostile image can produce one
+ * per table entry); the counters are not limited. */
+#define CHECK_MSG_LIMIT 10000
 
 #define REFT_RESERVED_MASK 0x1ffull
 /* the part of PMS_CHECK_REPAIR_ALL beyond leaks */
@@ -67,6 +73,7 @@ struct ck {
     uint64_t rc_limit;           /* saturation value: min(refcount_max, UINT32_MAX) */
 
     uint64_t work;               /* entries examined so far */
+    uint64_t nmsg;               /* messages sent to fn */
     bool rebuild;                /* refcount structure needs a rebuild (QEMU's sense) */
     bool rebuild_hard;           /* ... and it cannot be fixed in place */
 
@@ -80,8 +87,13 @@ struct ck {
 static void msg(struct ck *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void msg(struct ck *c, const char *fmt, ...)
 {
-    if (!c->fn)
+    if (!c->fn || c->nmsg > CHECK_MSG_LIMIT)
         return;
+    if (c->nmsg++ == CHECK_MSG_LIMIT) {
+        c->fn(c->opaque, "Too many problems found; further messages are suppressed "
+              "(the counts stay exact)");
+        return;
+    }
     char buf[512];
     va_list ap;
     va_start(ap, fmt);
