@@ -17,7 +17,7 @@
 #include <unistd.h>
 #include "cli.h"
 
-enum { OPT_OUTPUT = 256, OPT_START, OPT_MAXLEN, OPT_IMAGE_OPTS };
+enum { OPT_OUTPUT = 256, OPT_START, OPT_MAXLEN, OPT_IMAGE_OPTS, OPT_CHAIN };
 
 static int one_file(int argc, int optind_, const char **file)
 {
@@ -337,51 +337,28 @@ static void snapshot_table(const struct pms_snapshot_info *l, size_t n)
         snapshot_row(&l[i]);
 }
 
-int cmd_info(int argc, char **argv)
+/* Print the info of one image (JSON: into arr when chaining).  *next gets
+ * the path of its backing file (malloc'd) and *next_fmt its format. */
+static int info_one(const char *file, const char *fmt, bool force, bool json,
+                    struct jval *arr, char **next, char *next_fmt, size_t nfl)
 {
-    static const struct option lo[] = {
-        { "output", required_argument, NULL, OPT_OUTPUT },
-        { "force-share", no_argument, NULL, 'U' },
-        { "format", required_argument, NULL, 'f' },
-        { NULL, 0, NULL, 0 },
-    };
-    const char *fmt = NULL;
-    int json = 0, force = 0, ch;
-    optind = 0;
-    while ((ch = getopt_long(argc, argv, ":f:U", lo, NULL)) != -1) {
-        switch (ch) {
-        case 'f': fmt = optarg; break;
-        case 'U': force = 1; break;
-        case OPT_OUTPUT:
-            if ((json = parse_output(optarg)) < 0) {
-                errorf("--output must be used with human or json as argument.");
-                return 1;
-            }
-            break;
-        case ':': return usage_error("option requires an argument -- '%c'", optopt);
-        default: return usage_error("info: invalid option -- '%s'", argv[optind - 1]);
-        }
-    }
-    const char *file;
-    if (one_file(argc, optind, &file)) return 1;
-    file = argv[optind];
     pms_dev *dev = open_image(file, fmt, true, PMS_CACHE_WRITEBACK, true, force);
     if (!dev)
-        return 1;
+        return -1;
     struct pms_info info;
     memset(&info, 0, sizeof info);
     info.size = sizeof info;
     if (pms_info(dev, &info) < 0) {
         errorf("%s", libmsg());
         pms_close(dev);
-        return 1;
+        return -1;
     }
     struct pms_snapshot_info *sn = NULL;
     size_t nsn = 0;
     if (pms_snapshot_list(dev, &sn, &nsn) < 0) {
         errorf("%s", libmsg());
         pms_close(dev);
-        return 1;
+        return -1;
     }
     int64_t vsize = pms_size(dev);
     int64_t asize = host_allocated(file);
@@ -437,8 +414,12 @@ int cmd_info(int argc, char **argv)
             jadd(d, "compression-type",
                  jstr(info.compression_type[0] ? info.compression_type : "zlib"));
         }
-        jprint(stdout, o);
-        jfree(o);
+        if (arr)
+            jadd(arr, NULL, o);
+        else {
+            jprint(stdout, o);
+            jfree(o);
+        }
     } else {
         char vs[64], ds[64];
         size_to_str((uint64_t)vsize, vs, sizeof vs);
@@ -479,9 +460,93 @@ int cmd_info(int argc, char **argv)
                        info.corrupt ? "true" : "false", info.extended_l2 ? "true" : "false");
         }
     }
+    if (next)
+        *next = full ? strdup(full) : NULL;
+    if (next_fmt)
+        snprintf(next_fmt, nfl, "%s", info.backing_format);
     free(full);
     pms_snapshot_list_free(sn, nsn);
-    return close_image(dev) < 0 ? 1 : 0;
+    return close_image(dev) < 0 ? -1 : 0;
+}
+
+int cmd_info(int argc, char **argv)
+{
+    static const struct option lo[] = {
+        { "output", required_argument, NULL, OPT_OUTPUT },
+        { "force-share", no_argument, NULL, 'U' },
+        { "format", required_argument, NULL, 'f' },
+        { "backing-chain", no_argument, NULL, OPT_CHAIN },
+        { NULL, 0, NULL, 0 },
+    };
+    const char *fmt = NULL;
+    int json = 0, force = 0, chain = 0, ch;
+    optind = 0;
+    while ((ch = getopt_long(argc, argv, ":f:U", lo, NULL)) != -1) {
+        switch (ch) {
+        case 'f': fmt = optarg; break;
+        case 'U': force = 1; break;
+        case OPT_CHAIN: chain = 1; break;
+        case OPT_OUTPUT:
+            if ((json = parse_output(optarg)) < 0) {
+                errorf("--output must be used with human or json as argument.");
+                return 1;
+            }
+            break;
+        case ':': return usage_error("option requires an argument -- '%c'", optopt);
+        default: return usage_error("info: invalid option -- '%s'", argv[optind - 1]);
+        }
+    }
+    if (optind != argc - 1)
+        return usage_error("Expecting one image file name");
+    if (!chain)
+        return info_one(argv[optind], fmt, force, json, NULL, NULL, NULL, 0) < 0 ? 1 : 0;
+    /* like qemu-img: open the whole chain first, print nothing if it breaks */
+    {
+        char *p = strdup(argv[optind]);
+        const char *f = fmt;
+        char ff[64] = "";
+        for (int k = 0; p && k < 64; k++) {
+            pms_dev *d = open_image(p, f, true, PMS_CACHE_WRITEBACK, true, force);
+            if (!d) {
+                free(p);
+                return 1;
+            }
+            struct pms_info in = { .size = sizeof in };
+            pms_info(d, &in);
+            pms_close(d);
+            char *nx = in.backing_file[0] ? path_combine(p, in.backing_file) : NULL;
+            snprintf(ff, sizeof ff, "%s", in.backing_format);
+            f = ff[0] ? ff : NULL;
+            free(p);
+            p = nx;
+        }
+        free(p);
+    }
+    struct jval *arr = json ? jarr() : NULL;
+    char *cur = strdup(argv[optind]), bfmt[64] = "";
+    int rc = 0, n = 0;
+    while (cur && rc == 0) {
+        char *next = NULL;
+        if (n++ && !json)
+            printf("\n");
+        if (n > 64) {
+            errorf("backing chain too long (loop?)");
+            rc = 1;
+            break;
+        }
+        if (info_one(cur, n == 1 ? fmt : (bfmt[0] ? bfmt : NULL), force, json, arr, &next,
+                     bfmt, sizeof bfmt) < 0)
+            rc = 1;
+        free(cur);
+        cur = next;
+    }
+    free(cur);
+    if (arr) {
+        if (rc == 0)
+            jprint(stdout, arr);
+        jfree(arr);
+    }
+    return rc;
 }
 
 /* ---- check ----------------------------------------------------------------- */

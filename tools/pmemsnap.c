@@ -23,7 +23,7 @@ static const struct {
     { "create", cmd_create,
       "create [-q] [-f qcow2|raw] [-o OPTIONS] [-b BACKING [-F FMT]] [-u] FILE [SIZE]" },
     { "info", cmd_info,
-      "info [-f FMT] [--output=human|json] [-U] FILE" },
+      "info [-f FMT] [--output=human|json] [--backing-chain] [-U] FILE" },
     { "check", cmd_check,
       "check [-q] [-f FMT] [-r leaks|all] [--output=human|json] [-U] FILE" },
     { "snapshot", cmd_snapshot,

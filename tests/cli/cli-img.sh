@@ -73,6 +73,9 @@ for img in q.qcow2 top.qcow2 e.qcow2 ours.qcow2; do
     diff <("$P" io -c map "$img" 2>&1) <(qemu-io -c map "$img" 2>&1) >/dev/null &&
         pass "io map $img" || { fail "io map $img"; diff <("$P" io -c map "$img" 2>&1) <(qemu-io -c map "$img" 2>&1); }
 done
+cmp_cmd "info --backing-chain human" sub/rel.qcow2 info --backing-chain
+cmp_cmd "info --backing-chain json" top.qcow2 info --backing-chain --output=json
+cmp_cmd "info options after the file name" top.qcow2 info --output=json -U
 cmp_cmd "map --start-offset/--max-length" top.qcow2 map --output=json --start-offset=64k --max-length=1M
 
 # a leaked cluster: exit 3, same report; -r leaks repairs it like qemu-img
