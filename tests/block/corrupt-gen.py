@@ -368,6 +368,15 @@ def _(m): m.w64(m.l2e_off(0, 0), (1 << 63) | m.h['l1_off'])
 @case('l2e-unaligned', 'plain', 'L2 entry not cluster aligned')
 def _(m): m.w64(m.l2e_off(0, 0), m.r64(m.l2e_off(0, 0)) + 512)
 
+@case('l2e-zero-unaligned', 'plain', 'preallocated zero cluster with an unaligned offset')
+def _(m): m.w64(m.l2e_off(0, 3), (1 << 63) | (m.data_cluster() + 0x200) | 1)
+
+@case('snap-l2e-zero-unaligned', 'snap', 'inactive preallocated zero cluster, unaligned offset')
+def _(m):
+    sn_l1 = m.r64(m.snap_entry(0))
+    l2 = m.r64(sn_l1) & 0x00fffffffffffe00
+    m.w64(l2 + 8 * 7, 0x50200 | 1)
+
 @case('l2e-reserved', 'plain', 'L2 entry with reserved bits set')
 def _(m): m.w64(m.l2e_off(0, 0), m.r64(m.l2e_off(0, 0)) | (1 << 60))
 

@@ -74,6 +74,7 @@ struct ck {
 
     uint64_t work;               /* entries examined so far */
     uint64_t nmsg;               /* messages sent to fn */
+    bool changed;                /* a repair went through the caches */
     bool rebuild;                /* refcount structure needs a rebuild (QEMU's sense) */
     bool rebuild_hard;           /* ... and it cannot be fixed in place */
 
@@ -174,6 +175,36 @@ static int inc_refs(struct ck *c, uint64_t off, uint64_t size)
     return 0;
 }
 
+/* Repair: turn L2 entry idx of the table at l2_off into a plain zero cluster
+ * (with extended L2: its allocated subclusters become zero ones), through the
+ * L2 cache after checking the table is a place we may write to. */
+static int zero_l2_entry(struct ck *c, uint64_t l2_off, uint64_t idx)
+{
+    struct qcow2_state *s = c->s;
+    uint8_t *l2;
+    int r = qc_off_in_cluster(s, l2_off)
+        ? pms_err(EIO, "L2 table offset %#" PRIx64 " unaligned", l2_off)
+        : qcow2_check_host_range(c->bs, l2_off, s->cluster_size, "L2 table");
+    if (r == 0)
+        r = qcow2_cache_get(c->bs, &s->l2_cache, l2_off, &l2);
+    if (r < 0) {
+        msg(c, "ERROR: Overlap check failed");
+        c->res->check_errors++;
+        return r;
+    }
+    if (s->ext_l2) {
+        uint64_t bm = qcow2_l2_get_bitmap(s, l2, idx);
+        bm = (bm | (bm << 32)) & 0xffffffff00000000ull;
+        qcow2_l2_set_bitmap(s, l2, idx, bm);
+        qcow2_l2_set(s, l2, idx, 0);
+    } else {
+        qcow2_l2_set(s, l2, idx, QCOW_OFLAG_ZERO);
+    }
+    qcow2_cache_mark_dirty(&s->l2_cache, l2);
+    c->changed = true;
+    return 0;
+}
+
 static int check_l2(struct ck *c, uint64_t l2_off, bool active)
 {
     struct qcow2_state *s = c->s;
@@ -236,10 +267,20 @@ static int check_l2(struct ck *c, uint64_t l2_off, bool active)
                 bool has_data = s->ext_l2 ? (bitmap & 0xffffffffull) != 0
                                           : t == QC_NORMAL;
                 res->corruptions++;
-                if (!has_data)
-                    msg(c, "ERROR offset=%" PRIx64 ": Preallocated cluster is not "
-                        "properly aligned; L2 entry corrupted.", off);
-                else
+                if (!has_data) {
+                    bool fix = c->flags & FIX_ERRORS;
+                    msg(c, "%s offset=%" PRIx64 ": Preallocated cluster is not "
+                        "properly aligned; L2 entry corrupted.", fix ? "Repairing" : "ERROR",
+                        off);
+                    if (fix) {
+                        r = zero_l2_entry(c, l2_off, i);
+                        if (r < 0)
+                            return r;
+                        res->corruptions--;
+                        res->corruptions_fixed++;
+                        continue;       /* the cluster is not referenced any more */
+                    }
+                } else
                     msg(c, "ERROR offset=%" PRIx64 ": Data cluster is not properly "
                         "aligned; L2 entry corrupted.", off);
             }
@@ -779,6 +820,11 @@ int qcow2_check(struct bdev *bs, unsigned flags, struct pms_check_result *res,
         /* as QEMU: rebuild, then count again; the old structure's clusters
          * are now leaks, repaired right away */
         struct pms_check_result old = *res;
+        if (c.changed) {            /* the walk below reads the tables from the file */
+            r = flush_meta(&c);
+            if (r < 0)
+                goto out;
+        }
         msg(&c, "Rebuilding refcount structure");
         r = rebuild_refcounts(&c);
         if (r < 0) {
@@ -833,10 +879,16 @@ int qcow2_check(struct bdev *bs, unsigned flags, struct pms_check_result *res,
         }
     }
 
+    if (c.changed) {                /* check_oflag_copied reads L2 tables from the file */
+        r = flush_meta(&c);
+        if (r < 0)
+            goto out;
+        c.changed = false;
+    }
     r = check_oflag_copied(&c, &changed);
     if (r < 0)
         goto out;
-    if (changed) {
+    if (changed || c.changed) {
         r = flush_meta(&c);
         if (r < 0)
             goto out;
