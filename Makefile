@@ -21,14 +21,20 @@ $(BUILD)/build.ninja:
 deps:
 	@bash scripts/deps.sh $(DEPS)
 
+# Every suite in the normal build, then every suite tagged 'asan' in an
+# ASan+UBSan build (PMS_NO_ASAN=1 skips that second pass).
 check: deps all
-	$(MESON) test -C $(BUILD) --print-errorlogs --num-processes 2
-	@if [ -z "$$PMS_NO_ASAN" ]; then \
-	  [ -f $(ASAN_BUILD)/build.ninja ] || $(MESON) setup $(ASAN_BUILD) -Db_sanitize=address,undefined -Db_lundef=false; \
+	@rc=0; \
+	$(MESON) test -C $(BUILD) --print-errorlogs --num-processes 2 || rc=1; \
+	if [ -z "$$PMS_NO_ASAN" ]; then \
+	  { [ -f $(ASAN_BUILD)/build.ninja ] || \
+	    $(MESON) setup $(ASAN_BUILD) -Db_sanitize=address,undefined -Db_lundef=false; } && \
 	  ninja -C $(ASAN_BUILD) && \
-	  ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-	  $(MESON) test -C $(ASAN_BUILD) --print-errorlogs --num-processes 2 --suite asan; \
-	fi
+	  ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
+	  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	  $(MESON) test -C $(ASAN_BUILD) --print-errorlogs --num-processes 2 --suite asan || rc=1; \
+	fi; \
+	exit $$rc
 
 demo: deps all
 	bash demo/demo.sh $(BUILD)
