@@ -39,10 +39,14 @@ static int mode_of(const char *s)
     return PMS_DIRTY_AUTO;
 }
 
+static int g_unsafe;   /* cache=unsafe: the cap test is about memory, not durability */
+
 static pms_dev *open_img(const char *path, int ro, const char *fault)
 {
     struct pms_open_opts o;
     pms_open_opts_init(&o);
+    if (g_unsafe)
+        o.cache_mode = PMS_CACHE_UNSAFE;
     o.readonly = ro;
     o.fault_spec = fault;
     pms_dev *d;
@@ -263,6 +267,7 @@ static uint64_t rss_kb(const char *key)
 
 static int t_cap(const char *img, const char *mode, uint64_t limit_mb, uint64_t store_mb)
 {
+    g_unsafe = 1;
     pms_dev *d = open_img(img, 0, NULL);
     size_t len;
     uint64_t base_rss = rss_kb("RssAnon:");

@@ -1,0 +1,152 @@
+/* Memory-device micro benchmarks, driven by bench/20-mem.sh.
+ *
+ *   mem-bench warm IMG MB          warm loads+stores: mapping vs anonymous memory
+ *   mem-bench seqread IMG          first-touch sequential read through the mapping
+ *   mem-bench seqread-mmap FILE    the same loop over mmap(FILE) (e.g. a FUSE export)
+ *   mem-bench snap IMG DIRTY_MB    snapshot time with DIRTY_MB dirtied (64 KiB runs)
+ *   mem-bench wb IMG MB            writeback throughput: store MB, pms_persist it
+ * Prints "key value" lines.
+ */
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#include "pmemsnap.h"
+
+#define TRY(c) do { if ((c) < 0) { fprintf(stderr, "%s: %s\n", #c, pms_errmsg()); exit(1); } } while (0)
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static uint8_t *map_img(const char *img, pms_dev **d, size_t *len, unsigned interval)
+{
+    TRY(pms_open(img, NULL, d));
+    struct pms_map_opts mo;
+    pms_map_opts_init(&mo);
+    mo.writeback_interval_ms = interval;
+    void *a;
+    TRY(pms_map(*d, &mo, &a, len));
+    return a;
+}
+
+static uint64_t sweep(volatile uint64_t *p, size_t words, int store)
+{
+    uint64_t s = 0;
+    for (size_t i = 0; i < words; i++) {
+        s += p[i];
+        if (store) p[i] = s;
+    }
+    return s;
+}
+
+static double warm_loop(uint8_t *p, size_t len)
+{
+    sweep((volatile uint64_t *)p, len / 8, 1);          /* make resident */
+    double t0 = now();
+    for (int r = 0; r < 5; r++)
+        sweep((volatile uint64_t *)p, len / 8, 1);
+    return 5.0 * len / (now() - t0) / 1e9;
+}
+
+static int warm(const char *img, size_t mb)
+{
+    pms_dev *d;
+    size_t len;
+    uint8_t *p = map_img(img, &d, &len, getenv("WB_MS") ? atoi(getenv("WB_MS")) : 0);
+    size_t n = mb << 20 < len ? mb << 20 : len;
+    double gm = warm_loop(p, n);
+    uint8_t *a = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    double ga = warm_loop(a, n);
+    printf("warm_mapping_GBps %.3f\nwarm_anon_GBps %.3f\n", gm, ga);
+    TRY(pms_unmap(d));
+    TRY(pms_close(d));
+    return 0;
+}
+
+static double seq(const uint8_t *p, size_t len)
+{
+    double t0 = now();
+    volatile uint64_t s = sweep((volatile uint64_t *)p, len / 8, 0);
+    (void)s;
+    return len / (now() - t0) / 1e9;
+}
+
+static int seqread(const char *img)
+{
+    pms_dev *d;
+    size_t len;
+    uint8_t *p = map_img(img, &d, &len, 0);
+    printf("seqread_mapping_GBps %.3f\n", seq(p, len));
+    TRY(pms_unmap(d));
+    TRY(pms_close(d));
+    return 0;
+}
+
+static int seqread_mmap(const char *file)
+{
+    int fd = open(file, O_RDONLY);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) < 0) { perror(file); return 1; }
+    uint8_t *p = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED) { perror("mmap"); return 1; }
+    printf("seqread_mmap_GBps %.3f\n", seq(p, (size_t)st.st_size));
+    return 0;
+}
+
+static int snap(const char *img, size_t dirty_mb)
+{
+    pms_dev *d;
+    size_t len;
+    uint8_t *p = map_img(img, &d, &len, 0);
+    size_t runs = dirty_mb * 16, stride = len / runs;
+    for (int s = 0; s < 2; s++) {        /* s0 allocates, s1 is the measured one */
+        for (size_t i = 0; i < runs; i++)
+            memset(p + i * (stride & ~(size_t)65535), s + 1, 65536);
+        char name[8];
+        snprintf(name, sizeof name, "b%d", s);
+        TRY(pms_snapshot_create(d, name));
+    }
+    struct pms_stats st = { .size = sizeof st };
+    TRY(pms_stats(d, &st));
+    printf("snap_ms %.2f\nsnap_pause_ms %.3f\nsnap_bytes %" PRIu64 "\n", st.last_snapshot_ns / 1e6,
+           st.last_snapshot_pause_ns / 1e6, st.last_snapshot_bytes);
+    TRY(pms_unmap(d));
+    TRY(pms_close(d));
+    return 0;
+}
+
+static int wb(const char *img, size_t mb)
+{
+    pms_dev *d;
+    size_t len;
+    uint8_t *p = map_img(img, &d, &len, 100000);     /* no background rounds */
+    size_t n = mb << 20;
+    memset(p, 0x5a, n);
+    double t0 = now();
+    TRY(pms_persist(d, p, n));
+    double t = now() - t0;
+    printf("writeback_MBps %.1f\n", n / t / 1e6);
+    TRY(pms_unmap(d));
+    TRY(pms_close(d));
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc >= 4 && !strcmp(argv[1], "warm")) return warm(argv[2], strtoul(argv[3], 0, 0));
+    if (argc >= 3 && !strcmp(argv[1], "seqread")) return seqread(argv[2]);
+    if (argc >= 3 && !strcmp(argv[1], "seqread-mmap")) return seqread_mmap(argv[2]);
+    if (argc >= 4 && !strcmp(argv[1], "snap")) return snap(argv[2], strtoul(argv[3], 0, 0));
+    if (argc >= 4 && !strcmp(argv[1], "wb")) return wb(argv[2], strtoul(argv[3], 0, 0));
+    fprintf(stderr, "usage: see mem-bench.c\n");
+    return 2;
+}
