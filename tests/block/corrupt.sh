@@ -182,10 +182,18 @@ one_case() {
             [ "$leaks" != 0 ] && fail "check -r $mode exit $rc but qemu-img check still finds $leaks leaks"
             [ $rc -eq 0 ] && [ $q2 -ne 0 ] && fail "check -r $mode reported a clean image, qemu-img check exits $q2"
         fi
-        # a repair never changes what the guest reads
+        # a repair never changes what the guest reads (unless metadata is
+        # guest data, e.g. an L2 entry pointing at its own table: then
+        # qemu-img's repair changes it too)
         if [ $rc -ne 1 ] && [ $convert_ok -eq 0 ] &&
            ! qemu-img compare -q -f qcow2 -F qcow2 "$img" "$copy" >/dev/null 2>&1; then
-            fail "check -r $mode changed the guest data (qemu-img compare)"
+            cp "$D/pristine" "$copy.q"
+            qemu-img check -q -f qcow2 -r $mode "$copy.q" >/dev/null 2>&1
+            if qemu-img compare -q -f qcow2 -F qcow2 "$img" "$copy.q" >/dev/null 2>&1; then
+                fail "check -r $mode changed the guest data (qemu-img compare)"
+            else
+                note "check -r $mode changed the guest data, as qemu-img check -r $mode does"
+            fi
         fi
     done
 
@@ -204,7 +212,7 @@ one_case() {
         run snapl2 "snapshot -l" "$T" snapshot -f qcow2 -l "$copy"
         grep -qw x "$D/snapl2.out" || fail "snapshot -c succeeded but x is not listed"
     fi
-    rm -rf "$D" "$copy"
+    rm -rf "$D" "$copy" "$copy.q"
 }
 
 # ---- hostile images only the check is run on (too big for reads; QEMU's

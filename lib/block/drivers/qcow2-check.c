@@ -407,9 +407,14 @@ static int calculate_refcounts(struct ck *c)
     int r = inc_refs(c, 0, s->cluster_size);             /* header */
     if (r < 0)
         return r;
-    r = check_l1(c, s->l1_offset, s->l1_size, true);
-    if (r < 0)
-        return r;
+    if ((uint64_t)s->l1_size > QCOW2_MAX_L1_BYTES / 8) {   /* open refuses these */
+        msg(c, "ERROR active L1 table l1_size=%#" PRIx32 " is too large", s->l1_size);
+        c->res->corruptions++;
+    } else {
+        r = check_l1(c, s->l1_offset, s->l1_size, true);
+        if (r < 0)
+            return r;
+    }
     for (int i = 0; i < s->nb_snaps; i++) {
         struct qcow2_snapshot *sn = &s->snaps[i];
         const char *id = sn->id_str ? sn->id_str : "";
