@@ -1035,6 +1035,7 @@ int pms_mem_snapshot_create(struct pms_mem *m, const char *name, unsigned flags)
         prev = w;
     }
     bool stop = !(flags & PMS_SNAP_QUIESCED);
+    uint64_t tp = now_ns();
     int r = stop ? pms_sp_stop(1000) : 0;
     if (r < 0) {
         pthread_mutex_unlock(&m->wb_mu);
@@ -1042,11 +1043,10 @@ int pms_mem_snapshot_create(struct pms_mem *m, const char *name, unsigned flags)
                        "SIGRTMIN+6 blocked?); stop writers and pass PMS_SNAP_QUIESCED",
                        pms_sp_stuck_tid());
     }
-    uint64_t tp = now_ns();
     int64_t nr = cut(m);
+    uint64_t pause = now_ns() - tp;      /* stop + final copy */
     if (stop)
         pms_sp_release();
-    uint64_t pause = now_ns() - tp;
     if (nr < 0) {
         pthread_mutex_unlock(&m->wb_mu);
         return pms_err((int)-nr, "final dirty scan failed: %s", strerror((int)-nr));
@@ -1057,11 +1057,18 @@ int pms_mem_snapshot_create(struct pms_mem *m, const char *name, unsigned flags)
         r = write_out(m, m->stage + m->runs[i].stage, m->runs[i].off, m->runs[i].len);
         staged += m->runs[i].len;
     }
+    uint64_t t2 = now_ns();
     if (r == 0)
         r = snap_locked(bs, bs->drv->snapshot_create, name);
+    uint64_t t3 = now_ns();
     if (r == 0)
         r = bdev_flush(bs);
     pthread_mutex_unlock(&m->wb_mu);
+    if (getenv("PMS_MEM_DEBUG"))
+        fprintf(stderr, "snapshot %s: pre-copy+cut %.2f ms (%lld B), staged write %.2f ms "
+                "(%llu B), commit %.2f ms, flush %.2f ms\n", name, (tp - t0) / 1e6,
+                (long long)bytes, (t2 - tp) / 1e6, (unsigned long long)staged,
+                (t3 - t2) / 1e6, (now_ns() - t3) / 1e6);
     if (staged)
         madvise(m->stage, (staged + PG - 1) & ~(PG - 1), MADV_DONTNEED);
     if (r < 0)
