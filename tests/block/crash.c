@@ -383,6 +383,11 @@ static void verify(struct ctx *x, bool crashed)
     pms_close(dev);
 
     /* 4. snapshots: present/absent as of the last flush, with their content */
+    if (x->nsnap == 0) {
+        pms_snapshot_list_free(l, nl);
+        if (nl) failf(x, "our list shows %zu snapshots, none was made", nl);
+        return;
+    }
     char *av[] = { "qemu-img", "snapshot", "-l", x->img, NULL };
     run_argv(av, out, sizeof out);
     for (int i = 0; i < x->nsnap; i++) {

@@ -49,7 +49,7 @@ scenario() {
         qemu-img convert -O raw "${bargs[1]}" base-flat.raw
         margs=(--base base-flat.raw --unknown-discard)
     fi
-    qverify ours.qcow2 $(qemu-img info --output=json ours.qcow2 | $PY -c 'import json,sys; print(json.load(sys.stdin)["virtual-size"])') "$script" "${margs[@]}" || return
+    qverify ours.qcow2 $(numfmt --from=iec $size) "$script" "${margs[@]}" || return
     local out
     if ! out=$(qemu-img compare -f qcow2 -F qcow2 ours.qcow2 ref.qcow2 2>&1); then
         fail "qemu-img compare with qemu-made reference: $out"; return
@@ -201,5 +201,22 @@ for v in "${snapvariants[@]}"; do
     else bad=1; fi
     [ $bad = 0 ] && ok
 done
+
+# --- 5. our convert -O qcow2 (CLI only) ---------------------------------------------
+if [ $HAVE_CLI = 1 ]; then
+    rm -f csrc.raw csrc.qcow2
+    qemu-img create -q -f raw csrc.raw 4M
+    qemu-io -f raw -c "write -P 0x5a 1000 1M" -c "write -P 0x5b 2M 300000" csrc.raw >/dev/null
+    qemu-img convert -c -f raw -O qcow2 -o cluster_size=4096 csrc.raw csrc.qcow2
+    qemu-io -c "write -P 0x5c 3M 5000" -c "write -z 1500000 70000" csrc.qcow2 >/dev/null
+    for o in "" "-o cluster_size=512" "-o compat=0.10" "-o extended_l2=on,cluster_size=65536" "-o refcount_bits=1"; do
+        begin "our convert -O qcow2 $o"
+        rm -f cdst.qcow2
+        run "$PMS" convert -f qcow2 -O qcow2 $o csrc.qcow2 cdst.qcow2 || continue
+        qcheck cdst.qcow2 || continue
+        if ! out=$(qemu-img compare csrc.qcow2 cdst.qcow2 2>&1); then fail "qemu-img compare: $out"; continue; fi
+        ok
+    done
+fi
 
 finish
