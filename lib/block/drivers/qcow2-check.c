@@ -19,15 +19,20 @@
  * in-memory refcount array is sized by the file length (at most INT_MAX
  * clusters, as QEMU, and no more than half the physical memory), and the
  * total number of L1/L2 entries examined is capped so that an image whose
- * tables all point at each other cannot keep us busy for long.
+ * tables all point at each other cannot keep us busy for long (the check
+ * then fails with EFBIG); at most 10000 messages reach the callback.
  *
  * Repair: PMS_CHECK_REPAIR_LEAKS sets leaked refcounts down to the computed
  * value; PMS_CHECK_REPAIR_ALL additionally raises refcounts that are too low
  * (in place where the refcount block covering the cluster exists and is
  * sound; otherwise, as QEMU, by rebuilding the whole refcount structure
- * after the end of the file) and fixes COPIED flags.  Stored refcounts are
+ * after the end of the file), fixes COPIED flags and turns unaligned
+ * preallocated zero clusters into plain zero clusters.  Stored refcounts are
  * read straight from the refcount blocks after the metadata caches have been
  * flushed; repairs go through qcow2_set_refcount() and the caches.
+ * Not done (QEMU does): growing the file for a refcount block past its end
+ * (we rebuild instead), repairing the snapshot table, clearing the dirty and
+ * corrupt bits after a clean repair.
  *
  * Threads: called with bs->lock held (see qcow2.h).
  */
