@@ -28,4 +28,11 @@ for mode in async sync; do
     qio "$T/copy.qcow2" "read -P 2 $off 1"
     echo "atomic $mode: $NS snapshots consistent"
 done
+# a thread that blocks the stop signal: refused cleanly, QUIESCED still works
+img=$T/blk.qcow2
+qemu-img create -q -f qcow2 "$img" 16M
+"$MEMTEST" blocked "$img" || fail "blocked-signal writer"
+qemu-img snapshot -l "$img" | grep -q quiesced || fail "quiesced snapshot missing"
+qemu-img snapshot -l "$img" | grep -q " live " && fail "refused snapshot exists"
+check_img "$img"
 echo ok

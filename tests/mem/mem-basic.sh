@@ -25,4 +25,5 @@ img=$T/ro.qcow2
 qemu-img create -q -f qcow2 "$img" 16M
 qemu-io -f qcow2 -c "write -P 0x5a 1M 1M" "$img" >/dev/null
 "$MEMTEST" ro "$img" || fail "read-only"
+"$MEMTEST" prefetch "$img" || fail "prefetch"
 echo ok

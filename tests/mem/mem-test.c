@@ -9,6 +9,8 @@
  *   mem-test cap     IMG MODE LIMIT_MB STORE_MB
  *   mem-test sigbus  IMG OFF HOSTOFF    read error during fault-in -> SIGBUS
  *   mem-test ro      IMG                read-only mapping: loads work, stores SIGSEGV
+ *   mem-test prefetch IMG               background prefetch fills the mapping
+ *   mem-test blocked IMG                a thread blocks the stop signal: clean EAGAIN
  * MODE: auto | async | sync.  Exit 0 = pass, 1 = fail, 77 = feature missing.
  */
 #include <errno.h>
@@ -347,6 +349,70 @@ static int t_sigbus(const char *img, uint64_t off, uint64_t host)
     return 0;
 }
 
+/* A writer that blocks the safepoint signal: the live snapshot must fail
+ * cleanly (EAGAIN, message), and PMS_SNAP_QUIESCED must still work. */
+static void *blocked_writer(void *arg)
+{
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGRTMIN + 6);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    volatile uint64_t *q = arg;
+    while (!atomic_load(&g_stop))
+        (*q)++;
+    return NULL;
+}
+
+static int t_blocked(const char *img)
+{
+    pms_dev *d = open_img(img, 0, NULL);
+    size_t len;
+    uint8_t *p = map(d, "auto", 0, &len);
+    pthread_t th;
+    pthread_create(&th, NULL, blocked_writer, p + 8192);
+    usleep(20000);
+    uint64_t t0 = now_ns();
+    int r = pms_snapshot_create(d, "live");
+    double s = (now_ns() - t0) / 1e9;
+    CHECK(r == -EAGAIN, "snapshot with a thread blocking the signal returned %d", r);
+    CHECK(strstr(pms_errmsg(), "PMS_SNAP_QUIESCED"), "message: %s", pms_errmsg());
+    CHECK(s < 5, "gave up after %.1f s", s);
+    printf("refused after %.2f s: %s\n", s, pms_errmsg());
+    atomic_store(&g_stop, 1);
+    pthread_join(th, NULL);
+    API(pms_snapshot_create_ex(d, "quiesced", PMS_SNAP_QUIESCED));
+    API(pms_unmap(d));
+    API(pms_close(d));
+    return 0;
+}
+
+/* opts.prefetch streams the image in without any touch. */
+static int t_prefetch(const char *img)
+{
+    pms_dev *d = open_img(img, 0, NULL);
+    struct pms_map_opts mo;
+    pms_map_opts_init(&mo);
+    mo.prefetch = 1;
+    void *a;
+    size_t len;
+    API(pms_map(d, &mo, &a, &len));
+    struct pms_stats st = stats(d);
+    for (int i = 0; i < 500 && st.resident_pages < len / PG; i++) {
+        usleep(10000);
+        st = stats(d);
+    }
+    CHECK(st.resident_pages == len / PG, "prefetch left %" PRIu64 " of %zu pages",
+          len / PG - st.resident_pages, len / PG);
+    CHECK(st.faults == 0, "faults during prefetch without touching");
+    uint8_t *p = a;
+    CHECK(p[1 << 20] == 0x5a && p[0] == 0, "prefetched data");
+    CHECK(stats(d).faults == 0, "touching prefetched pages faulted");
+    API(pms_unmap(d));
+    API(pms_close(d));
+    printf("prefetch ok: %zu MiB resident without a fault\n", len >> 20);
+    return 0;
+}
+
 static int t_ro(const char *img)
 {
     pms_dev *d = open_img(img, 1, NULL);
@@ -388,6 +454,8 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "sigbus") && argc > 4)
         return t_sigbus(img, strtoull(argv[3], NULL, 0), strtoull(argv[4], NULL, 0));
     if (!strcmp(cmd, "ro")) return t_ro(img);
+    if (!strcmp(cmd, "prefetch")) return t_prefetch(img);
+    if (!strcmp(cmd, "blocked")) return t_blocked(img);
     fprintf(stderr, "unknown subcommand %s\n", cmd);
     return 2;
 }
