@@ -1183,3 +1183,71 @@ int cmd_convert(int argc, char **argv)
     pms_close(in);
     return rc;
 }
+
+/* ---- resize ------------------------------------------------------------------------ */
+
+int cmd_resize(int argc, char **argv)
+{
+    enum { OPT_SHRINK = 400, OPT_PREALLOC };
+    static const struct option lo[] = {
+        { "shrink", no_argument, NULL, OPT_SHRINK },
+        { "preallocation", required_argument, NULL, OPT_PREALLOC },
+        { NULL, 0, NULL, 0 },
+    };
+    /* like qemu-img: take the size off argv first, so "-1G" is no option */
+    if (argc < 3)
+        return usage_error("Not enough arguments");
+    const char *sizestr = argv[--argc];
+    const char *fmt = NULL;
+    int quiet = 0, shrink = 0, ch;
+    optind = 0;
+    while ((ch = getopt_long(argc, argv, ":f:q", lo, NULL)) != -1) {
+        switch (ch) {
+        case 'f': fmt = optarg; break;
+        case 'q': quiet = 1; break;
+        case OPT_SHRINK: shrink = 1; break;
+        case OPT_PREALLOC:
+            if (strcmp(optarg, "off")) {
+                errorf("Preallocation mode '%s' is not supported (only 'off')", optarg);
+                return 1;
+            }
+            break;
+        case ':': return usage_error("option requires an argument -- '%c'", optopt);
+        default: return usage_error("resize: invalid option -- '%s'", argv[optind - 1]);
+        }
+    }
+    if (optind != argc - 1)
+        return usage_error("Expecting image file name and size");
+    const char *file = argv[optind];
+    int rel = 0;
+    if (sizestr[0] == '+' || sizestr[0] == '-')
+        rel = sizestr[0] == '+' ? 1 : -1;
+    uint64_t n;
+    if (parse_size(sizestr + (rel != 0), &n) < 0) {
+        errorf("Parameter 'size' expects a non-negative number below 2^64");
+        return 1;
+    }
+    pms_dev *dev = open_image(file, fmt, false, PMS_CACHE_WRITEBACK, true, false);
+    if (!dev)
+        return 1;
+    uint64_t cur = (uint64_t)pms_size(dev), want = n;
+    if (rel > 0)
+        want = cur + n;
+    else if (rel < 0)
+        want = n > cur ? 0 : cur - n;
+    int rc = 0;
+    if ((rel > 0 && want < cur) || (rel < 0 && n > cur)) {
+        errorf("New image size out of range");
+        rc = 1;
+    } else if (want < cur && !shrink) {
+        errorf("Use the --shrink option to perform a shrink operation.");
+        rc = 1;
+    } else if (want != cur && pms_truncate(dev, want) < 0) {
+        errorf("%s", libmsg());
+        rc = 1;
+    } else if (!quiet)
+        printf("Image resized.\n");
+    if (close_image(dev) < 0)
+        rc = 1;
+    return rc;
+}

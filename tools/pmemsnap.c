@@ -4,7 +4,8 @@
  * qemu-io conventions (same options, same output lines, same exit codes) so
  * that scripts written for QEMU's tools run unchanged:
  *
- *   create, info, check, snapshot, map, convert, bench   (cmd-img.c, cmd-bench.c)
+ *   create, info, check, snapshot, map, resize, convert  (cmd-img.c)
+ *   bench                                                (cmd-bench.c)
  *   io                                                   (cmd-io.c, qemu-io)
  *
  * This file only handles --help/--version and dispatches.  Every command
@@ -30,6 +31,8 @@ static const struct {
       "snapshot [-q] [-f FMT] [-U] -l | -c NAME | -a NAME | -d NAME FILE" },
     { "map", cmd_map,
       "map [-f FMT] [--output=human|json] [--start-offset=OFF] [--max-length=LEN] [-U] FILE" },
+    { "resize", cmd_resize,
+      "resize [-q] [-f FMT] [--shrink] [--preallocation=off] FILE [+|-]SIZE" },
     { "convert", cmd_convert,
       "convert [-p] [-q] [-n] [-f FMT] [-O qcow2|raw] [-o OPTIONS] [-t CACHE] [-T CACHE] [-U] SRC DST" },
     { "io", cmd_io,

@@ -14,7 +14,7 @@ for args in "" "frob" "info" "info a b" "check" "map" "snapshot x" "snapshot -l 
             "convert onlyone" "create" "io -Z x" "bench" "bench -d 0 x" "bench -c -1 x" \
             "info --output=xml x" "check -r foo x" "create -f vmdk x 1M" "io -t bogus x" \
             "io -i bogus x" "bench -s 0 x" "bench --pattern=300 -w x" "create -f qcow2 x 1Q" \
-            "map --start-offset=zz x"; do
+            "map --start-offset=zz x" "resize" "resize x" "resize x 1Q"; do
     # shellcheck disable=SC2086
     expect_rc 1 "usage error: '$args'" "$P" $args && oneline "$args"
     [ -e x ] && fail "'$args' created a file"

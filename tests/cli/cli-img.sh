@@ -111,4 +111,20 @@ for o in "" "-o cluster_size=4k" "-o compat=0.10" "-o extended_l2=on,cluster_siz
 done
 "$P" create -f raw r1.raw 1M > p.out; qemu-img create -f raw r1.raw 1M > q.out
 same "create line raw" p.out q.out
+
+# resize: grow qcow2 (relative and absolute), shrink needs --shrink
+"$P" create -f qcow2 rs.qcow2 1M >/dev/null
+"$P" io -c 'write -P 0x42 960k 64k' rs.qcow2 >/dev/null
+expect_rc 0 "resize +1M" "$P" resize rs.qcow2 +1M && grep -qx 'Image resized.' out || fail "resize message"
+expect_rc 0 "resize 5M" "$P" resize rs.qcow2 5M
+[ "$(qemu-img info --output=json rs.qcow2 | python3 -c 'import json,sys; print(json.load(sys.stdin)["virtual-size"])')" = 5242880 ] &&
+    pass "qemu-img sees the new size" || fail "size after resize"
+qemu-io -c 'read -P 0x42 960k 64k' -c 'read -P 0 1M 4M' rs.qcow2 | grep -q 'verification failed' &&
+    fail "data after resize" || pass "data kept, new space reads zero"
+qemu-img check -q rs.qcow2 || fail "check after resize"
+expect_rc 1 "resize shrink without --shrink" "$P" resize rs.qcow2 -- -1M
+grep -q -- '--shrink' err || fail "shrink message"
+truncate -s 1M rs.raw
+expect_rc 0 "resize --shrink raw" "$P" resize -f raw --shrink rs.raw 512k
+[ "$(stat -c %s rs.raw)" = 524288 ] || fail "raw shrink size"
 finish
