@@ -235,7 +235,7 @@ int bdev_block_status(struct bdev *bs, uint64_t off, uint64_t len, struct pms_ex
     if (!bs->drv->block_status) {
         ext->start = off;
         ext->length = len;
-        ext->flags = PMS_BLOCK_DATA;
+        ext->flags = PMS_BLOCK_DATA | PMS_BLOCK_ALLOCATED;
         return 0;
     }
     r = LOCKED(bs, bs->drv->block_status(bs, off, len, ext));

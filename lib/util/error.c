@@ -10,10 +10,13 @@ static __thread char msg[MSG_MAX];
 
 int pms_err(int err, const char *fmt, ...)
 {
+    /* format into a local buffer: an argument may be pms_err_get() itself */
+    char tmp[MSG_MAX];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
+    vsnprintf(tmp, sizeof tmp, fmt, ap);
     va_end(ap);
+    memcpy(msg, tmp, sizeof msg);
     return err > 0 ? -err : (err == 0 ? -EIO : err);
 }
 

@@ -216,25 +216,25 @@ static int file_block_status(struct bdev *bs, uint64_t off, uint64_t len, struct
     off_t d = lseek(s->fd, (off_t)off, SEEK_DATA);
     if (d < 0 && errno == ENXIO) {          /* hole to EOF */
         e->length = len;
-        e->flags = PMS_BLOCK_ZERO | PMS_BLOCK_OFFSET;
+        e->flags = PMS_BLOCK_ZERO | PMS_BLOCK_OFFSET | PMS_BLOCK_ALLOCATED;
         return 0;
     }
     if (d < 0) {
         e->length = len;
-        e->flags = PMS_BLOCK_DATA | PMS_BLOCK_OFFSET;
+        e->flags = PMS_BLOCK_DATA | PMS_BLOCK_OFFSET | PMS_BLOCK_ALLOCATED;
         return 0;
     }
     if ((uint64_t)d > off) {
         uint64_t n = (uint64_t)d - off;
         e->length = n < len ? n : len;
-        e->flags = PMS_BLOCK_ZERO | PMS_BLOCK_OFFSET;
+        e->flags = PMS_BLOCK_ZERO | PMS_BLOCK_OFFSET | PMS_BLOCK_ALLOCATED;
         return 0;
     }
     off_t h = lseek(s->fd, (off_t)off, SEEK_HOLE);
     uint64_t n = h < 0 ? len : (uint64_t)h - off;
     if (n == 0) n = len;
     e->length = n < len ? n : len;
-    e->flags = PMS_BLOCK_DATA | PMS_BLOCK_OFFSET;
+    e->flags = PMS_BLOCK_DATA | PMS_BLOCK_OFFSET | PMS_BLOCK_ALLOCATED;
     return 0;
 }
 

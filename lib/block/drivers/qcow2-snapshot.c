@@ -269,7 +269,7 @@ static int do_create(struct bdev *bs, const char *name)
     sn.date_sec = (uint32_t)ts.tv_sec;
     sn.date_nsec = (uint32_t)ts.tv_nsec;
     sn.disk_size = s->size;
-    sn.icount = UINT64_MAX;
+    sn.icount = 0;                 /* what qemu-img snapshot -c stores */
     sn.l1_size = s->l1_size;
 
     /* 1. refcounts of everything reachable +1, COPIED flags cleared */
