@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
+#include <sys/stat.h>
 #include <string.h>
 #include "pms-dev.h"
 #include "util/error.h"
@@ -167,6 +168,9 @@ int pms_info(pms_dev *dev, struct pms_info *info)
     info->virtual_size = bs->size;
     info->readonly = bs->readonly;
     int r = bs->drv->info ? bs->drv->info(bs, info) : 0;
+    struct stat st;
+    if (r == 0 && stat(bs->file ? bs->file->filename : bs->filename, &st) == 0)
+        info->actual_size = (uint64_t)st.st_blocks * 512;
     PMS_API_ERR(r);
     return r;
 }
