@@ -5,32 +5,6 @@
 # and qemu-img info agreeing with ours.
 . "$(dirname "$0")/lib.sh"
 
-# info_cmp IMG: our info --output=json agrees with qemu-img's on the fields
-# that describe the format.
-info_cmp() {
-    qemu-img info --output=json "$1" > qinfo.json 2>err.txt || { fail "qemu-img info: $(cat err.txt)"; return 1; }
-    "$PMS" info --output=json "$1" > pinfo.json 2>err.txt || { fail "our info --output=json: $(tail -n 3 err.txt)"; return 1; }
-    local d
-    if ! d=$($PY - qinfo.json pinfo.json <<'PY'
-import json, sys
-q = json.load(open(sys.argv[1])); p = json.load(open(sys.argv[2]))
-bad = []
-for k in ("virtual-size", "cluster-size", "format", "backing-filename", "backing-filename-format"):
-    if q.get(k) != p.get(k):
-        bad.append("%s: qemu %r ours %r" % (k, q.get(k), p.get(k)))
-qd = q.get("format-specific", {}).get("data", {})
-pd = p.get("format-specific", {}).get("data", {})
-for k in ("compat", "refcount-bits", "extended-l2", "compression-type", "lazy-refcounts", "corrupt"):
-    if k in qd and qd.get(k) != pd.get(k):
-        bad.append("format-specific.%s: qemu %r ours %r" % (k, qd.get(k), pd.get(k)))
-if bad:
-    print("; ".join(bad)); sys.exit(1)
-PY
-    ); then
-        fail "info differs: $d"; return 1
-    fi
-}
-
 # scenario NAME SIZE CREATE_OPTS SCRIPT [backing args for create]:
 # ours: $PMS create + play; ref: qemu-img create + qemu-io play.  Then check,
 # verify, compare, info.
