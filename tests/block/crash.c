@@ -595,7 +595,12 @@ static int run_seed(uint64_t seed)
             }
         }
         if (verbose) printf("  seed %llu op %d: %s -> %d\n", (unsigned long long)seed, i, opdesc, r);
-        if (r == -EIO) crashed = true;
+        if (r == -EIO) {
+            crashed = true;
+            /* the interrupted write/zero/discard may have reached the disk
+             * in part: its range holds old or new bytes */
+            if (kind < 62) memset(x->dirty + off, 1, len);
+        }
         else if (r < 0) {
             failf(x, "op %d '%s' failed (not a crash): %s", i, opdesc, pms_errmsg());
             goto abandon;
