@@ -54,10 +54,10 @@ static double warm_loop(uint8_t *p, size_t len)
     sweep((volatile uint64_t *)p, len / 8, 1);          /* make resident */
     double t0 = now(), t;
     int r = 0;
-    do {                                /* >= 3 s: spans writeback rounds */
+    do {                                /* >= WARM_SECS (3 s): spans writeback rounds */
         sweep((volatile uint64_t *)p, len / 8, 1);
         r++;
-    } while ((t = now() - t0) < 3.0);
+    } while ((t = now() - t0) < (getenv("WARM_SECS") ? atof(getenv("WARM_SECS")) : 3.0));
     return (double)r * len / t / 1e9;
 }
 
@@ -96,7 +96,13 @@ static int seqread(const char *img)
 {
     pms_dev *d;
     size_t len;
-    uint8_t *p = map_img(img, &d, &len, 0);
+    TRY(pms_open(img, NULL, &d));
+    struct pms_map_opts mo;
+    pms_map_opts_init(&mo);
+    mo.prefetch = getenv("PREFETCH") != NULL;
+    void *a;
+    TRY(pms_map(d, &mo, &a, &len));
+    uint8_t *p = a;
     printf("seqread_mapping_GBps %.3f\n", seq(p, len));
     TRY(pms_unmap(d));
     TRY(pms_close(d));
