@@ -31,11 +31,15 @@
  * Threads:
  *   fault thread    reads uffd messages, serves missing faults (mu),
  *                   sync WP faults (wp_mu), poisons on read errors.
- *                   Never touches the mapping with loads/stores and never
- *                   waits for application threads.
- *   writeback thread every writeback_interval_ms (or when kicked): writes
+ *                   Never touches the mapping with loads/stores; over the
+ *                   memory cap it waits (at most 200 ms) for an eviction
+ *                   round, then installs anyway.
+ *   writeback thread every writeback_interval_ms (backing off to 16x while
+ *                   the same hot set stays dirty; or when kicked): writes
  *                   dirty pages back (wb_mu), evicts clean pages over the
  *                   memory cap (wb_mu, mu, safepoint).
+ * Between stopping the application (safepoint.c) and releasing it, no code
+ * here calls malloc or takes a lock an application thread may hold.
  *   prefetch thread optional; installs missing chunks front to back (mu).
  *   callers         persist/snapshot/revert/unmap take wb_mu; pread/pwrite
  *                   copy to/from the mapping like any store (no lock).
