@@ -186,4 +186,37 @@ for cs in 4096 65536; do
     ok
 done
 
+# --- 7. odd virtual sizes, images grown by qemu-img resize ----------------------------
+begin "unaligned virtual size"
+rm -f o.qcow2
+run qemu-img create -q -f qcow2 -o cluster_size=65536 o.qcow2 5000192 &&
+run qemu-io -c "write -P 0x71 4990000 10192" -c "write -P 0x72 0 100" o.qcow2 &&
+same_raw o.qcow2 && info_cmp o.qcow2 && map_cmp o.qcow2 && ok
+
+begin "resized by qemu-img (L1 grows)"
+rm -f r.qcow2
+run qemu-img create -q -f qcow2 -o cluster_size=512 r.qcow2 1M &&
+run qemu-io -c "write -P 0x81 1000 5000" r.qcow2 &&
+run qemu-img resize -q r.qcow2 64M &&
+run qemu-io -c "write -P 0x82 $((60 * 1048576 + 3)) 100000" r.qcow2 &&
+qcheck r.qcow2 && same_raw r.qcow2 && info_cmp r.qcow2 && ok
+
+begin "snapshot of a smaller disk, then resize"
+rm -f rs.qcow2 rs2.qcow2
+if run qemu-img create -q -f qcow2 -o cluster_size=4096 rs.qcow2 4M &&
+   run qemu-io -c "write -P 0x91 0 10000" rs.qcow2 &&
+   run qemu-img snapshot -c small rs.qcow2 &&
+   run qemu-img resize -q rs.qcow2 8M &&
+   run qemu-io -c "write -P 0x92 6M 5000" -c "write -P 0x93 0 100" rs.qcow2 &&
+   same_raw rs.qcow2 && run qemu-img convert -O raw -l snapshot.name=small rs.qcow2 small.raw; then
+    cp rs.qcow2 rs2.qcow2
+    if run "$PMS" snapshot -a small rs2.qcow2 && qcheck rs2.qcow2; then
+        vs=$(qemu-img info --output=json rs2.qcow2 | $PY -c 'import json,sys; print(json.load(sys.stdin)["virtual-size"])')
+        qemu-img convert -O raw rs2.qcow2 q.raw
+        if [ "$vs" != 4194304 ]; then fail "after our snapshot -a, qemu-img info virtual-size $vs, want 4194304 (the snapshot's disk size)"
+        elif ! cmp -s q.raw small.raw; then fail "after our snapshot -a, qemu reads other data than the snapshot held"
+        else ok; fi
+    fi
+fi
+
 finish
