@@ -214,7 +214,7 @@ if run qemu-img create -q -f qcow2 -o cluster_size=4096 rs.qcow2 4M &&
         vs=$(qemu-img info --output=json rs2.qcow2 | $PY -c 'import json,sys; print(json.load(sys.stdin)["virtual-size"])')
         qemu-img convert -O raw rs2.qcow2 q.raw
         if [ "$vs" != 4194304 ]; then fail "after our snapshot -a, qemu-img info virtual-size $vs, want 4194304 (the snapshot's disk size)"
-        elif ! cmp -s q.raw small.raw; then fail "after our snapshot -a, qemu reads other data than the snapshot held"
+        elif ! cmp -s -n 4194304 q.raw small.raw; then fail "after our snapshot -a, qemu reads other data than the snapshot held"   # (convert -l pads to the current size)
         else ok; fi
     fi
 fi
