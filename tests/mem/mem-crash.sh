@@ -9,7 +9,14 @@ for mode in async sync; do
   for round in 1 2 3; do
     "$MEMTEST" crash "$img" $mode >"$T/out" 2>"$T/err" &
     pid=$!
-    sleep 0.$((RANDOM % 5 + 3))
+    # wait for the first persisted round (slow under sanitizers / load),
+    # then kill at a random later moment
+    for i in $(seq 200); do
+        grep -q persisted "$T/out" 2>/dev/null && break
+        kill -0 $pid 2>/dev/null || break
+        sleep 0.05
+    done
+    sleep 0.$((RANDOM % 5 + 1))
     kill -9 $pid; wait $pid 2>/dev/null
     grep -q SKIP "$T/err" && { echo "SKIP $mode"; continue 2; }
     n=$(grep -c persisted "$T/out")
