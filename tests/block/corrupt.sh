@@ -168,8 +168,10 @@ one_case() {
         note "check failed, qemu-img check exits $qcrc: $(tail -n 1 "$D/check.err")"
     fi
 
-    # ---- repairs (on copies; not where neither check could open the image) -
+    # ---- repairs (on copies; only where one of the checks found something
+    # to repair, or ours could not run: then a writable open is tried) ------
     local mode q2 leaks modes="leaks all"
+    [ $crc -eq 0 ] && { [ $qcrc -eq 0 ] || [ $qcrc -eq 1 ]; } && modes=
     [ $crc -eq 1 ] && [ $qopen -ne 0 ] && modes=
     for mode in $modes; do
         cp "$D/pristine" "$copy"
