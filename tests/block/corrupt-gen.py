@@ -16,6 +16,12 @@ import sys
 
 MB = 1 << 20
 OUT = sys.argv[1]
+# The pmemsnap CLI, for images written by pmemsnap itself (cases of kind
+# 'pms' are left out when it is missing or does not implement the commands).
+PMS = os.environ.get('PMEMSNAP', '')
+if PMS and not (os.access(PMS, os.X_OK) and b'convert' in subprocess.run(
+        [PMS, '--help'], stdout=subprocess.PIPE, stderr=subprocess.STDOUT).stdout):
+    PMS = ''
 ONLY = set(sys.argv[2:])
 
 
@@ -164,6 +170,15 @@ def base(kind):
     elif kind == 'huge':          # 32 TiB virtual: 64k L1 entries, one L2 table
         run('qemu-img', 'create', '-q', '-f', 'qcow2', p, '32T')
         qemu_io(p, 'write -P 0x11 0 64k')
+    elif kind == 'pms':           # written by pmemsnap itself (snapshots, rewrite, delete)
+        t = PMS
+        run(t, 'create', '-q', '-f', 'qcow2', p, '4M')
+        run(t, 'io', '-f', 'qcow2', '-c', 'write -P 0x11 0 192k', '-c', 'write -P 0x12 2M 64k', p)
+        run(t, 'snapshot', '-f', 'qcow2', '-c', 's1', p)
+        run(t, 'io', '-f', 'qcow2', '-c', 'write -P 0x21 64k 64k', '-c', 'write -z 0 64k', p)
+        run(t, 'snapshot', '-f', 'qcow2', '-c', 's2', p)
+        run(t, 'io', '-f', 'qcow2', '-c', 'write -P 0x31 3M 128k', '-c', 'discard 2M 64k', p)
+        run(t, 'snapshot', '-f', 'qcow2', '-d', 's1', p)
     elif kind == 'extl2':         # extended L2: subcluster writes
         run('qemu-img', 'create', '-q', '-f', 'qcow2', '-o', 'extended_l2=on', p, '4M')
         qemu_io(p, 'write -P 0x11 0 4k', 'write -P 0x12 8k 4k', 'write -z 64k 4k',
@@ -207,8 +222,11 @@ def case(name, kind, desc, only=''):
 # ---- valid images (check counters, reads, map against qemu-img) -------------
 
 for _kind in ('plain', 'v2', 'snap', 'zlib', 'zstd', 'backing', 'extl2', 'rc1', 'rc64',
-              'c512', 'c2m', 'frag'):
+              'c512', 'c2m', 'frag', 'pms'):
     case('ok-' + _kind, _kind, 'valid image (%s)' % _kind)(lambda m: None)
+
+@case('pms-leak', 'pms', 'image written by pmemsnap, one refcount raised (leak)')
+def _(m): m.set_refcount(m.data_cluster(0, 1) // m.h['cs'], 2)
 
 # ---- header fields ----------------------------------------------------------
 
@@ -442,7 +460,7 @@ def _(m):
 def _(m): m.set_refcount(m.data_cluster() // m.h['cs'], 0)
 
 @case('rc-too-high', 'plain', 'refcount 2 for a data cluster (leak + COPIED)')
-def _(m): m.set_refcount(m.data_cluster() // m.h['cs'], 2)
+def _(m): m.set_refcount(m.data_cluster(0, 1) // m.h['cs'], 2)
 
 @case('rt-entry-eof', 'plain', 'refcount table entry beyond the end of the file')
 def _(m): m.w64(m.h['rt_off'], 1 << 40)
@@ -553,6 +571,8 @@ def main():
     with open(os.path.join(OUT, 'cases.txt'), 'w') as lst:
         for name, kind, desc, fn, only in CASES:
             if ONLY and name not in ONLY:
+                continue
+            if kind == 'pms' and not PMS:
                 continue
             p = os.path.join(OUT, name + '.qcow2')
             shutil.copyfile(base(kind), p)
