@@ -460,7 +460,7 @@ def _(m):
 def _(m): m.set_refcount(m.data_cluster() // m.h['cs'], 0)
 
 @case('rc-too-high', 'plain', 'refcount 2 for a data cluster (leak + COPIED)')
-def _(m): m.set_refcount(m.data_cluster(0, 1) // m.h['cs'], 2)
+def _(m): m.set_refcount(m.data_cluster() // m.h['cs'], 2)
 
 @case('rt-entry-eof', 'plain', 'refcount table entry beyond the end of the file')
 def _(m): m.w64(m.h['rt_off'], 1 << 40)
