@@ -324,12 +324,13 @@ static bool copied_only(const char *out, unsigned cs)
     return any;
 }
 
+static char chk_out[1 << 20];    /* qemu-img check lists every cluster: can be long */
+
 static void verify_image(struct ctx *x, bool crashed)
 {
-    char out[16384];
     /* 1. qemu-img check: leaks allowed, corruption not */
-    int rc = runf(out, sizeof out, "qemu-img check %s", x->img);
-    if (rc == 2 && crashed && x->snap_since_flush && !strict && copied_only(out, x->c.cs)) {
+    int rc = runf(chk_out, sizeof chk_out, "qemu-img check %s", x->img);
+    if (rc == 2 && crashed && x->snap_since_flush && !strict && copied_only(chk_out, x->c.cs)) {
         /* A snapshot create/delete raises/lowers refcounts and flips
          * QCOW_OFLAG_COPIED in L1/L2 in two steps; a crash in between leaves
          * "OFLAG_COPIED ... refcount=N" errors (as QEMU itself can).  They are
@@ -339,19 +340,19 @@ static void verify_image(struct ctx *x, bool crashed)
                "during a snapshot operation; repairing with qemu-img check -r all "
                "(PMS_CRASH_STRICT=1 fails instead)\n", (unsigned long long)x->seed, x->desc);
         notes++;
-        runf(out, sizeof out, "qemu-img check -r all %s", x->img);
-        rc = runf(out, sizeof out, "qemu-img check %s", x->img);
+        runf(chk_out, sizeof chk_out, "qemu-img check -r all %s", x->img);
+        rc = runf(chk_out, sizeof chk_out, "qemu-img check %s", x->img);
         if (rc != 0) {
-            failf(x, "qemu-img check exit %d after qemu-img check -r all:\n%.1500s", rc, out);
+            failf(x, "qemu-img check exit %d after qemu-img check -r all:\n%.1500s", rc, chk_out);
             return;
         }
     }
     if (rc != 0 && rc != 3) {
-        failf(x, "qemu-img check exit %d%s:\n%.1500s", rc, crashed ? " after crash" : " after clean close", out);
+        failf(x, "qemu-img check exit %d%s:\n%.1500s", rc, crashed ? " after crash" : " after clean close", chk_out);
         return;
     }
     if (!crashed && rc == 3)
-        failf(x, "qemu-img check reports leaks after a clean close:\n%.800s", out);
+        failf(x, "qemu-img check reports leaks after a clean close:\n%.800s", chk_out);
 
     /* 2. qemu's reading: read -P of every clean run (covers every clean byte) */
     char raw[600];
@@ -391,13 +392,13 @@ static void verify_image(struct ctx *x, bool crashed)
         return;
     }
     char *av[] = { "qemu-img", "snapshot", "-l", x->img, NULL };
-    run_argv(av, out, sizeof out);
+    run_argv(av, chk_out, sizeof chk_out);
     for (int i = 0; i < x->nsnap; i++) {
         struct snap *s = &x->snaps[i];
         if (s->stable_state < 0) continue;
         char pat[32];
         snprintf(pat, sizeof pat, " %s ", s->name);
-        bool q_has = strstr(out, pat) != NULL;
+        bool q_has = strstr(chk_out, pat) != NULL;
         bool p_has = false;
         for (size_t k = 0; k < nl; k++) if (!strcmp(l[k].name, s->name)) p_has = true;
         if (q_has != (s->stable_state == 1))
