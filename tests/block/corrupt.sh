@@ -88,7 +88,7 @@ one_case() {
     }
     first_line() { local l; IFS= read -r l <"$1"; echo "$l"; }
 
-    qemu-img info -f qcow2 "$img" >/dev/null 2>&1
+    (qemu-img info -f qcow2 "$img") >/dev/null 2>&1   # (QEMU 7.2 crashes on one case)
     qopen=$?
     if [ $qopen -ge 128 ]; then
         note "qemu-img info crashes (exit $qopen); treated as a refusal"
