@@ -1227,7 +1227,7 @@ int cmd_resize(int argc, char **argv)
         errorf("Parameter 'size' expects a non-negative number below 2^64");
         return 1;
     }
-    pms_dev *dev = open_image(file, fmt, false, PMS_CACHE_WRITEBACK, true, false);
+    pms_dev *dev = open_image(file, fmt, false, PMS_CACHE_WRITEBACK, false, false);
     if (!dev)
         return 1;
     uint64_t cur = (uint64_t)pms_size(dev), want = n;

@@ -72,7 +72,7 @@ int qcow2_cache_writeback(struct bdev *bs, struct qcow2_cache *c)
         }
     }
     if (any && c->is_refcount)
-        return bdev_file_flush(bs->file);
+        return qcow2_barrier(bs);
     return 0;
 }
 
@@ -146,5 +146,5 @@ int qcow2_flush_metadata(struct bdev *bs)
     if (r < 0) return r;
     r = qcow2_cache_writeback(bs, &s->l2_cache);
     if (r < 0) return r;
-    return bdev_file_flush(bs->file);
+    return qcow2_barrier(bs);
 }

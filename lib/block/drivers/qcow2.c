@@ -243,7 +243,7 @@ int qcow2_write_l1(struct bdev *bs, uint32_t first, uint32_t n)
     for (uint32_t i = 0; i < n; i++) tmp[i] = htobe64(s->l1[first + i]);
     int r = bdev_file_pwrite(bs->file, tmp, (uint64_t)n * 8, s->l1_offset + (uint64_t)first * 8);
     free(tmp);
-    if (r == 0) r = bdev_file_flush(bs->file);
+    if (r == 0) r = qcow2_barrier(bs);
     return r;
 }
 
@@ -589,6 +589,8 @@ static int qcow2_open(struct bdev *bs, const char *path, const struct pms_open_o
 }
 
 static int pending_drain(struct bdev *bs);
+static int qcow2_pwrite_zeroes(struct bdev *bs, uint64_t len, uint64_t off, unsigned flags);
+static int qcow2_flush(struct bdev *bs);
 
 static void qcow2_close(struct bdev *bs)
 {
@@ -924,7 +926,7 @@ static int get_l2_writable(struct bdev *bs, uint64_t off, uint64_t *l2offp)
     qcow2_cache_mark_dirty(&s->l2_cache, t);
     /* the new table must be durable (after its refcount) before L1 points to it */
     r = qcow2_cache_writeback(bs, &s->l2_cache);
-    if (r == 0) r = bdev_file_flush(bs->file);
+    if (r == 0) r = qcow2_barrier(bs);
     if (r < 0) return r;
     s->l1[l1i] = (uint64_t)noff | QCOW_OFLAG_COPIED;
     r = qcow2_write_l1(bs, (uint32_t)l1i, 1);
@@ -1170,10 +1172,19 @@ static int qcow2_truncate(struct bdev *bs, uint64_t size)
     if (need > UINT32_MAX) return pms_err(EFBIG, "size too large");
     int r = qcow2_grow_l1(bs, (uint32_t)need);
     if (r < 0) return r;
+    uint64_t old = s->size;
     uint64_t be = htobe64(size);
     r = bdev_file_pwrite(bs->file, &be, 8, 24);
     if (r == 0) r = bdev_file_flush(bs->file);
-    if (r == 0) s->size = size;
+    if (r < 0) return r;
+    s->size = size;
+    /* The grown area must read as zeroes, not as whatever a longer backing
+     * file holds there (QEMU zeroes it the same way). */
+    if (bs->backing && bs->backing->size > old) {
+        uint64_t end = size < bs->backing->size ? size : bs->backing->size;
+        r = qcow2_pwrite_zeroes(bs, end - old, old, 0);
+        if (r == 0) r = qcow2_flush(bs);
+    }
     return r;
 }
 

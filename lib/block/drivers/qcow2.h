@@ -146,7 +146,19 @@ struct qcow2_state {
      * that dropped them is durable (drained by flush) */
     struct qcow2_range *pending;
     size_t npending, cappending;
+    /* Inside a snapshot operation's dirty bracket (see qcow2-snapshot.c):
+     * the image is durably marked dirty, so ordering barriers between
+     * metadata writes are not needed; only flushes that make a new table's
+     * contents durable before a pointer switch remain. */
+    bool relaxed;
 };
+
+/* An ordering barrier between metadata writes: a file flush, except inside
+ * a dirty bracket, where a crash is repaired on the next open anyway. */
+static inline int qcow2_barrier(struct bdev *bs)
+{
+    return ((struct qcow2_state *)bs->opaque)->relaxed ? 0 : bdev_file_flush(bs->file);
+}
 
 static inline struct qcow2_state *QS(struct bdev *bs) { return bs->opaque; }
 
