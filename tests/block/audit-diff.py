@@ -175,6 +175,16 @@ def make_start(rnd, cfg, d):
     return base
 
 
+def both(ca, cb):
+    """Run the pmemsnap and the QEMU command; they must agree on success."""
+    pa = run(ca, ok=None)
+    pb = run(cb, ok=None)
+    if pa.returncode != pb.returncode:
+        raise Fail("result differs: %s -> rc=%d %s / %s -> rc=%d %s" % (
+            " ".join(ca), pa.returncode, pa.stdout, " ".join(cb), pb.returncode, pb.stdout))
+    return pa.returncode == 0
+
+
 def check(img, who):
     p = run(["qemu-img", "check", img], ok=None)
     if p.returncode != 0 or "leaked" in p.stdout:
@@ -277,15 +287,18 @@ def one_seed(seed, steps, keep):
             elif r < 0.83 and snaps:
                 name, ssize = rnd.choice(snaps)
                 log.append("snapshot -a " + name)
-                run([PMS, "snapshot", "-a", name, A])
-                run(["qemu-img", "snapshot", "-a", name, B])
-                size = ssize
+                if both([PMS, "snapshot", "-a", name, A], ["qemu-img", "snapshot", "-a", name, B]):
+                    size = ssize
+                else:
+                    log.append("(both refused)")
+                    break
             elif r < 0.9 and snaps:
                 i = rnd.randrange(len(snaps))
                 name = snaps.pop(i)[0]
                 log.append("snapshot -d " + name)
-                run([PMS, "snapshot", "-d", name, A])
-                run(["qemu-img", "snapshot", "-d", name, B])
+                if not both([PMS, "snapshot", "-d", name, A], ["qemu-img", "snapshot", "-d", name, B]):
+                    log.append("(both refused)")
+                    break
             elif not (cfg.compat == "0.10" and snaps) and not (AVOID_KNOWN and size < cfg.bsize):
                 # (QEMU refuses to resize a v2 image with snapshots; not exercised)
                 if rnd.random() < 0.7 or not SHRINK:
