@@ -146,5 +146,11 @@ int qcow2_flush_metadata(struct bdev *bs)
     if (r < 0) return r;
     r = qcow2_cache_writeback(bs, &s->l2_cache);
     if (r < 0) return r;
+    if (s->l1_dirty_hi > s->l1_dirty_lo) {
+        /* deferred L1 entries point at tables that are now written */
+        r = qcow2_barrier(bs);
+        if (r == 0) r = qcow2_write_l1(bs, s->l1_dirty_lo, s->l1_dirty_hi - s->l1_dirty_lo);
+        if (r < 0) return r;
+    }
     return qcow2_barrier(bs);
 }

@@ -234,6 +234,17 @@ int qcow2_update_header(struct bdev *bs)
     return r;
 }
 
+void qcow2_l1_mark_dirty(struct qcow2_state *s, uint32_t i)
+{
+    if (s->l1_dirty_lo >= s->l1_dirty_hi) {
+        s->l1_dirty_lo = i;
+        s->l1_dirty_hi = i + 1;
+    } else {
+        if (i < s->l1_dirty_lo) s->l1_dirty_lo = i;
+        if (i + 1 > s->l1_dirty_hi) s->l1_dirty_hi = i + 1;
+    }
+}
+
 int qcow2_write_l1(struct bdev *bs, uint32_t first, uint32_t n)
 {
     struct qcow2_state *s = QS(bs);
@@ -243,6 +254,8 @@ int qcow2_write_l1(struct bdev *bs, uint32_t first, uint32_t n)
     for (uint32_t i = 0; i < n; i++) tmp[i] = htobe64(s->l1[first + i]);
     int r = bdev_file_pwrite(bs->file, tmp, (uint64_t)n * 8, s->l1_offset + (uint64_t)first * 8);
     free(tmp);
+    if (r == 0 && first <= s->l1_dirty_lo && first + n >= s->l1_dirty_hi)
+        s->l1_dirty_lo = s->l1_dirty_hi = 0;     /* covered every deferred entry */
     if (r == 0) r = qcow2_barrier(bs);
     return r;
 }
@@ -924,13 +937,12 @@ static int get_l2_writable(struct bdev *bs, uint64_t off, uint64_t *l2offp)
     if (copy) memcpy(t, copy, s->cluster_size);
     free(copy);
     qcow2_cache_mark_dirty(&s->l2_cache, t);
-    /* the new table must be durable (after its refcount) before L1 points to it */
-    r = qcow2_cache_writeback(bs, &s->l2_cache);
-    if (r == 0) r = qcow2_barrier(bs);
-    if (r < 0) return r;
+    /* The on-disk L1 entry is written by the next metadata flush, after the
+     * refcount and the new table are durable (qcow2_flush_metadata); until
+     * then the in-memory L1 serves lookups. */
     s->l1[l1i] = (uint64_t)noff | QCOW_OFLAG_COPIED;
-    r = qcow2_write_l1(bs, (uint32_t)l1i, 1);
-    if (r < 0) return r;
+    qcow2_l1_mark_dirty(s, (uint32_t)l1i);
+    r = 0;
     if (old) r = pending_add(bs, old, s->cluster_size);
     *l2offp = (uint64_t)noff;
     return r;

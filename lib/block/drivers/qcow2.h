@@ -151,6 +151,8 @@ struct qcow2_state {
      * metadata writes are not needed; only flushes that make a new table's
      * contents durable before a pointer switch remain. */
     bool relaxed;
+    /* active L1 entries changed in memory, not yet written: [lo, hi) */
+    uint32_t l1_dirty_lo, l1_dirty_hi;
 };
 
 /* An ordering barrier between metadata writes: a file flush, except inside
@@ -221,6 +223,8 @@ int  qcow2_signal_corruption(struct bdev *bs, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 /* Rewrite header cluster (header, extensions, backing name). */
 int  qcow2_update_header(struct bdev *bs);
+/* Note that active L1 entry i changed (written by qcow2_flush_metadata). */
+void qcow2_l1_mark_dirty(struct qcow2_state *s, uint32_t i);
 /* Write the in-memory active L1 entries [first, first+n) to disk. */
 int  qcow2_write_l1(struct bdev *bs, uint32_t first, uint32_t n);
 /* Grow the active L1 to at least min_size entries (new table, atomically switched). */
