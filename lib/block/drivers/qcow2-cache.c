@@ -44,14 +44,26 @@ void qcow2_cache_destroy(struct qcow2_cache *c)
     c->n = 0;
 }
 
-static int write_entry(struct bdev *bs, struct qcow2_cache *c, struct qcow2_cache_entry *e)
+/* Before a dirty L2 table reaches the file, everything it may point at must
+ * be durable: its refcounts (written back here) and the data written since
+ * the last flush (the barrier flushes exactly when something was written,
+ * refcount blocks evicted earlier included). */
+static int order_before_l2(struct bdev *bs)
+{
+    struct qcow2_state *s = QS(bs);
+    int r = qcow2_cache_writeback(bs, &s->rb_cache);
+    if (r == 0) r = qcow2_barrier(bs);
+    return r;
+}
+
+static int write_entry(struct bdev *bs, struct qcow2_cache *c, struct qcow2_cache_entry *e,
+                       bool ordered)
 {
     struct qcow2_state *s = QS(bs);
     if (!e->dirty)
         return 0;
-    if (!c->is_refcount) {
-        /* L2 write-back depends on the refcount cache being durable. */
-        int r = qcow2_cache_writeback(bs, &s->rb_cache);
+    if (!c->is_refcount && !ordered) {
+        int r = order_before_l2(bs);
         if (r < 0) return r;
     }
     int r = bdev_file_pwrite(bs->file, e->data, s->cluster_size, e->offset);
@@ -63,10 +75,15 @@ static int write_entry(struct bdev *bs, struct qcow2_cache *c, struct qcow2_cach
 
 int qcow2_cache_writeback(struct bdev *bs, struct qcow2_cache *c)
 {
-    bool any = false;
+    bool any = false, ordered = false;
     for (int i = 0; i < c->n; i++) {
         if (c->e[i].dirty) {
-            int r = write_entry(bs, c, &c->e[i]);
+            if (!c->is_refcount && !ordered) {
+                int r = order_before_l2(bs);      /* once for the whole batch */
+                if (r < 0) return r;
+                ordered = true;
+            }
+            int r = write_entry(bs, c, &c->e[i], ordered);
             if (r < 0) return r;
             any = true;
         }
@@ -94,7 +111,7 @@ static int lookup(struct bdev *bs, struct qcow2_cache *c, uint64_t off, bool rea
                 victim = i;
     }
     struct qcow2_cache_entry *e = &c->e[victim];
-    int r = write_entry(bs, c, e);
+    int r = write_entry(bs, c, e, false);
     if (r < 0)
         return r;
     e->offset = 0;

@@ -394,8 +394,12 @@ int qcow2_validate_tree(struct bdev *bs, const uint64_t *l1, uint32_t l1_size)
             uint64_t e = qcow2_l2_get(s, l2, j);
             enum qcow2_ctype t = qcow2_entry_type(s, e);
             uint64_t off, len;
-            if (t == QC_COMPRESSED)
+            if (t == QC_COMPRESSED) {
+                /* byte-granular: check the sectors it spans */
                 qcow2_compressed_range(s, e, &off, &len);
+                len += off & 511;
+                off &= ~511ull;
+            }
             else if (t == QC_NORMAL || t == QC_ZERO_ALLOC) {
                 off = e & L2E_OFFSET_MASK;
                 len = s->cluster_size;

@@ -436,26 +436,45 @@ static int bracket(struct bdev *bs, const char *name, int (*op)(struct bdev *, c
     return set_dirty(bs, false);
 }
 
+/* Refuse a corrupt tree before the bracket, so a refusal writes nothing. */
+static int validate_snapshot(struct bdev *bs, int i)
+{
+    struct qcow2_state *s = QS(bs);
+    uint64_t *l1;
+    int r = read_l1(bs, s->snaps[i].l1_table_offset, s->snaps[i].l1_size, &l1);
+    if (r < 0) return r;
+    r = qcow2_validate_tree(bs, l1, s->snaps[i].l1_size);
+    free(l1);
+    return r;
+}
+
 int qcow2_snapshot_create(struct bdev *bs, const char *name)
 {
     struct qcow2_state *s = QS(bs);
     if (find_snapshot(s, name) >= 0)
         return pms_err(EEXIST, "a snapshot named '%s' already exists", name);
-    return bracket(bs, name, do_create);
+    int r = qcow2_validate_tree(bs, s->l1, s->l1_size);
+    return r < 0 ? r : bracket(bs, name, do_create);
 }
 
 int qcow2_snapshot_goto(struct bdev *bs, const char *name)
 {
-    if (find_snapshot(QS(bs), name) < 0)
+    struct qcow2_state *s = QS(bs);
+    int i = find_snapshot(s, name);
+    if (i < 0)
         return pms_err(ENOENT, "snapshot '%s' not found", name);
-    return bracket(bs, name, do_goto);
+    int r = validate_snapshot(bs, i);
+    if (r == 0) r = qcow2_validate_tree(bs, s->l1, s->l1_size);
+    return r < 0 ? r : bracket(bs, name, do_goto);
 }
 
 int qcow2_snapshot_delete(struct bdev *bs, const char *name)
 {
-    if (find_snapshot(QS(bs), name) < 0)
+    int i = find_snapshot(QS(bs), name);
+    if (i < 0)
         return pms_err(ENOENT, "snapshot '%s' not found", name);
-    return bracket(bs, name, do_delete);
+    int r = validate_snapshot(bs, i);
+    return r < 0 ? r : bracket(bs, name, do_delete);
 }
 
 int qcow2_snapshot_list(struct bdev *bs, struct pms_snapshot_info **list, size_t *np)

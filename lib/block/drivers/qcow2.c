@@ -1179,6 +1179,10 @@ static int qcow2_truncate(struct bdev *bs, uint64_t size)
     struct qcow2_state *s = QS(bs);
     if (size < s->size)
         return pms_err(ENOTSUP, "shrinking qcow2 images is not supported");
+    if (size % 512)
+        return pms_err(EINVAL, "the new size must be a multiple of 512");
+    if (s->version < 3 && s->nb_snaps)
+        return pms_err(ENOTSUP, "can't resize a v2 image which has snapshots");
     uint64_t cov = s->cluster_bits + s->l2_bits;
     uint64_t need = (size + (1ull << cov) - 1) >> cov;
     if (need > UINT32_MAX) return pms_err(EFBIG, "size too large");
@@ -1223,7 +1227,7 @@ static int qcow2_block_status(struct bdev *bs, uint64_t off, uint64_t len, struc
                           (m.zero_alloc ? PMS_BLOCK_OFFSET : 0); h = m.host; break;
         case SC_COMPRESSED: f = PMS_BLOCK_DATA | PMS_BLOCK_ALLOCATED | PMS_BLOCK_COMPRESSED; break;
         default:
-            if (m.zero_alloc && !bs->backing) {
+            if (m.zero_alloc && (!bs->backing || off + done >= bs->backing->size)) {
                 /* unallocated subcluster of an allocated cluster */
                 f = PMS_BLOCK_ZERO | PMS_BLOCK_OFFSET;
                 h = m.host;
@@ -1354,6 +1358,7 @@ int qcow2_create(const char *path, uint64_t size, const struct pms_create_opts *
         free(bf); free(bfmt);
         return pms_err(EFBIG, "image size too large");
     }
+    size = (size + 511) & ~511ull;          /* whole sectors, as qemu-img */
     struct qcow2_state st;
     memset(&st, 0, sizeof st);
     st.version = o->compat_v2 ? 2 : 3;
