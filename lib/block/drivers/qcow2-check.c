@@ -406,6 +406,56 @@ static int check_refblocks(struct ck *c)
     return 0;
 }
 
+/* Persistent dirty bitmaps (autoclear bit set): the directory, each bitmap
+ * table and the data clusters they point at are references too (QEMU counts
+ * them the same way).  A malformed directory is skipped: QEMU reports those
+ * through its bitmap code, not as refcount problems. */
+static int check_bitmaps(struct ck *c)
+{
+    struct qcow2_state *s = c->s;
+    if (!(s->autoclear & QCOW2_AUTOCLEAR_BITMAPS))
+        return 0;
+    const struct qcow2_ext *ext = NULL;
+    for (int i = 0; i < s->nb_exts; i++)
+        if (s->exts[i].type == QCOW2_EXT_BITMAPS) ext = &s->exts[i];
+    if (!ext || ext->len < 24)
+        return 0;
+    uint32_t nb; uint64_t dsize, doff;
+    memcpy(&nb, ext->data, 4); memcpy(&dsize, ext->data + 8, 8); memcpy(&doff, ext->data + 16, 8);
+    nb = be32toh(nb); dsize = be64toh(dsize); doff = be64toh(doff);
+    if (nb == 0 || nb > 65535 || dsize < 24 || dsize > (64u << 20) || qc_off_in_cluster(s, doff))
+        return 0;
+    uint8_t *dir = malloc(dsize);
+    uint64_t *tbl = NULL;
+    if (!dir) return pms_err(ENOMEM, "out of memory");
+    int r = read_file(c, dir, dsize, doff);
+    if (r == 0) r = inc_refs(c, doff, dsize);
+    uint64_t pos = 0;
+    for (uint32_t i = 0; r == 0 && i < nb && pos + 24 <= dsize; i++) {
+        uint64_t toff; uint32_t tsize, extra; uint16_t nlen;
+        memcpy(&toff, dir + pos, 8); memcpy(&tsize, dir + pos + 8, 4);
+        memcpy(&nlen, dir + pos + 18, 2); memcpy(&extra, dir + pos + 20, 4);
+        toff = be64toh(toff); tsize = be32toh(tsize);
+        pos = (pos + 24 + (uint64_t)be32toh(extra) + be16toh(nlen) + 7) & ~7ull;
+        if (!toff || qc_off_in_cluster(s, toff) || (uint64_t)tsize * 8 > (64u << 20))
+            continue;
+        r = charge(c, tsize);
+        if (r == 0) r = inc_refs(c, toff, (uint64_t)tsize * 8);
+        free(tbl);
+        tbl = malloc((uint64_t)tsize * 8 + 8);
+        if (r == 0 && !tbl) r = pms_err(ENOMEM, "out of memory");
+        if (r == 0) r = read_file(c, tbl, (uint64_t)tsize * 8, toff);
+        for (uint32_t j = 0; r == 0 && j < tsize; j++) {
+            uint64_t off = be64toh(tbl[j]) & L2E_OFFSET_MASK;
+            if (off && !qc_off_in_cluster(s, off))
+                r = inc_refs(c, off, s->cluster_size);
+        }
+    }
+    free(tbl);
+    free(dir);
+    return r;
+}
+
 static int calculate_refcounts(struct ck *c)
 {
     struct qcow2_state *s = c->s;
@@ -442,6 +492,9 @@ static int calculate_refcounts(struct ck *c)
             return r;
     }
     r = inc_refs(c, s->snapshots_offset, s->snapshots_size);
+    if (r < 0)
+        return r;
+    r = check_bitmaps(c);
     if (r < 0)
         return r;
     r = inc_refs(c, s->reftable_offset, s->reftable_entries * 8);

@@ -349,6 +349,51 @@ static int read_extensions(struct bdev *bs, const uint8_t *buf, size_t buflen, s
     }
 }
 
+/* Persistent dirty bitmaps: we do not maintain them, so before the first
+ * write we mark every bitmap "in use" (inconsistent), exactly the state
+ * QEMU leaves after a crash; the bitmaps extension and its clusters stay
+ * valid (no leaks), and QEMU users can remove or re-create the bitmaps.
+ * Returns 0 when done, <0 when the directory is unusable (then the
+ * autoclear bit is cleared instead, as the spec requires). */
+static int mark_bitmaps_in_use(struct bdev *bs)
+{
+    struct qcow2_state *s = QS(bs);
+    const struct qcow2_ext *ext = NULL;
+    for (int i = 0; i < s->nb_exts; i++)
+        if (s->exts[i].type == QCOW2_EXT_BITMAPS) ext = &s->exts[i];
+    if (!ext || ext->len < 24) return -EINVAL;
+    uint32_t nb; uint64_t dsize, doff;
+    memcpy(&nb, ext->data, 4); memcpy(&dsize, ext->data + 8, 8); memcpy(&doff, ext->data + 16, 8);
+    nb = be32toh(nb); dsize = be64toh(dsize); doff = be64toh(doff);
+    int64_t flen = bdev_file_length(bs->file);
+    if (nb == 0 || nb > 65535 || dsize < 24 || dsize > (64u << 20) || qc_off_in_cluster(s, doff) ||
+        flen < 0 || doff + dsize > (uint64_t)flen ||
+        qcow2_check_host_range(bs, doff, dsize, "bitmap directory") < 0) {
+        pms_err_clear();
+        return -EINVAL;
+    }
+    uint8_t *dir = malloc(dsize);
+    if (!dir) return -ENOMEM;
+    int r = bdev_file_pread(bs->file, dir, dsize, doff);
+    uint64_t pos = 0;
+    for (uint32_t i = 0; r == 0 && i < nb; i++) {
+        if (pos + 24 > dsize) { r = -EINVAL; break; }
+        uint32_t flags, extra; uint16_t nlen;
+        memcpy(&flags, dir + pos + 12, 4); memcpy(&nlen, dir + pos + 18, 2);
+        memcpy(&extra, dir + pos + 20, 4);
+        flags = htobe32(be32toh(flags) | 1u);         /* BME_FLAG_IN_USE */
+        memcpy(dir + pos + 12, &flags, 4);
+        pos += 24 + (uint64_t)be32toh(extra) + be16toh(nlen);
+        pos = (pos + 7) & ~7ull;
+    }
+    if (r == 0 && pos > dsize) r = -EINVAL;
+    if (r == 0) r = bdev_file_pwrite(bs->file, dir, dsize, doff);
+    if (r == 0) r = bdev_file_flush(bs->file);
+    free(dir);
+    if (r < 0) pms_err_clear();
+    return r;
+}
+
 static void free_state(struct qcow2_state *s)
 {
     free(s->l1); s->l1 = NULL;
@@ -592,9 +637,11 @@ static int qcow2_open(struct bdev *bs, const char *path, const struct pms_open_o
         r = qcow2_update_header(bs);
         if (r < 0) return r;
     }
-    if (s->writable && s->version >= 3 && (s->autoclear & ~QCOW2_AUTOCLEAR_KNOWN)) {
+    if (s->writable && (s->autoclear & QCOW2_AUTOCLEAR_BITMAPS) && mark_bitmaps_in_use(bs) == 0)
+        s->autoclear_keep = QCOW2_AUTOCLEAR_BITMAPS;
+    if (s->writable && s->version >= 3 && (s->autoclear & ~(QCOW2_AUTOCLEAR_KNOWN | s->autoclear_keep))) {
         /* we do not maintain bitmaps: clearing the bit tells readers they are stale */
-        s->autoclear &= QCOW2_AUTOCLEAR_KNOWN;
+        s->autoclear &= QCOW2_AUTOCLEAR_KNOWN | s->autoclear_keep;
         r = qcow2_update_header(bs);
         if (r < 0) return r;
     }

@@ -118,6 +118,7 @@ struct qcow2_state {
 
     /* header fields we keep */
     uint64_t incompat, compat, autoclear;
+    uint64_t autoclear_keep;     /* autoclear bits we keep (bitmaps marked in use) */
     uint32_t header_length;
     uint8_t compression_type;
     char *backing_file;          /* as stored; NULL = none */
