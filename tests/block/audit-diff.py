@@ -16,7 +16,9 @@ end every snapshot is applied on copies of both images and compared, and
 Usage: audit-diff.py [--seeds A-B,C,... | --seed N] [--steps N] [--cases]
                      [--avoid-known] [--shrink] [--keep] [-v]
 --cases runs the targeted reproductions of the bugs the fuzzer found;
---avoid-known steers the fuzzer around already reported bugs.
+--avoid-known steers the fuzzer around already reported bugs;
+--session runs each seed's operations through the library in ONE open (a
+small C driver compiled on the fly against build/lib) vs QEMU step by step.
 The CLI is $PMEMSNAP (default build/tools/pmemsnap).  Exit 0 when all seeds
 pass, 1 otherwise (77 = skipped: no qemu tools).
 """
@@ -520,6 +522,89 @@ CASES = [case_grow_over_larger_backing, case_snapshot_compressed, case_data_befo
          case_discard_without_l2_over_backing, case_session_discard_then_snapshot]
 
 
+def session_seed(seed, sess, keep):
+    """One library session on the pmemsnap side (pending frees, deferred
+    metadata and caches live across snapshot operations) against qemu-io /
+    qemu-img run one command at a time."""
+    rnd = random.Random(seed)
+    cfg = Config(rnd)
+    cfg.size = rnd.randrange(1, 16) * (1 << 20) + rnd.choice([0, 512, 1536])
+    d = tempfile.mkdtemp(prefix="audit-sess-%d-" % seed)
+    ops, snaps, n = [], [], 0
+    try:
+        A, B = os.path.join(d, "a.qcow2"), os.path.join(d, "b.qcow2")
+        base = make_start(rnd, cfg, d)
+        shutil.copy(base, A)
+        shutil.copy(base, B)
+        for _ in range(rnd.randint(5, 25)):
+            r = rnd.random()
+            off, ln = rand_range(rnd, cfg, cfg.size)
+            if r < .35:
+                ops.append(("w", off, ln, rnd.randint(1, 255)))
+            elif r < .45:
+                ops.append(("z", off, ln))
+            elif r < .55:
+                ops.append(("d", off, ln))
+            elif r < .7 and not (AVOID_KNOWN and cfg.compressed):
+                n += 1
+                ops.append(("c", "s%d" % n))
+                snaps.append("s%d" % n)
+            elif r < .8 and snaps:
+                ops.append(("a", rnd.choice(snaps)))
+            elif r < .88 and snaps:
+                ops.append(("x", snaps.pop(rnd.randrange(len(snaps)))))
+            elif r < .95:
+                ops.append(("f",))
+        args = []
+        for o in ops:
+            if o[0] == "w":
+                args.append("w:%d:%d:%d" % o[1:])
+            elif o[0] in "zd":
+                args.append("%s:%d:%d" % o)
+            elif o[0] == "f":
+                args.append("f:")
+            else:
+                args.append("%s:%s" % o)
+        p = run([sess, A] + args, ok=None)
+        qfail = None
+        for o in ops:
+            if o[0] == "w":
+                c = ["qemu-io", "-c", "write -P %d %d %d" % (o[3], o[1], o[2]), B]
+            elif o[0] == "z":
+                c = ["qemu-io", "-c", "write -z %d %d" % (o[1], o[2]), B]
+            elif o[0] == "d":
+                c = ["qemu-io", "-c", "discard %d %d" % (o[1], o[2]), B]
+            elif o[0] == "f":
+                continue
+            else:
+                c = ["qemu-img", "snapshot", "-" + {"c": "c", "a": "a", "x": "d"}[o[0]], o[1], B]
+            q = run(c, ok=None)
+            if q.returncode:
+                qfail = q.stdout
+                break
+        if qfail is not None:
+            return None     # QEMU refused something (e.g. refcount overflow): not comparable
+        if p.returncode:
+            raise Fail("session failed: %s" % p.stdout)
+        check(A, "session")
+        compare(A, B, "after the session")
+        for name in snap_names(A):
+            ca, cb = A + ".c", B + ".c"
+            shutil.copy(A, ca)
+            shutil.copy(B, cb)
+            run(["qemu-img", "snapshot", "-a", name, ca])
+            run(["qemu-img", "snapshot", "-a", name, cb])
+            compare(ca, cb, "snapshot " + name)
+        return None
+    except Fail as e:
+        keep = True
+        return "session seed %d: %s\nconfig: %s\nsession: %s\nkept in %s" % (
+            seed, str(e).strip()[:3000], cfg, " ".join(args) if ops else "", d)
+    finally:
+        if not keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def run_cases(keep):
     bad = 0
     for c in CASES:
@@ -547,6 +632,8 @@ def main():
     ap.add_argument("--strict-map", action="store_true")
     ap.add_argument("--avoid-known", action="store_true")
     ap.add_argument("--cases", action="store_true", help="also run the targeted cases")
+    ap.add_argument("--session", action="store_true",
+                    help="seeds run as one library session (built on the fly) instead")
     a = ap.parse_args()
     global SHRINK, AVOID_KNOWN, STRICT_MAP
     VERBOSE, SHRINK, AVOID_KNOWN, STRICT_MAP = a.v, a.shrink, a.avoid_known, a.strict_map
@@ -564,8 +651,15 @@ def main():
             elif part:
                 seeds.append(int(part))
     bad = run_cases(a.keep) if a.cases else 0
+    sess = None
+    if a.session:
+        sd = tempfile.mkdtemp(prefix="audit-sesstool-")
+        sess = session_tool(sd)
+        if not sess:
+            print("SKIP: cannot build the session driver")
+            return 77
     for s in seeds:
-        err = one_seed(s, a.steps, a.keep)
+        err = session_seed(s, sess, a.keep) if sess else one_seed(s, a.steps, a.keep)
         if err:
             bad += 1
             print("FAIL " + err, flush=True)
