@@ -317,6 +317,14 @@ def one_seed(seed, steps, keep):
                 log.append("resize %d" % ns)
                 pa = run([PMS, "resize", "-q"] + extra + [A, str(ns)], ok=None)
                 pb = run(["qemu-img", "resize", "-q"] + extra + [B, str(ns)], ok=None)
+                if pa.returncode == 0 and "Failed to zero out new clusters" in pb.stdout:
+                    # v2 overlay over a longer backing file: QEMU gives up, we
+                    # write zeroed clusters instead (content checked below)
+                    v = run(["qemu-io", "-r", "-c", "read -P 0 %d %d" % (size, ns - size), A])
+                    if io_fails(v.stdout):
+                        raise Fail("grown area does not read as zeroes:\n" + v.stdout)
+                    log.append("(QEMU cannot zero the new area of a v2 image; pmemsnap did)")
+                    break
                 if (pa.returncode == 0) != (pb.returncode == 0):
                     raise Fail("resize result differs: pmemsnap rc=%d %s / qemu rc=%d %s" % (
                         pa.returncode, pa.stdout, pb.returncode, pb.stdout))
