@@ -551,7 +551,7 @@ def session_seed(seed, sess, keep):
                 ops.append(("w", off, ln, rnd.randint(1, 255)))
             elif r < .45:
                 ops.append(("z", off, ln))
-            elif r < .55:
+            elif r < .55 and not (AVOID_KNOWN and cfg.backing):
                 ops.append(("d", off, ln))
             elif r < .7 and not (AVOID_KNOWN and cfg.compressed):
                 n += 1
@@ -563,6 +563,8 @@ def session_seed(seed, sess, keep):
                 ops.append(("x", snaps.pop(rnd.randrange(len(snaps)))))
             elif r < .95:
                 ops.append(("f",))
+        if AVOID_KNOWN:     # flush before snapshot operations
+            ops = sum([[("f",), o] if o[0] in "cax" else [o] for o in ops], [])
         args = []
         for o in ops:
             if o[0] == "w":
