@@ -448,12 +448,21 @@ static int validate_snapshot(struct bdev *bs, int i)
     return r;
 }
 
+/* Tables allocated since the last flush may not be in the file yet: make
+ * the file complete before validating against its length. */
+static int settle(struct bdev *bs)
+{
+    int r = qcow2_drain_pending(bs);
+    return r < 0 ? r : qcow2_flush_metadata(bs);
+}
+
 int qcow2_snapshot_create(struct bdev *bs, const char *name)
 {
     struct qcow2_state *s = QS(bs);
     if (find_snapshot(s, name) >= 0)
         return pms_err(EEXIST, "a snapshot named '%s' already exists", name);
-    int r = qcow2_validate_tree(bs, s->l1, s->l1_size);
+    int r = settle(bs);
+    if (r == 0) r = qcow2_validate_tree(bs, s->l1, s->l1_size);
     return r < 0 ? r : bracket(bs, name, do_create);
 }
 
@@ -463,7 +472,8 @@ int qcow2_snapshot_goto(struct bdev *bs, const char *name)
     int i = find_snapshot(s, name);
     if (i < 0)
         return pms_err(ENOENT, "snapshot '%s' not found", name);
-    int r = validate_snapshot(bs, i);
+    int r = settle(bs);
+    if (r == 0) r = validate_snapshot(bs, i);
     if (r == 0) r = qcow2_validate_tree(bs, s->l1, s->l1_size);
     return r < 0 ? r : bracket(bs, name, do_goto);
 }
@@ -473,7 +483,8 @@ int qcow2_snapshot_delete(struct bdev *bs, const char *name)
     int i = find_snapshot(QS(bs), name);
     if (i < 0)
         return pms_err(ENOENT, "snapshot '%s' not found", name);
-    int r = validate_snapshot(bs, i);
+    int r = settle(bs);
+    if (r == 0) r = validate_snapshot(bs, i);
     return r < 0 ? r : bracket(bs, name, do_delete);
 }
 

@@ -1177,13 +1177,17 @@ static int qcow2_discard(struct bdev *bs, uint64_t len, uint64_t off)
     uint64_t end = off + len == s->size ? off + len : (off + len) & ~(s->cluster_size - 1);
     for (uint64_t o = start; o < end; o += s->cluster_size) {
         uint64_t l1i = o >> (s->cluster_bits + s->l2_bits);
-        if (l1i >= s->l1_size || !(s->l1[l1i] & L1E_OFFSET_MASK)) continue;
-        uint8_t *l2;
-        int r = qcow2_cache_get(bs, &s->l2_cache, s->l1[l1i] & L1E_OFFSET_MASK, &l2);
-        if (r < 0) return r;
         uint64_t idx = (o >> s->cluster_bits) & (s->l2_entries - 1);
-        uint64_t e = qcow2_l2_get(s, l2, idx);
-        uint64_t bm = qcow2_l2_get_bitmap(s, l2, idx);
+        uint64_t e = 0, bm = 0;
+        uint8_t *l2;
+        int r;
+        if (l1i < s->l1_size && (s->l1[l1i] & L1E_OFFSET_MASK)) {
+            r = qcow2_cache_get(bs, &s->l2_cache, s->l1[l1i] & L1E_OFFSET_MASK, &l2);
+            if (r < 0) return r;
+            e = qcow2_l2_get(s, l2, idx);
+            bm = qcow2_l2_get_bitmap(s, l2, idx);
+        } else if (!bs->backing)
+            continue;                   /* no table, nothing below: reads zero */
         enum qcow2_ctype t = qcow2_entry_type(s, e);
         if (t == QC_UNALLOCATED && !bm && !bs->backing) continue;
         if (t == QC_ZERO_PLAIN) continue;
