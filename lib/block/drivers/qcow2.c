@@ -995,6 +995,19 @@ static int get_l2_writable(struct bdev *bs, uint64_t off, uint64_t *l2offp)
     return r;
 }
 
+/* The writable L2 table for guest offset off and the entry in it. */
+static int writable_entry(struct bdev *bs, uint64_t off, uint64_t *l2off, uint8_t **l2,
+                          uint64_t *idx, uint64_t *e)
+{
+    struct qcow2_state *s = QS(bs);
+    int r = get_l2_writable(bs, off, l2off);
+    if (r == 0) r = qcow2_cache_get(bs, &s->l2_cache, *l2off, l2);
+    if (r < 0) return r;
+    *idx = (off >> s->cluster_bits) & (s->l2_entries - 1);
+    *e = qcow2_l2_get(s, *l2, *idx);
+    return 0;
+}
+
 /* Write within one cluster: [off, off+len), buf NULL = zeroes. */
 static int write_cluster(struct bdev *bs, const uint8_t *buf, uint64_t len, uint64_t off)
 {
@@ -1004,13 +1017,10 @@ static int write_cluster(struct bdev *bs, const uint8_t *buf, uint64_t len, uint
     struct mapping m;
     int r = get_mapping(bs, off, len, &m);     /* validates the entry before any write */
     if (r < 0) return r;
-    r = get_l2_writable(bs, off, &l2off);
-    if (r < 0) return r;
     uint8_t *l2;
-    r = qcow2_cache_get(bs, &s->l2_cache, l2off, &l2);
+    uint64_t idx, e;
+    r = writable_entry(bs, off, &l2off, &l2, &idx, &e);
     if (r < 0) return r;
-    uint64_t idx = (off >> s->cluster_bits) & (s->l2_entries - 1);
-    uint64_t e = qcow2_l2_get(s, l2, idx);
     uint64_t bm = qcow2_l2_get_bitmap(s, l2, idx);
     enum qcow2_ctype t = qcow2_entry_type(s, e);
     uint64_t hoff = e & L2E_OFFSET_MASK;
@@ -1116,14 +1126,10 @@ static int zero_whole_cluster(struct bdev *bs, uint64_t off, bool unmap)
     if (l1i >= s->l1_size || !(s->l1[l1i] & L1E_OFFSET_MASK)) {
         if (!bs->backing) return 0;      /* already reads as zero */
     }
-    uint64_t l2off;
-    int r = get_l2_writable(bs, off, &l2off);
-    if (r < 0) return r;
+    uint64_t l2off, idx, e;
     uint8_t *l2;
-    r = qcow2_cache_get(bs, &s->l2_cache, l2off, &l2);
+    int r = writable_entry(bs, off, &l2off, &l2, &idx, &e);
     if (r < 0) return r;
-    uint64_t idx = (off >> s->cluster_bits) & (s->l2_entries - 1);
-    uint64_t e = qcow2_l2_get(s, l2, idx);
     enum qcow2_ctype t = qcow2_entry_type(s, e);
     uint64_t ne;
     bool release = true;
