@@ -1103,15 +1103,89 @@ static int write_cluster(struct bdev *bs, const uint8_t *buf, uint64_t len, uint
     return r;
 }
 
+#define RUN_MAX_BYTES (1u << 20)     /* larger single copies are slower here */
+
+/* Fast path for writes covering whole clusters: a run of clusters of one L2
+ * table that are either all written in place at contiguous host offsets, or
+ * all replaced by fresh clusters, is written with one pwrite (fresh ones
+ * allocated contiguously).  Returns the bytes written (a multiple of the
+ * cluster size; 0 = not applicable, use write_cluster) or -errno.  Same
+ * ordering as write_cluster: data first, then the L2 entries, old
+ * references released after the next flush. */
+static int64_t write_run(struct bdev *bs, const uint8_t *buf, uint64_t len, uint64_t off)
+{
+    struct qcow2_state *s = QS(bs);
+    uint64_t cs = s->cluster_size;
+    if (qc_off_in_cluster(s, off) || len < 2 * cs)
+        return 0;
+    uint64_t idx0 = (off >> s->cluster_bits) & (s->l2_entries - 1);
+    uint64_t max = len / cs;
+    if (max > s->l2_entries - idx0) max = s->l2_entries - idx0;
+    if (max > RUN_MAX_BYTES / cs) max = RUN_MAX_BYTES / cs;
+    if (max < 2)
+        return 0;
+    /* validate every entry first (nothing is written on a corrupt one) */
+    struct mapping m;
+    for (uint64_t i = 0; i < max; i++) {
+        int r = get_mapping(bs, off + i * cs, cs, &m);
+        if (r < 0) return r;
+    }
+    uint64_t l2off, idx, e;
+    uint8_t *l2;
+    int r = writable_entry(bs, off, &l2off, &l2, &idx, &e);
+    if (r < 0) return r;
+    /* classify: in place (NORMAL, COPIED, fully allocated) or fresh */
+    bool inplace = qcow2_entry_type(s, e) == QC_NORMAL && (e & QCOW_OFLAG_COPIED) &&
+                   (!s->ext_l2 || (uint32_t)qcow2_l2_get_bitmap(s, l2, idx) == 0xffffffffu);
+    uint64_t host0 = e & L2E_OFFSET_MASK, n = 0;
+    for (; n < max; n++) {
+        uint64_t en = qcow2_l2_get(s, l2, idx + n);
+        enum qcow2_ctype t = qcow2_entry_type(s, en);
+        bool ip = t == QC_NORMAL && (en & QCOW_OFLAG_COPIED) &&
+                  (!s->ext_l2 || (uint32_t)qcow2_l2_get_bitmap(s, l2, idx + n) == 0xffffffffu);
+        if (inplace) {
+            if (!ip || (en & L2E_OFFSET_MASK) != host0 + n * cs) break;
+        } else {
+            /* replaced by a fresh cluster: everything but what write_cluster
+             * reuses in place (owned ZERO_ALLOC, owned extended-L2 NORMAL) */
+            if (ip || ((t == QC_ZERO_ALLOC || t == QC_NORMAL) && (en & QCOW_OFLAG_COPIED)))
+                break;
+        }
+    }
+    if (n < 2)
+        return 0;
+    if (inplace) {
+        r = bdev_file_pwrite(bs->file, buf, n * cs, host0);
+        return r < 0 ? r : (int64_t)(n * cs);
+    }
+    int64_t target = qcow2_alloc_clusters(bs, n);
+    if (target < 0) return target;
+    r = bdev_file_pwrite(bs->file, buf, n * cs, (uint64_t)target);
+    if (r == 0) r = qcow2_cache_get(bs, &s->l2_cache, l2off, &l2);
+    for (uint64_t i = 0; r == 0 && i < n; i++) {
+        uint64_t old = qcow2_l2_get(s, l2, idx + i);
+        qcow2_l2_set(s, l2, idx + i, ((uint64_t)target + i * cs) | QCOW_OFLAG_COPIED);
+        qcow2_l2_set_bitmap(s, l2, idx + i, 0xffffffffull);
+        qcow2_cache_mark_dirty(&s->l2_cache, l2);
+        r = release_entry(bs, old);
+    }
+    return r < 0 ? r : (int64_t)(n * cs);
+}
+
 static int qcow2_pwrite(struct bdev *bs, const void *buf, uint64_t len, uint64_t off)
 {
     struct qcow2_state *s = QS(bs);
     const uint8_t *p = buf;
     while (len) {
-        uint64_t n = s->cluster_size - qc_off_in_cluster(s, off);
-        if (n > len) n = len;
-        int r = write_cluster(bs, p, n, off);
-        if (r < 0) return r;
+        int64_t done = write_run(bs, p, len, off);
+        if (done < 0) return (int)done;
+        uint64_t n = (uint64_t)done;
+        if (n == 0) {
+            n = s->cluster_size - qc_off_in_cluster(s, off);
+            if (n > len) n = len;
+            int r = write_cluster(bs, p, n, off);
+            if (r < 0) return r;
+        }
         p += n; off += n; len -= n;
     }
     return 0;
