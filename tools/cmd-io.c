@@ -136,6 +136,16 @@ static void cvtnum_err(int64_t rc, const char *arg)
         printf("Parsing error: %s\n", arg);
 }
 
+/* The OFF LEN pair every data command ends with. */
+static int off_len(char **args, int64_t *off, int64_t *count)
+{
+    *off = cvtnum(args[0]);
+    if (*off < 0) { cvtnum_err(*off, args[0]); return -EINVAL; }
+    *count = cvtnum(args[1]);
+    if (*count < 0) { cvtnum_err(*count, args[1]); return -EINVAL; }
+    return 0;
+}
+
 static int parse_pattern(const char *s)
 {
     char *end;
@@ -200,10 +210,8 @@ static int do_read(struct io *io, int argc, char **argv)
         cmd_usage(find_cmd("read"));
         return -EINVAL;
     }
-    int64_t off = cvtnum(argv[optind]);
-    if (off < 0) { cvtnum_err(off, argv[optind]); return -EINVAL; }
-    int64_t count = cvtnum(argv[optind + 1]);
-    if (count < 0) { cvtnum_err(count, argv[optind + 1]); return -EINVAL; }
+    int64_t off, count;
+    if (off_len(argv + optind, &off, &count) < 0) return -EINVAL;
     if ((uint64_t)count > REQ_MAX) {
         printf("length cannot exceed %" PRIu64 ", given %s\n", (uint64_t)REQ_MAX,
                argv[optind + 1]);
@@ -295,10 +303,8 @@ static int do_write(struct io *io, int argc, char **argv)
         printf("Only one of -z, -P, and -s can be specified at the same time\n");
         return -EINVAL;
     }
-    int64_t off = cvtnum(argv[optind]);
-    if (off < 0) { cvtnum_err(off, argv[optind]); return -EINVAL; }
-    int64_t count = cvtnum(argv[optind + 1]);
-    if (count < 0) { cvtnum_err(count, argv[optind + 1]); return -EINVAL; }
+    int64_t off, count;
+    if (off_len(argv + optind, &off, &count) < 0) return -EINVAL;
     if ((uint64_t)count > REQ_MAX && !(z && nofallback)) {
         printf("length cannot exceed %" PRIu64 " without -n, given %s\n", (uint64_t)REQ_MAX,
                argv[optind + 1]);
@@ -364,10 +370,8 @@ static int do_discard(struct io *io, int argc, char **argv)
         cmd_usage(find_cmd("discard"));
         return -EINVAL;
     }
-    int64_t off = cvtnum(argv[optind]);
-    if (off < 0) { cvtnum_err(off, argv[optind]); return -EINVAL; }
-    int64_t count = cvtnum(argv[optind + 1]);
-    if (count < 0) { cvtnum_err(count, argv[optind + 1]); return -EINVAL; }
+    int64_t off, count;
+    if (off_len(argv + optind, &off, &count) < 0) return -EINVAL;
     if ((uint64_t)count > REQ_MAX) {
         printf("length cannot exceed %" PRIu64 ", given %s\n", (uint64_t)REQ_MAX,
                argv[optind + 1]);
