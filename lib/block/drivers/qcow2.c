@@ -1413,12 +1413,6 @@ static int qcow2_info(struct bdev *bs, struct pms_info *info)
     return 0;
 }
 
-static int qcow2_check_entry(struct bdev *bs, unsigned flags, struct pms_check_result *res,
-                             pms_check_msg_fn fn, void *opaque)
-{
-    return qcow2_check(bs, flags, res, fn, opaque);
-}
-
 const struct pms_driver pms_drv_qcow2 = {
     .name = "qcow2",
     .state_size = sizeof(struct qcow2_state),
@@ -1434,7 +1428,7 @@ const struct pms_driver pms_drv_qcow2 = {
     .truncate = qcow2_truncate,
     .block_status = qcow2_block_status,
     .info = qcow2_info,
-    .check = qcow2_check_entry,
+    .check = qcow2_check,
     .snapshot_create = qcow2_snapshot_create,
     .snapshot_goto = qcow2_snapshot_goto,
     .snapshot_delete = qcow2_snapshot_delete,
