@@ -146,6 +146,17 @@ static int off_len(char **args, int64_t *off, int64_t *count)
     return 0;
 }
 
+/* off_len plus the request-size limit of read and discard. */
+static int off_len_limited(char **args, int64_t *off, int64_t *count)
+{
+    if (off_len(args, off, count) < 0) return -EINVAL;
+    if ((uint64_t)*count > REQ_MAX) {
+        printf("length cannot exceed %" PRIu64 ", given %s\n", (uint64_t)REQ_MAX, args[1]);
+        return -EINVAL;
+    }
+    return 0;
+}
+
 static int parse_pattern(const char *s)
 {
     char *end;
@@ -211,12 +222,7 @@ static int do_read(struct io *io, int argc, char **argv)
         return -EINVAL;
     }
     int64_t off, count;
-    if (off_len(argv + optind, &off, &count) < 0) return -EINVAL;
-    if ((uint64_t)count > REQ_MAX) {
-        printf("length cannot exceed %" PRIu64 ", given %s\n", (uint64_t)REQ_MAX,
-               argv[optind + 1]);
-        return -EINVAL;
-    }
+    if (off_len_limited(argv + optind, &off, &count) < 0) return -EINVAL;
     if (!P && (poff || pcount >= 0)) {
         cmd_usage(find_cmd("read"));
         return -EINVAL;
@@ -371,12 +377,7 @@ static int do_discard(struct io *io, int argc, char **argv)
         return -EINVAL;
     }
     int64_t off, count;
-    if (off_len(argv + optind, &off, &count) < 0) return -EINVAL;
-    if ((uint64_t)count > REQ_MAX) {
-        printf("length cannot exceed %" PRIu64 ", given %s\n", (uint64_t)REQ_MAX,
-               argv[optind + 1]);
-        return -EINVAL;
-    }
+    if (off_len_limited(argv + optind, &off, &count) < 0) return -EINVAL;
     struct timespec t1, t2;
     clock_gettime(CLOCK_MONOTONIC, &t1);
     int r = range_check(io, off, count);

@@ -20,26 +20,31 @@
 
 const char *progname = "pmemsnap";
 
+/* "pmemsnap: MESSAGE" + tail on stderr, after whatever stdout holds. */
+static void vmsg(const char *fmt, va_list ap, const char *tail)
+{
+    fflush(stdout);
+    fprintf(stderr, "%s: ", progname);
+    vfprintf(stderr, fmt, ap);
+    fputs(tail, stderr);
+}
+
 void errorf(const char *fmt, ...)
 {
     va_list ap;
-    fflush(stdout);
-    fprintf(stderr, "%s: ", progname);
     va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
+    vmsg(fmt, ap, "\n");
     va_end(ap);
-    fputc('\n', stderr);
 }
 
 int usage_error(const char *fmt, ...)
 {
+    char tail[64];
+    snprintf(tail, sizeof tail, " (try '%s --help')\n", progname);
     va_list ap;
-    fflush(stdout);
-    fprintf(stderr, "%s: ", progname);
     va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
+    vmsg(fmt, ap, tail);
     va_end(ap);
-    fprintf(stderr, " (try '%s --help')\n", progname);
     return 1;
 }
 
