@@ -21,7 +21,8 @@
 const char *progname = "pmemsnap";
 
 /* "pmemsnap: MESSAGE" + tail on stderr, after whatever stdout holds. */
-static void vmsg(const char *fmt, va_list ap, const char *tail)
+static void __attribute__((format(printf, 1, 0), nonnull(1)))
+vmsg(const char *fmt, va_list ap, const char *tail)
 {
     fflush(stdout);
     fprintf(stderr, "%s: ", progname);
