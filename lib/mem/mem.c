@@ -1073,17 +1073,17 @@ int pms_mem_snapshot_create(struct pms_mem *m, const char *name, unsigned flags)
         staged += m->runs[i].len;
     }
     uint64_t t2 = now_ns();
+    /* the driver's create is durable on return (it flushes the staged data
+     * with its first barrier); no flush of our own after it */
     if (r == 0)
         r = snap_locked(bs, bs->drv->snapshot_create, name);
     uint64_t t3 = now_ns();
-    if (r == 0)
-        r = bdev_flush(bs);
     pthread_mutex_unlock(&m->wb_mu);
     if (getenv("PMS_MEM_DEBUG"))
         fprintf(stderr, "snapshot %s: pre-copy+cut %.2f ms (%lld B), staged write %.2f ms "
-                "(%llu B), commit %.2f ms, flush %.2f ms\n", name, (tp - t0) / 1e6,
+                "(%llu B), commit %.2f ms\n", name, (tp - t0) / 1e6,
                 (long long)bytes, (t2 - tp) / 1e6, (unsigned long long)staged,
-                (t3 - t2) / 1e6, (now_ns() - t3) / 1e6);
+                (t3 - t2) / 1e6);
     if (staged)
         madvise(m->stage, (staged + PG - 1) & ~(PG - 1), MADV_DONTNEED);
     if (r < 0)

@@ -170,8 +170,12 @@ static uint8_t *build_table(struct qcow2_state *s, struct qcow2_snapshot *snaps,
     return buf;
 }
 
-/* Write a new snapshot table for snaps[0..n) and switch the header to it. */
-static int write_table(struct bdev *bs, struct qcow2_snapshot *snaps, int n)
+/* Write a new snapshot table for snaps[0..n) and switch the header to it.
+ * With `clean` (version 3, end of a create bracket) the same 20-byte header
+ * write also clears the dirty bit: nb_snapshots, snapshots_offset and
+ * incompatible_features are adjacent (bytes 60..79), so the switch and the
+ * end of the bracket land together, and are flushed before returning. */
+static int write_table(struct bdev *bs, struct qcow2_snapshot *snaps, int n, bool clean)
 {
     struct qcow2_state *s = QS(bs);
     uint64_t len = 0;
@@ -192,11 +196,14 @@ static int write_table(struct bdev *bs, struct qcow2_snapshot *snaps, int n)
     }
     free(buf);
     if (r < 0) return r;
-    struct { uint32_t nb; uint64_t off; } __attribute__((packed)) h = {
-        htobe32((uint32_t)n), htobe64((uint64_t)off) };
-    r = bdev_file_pwrite(bs->file, &h, sizeof h, 60);
-    if (r == 0) r = qcow2_barrier(bs);
+    clean = clean && s->version >= 3;
+    uint64_t incompat = s->incompat & ~QCOW2_INCOMPAT_DIRTY;
+    struct { uint32_t nb; uint64_t off; uint64_t incompat; } __attribute__((packed)) h = {
+        htobe32((uint32_t)n), htobe64((uint64_t)off), htobe64(incompat) };
+    r = bdev_file_pwrite(bs->file, &h, clean ? 20 : 12, 60);
+    if (r == 0) r = clean ? bdev_file_flush(bs->file) : qcow2_barrier(bs);
     if (r < 0) return r;
+    if (clean) s->incompat = incompat;
     uint64_t old = s->snapshots_offset, oldlen = s->snapshots_size;
     s->snapshots_offset = (uint64_t)off;
     s->snapshots_size = len;
@@ -309,7 +316,7 @@ static int do_create(struct bdev *bs, const char *name)
     }
     s->snaps = ns;
     s->snaps[s->nb_snaps] = sn;
-    r = write_table(bs, s->snaps, s->nb_snaps + 1);
+    r = write_table(bs, s->snaps, s->nb_snaps + 1, true);
     if (r < 0) {
         free(sn.id_str); free(sn.name);
         return r;
@@ -378,7 +385,7 @@ static int do_delete(struct bdev *bs, const char *name)
     int n = 0;
     for (int k = 0; k < s->nb_snaps; k++)
         if (k != i) rest[n++] = s->snaps[k];
-    r = write_table(bs, rest, n);
+    r = write_table(bs, rest, n, false);
     if (r < 0) { free(rest); free(snl1); return r; }
     free(s->snaps);
     s->snaps = rest;
@@ -428,8 +435,9 @@ static int bracket(struct bdev *bs, const char *name, int (*op)(struct bdev *, c
     r = op(bs, name);
     s->relaxed = false;
     if (r < 0) {
-        /* nothing changed when the operation refused up front */
-        if (r == -EEXIST || r == -ENOENT || r == -EINVAL || r == -ENOSPC)
+        /* nothing changed when the operation refused up front; any other
+         * failure (a full disk, an I/O error) may have stopped half-way */
+        if (r == -EEXIST || r == -ENOENT)
             set_dirty(bs, false);
         return r;
     }
@@ -456,14 +464,54 @@ static int settle(struct bdev *bs)
     return r < 0 ? r : qcow2_flush_metadata(bs);
 }
 
+/* Create on version 3: three flushes in all.
+ *   1. dirty bit written; flush: it is durable together with every data
+ *      cluster written since the last flush (the caller's pending writes).
+ *   2. metadata written back with no ordering between the pieces (the
+ *      bracket lets a crash be repaired), refcounts +1, COPIED cleared, L1
+ *      copy, new table; flush.
+ *   3. one 20-byte header write switches the table and clears the dirty bit;
+ *      flush.  Freeing the old table afterwards can only leak.
+ * Data-before-L2 still holds: step 1 makes all data durable before any
+ * L2 entry that points at it is written.  A refusal after step 1 (corrupt
+ * tree) flushes the consistent metadata and clears the bit again. */
+static int create_v3(struct bdev *bs, const char *name)
+{
+    struct qcow2_state *s = QS(bs);
+    uint64_t v = htobe64(s->incompat | QCOW2_INCOMPAT_DIRTY);
+    int r = bdev_file_pwrite(bs->file, &v, 8, 72);
+    if (r == 0) r = bdev_file_flush(bs->file);
+    if (r < 0) return r;
+    s->incompat |= QCOW2_INCOMPAT_DIRTY;
+    s->relaxed = true;
+    r = settle(bs);
+    bool refused = false;
+    if (r == 0) {
+        r = qcow2_validate_tree(bs, s->l1, s->l1_size);
+        refused = r < 0;
+    }
+    if (r == 0)
+        r = do_create(bs, name);      /* a failure in here keeps the bit set */
+    s->relaxed = false;
+    if (refused && bdev_file_flush(bs->file) == 0)
+        set_dirty(bs, false);
+    return r;
+}
+
 int qcow2_snapshot_create(struct bdev *bs, const char *name)
 {
     struct qcow2_state *s = QS(bs);
     if (find_snapshot(s, name) >= 0)
         return pms_err(EEXIST, "a snapshot named '%s' already exists", name);
+    if (strlen(name) > 65535)
+        return pms_err(EINVAL, "snapshot name too long");
+    if (s->nb_snaps >= QCOW2_MAX_SNAPSHOTS)
+        return pms_err(ENOSPC, "too many snapshots");
+    if (s->version >= 3)
+        return create_v3(bs, name);
     int r = settle(bs);
     if (r == 0) r = qcow2_validate_tree(bs, s->l1, s->l1_size);
-    return r < 0 ? r : bracket(bs, name, do_create);
+    return r < 0 ? r : do_create(bs, name);
 }
 
 int qcow2_snapshot_goto(struct bdev *bs, const char *name)
