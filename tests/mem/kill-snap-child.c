@@ -436,9 +436,11 @@ static int verify_snap(const char *raw, const char *name)
     char what[64];
     snprintf(what, sizeof what, "snapshot %s", name);
     int torn = 0, e0 = nerr;
+    /* W had not started a store of this run yet: any earlier run's */
+    uint64_t hi = sr->hi ? sr->hi : (sr->round << 24) - 1;
     for (uint64_t s = 0; s < NW; s++) {
         uint64_t lo = sr->lo[s] > sr->pers[s] ? sr->lo[s] : sr->pers[s];
-        int t = check_wslot(buf, s, lo, sr->hi, what);
+        int t = check_wslot(buf, s, lo, hi, what);
         if (t && sr->lo[s] >> 24 == sr->round) torn++;   /* rewritten in this run: whole */
     }
     if (torn > 1)
