@@ -54,6 +54,13 @@ struct pms_open_opts {
      * inserts the fault-injecting "faulty" driver between the format and
      * the file.  NULL in normal use. */
     const char *fault_spec;
+    /* Open for pms_check (QEMU's BDRV_O_CHECK): damage that a normal open
+     * refuses (tables outside the file, bad L1 or refcount-table entries,
+     * bad snapshot L1 tables) is left for the check to report, a dirty image
+     * is not repaired at open, and a corrupt-flagged image opens writable so
+     * that a repairing check can clear the flag.  Only pms_check, pms_info
+     * and reads make sense on such a handle. */
+    int check;
 };
 void pms_open_opts_init(struct pms_open_opts *o);
 

@@ -48,7 +48,13 @@ int pms_open(const char *path, const struct pms_open_opts *opts, pms_dev **devp)
         PMS_API_ERR(r);
         return r;
     }
-    int r = bdev_open(path, opts, &dev->bs);
+    /* a caller built against an older header passes a shorter struct */
+    struct pms_open_opts o;
+    pms_open_opts_init(&o);
+    if (opts)
+        memcpy(&o, opts, opts->size && opts->size < sizeof o ? opts->size : sizeof o);
+    o.size = sizeof o;
+    int r = bdev_open(path, &o, &dev->bs);
     if (r < 0) {
         free(dev);
         PMS_API_ERR(r);
@@ -207,6 +213,8 @@ static int snap_call(pms_dev *dev, int (*fn)(struct bdev *, const char *), const
                        bs->drv->name);
     if (write && bs->readonly)
         return pms_err(EROFS, "image '%s' is opened read-only", bs->filename);
+    if (write && bs->check_only)
+        return pms_err(EPERM, "image '%s' is opened for checking only", bs->filename);
     pthread_mutex_lock(&bs->lock);
     int r = fn(bs, name);
     pthread_mutex_unlock(&bs->lock);
@@ -278,6 +286,8 @@ int pms_map(pms_dev *dev, const struct pms_map_opts *opts, void **addrp, size_t 
     pthread_mutex_lock(&dev->lock);
     if (dev->mem)
         r = pms_err(EBUSY, "device is already mapped");
+    else if (dev->bs->check_only)
+        r = pms_err(EPERM, "image '%s' is opened for checking only", dev->bs->filename);
     else
         r = pms_mem_map(dev, opts, &dev->mem, addrp, lenp);
     pthread_mutex_unlock(&dev->lock);

@@ -113,6 +113,7 @@ int bdev_open(const char *path, const struct pms_open_opts *o, struct bdev **bsp
     }
     bs->file = file;
     bs->readonly = o->readonly;
+    bs->check_only = o->check != 0;
     bs->cache_mode = o->cache_mode;
     r = drv->open(bs, path, o);
     if (r < 0) {
@@ -150,6 +151,8 @@ static int check_req(struct bdev *bs, uint64_t len, uint64_t off, bool write)
 {
     if (write && bs->readonly)
         return pms_err(EROFS, "image '%s' is opened read-only", bs->filename);
+    if (write && bs->check_only)
+        return pms_err(EPERM, "image '%s' is opened for checking only", bs->filename);
     if (off + len < off || off > bs->size || len > bs->size - off)
         return pms_err(EINVAL, "request [%llu, +%llu) is outside the image (size %llu)",
                        (unsigned long long)off, (unsigned long long)len,
@@ -214,6 +217,8 @@ int bdev_truncate(struct bdev *bs, uint64_t size)
 {
     if (bs->readonly)
         return pms_err(EROFS, "image '%s' is opened read-only", bs->filename);
+    if (bs->check_only)
+        return pms_err(EPERM, "image '%s' is opened for checking only", bs->filename);
     if (!bs->drv->truncate)
         return pms_err(ENOTSUP, "format '%s' cannot be resized", bs->drv->name);
     pthread_mutex_lock(&bs->lock);

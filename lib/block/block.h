@@ -64,6 +64,8 @@ struct bdev {
     void *opaque;                /* driver state (drv->state_size bytes) */
     char *filename;
     bool readonly;
+    bool check_only;             /* opened for pms_check: every write is refused
+                                    except the check's own repairs */
     int cache_mode;              /* enum pms_cache_mode */
     struct bdev *file;           /* protocol child of a format node, or NULL */
     struct bdev *backing;        /* backing image, or NULL */

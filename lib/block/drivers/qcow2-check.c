@@ -342,7 +342,7 @@ static int check_l1(struct ck *c, uint64_t l1_off, uint32_t l1_size, bool active
     for (uint32_t i = 0; i < l1_size; i++) {
         uint64_t e = be64toh(l1[i]);
         uint64_t l2_off = e & L1E_OFFSET_MASK;
-        if (!l2_off)
+        if (!e)                 /* as QEMU: flags alone make offset 0 a table */
             continue;
         if (e & L1E_RESERVED_MASK) {
             msg(c, "ERROR found L1 entry with reserved bits set: %" PRIx64, e);
@@ -872,6 +872,14 @@ int qcow2_check(struct bdev *bs, unsigned flags, struct pms_check_result *res,
     }
     c.rc_limit = s->refcount_max < UINT32_MAX ? s->refcount_max : UINT32_MAX;
 
+    /* version 3 requires the snapshot extra data up to the disk size */
+    uint64_t incomplete = 0;
+    for (int i = 0; s->version >= 3 && i < s->nb_snaps; i++)
+        if (s->snaps[i].extra_data_size < 16) {
+            msg(&c, "ERROR snapshot table entry %d is incomplete", i);
+            incomplete++;
+        }
+
     r = calculate_refcounts(&c);
     if (r < 0)
         goto out;
@@ -958,6 +966,27 @@ int qcow2_check(struct bdev *bs, unsigned flags, struct pms_check_result *res,
     }
     res->image_end_offset = (highest + 1) << s->cluster_bits;
     r = 0;
+    if (incomplete && (flags & FIX_ERRORS) && !res->check_errors) {
+        r = qcow2_rewrite_snapshot_table(bs);
+        if (r < 0) {
+            res->check_errors++;
+            goto out;
+        }
+        res->corruptions_fixed += incomplete;
+    } else
+        res->corruptions += incomplete;
+    /* As QEMU: a repairing check that leaves nothing broken marks the image
+     * clean (dirty bit) and consistent (corrupt bit). */
+    if (flags && !res->check_errors && !res->corruptions &&
+        (s->incompat & (QCOW2_INCOMPAT_DIRTY | QCOW2_INCOMPAT_CORRUPT))) {
+        r = bdev_file_flush(bs->file);
+        if (r == 0) {
+            s->incompat &= ~(QCOW2_INCOMPAT_DIRTY | QCOW2_INCOMPAT_CORRUPT);
+            r = qcow2_update_header(bs);
+        }
+        if (r == 0) r = bdev_file_flush(bs->file);
+        if (r < 0) res->check_errors++;
+    }
 
 out:
     free(c.rc);

@@ -303,10 +303,11 @@ static int read_extensions(struct bdev *bs, const uint8_t *buf, size_t buflen, s
 {
     struct qcow2_state *s = QS(bs);
     size_t pos = start;
-    for (int n = 0; ; n++) {
-        if (n > 1000) return pms_err(EINVAL, "too many header extensions");
-        if (pos + 8 > end || pos + 8 > buflen)
-            return pms_err(EINVAL, "header extension list is not terminated");
+    int cap = s->nb_exts;
+    for (;;) {
+        /* as QEMU: the list may fill its area without an end marker */
+        if (pos >= end || pos + 8 > buflen)
+            return 0;
         struct qcow2_ext_header h;
         memcpy(&h, buf + pos, 8);
         uint32_t type = be32toh(h.type), len = be32toh(h.len);
@@ -334,9 +335,13 @@ static int read_extensions(struct bdev *bs, const uint8_t *buf, size_t buflen, s
         case QCOW2_EXT_DATA_FILE:
             return pms_err(ENOTSUP, "images with an external data file are not supported");
         default: {
-            struct qcow2_ext *ne = realloc(s->exts, (size_t)(s->nb_exts + 1) * sizeof *ne);
-            if (!ne) return pms_err(ENOMEM, "out of memory");
-            s->exts = ne;
+            struct qcow2_ext *ne = s->exts;
+            if (s->nb_exts == cap) {
+                cap = cap ? 2 * cap : 8;
+                ne = realloc(s->exts, (size_t)cap * sizeof *ne);
+                if (!ne) return pms_err(ENOMEM, "out of memory");
+                s->exts = ne;
+            }
             ne[s->nb_exts].type = type;
             ne[s->nb_exts].len = len;
             ne[s->nb_exts].data = malloc(len ? len : 1);
@@ -446,6 +451,8 @@ static int qcow2_open(struct bdev *bs, const char *path, const struct pms_open_o
 {
     struct qcow2_state *s = QS(bs);
     (void)path;
+    s->check_mode = o->check != 0;
+    const bool ck = s->check_mode;
     int64_t flen = bdev_file_length(bs->file);
     if (flen < 0) return (int)flen;
     uint8_t hb[sizeof(struct qcow2_header)];
@@ -505,7 +512,7 @@ static int qcow2_open(struct bdev *bs, const char *path, const struct pms_open_o
         if (s->ext_l2 && s->cluster_bits < 14)
             return pms_err(EINVAL, "extended L2 entries need clusters of at least 16 KiB");
     }
-    if ((s->incompat & QCOW2_INCOMPAT_CORRUPT) && !bs->readonly)
+    if ((s->incompat & QCOW2_INCOMPAT_CORRUPT) && !bs->readonly && !ck)
         return pms_err(EACCES, "image is marked corrupt; it can only be opened read-only "
                        "(repair with 'qemu-img check -r all')");
     s->refcount_bits = 1u << s->refcount_order;
@@ -536,7 +543,6 @@ static int qcow2_open(struct bdev *bs, const char *path, const struct pms_open_o
     }
     if (s->version >= 3 || s->header_length < ext_end) {
         r = read_extensions(bs, cl, s->cluster_size, s->header_length, ext_end);
-        if (r < 0 && s->version == 2) { pms_err_clear(); r = 0; }  /* v2 may lack the end marker */
         if (r < 0) { free(cl); return r; }
     }
     if (bfo) {
@@ -558,28 +564,30 @@ static int qcow2_open(struct bdev *bs, const char *path, const struct pms_open_o
     if (s->l1_size < need_l1)
         return pms_err(EINVAL, "L1 table (%u entries) is too small for the image size",
                        s->l1_size);
+    /* In check mode, as QEMU's check: only the alignment; a table outside
+     * the file reads as zeroes and the check reports what that breaks. */
     if (s->l1_size && (qc_off_in_cluster(s, s->l1_offset) ||
-                       s->l1_offset + (uint64_t)s->l1_size * 8 > (uint64_t)flen ||
-                       s->l1_offset < s->cluster_size))
+                       (!ck && (s->l1_offset + (uint64_t)s->l1_size * 8 > (uint64_t)flen ||
+                                s->l1_offset < s->cluster_size))))
         return pms_err(EINVAL, "active L1 table offset %llu is invalid",
                        (unsigned long long)s->l1_offset);
     s->reftable_offset = be64toh(h.refcount_table_offset);
     s->reftable_clusters = be32toh(h.refcount_table_clusters);
     if (s->reftable_clusters == 0 || qc_off_in_cluster(s, s->reftable_offset) ||
-        s->reftable_offset < s->cluster_size ||
         ((uint64_t)s->reftable_clusters << s->cluster_bits) > QCOW2_MAX_REFTABLE_BYTES ||
-        s->reftable_offset >= (uint64_t)flen)
+        (!ck && (s->reftable_offset < s->cluster_size || s->reftable_offset >= (uint64_t)flen)))
         return pms_err(EINVAL, "refcount table (offset %llu, %u clusters) is invalid",
                        (unsigned long long)s->reftable_offset, s->reftable_clusters);
-    if (ranges_overlap(s->l1_offset, (uint64_t)s->l1_size * 8, s->reftable_offset,
-                       (uint64_t)s->reftable_clusters << s->cluster_bits))
+    if (!ck && ranges_overlap(s->l1_offset, (uint64_t)s->l1_size * 8, s->reftable_offset,
+                              (uint64_t)s->reftable_clusters << s->cluster_bits))
         return pms_err(EINVAL, "active L1 table overlaps the refcount table");
     uint32_t nsnap = be32toh(h.nb_snapshots);
     s->snapshots_offset = be64toh(h.snapshots_offset);
     if (nsnap > QCOW2_MAX_SNAPSHOTS)
         return pms_err(EINVAL, "too many snapshots (%u)", nsnap);
-    if (nsnap && (s->snapshots_offset & 7 || s->snapshots_offset < s->cluster_size ||
-                  s->snapshots_offset >= (uint64_t)flen))
+    if (nsnap && (s->snapshots_offset & 7 ||
+                  (!ck && (s->snapshots_offset < s->cluster_size ||
+                           s->snapshots_offset >= (uint64_t)flen))))
         return pms_err(EINVAL, "snapshot table offset %llu is invalid",
                        (unsigned long long)s->snapshots_offset);
     s->nb_snaps = (int)nsnap;
@@ -591,7 +599,7 @@ static int qcow2_open(struct bdev *bs, const char *path, const struct pms_open_o
     for (uint32_t i = 0; i < s->l1_size; i++) {
         s->l1[i] = be64toh(s->l1[i]);
         uint64_t l2 = s->l1[i] & L1E_OFFSET_MASK;
-        if (l2 && (qc_off_in_cluster(s, l2) || l2 >= (uint64_t)flen || l2 < s->cluster_size))
+        if (l2 && !ck && (qc_off_in_cluster(s, l2) || l2 >= (uint64_t)flen || l2 < s->cluster_size))
             return pms_err(EINVAL, "L1 entry %u points to an invalid L2 table offset %llu",
                            i, (unsigned long long)l2);
     }
@@ -599,7 +607,7 @@ static int qcow2_open(struct bdev *bs, const char *path, const struct pms_open_o
     if (r < 0) return r;
     r = qcow2_refcount_init(bs);
     if (r < 0) return r;
-    for (uint32_t i = 0; i < s->l1_size; i++) {
+    for (uint32_t i = 0; i < s->l1_size && !ck; i++) {
         uint64_t l2 = s->l1[i] & L1E_OFFSET_MASK;
         if (l2 && (r = qcow2_check_host_range(bs, l2, s->cluster_size, "L2 table")) < 0)
             return r;
@@ -623,19 +631,16 @@ static int qcow2_open(struct bdev *bs, const char *path, const struct pms_open_o
         r = open_backing(bs, o);
         if (r < 0) return r;
     }
-    if (s->writable && (s->incompat & QCOW2_INCOMPAT_DIRTY)) {
+    if (s->writable && (s->incompat & QCOW2_INCOMPAT_DIRTY) && !ck) {
         /* Lazy refcounts were left unclean: rebuild them, as QEMU does. */
         struct pms_check_result res;
         memset(&res, 0, sizeof res);
         res.size = sizeof res;
         r = qcow2_check(bs, PMS_CHECK_REPAIR_ALL, &res, NULL, NULL);
         if (r < 0) return r;
-        if (res.corruptions > res.corruptions_fixed || res.check_errors)
+        if (s->incompat & QCOW2_INCOMPAT_DIRTY)     /* the check clears it when done */
             return pms_err(EIO, "image has the dirty bit set and its refcounts could not be "
                            "repaired");
-        s->incompat &= ~QCOW2_INCOMPAT_DIRTY;
-        r = qcow2_update_header(bs);
-        if (r < 0) return r;
     }
     if (s->writable && (s->autoclear & QCOW2_AUTOCLEAR_BITMAPS) && mark_bitmaps_in_use(bs) == 0)
         s->autoclear_keep = QCOW2_AUTOCLEAR_BITMAPS;

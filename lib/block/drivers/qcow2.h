@@ -152,6 +152,7 @@ struct qcow2_state {
      * metadata writes are not needed; only flushes that make a new table's
      * contents durable before a pointer switch remain. */
     bool relaxed;
+    bool check_mode;             /* opened for pms_check (pms_open_opts.check) */
     /* active L1 entries changed in memory, not yet written: [lo, hi) */
     uint32_t l1_dirty_lo, l1_dirty_hi;
 };
@@ -241,6 +242,7 @@ void qcow2_compressed_range(struct qcow2_state *s, uint64_t l2e, uint64_t *coff,
 
 /* ---- qcow2-snapshot.c --------------------------------------------------- */
 int  qcow2_read_snapshots(struct bdev *bs);
+int  qcow2_rewrite_snapshot_table(struct bdev *bs);
 void qcow2_free_snapshots(struct qcow2_state *s);
 int  qcow2_snapshot_create(struct bdev *bs, const char *name);
 int  qcow2_snapshot_goto(struct bdev *bs, const char *name);
