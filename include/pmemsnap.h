@@ -142,6 +142,10 @@ struct pms_info {
     char backing_format[32];
     char full_backing_file[4096]; /* resolved path of the backing file */
     int readonly;
+    /* qcow2: more clusters carry a refcount than the host file occupies
+     * (QEMU's metadata-preallocation heuristic).  qemu-img map reports
+     * holes of the host file inside data clusters as zeroes only then. */
+    int metadata_preallocated;
 };
 int  pms_info(pms_dev *dev, struct pms_info *info);
 

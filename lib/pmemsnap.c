@@ -167,16 +167,22 @@ int pms_create(const char *path, uint64_t size, const struct pms_create_opts *op
 
 int pms_info(pms_dev *dev, struct pms_info *info)
 {
-    size_t sz = info->size ? info->size : sizeof *info;
-    memset(info, 0, sz < sizeof *info ? sz : sizeof *info);
-    info->size = sz;
+    /* fill a whole struct, hand back as much as the caller's holds */
+    size_t sz = info->size && info->size < sizeof(struct pms_info) ? info->size
+                                                                    : sizeof(struct pms_info);
+    struct pms_info full;
+    memset(&full, 0, sizeof full);
     struct bdev *bs = dev->bs;
-    info->virtual_size = bs->size;
-    info->readonly = bs->readonly;
-    int r = bs->drv->info ? bs->drv->info(bs, info) : 0;
+    full.virtual_size = bs->size;
+    full.readonly = bs->readonly;
     struct stat st;
-    if (r == 0 && stat(bs->file ? bs->file->filename : bs->filename, &st) == 0)
-        info->actual_size = (uint64_t)st.st_blocks * 512;
+    if (stat(bs->file ? bs->file->filename : bs->filename, &st) == 0)
+        full.actual_size = (uint64_t)st.st_blocks * 512;
+    pthread_mutex_lock(&bs->lock);
+    int r = bs->drv->info ? bs->drv->info(bs, &full) : 0;
+    pthread_mutex_unlock(&bs->lock);
+    full.size = sz;
+    memcpy(info, &full, sz);
     PMS_API_ERR(r);
     return r;
 }

@@ -1395,9 +1395,37 @@ static int qcow2_block_status(struct bdev *bs, uint64_t off, uint64_t len, struc
     return 0;
 }
 
+/* QEMU's qcow2_detect_metadata_preallocation: more clusters of the file
+ * carry a refcount than the file occupies on disk (10/9 of it, at least 2 more). */
+static bool prealloc_detect(struct bdev *bs, uint64_t actual)
+{
+    struct qcow2_state *s = QS(bs);
+    int64_t flen = bdev_file_length(bs->file);
+    if (flen < 0)
+        return false;
+    uint64_t real = actual >> s->cluster_bits;
+    uint64_t threshold = real * 10 / 9 > real + 2 ? real * 10 / 9 : real + 2;
+    uint64_t n = qc_size_to_clusters(s, (uint64_t)flen), used = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t rc;
+        if (qcow2_get_refcount(bs, i, &rc) < 0) {
+            pms_err_clear();
+            return false;
+        }
+        if (rc && ++used >= threshold)
+            return true;
+    }
+    return false;
+}
+
 static int qcow2_info(struct bdev *bs, struct pms_info *info)
 {
     struct qcow2_state *s = QS(bs);
+    if (!s->prealloc_checked) {
+        s->prealloc = prealloc_detect(bs, info->actual_size);
+        s->prealloc_checked = true;
+    }
+    info->metadata_preallocated = s->prealloc;
     strcpy(info->format, "qcow2");
     info->cluster_size = s->cluster_size;
     info->qcow2_version = s->version;

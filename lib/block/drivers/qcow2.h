@@ -152,6 +152,7 @@ struct qcow2_state {
      * metadata writes are not needed; only flushes that make a new table's
      * contents durable before a pointer switch remain. */
     bool relaxed;
+    bool prealloc_checked, prealloc;  /* QEMU's metadata-preallocation heuristic */
     bool check_mode;             /* opened for pms_check (pms_open_opts.check) */
     /* active L1 entries changed in memory, not yet written: [lo, hi) */
     uint32_t l1_dirty_lo, l1_dirty_hi;
