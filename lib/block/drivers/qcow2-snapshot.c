@@ -16,8 +16,8 @@
  * the dirty bracket below makes every later writable open repair them.
  * Inside the bracket (version 3) the ordering barriers between metadata
  * writes are dropped (qcow2_barrier); what stays is the flush that makes a
- * new snapshot table and L1 copy durable before the header points at them,
- * so a snapshot costs four flushes instead of a dozen.
+ * new snapshot table and L1 copy durable before the header points at them.
+ * Create is cheapest (create_v3): three flushes in all.
  * Threads: called with bs->lock held.
  */
 #include <endian.h>
