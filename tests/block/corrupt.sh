@@ -165,7 +165,9 @@ one_case() {
     elif [ $crc -ne 1 ] && [ $qcrc -eq 1 ] && [ $qopen -eq 0 ]; then
         note "check completed (exit $crc), qemu-img check fails"
     elif [ $crc -eq 1 ] && [ $qcrc -ne 1 ]; then
-        note "check failed, qemu-img check exits $qcrc: $(tail -n 1 "$D/check.err")"
+        # check opens like QEMU's (pms_open_opts.check): it must diagnose
+        # whatever qemu-img check diagnoses
+        fail "check failed, qemu-img check exits $qcrc: $(tail -n 1 "$D/check.err")"
     fi
 
     # ---- repairs (on copies; only where one of the checks found something
