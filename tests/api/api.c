@@ -129,6 +129,39 @@ int main(void)
     CHECK(pms_open(img, &oo, &d) == 0, "forced raw open");
     CHECK(pms_size(d) > 0 && pms_close(d) == 0, "raw view");
 
+    /* check mode: a corrupt-flagged image opens writable for the check only,
+     * and a repairing check clears the flag (oracle: qemu-img info/check) */
+    CHECK(sh("printf '\\000\\000\\000\\000\\000\\000\\000\\002' | "
+             "dd of=%s bs=1 seek=72 conv=notrunc status=none", img) == 0, "set corrupt bit");
+    CHECK(pms_open(img, NULL, &d) == -EACCES, "writable open of a corrupt-flagged image");
+    pms_open_opts_init(&oo);
+    oo.check = 1;
+    CHECK(pms_open(img, &oo, &d) == 0, "check-mode open: %s", pms_errmsg());
+    if (d) {
+        CHECK(pms_pwrite(d, buf, 512, 0) == -EPERM, "write on a check-mode device");
+        CHECK(pms_snapshot_create(d, "y") == -EPERM, "snapshot on a check-mode device");
+        void *a; size_t ml;
+        CHECK(pms_map(d, NULL, &a, &ml) == -EPERM, "map of a check-mode device");
+        struct pms_check_result cr = { .size = sizeof cr };
+        CHECK(pms_check(d, PMS_CHECK_REPAIR_ALL, &cr, NULL, NULL) == 0 && cr.corruptions == 0,
+              "repairing check: %s", pms_errmsg());
+        CHECK(pms_close(d) == 0, "close");
+    }
+    CHECK(sh("qemu-img info %s | grep -q 'corrupt: false'", img) == 0, "corrupt flag not cleared");
+    CHECK(sh("qemu-img check -q %s", img) == 0, "qemu-img check after the repair");
+
+    /* a caller built against an older, shorter pms_info gets only its part */
+    struct { struct pms_info i; char guard[64]; } small;
+    memset(&small, 0xa5, sizeof small);
+    small.i.size = 64;
+    CHECK(pms_open(img, NULL, &d) == 0, "open");
+    CHECK(pms_info(d, &small.i) == 0, "info with a short struct");
+    const unsigned char *tail = (const unsigned char *)&small.i + 64;
+    int touched = 0;
+    for (size_t k = 0; k < sizeof small - 64; k++) touched |= tail[k] != 0xa5;
+    CHECK(!touched, "pms_info wrote past the caller's size");
+    CHECK(pms_close(d) == 0, "close");
+
     sh("rm -rf %s", dir);
     printf("%d failed\n", fails);
     return fails ? 1 : 0;
