@@ -8,8 +8,8 @@
  * same order as QEMU 7.2's QDict (so `--output=json` is byte-identical),
  * and the open helper.
  *
- * The tool uses only the public API in include/pmemsnap.h, plus the pure
- * size parser in lib/util/size.h.  Single threaded except `bench`.
+ * The tool uses only the public API in include/pmemsnap.h (sizes are parsed
+ * here, as qemu_strtosz() does).  Single threaded except `bench`.
  */
 #ifndef PMS_CLI_H
 #define PMS_CLI_H
@@ -25,11 +25,19 @@ extern const char *progname;          /* "pmemsnap" */
 void errorf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* Usage error: message + "Try 'pmemsnap --help' ..." hint; returns 1. */
 int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+struct option;
+/* After getopt_long() returned '?' or ':' (optstring starts with ':'): one
+ * usage line naming the bad option as getopt would; returns 1. */
+int getopt_error(const char *cmd, int ch, char **argv, const struct option *lo);
 /* The library's last message without a leading "pms_xxx: " prefix. */
 const char *libmsg(void);
 
-/* Sizes: "64k", "1M", "0x1000" (k/M/G/T/P/E powers of 1024).  0 or -1. */
+/* Sizes: "64k", "1M", "1.5G", "0x1000" (k/M/G/T/P/E powers of 1024; decimal,
+ * never octal).  0 or -1. */
 int parse_size(const char *s, uint64_t *out);
+/* The same with qemu_strtosz()'s error codes (0, -EINVAL, -ERANGE); strict
+ * refuses the "B"/"iB" tail after a multiplier (qemu-io's cvtnum). */
+int size_parse(const char *s, uint64_t *out, bool strict);
 /* Plain non-negative integer (decimal or 0x); 0 or -1. */
 int parse_uint(const char *s, uint64_t *out);
 /* qemu's size_to_str(): "%0.3g" with KiB/MiB/... ("324 KiB", "0 B"). */
@@ -41,6 +49,8 @@ int parse_cache_mode(const char *s, int *mode);
 /* "--output=json" style: 0 human, 1 json, -1 invalid. */
 int parse_output(const char *s);
 
+/* Set by check: opens are for pms_check (pms_open_opts.check). */
+extern bool open_for_check;
 /* Open helper: fmt may be NULL (probe).  Prints the error and returns NULL. */
 pms_dev *open_image(const char *path, const char *fmt, bool readonly,
                     int cache_mode, bool no_backing, bool force_share);
@@ -49,6 +59,10 @@ pms_dev *open_quiet(const char *path, const char *fmt, bool readonly, int cache_
                     bool no_backing, bool force_share);
 /* Close, report a failure; returns 0 or -1. */
 int close_image(pms_dev *dev);
+
+/* Would creating path conflict with QEMU-style image locks another open
+ * file description holds?  Prints the error and returns 1, else 0. */
+int target_in_use(const char *path);
 
 /* Bytes the host file system has allocated for path (qemu "actual-size"). */
 int64_t host_allocated(const char *path);

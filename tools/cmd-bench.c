@@ -159,8 +159,8 @@ int cmd_bench(int argc, char **argv)
             break;
         case OPT_NODRAIN: break;       /* our flushes never drain other requests */
         case OPT_FORCE: break;
-        case ':': return usage_error("option requires an argument -- '%c'", optopt);
-        default: return usage_error("bench: invalid option -- '%s'", argv[optind - 1]);
+        case ':':
+        default: return getopt_error("bench", ch, argv, lo);
         }
     }
     if (optind != argc - 1)

@@ -13,6 +13,7 @@
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 #include "cli.h"
@@ -88,6 +89,12 @@ static void print_create_help(bool raw)
  * 1 for "help" (printed), -1 on error (printed). */
 static int parse_copts(struct copts *c, char *s, const char *file)
 {
+    /* qemu_opts_parse(): an empty list or an empty element is an error */
+    size_t sl = strlen(s);
+    if (sl == 0 || s[0] == ',' || s[sl - 1] == ',') {
+        errorf("Invalid option list: %s", s);
+        return -1;
+    }
     char *save = NULL;
     for (char *kv = strtok_r(s, ",", &save); kv; kv = strtok_r(NULL, ",", &save)) {
         char *v = strchr(kv, '=');
@@ -108,6 +115,11 @@ static int parse_copts(struct copts *c, char *s, const char *file)
                 errorf("Parameter 'size' expects a non-negative number below 2^64");
                 return -1;
             }
+            if (n > INT64_MAX) {
+                errorf("Invalid image size specified. Must be between 0 and %" PRId64 ".",
+                       INT64_MAX);
+                return -1;
+            }
             c->has_size = true;
             c->size = n;
         } else if (strcmp(kv, "preallocation") == 0) {
@@ -126,14 +138,23 @@ static int parse_copts(struct copts *c, char *s, const char *file)
                 errorf("Parameter 'cluster_size' expects a size");
                 return -1;
             }
+            if (n < 512 || n > (2u << 20) || (n & (n - 1))) {
+                errorf("%s: Cluster size must be a power of two between 512 and 2048k", file);
+                return -1;
+            }
             c->o.cluster_size = n;
             c->has_cs = true;
         } else if (strcmp(kv, "extended_l2") == 0) {
             if (parse_bool_opt(kv, v, &c->o.extended_l2) < 0) return -1;
             c->has_ext = true;
         } else if (strcmp(kv, "refcount_bits") == 0) {
-            if (parse_uint(v, &n) < 0 || n > 64) {
-                errorf("%s: Invalid refcount_bits '%s'", file, v);
+            if (parse_uint(v, &n) < 0) {
+                errorf("Parameter 'refcount_bits' expects a non-negative number below 2^64");
+                return -1;
+            }
+            if (n == 0 || n > 64 || (n & (n - 1))) {
+                errorf("%s: Refcount width must be a power of two and may not exceed 64 bits",
+                       file);
                 return -1;
             }
             c->o.refcount_bits = (int)n;
@@ -165,6 +186,19 @@ static int parse_copts(struct copts *c, char *s, const char *file)
             return -1;
         }
         (void)qcow_only;
+    }
+    return 0;
+}
+
+/* Checks between options, once every -o is parsed (qemu-img's wording). */
+static int check_copts(const struct copts *c, const char *file)
+{
+    if (c->is_raw)
+        return 0;
+    if (c->o.compat_v2 && c->o.lazy_refcounts) {
+        errorf("%s: Lazy refcounts only supported with compatibility level 1.1 and above "
+               "(use version=v3 or greater)", file);
+        return -1;
     }
     return 0;
 }
@@ -236,8 +270,8 @@ int cmd_create(int argc, char **argv)
         case 'F': bfmt = optarg; break;
         case 'u': unsafe = 1; break;
         case 'q': quiet = 1; break;
-        case ':': return usage_error("option requires an argument -- '%c'", optopt);
-        default: return usage_error("create: invalid option -- '%s'", argv[optind - 1]);
+        case ':':
+        default: return getopt_error("create", ch, argv, lo);
         }
     }
     if (strcmp(fmt, "qcow2") && strcmp(fmt, "raw")) {
@@ -261,6 +295,8 @@ int cmd_create(int argc, char **argv)
         if (r != 0)
             return r > 0 ? 0 : 1;
     }
+    if (check_copts(&c, file) < 0)
+        return 1;
     if (backing) c.o.backing_file = backing;
     if (bfmt) c.o.backing_format = bfmt;
     if (c.is_raw && (c.o.backing_file || c.o.backing_format)) {
@@ -275,10 +311,30 @@ int cmd_create(int argc, char **argv)
         errorf("%s: Backing file specified without backing format (use -F)", file);
         return 1;
     }
+    if (c.o.backing_file) {
+        /* an image backed by itself: qemu-img compares the names; the same
+         * file under another name loops just as well */
+        char *full = path_combine(file, c.o.backing_file);
+        struct stat a, b;
+        bool same = strcmp(file, c.o.backing_file) == 0 ||
+                    (full && stat(full, &a) == 0 && stat(file, &b) == 0 &&
+                     a.st_dev == b.st_dev && a.st_ino == b.st_ino);
+        free(full);
+        if (same) {
+            errorf("%s: Error: Trying to create an image with the same filename as the "
+                   "backing file", file);
+            return 1;
+        }
+    }
     if (optind + 1 < argc) {
         if (parse_size(argv[optind + 1], &c.size) < 0) {
             errorf("Invalid image size specified. You may use k, M, G, T, P or E suffixes "
                    "for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.");
+            return 1;
+        }
+        if (c.size > INT64_MAX) {
+            errorf("Invalid image size specified. Must be between 0 and %" PRId64 ".",
+                   INT64_MAX);
             return 1;
         }
         c.has_size = true;
@@ -297,6 +353,10 @@ int cmd_create(int argc, char **argv)
         if (backing_size(file, c.o.backing_file, c.o.backing_format) < 0)
             return 1;
     }
+    /* pms_create() truncates without asking for QEMU's locks: an image a
+     * QEMU writer (or another pmemsnap) holds must not be overwritten */
+    if (target_in_use(file))
+        return 1;
     if (!quiet)
         print_formatting(file, &c, c.size);
     fflush(stdout);
@@ -492,8 +552,8 @@ int cmd_info(int argc, char **argv)
                 return 1;
             }
             break;
-        case ':': return usage_error("option requires an argument -- '%c'", optopt);
-        default: return usage_error("info: invalid option -- '%s'", argv[optind - 1]);
+        case ':':
+        default: return getopt_error("info", ch, argv, lo);
         }
     }
     if (optind != argc - 1)
@@ -641,8 +701,8 @@ int cmd_check(int argc, char **argv)
                 return 1;
             }
             break;
-        case ':': return usage_error("option requires an argument -- '%c'", optopt);
-        default: return usage_error("check: invalid option -- '%s'", argv[optind - 1]);
+        case ':':
+        default: return getopt_error("check", ch, argv, lo);
         }
     }
     const char *file;
@@ -652,6 +712,7 @@ int cmd_check(int argc, char **argv)
         errorf("--force-share/-U is not allowed with -r");
         return 1;
     }
+    open_for_check = true;
     pms_dev *dev = open_image(file, fmt, flags == 0, PMS_CACHE_WRITEBACK, true, force);
     if (!dev)
         return 1;
@@ -725,8 +786,8 @@ int cmd_snapshot(int argc, char **argv)
             action = ch;
             name = optarg;
             break;
-        case ':': return usage_error("option requires an argument -- '%c'", optopt);
-        default: return usage_error("snapshot: invalid option -- '%s'", argv[optind - 1]);
+        case ':':
+        default: return getopt_error("snapshot", ch, argv, lo);
         }
     }
     (void)quiet;
@@ -788,6 +849,9 @@ struct chain {
     char *name[MAX_CHAIN];      /* filename of each layer, as qemu prints it */
     bool raw[MAX_CHAIN];
     int fd[MAX_CHAIN];          /* the layer's host file, for hole queries */
+    bool recurse[MAX_CHAIN];    /* qemu asks the host file about holes: raw
+                                   layers, and qcow2 ones that look metadata-
+                                   preallocated (pms_info) */
 };
 
 /* Is [off, off+len) of the host file a hole?  *n = length of the run with
@@ -830,6 +894,7 @@ static void chain_load(struct chain *c, const char *file, const char *fmt)
         pms_info(d, &info);
         pms_close(d);
         c->raw[c->n] = strcmp(info.format, "raw") == 0;
+        c->recurse[c->n] = c->raw[c->n] || info.metadata_preallocated;
         c->fd[c->n] = open(cur, O_RDONLY | O_CLOEXEC);
         c->n++;
         cur = info.backing_file[0] ? path_combine(cur, info.backing_file) : NULL;
@@ -933,8 +998,8 @@ int cmd_map(int argc, char **argv)
                 return 1;
             }
             break;
-        case ':': return usage_error("option requires an argument -- '%c'", optopt);
-        default: return usage_error("map: invalid option -- '%s'", argv[optind - 1]);
+        case ':':
+        default: return getopt_error("map", ch, argv, lo);
         }
     }
     const char *file;
@@ -986,7 +1051,7 @@ int cmd_map(int argc, char **argv)
             piece.start += done;
             piece.offset += done;
             piece.length = x.length - done;
-            if (nx.data && nx.has_offset && !nx.zero && nx.depth < c.n)
+            if (nx.data && nx.has_offset && !nx.zero && nx.depth < c.n && c.recurse[nx.depth])
                 piece.zero = host_hole(c.fd[nx.depth], piece.offset, piece.length,
                                        &piece.length);
             done += piece.length;
@@ -1091,8 +1156,8 @@ int cmd_convert(int argc, char **argv)
                 return 1;
             }
             break;
-        case ':': return usage_error("option requires an argument -- '%c'", optopt);
-        default: return usage_error("convert: invalid option -- '%s'", argv[optind - 1]);
+        case ':':
+        default: return getopt_error("convert", ch, argv, lo);
         }
     }
     if (argc - optind != 2)
@@ -1116,10 +1181,25 @@ int cmd_convert(int argc, char **argv)
         if (r != 0)
             return r > 0 ? 0 : 1;
     }
+    if (check_copts(&c, dst) < 0)
+        return 1;
     pms_dev *in = open_image(src, fmt, true, scache, false, force);
     if (!in)
         return 1;
     uint64_t size = (uint64_t)pms_size(in);
+    struct stat ss, ds;
+    if (stat(src, &ss) == 0 && stat(dst, &ds) == 0 && ss.st_dev == ds.st_dev &&
+        ss.st_ino == ds.st_ino) {
+        errorf("%s: source and target are the same file", dst);
+        pms_close(in);
+        return 1;
+    }
+    /* our own open of the source (and its backing chain) holds QEMU-style
+     * locks too, so this also refuses a target that is part of the chain */
+    if (target_in_use(dst)) {
+        pms_close(in);
+        return 1;
+    }
     if (!noc && pms_create(dst, size, &c.o) < 0) {
         errorf("%s: error while converting %s: %s", dst, ofmt, libmsg());
         pms_close(in);
@@ -1212,8 +1292,8 @@ int cmd_resize(int argc, char **argv)
                 return 1;
             }
             break;
-        case ':': return usage_error("option requires an argument -- '%c'", optopt);
-        default: return usage_error("resize: invalid option -- '%s'", argv[optind - 1]);
+        case ':':
+        default: return getopt_error("resize", ch, argv, lo);
         }
     }
     if (optind != argc - 1)
@@ -1236,8 +1316,11 @@ int cmd_resize(int argc, char **argv)
     else if (rel < 0)
         want = n > cur ? 0 : cur - n;
     int rc = 0;
-    if ((rel > 0 && want < cur) || (rel < 0 && n > cur)) {
+    if ((rel > 0 && (want < cur || want > INT64_MAX)) || (rel == 0 && n > INT64_MAX)) {
         errorf("New image size out of range");
+        rc = 1;
+    } else if (want == 0 || (rel < 0 && n >= cur)) {
+        errorf("New image size must be positive");   /* qemu: total_size <= 0 */
         rc = 1;
     } else if (want < cur && !shrink) {
         errorf("Use the --shrink option to perform a shrink operation.");
@@ -1247,7 +1330,10 @@ int cmd_resize(int argc, char **argv)
         rc = 1;
     } else if (!quiet)
         printf("Image resized.\n");
-    if (close_image(dev) < 0)
+    /* one error line: after a failure the close can only repeat it */
+    if (rc)
+        pms_close(dev);
+    else if (close_image(dev) < 0)
         rc = 1;
     return rc;
 }

@@ -24,7 +24,6 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
-#include "util/size.h"
 #include "cli.h"
 
 #define REQ_MAX 2147483136ULL      /* BDRV_REQUEST_MAX_BYTES */
@@ -112,12 +111,7 @@ static void dump_buffer(const uint8_t *p, int64_t off, int64_t len)
 static int64_t cvtnum(const char *s)
 {
     uint64_t v;
-    if (!*s || *s == '-')
-        return -EINVAL;
-    /* qemu_strtosz rejects "KiB" spellings and hex fractions */
-    if (strstr(s, "iB") || ((s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) && strchr(s, '.')))
-        return -EINVAL;
-    int r = pms_parse_size(s, &v);
+    int r = size_parse(s, &v, true);
     if (r < 0)
         return r;
     if (v > INT64_MAX)
@@ -324,19 +318,26 @@ static int do_write(struct io *io, int argc, char **argv)
             return -ENOMEM;
         }
         if (src) {
+            /* qemu_io_alloc_from_file(): perror() wording, and a file shorter
+             * than the request is repeated to fill it */
             FILE *f = fopen(src, "r");
             if (!f) {
-                printf("Failed to open %s: %s\n", src, strerror(errno));
+                fflush(stdout);
+                fprintf(stderr, "%s: %s\n", src, strerror(errno));
                 free(buf);
                 return -EINVAL;
             }
             size_t got = fread(buf, 1, (size_t)count, f);
+            int ferr = ferror(f);
             fclose(f);
-            if ((int64_t)got < count) {
-                printf("Failed to read %" PRId64 " bytes from %s\n", count, src);
+            if (ferr || (got == 0 && count > 0)) {
+                fflush(stdout);
+                fprintf(stderr, "%s: %s\n", src, ferr ? strerror(EIO) : "file is empty");
                 free(buf);
                 return -EINVAL;
             }
+            for (size_t k = got; got && k < (size_t)count; k++)
+                buf[k] = buf[k % got];
         }
     }
     struct timespec t1, t2;
@@ -495,6 +496,7 @@ static int do_open(struct io *io, int argc, char **argv)
         return -EBUSY;
     }
     io->readonly = false;
+    io->force_share = false;
     io->fmt = NULL;
     optind = 0;
     while ((ch = getopt(argc, argv, "snCro:kt:d:U")) != -1) {
@@ -524,6 +526,11 @@ static int do_open(struct io *io, int argc, char **argv)
     }
     if (optind != argc - 1) {
         cmd_usage(find_cmd("open"));
+        return -EINVAL;
+    }
+    if (io->force_share && !io->readonly) {
+        fprintf(stderr, "%s: can't open device %s: force-share=on can only be used with "
+                "read-only images\n", progname, argv[optind]);
         return -EINVAL;
     }
     return io_open(io, argv[optind]);
@@ -561,17 +568,17 @@ static int do_sleep(struct io *io, int argc, char **argv)
 static int do_vec(struct io *io, int argc, char **argv, bool write)
 {
     const char *name = write ? "writev" : "readv";
+    const char *C = NULL, *f = NULL, *q = NULL, *v = NULL, *pat = NULL;
     char *nargv[16], tot[32];
     int n = 0, ch;
-    nargv[n++] = write ? "write" : "read";
     optind = 0;
     while ((ch = getopt(argc, argv, write ? "CfqP:" : "CqvP:")) != -1) {
-        switch (ch) {
-        case 'C': nargv[n++] = "-C"; break;
-        case 'f': nargv[n++] = "-f"; break;
-        case 'q': nargv[n++] = "-q"; break;
-        case 'v': nargv[n++] = "-v"; break;
-        case 'P': nargv[n++] = "-P"; nargv[n++] = optarg; break;
+        switch (ch) {                  /* repeated flags count once */
+        case 'C': C = "-C"; break;
+        case 'f': f = "-f"; break;
+        case 'q': q = "-q"; break;
+        case 'v': v = "-v"; break;
+        case 'P': pat = optarg; break;
         default:
             cmd_usage(find_cmd(name));
             return -EINVAL;
@@ -581,16 +588,32 @@ static int do_vec(struct io *io, int argc, char **argv, bool write)
         cmd_usage(find_cmd(name));
         return -EINVAL;
     }
-    int64_t total = 0;
+    uint64_t total = 0;
     for (int i = optind + 1; i < argc; i++) {
         int64_t l = cvtnum(argv[i]);
         if (l < 0) { cvtnum_err(l, argv[i]); return -EINVAL; }
-        total += l;
+        if ((uint64_t)l > REQ_MAX) {   /* qemu-io's create_iovec() */
+            printf("Argument '%s' exceeds maximum size %" PRIu64 "\n", argv[i],
+                   (uint64_t)REQ_MAX);
+            return -EINVAL;
+        }
+        total += (uint64_t)l;          /* < 62 * 2^31: no overflow */
     }
-    snprintf(tot, sizeof tot, "%" PRId64, total);
+    if (total > REQ_MAX) {
+        printf("length cannot exceed %" PRIu64 ", given %" PRIu64 "\n", (uint64_t)REQ_MAX,
+               total);
+        return -EINVAL;
+    }
+    snprintf(tot, sizeof tot, "%" PRIu64, total);
+    nargv[n++] = write ? "write" : "read";
+    if (C) nargv[n++] = (char *)C;
+    if (f) nargv[n++] = (char *)f;
+    if (q) nargv[n++] = (char *)q;
+    if (v) nargv[n++] = (char *)v;
+    if (pat) { nargv[n++] = "-P"; nargv[n++] = (char *)pat; }
     nargv[n++] = argv[optind];
     nargv[n++] = tot;
-    nargv[n] = NULL;
+    nargv[n] = NULL;                   /* at most 10 of 16 */
     return write ? do_write(io, n, nargv) : do_read(io, n, nargv);
 }
 static int do_readv(struct io *io, int argc, char **argv) { return do_vec(io, argc, argv, false); }
@@ -785,11 +808,9 @@ int cmd_io(int argc, char **argv)
             }
             break;
         case ':':
-            free(cmds);
-            return usage_error("option requires an argument -- '%c'", optopt);
         default:
             free(cmds);
-            return usage_error("io: invalid option -- '%s'", argv[optind - 1]);
+            return getopt_error("io", ch, argv, lo);
         }
     }
     if (argc - optind > 1) {
@@ -799,6 +820,12 @@ int cmd_io(int argc, char **argv)
     if (io.fmt && strcmp(io.fmt, "qcow2") && strcmp(io.fmt, "raw")) {
         free(cmds);
         errorf("Unknown file format '%s'", io.fmt);
+        return 1;
+    }
+    if (io.force_share && !io.readonly && optind < argc) {
+        free(cmds);
+        errorf("can't open device %s: force-share=on can only be used with read-only images",
+               argv[optind]);
         return 1;
     }
     if (optind < argc && io_open(&io, argv[optind]) < 0) {

@@ -7,27 +7,50 @@
  * indented by 4 per level, "key": value, and closes containers on a fresh
  * line.  We keep members in insertion order and sort at print time.
  */
+#include <ctype.h>
 #include <errno.h>
+#include <getopt.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 #include "pmemsnap.h"
-#include "util/size.h"
 #include "cli.h"
 
 const char *progname = "pmemsnap";
 
-/* "pmemsnap: MESSAGE" + tail on stderr, after whatever stdout holds. */
+/* "pmemsnap: MESSAGE" + tail on stderr, after whatever stdout holds.  The
+ * message stays one line whatever it quotes (file names, arguments, library
+ * text): control characters are printed escaped. */
 static void __attribute__((format(printf, 1, 0), nonnull(1)))
 vmsg(const char *fmt, va_list ap, const char *tail)
 {
+    char small[512], *buf = small;
+    va_list aq;
+    va_copy(aq, ap);
+    int n = vsnprintf(small, sizeof small, fmt, aq);
+    va_end(aq);
+    if (n >= (int)sizeof small && (buf = malloc((size_t)n + 1)) != NULL)
+        vsnprintf(buf, (size_t)n + 1, fmt, ap);
+    else if (n < 0 || !buf) {
+        buf = small;               /* truncated is better than nothing */
+        if (n < 0) small[0] = '\0';
+    }
     fflush(stdout);
     fprintf(stderr, "%s: ", progname);
-    vfprintf(stderr, fmt, ap);
+    for (const unsigned char *p = (const unsigned char *)buf; *p; p++) {
+        if (*p == '\n') fputs("\\n", stderr);
+        else if (*p == '\r') fputs("\\r", stderr);
+        else if (*p < 0x20 && *p != '\t') fprintf(stderr, "\\x%02x", *p);
+        else fputc(*p, stderr);
+    }
     fputs(tail, stderr);
+    if (buf != small)
+        free(buf);
 }
 
 void errorf(const char *fmt, ...)
@@ -49,6 +72,27 @@ int usage_error(const char *fmt, ...)
     return 1;
 }
 
+int getopt_error(const char *cmd, int ch, char **argv, const struct option *lo)
+{
+    /* Long-option errors consume their whole argv element and leave the
+     * option's val in optopt (0 when unknown); short ones leave the char. */
+    const char *arg = optind > 0 ? argv[optind - 1] : "";
+    if (strncmp(arg, "--", 2) == 0 && arg[2]) {
+        size_t n = strcspn(arg + 2, "=");
+        for (const struct option *o = lo; o && o->name; o++)
+            if (o->val == optopt && strncmp(o->name, arg + 2, n) == 0)
+                return ch == ':'
+                    ? usage_error("%s: option '--%s' requires an argument", cmd, o->name)
+                    : usage_error("%s: option '--%s' doesn't allow an argument", cmd, o->name);
+        if (optopt == 0)
+            return usage_error("%s: unrecognized option '%s'", cmd, arg);
+    }
+    if (optopt <= 0 || optopt > 0xff)
+        return usage_error("%s: invalid option", cmd);
+    return ch == ':' ? usage_error("%s: option requires an argument -- '%c'", cmd, optopt)
+                     : usage_error("%s: invalid option -- '%c'", cmd, optopt);
+}
+
 const char *libmsg(void)
 {
     const char *m = pms_errmsg();
@@ -61,9 +105,79 @@ const char *libmsg(void)
     return *m ? m : "unknown error";
 }
 
+/* qemu_strtosz() semantics, done here rather than with pms_parse_size()
+ * (which reads "010" as octal, takes exponents and hex fractions, and lets
+ * a fraction overflow): decimal or 0x hex integer, an optional decimal
+ * fraction (only with a multiplier), one suffix letter, plus the trailing
+ * "B"/"iB" after a multiplier that pmemsnap(1) documents unless strict. */
+int size_parse(const char *s, uint64_t *out, bool strict)
+{
+    if (!s || !(*s >= '0' && *s <= '9'))
+        return -EINVAL;
+    const char *p = s;
+    bool hex = p[0] == '0' && (p[1] == 'x' || p[1] == 'X');
+    if (hex && !isxdigit((unsigned char)p[2]))
+        return -EINVAL;
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(p, &end, hex ? 16 : 10);
+    if (errno == ERANGE)
+        return -ERANGE;
+    if (errno || end == p)
+        return -EINVAL;
+    p = end;
+    double frac = 0;
+    if (*p == '.') {
+        if (hex)
+            return -EINVAL;
+        const char *f = p++;
+        while (*p >= '0' && *p <= '9')
+            p++;
+        char tmp[64];
+        if ((size_t)(p - f) >= sizeof tmp)
+            return -EINVAL;
+        memcpy(tmp, f, (size_t)(p - f));
+        tmp[p - f] = '\0';
+        frac = strtod(tmp, NULL);      /* ".", ".5": digits only, in [0, 1] */
+    }
+    unsigned shift = 0;
+    switch (*p) {
+    case 'b': case 'B': shift = 0; p++; break;
+    case 'k': case 'K': shift = 10; p++; break;
+    case 'm': case 'M': shift = 20; p++; break;
+    case 'g': case 'G': shift = 30; p++; break;
+    case 't': case 'T': shift = 40; p++; break;
+    case 'p': case 'P': shift = 50; p++; break;
+    case 'e': case 'E': shift = 60; p++; break;
+    default: break;
+    }
+    if (shift && !strict) {
+        if (p[0] == 'i' && p[1] == 'B')
+            p += 2;
+        else if (*p == 'B' || *p == 'b')
+            p++;
+    }
+    if (*p)
+        return -EINVAL;
+    if (frac > 0 && !shift)
+        return -EINVAL;
+    if (v > (UINT64_MAX >> shift))
+        return -ERANGE;
+    uint64_t r = (uint64_t)v << shift;
+    if (frac > 0) {
+        double add = frac * (double)(1ULL << shift);   /* <= 2^60 */
+        uint64_t a = (uint64_t)add;
+        if (a > UINT64_MAX - r)
+            return -ERANGE;
+        r += a;
+    }
+    *out = r;
+    return 0;
+}
+
 int parse_size(const char *s, uint64_t *out)
 {
-    return pms_parse_size(s, out) < 0 ? -1 : 0;
+    return size_parse(s, out, false) < 0 ? -1 : 0;
 }
 
 int parse_uint(const char *s, uint64_t *out)
@@ -139,11 +253,14 @@ int parse_output(const char *s)
     return -1;
 }
 
+bool open_for_check;
+
 pms_dev *open_quiet(const char *path, const char *fmt, bool readonly, int cache_mode,
                     bool no_backing, bool force_share)
 {
     struct pms_open_opts o;
     pms_open_opts_init(&o);
+    o.check = open_for_check;
     o.readonly = readonly;
     o.format = fmt;
     o.cache_mode = cache_mode;
@@ -175,6 +292,31 @@ int close_image(pms_dev *dev)
         return -1;
     }
     return 0;
+}
+
+int target_in_use(const char *path)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0)
+        return 0;                       /* missing: nothing to protect */
+    struct stat st;
+    int busy = 0;
+    if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) {
+        /* QEMU file-posix: byte 100+i = holds permission i, 200+i = does not
+         * share it (1 write, 3 resize).  Creating needs write and resize and
+         * shares everything but resize, as qemu-img create does. */
+        static const int bytes[] = { 201, 203, 103 };
+        for (size_t i = 0; i < sizeof bytes / sizeof bytes[0] && !busy; i++) {
+            struct flock fl = { .l_type = F_WRLCK, .l_whence = SEEK_SET,
+                                .l_start = bytes[i], .l_len = 1 };
+            if (fcntl(fd, F_OFD_GETLK, &fl) == 0 && fl.l_type != F_UNLCK)
+                busy = 1;
+        }
+    }
+    close(fd);
+    if (busy)
+        errorf("%s: Failed to get \"write\" lock: is another process using the image?", path);
+    return busy;
 }
 
 int64_t host_allocated(const char *path)
