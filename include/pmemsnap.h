@@ -106,6 +106,8 @@ struct pms_create_opts {
     const char *backing_format;
     int lazy_refcounts;        /* accepted; pmemsnap never leaves refcounts stale */
     int preallocation_metadata;/* accepted for compatibility, currently "off" */
+    int backing_unchecked;     /* as qemu-img create -u: the backing file is not
+                                  opened (a size must be given) */
 };
 void pms_create_opts_init(struct pms_create_opts *o);
 /* size may be 0 with a backing file: the backing file's size is used. */

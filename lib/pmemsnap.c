@@ -54,7 +54,9 @@ int pms_open(const char *path, const struct pms_open_opts *opts, pms_dev **devp)
     if (opts)
         memcpy(&o, opts, opts->size && opts->size < sizeof o ? opts->size : sizeof o);
     o.size = sizeof o;
-    int r = bdev_open(path, &o, &dev->bs);
+    int r = o.force_share && !o.readonly
+            ? pms_err(EINVAL, "force_share can only be used with read-only images")
+            : bdev_open(path, &o, &dev->bs);
     if (r < 0) {
         free(dev);
         PMS_API_ERR(r);
@@ -135,14 +137,20 @@ int pms_block_status(pms_dev *dev, uint64_t off, uint64_t len, struct pms_extent
 int pms_create(const char *path, uint64_t size, const struct pms_create_opts *opts)
 {
     pms_err_clear();
+    /* a caller built against an older header passes a shorter struct */
     struct pms_create_opts def;
-    if (!opts) {
-        pms_create_opts_init(&def);
-        opts = &def;
-    }
+    pms_create_opts_init(&def);
+    if (opts)
+        memcpy(&def, opts, opts->size && opts->size < sizeof def ? opts->size : sizeof def);
+    def.size = sizeof def;
+    opts = &def;
     int r;
     if (!path || !*path)
         r = pms_err(EINVAL, "no file name given");
+    else if (size > INT64_MAX)
+        r = pms_err(EFBIG, "image size %llu is too large", (unsigned long long)size);
+    else if ((r = bdev_file_busy(path)) < 0)
+        ;                       /* never truncate an image a QEMU process holds */
     else if (!opts->format || strcmp(opts->format, "qcow2") == 0)
         r = qcow2_create(path, size, opts);
     else if (strcmp(opts->format, "raw") == 0) {

@@ -35,9 +35,8 @@ const char *libmsg(void);
 /* Sizes: "64k", "1M", "1.5G", "0x1000" (k/M/G/T/P/E powers of 1024; decimal,
  * never octal).  0 or -1. */
 int parse_size(const char *s, uint64_t *out);
-/* The same with qemu_strtosz()'s error codes (0, -EINVAL, -ERANGE); strict
- * refuses the "B"/"iB" tail after a multiplier (qemu-io's cvtnum). */
-int size_parse(const char *s, uint64_t *out, bool strict);
+/* With qemu_strtosz()'s error codes and the strict form (qemu-io's cvtnum
+ * refuses the "B"/"iB" tail): pms_parse_size_ex() in util/size.h. */
 /* Plain non-negative integer (decimal or 0x); 0 or -1. */
 int parse_uint(const char *s, uint64_t *out);
 /* qemu's size_to_str(): "%0.3g" with KiB/MiB/... ("324 KiB", "0 B"). */

@@ -353,10 +353,11 @@ int cmd_create(int argc, char **argv)
         if (backing_size(file, c.o.backing_file, c.o.backing_format) < 0)
             return 1;
     }
-    /* pms_create() truncates without asking for QEMU's locks: an image a
-     * QEMU writer (or another pmemsnap) holds must not be overwritten */
+    /* refuse before printing anything, with qemu-img's message (pms_create
+     * checks QEMU's locks again itself) */
     if (target_in_use(file))
         return 1;
+    c.o.backing_unchecked = unsafe;
     if (!quiet)
         print_formatting(file, &c, c.size);
     fflush(stdout);

@@ -24,6 +24,7 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include "util/size.h"
 #include "cli.h"
 
 #define REQ_MAX 2147483136ULL      /* BDRV_REQUEST_MAX_BYTES */
@@ -111,7 +112,7 @@ static void dump_buffer(const uint8_t *p, int64_t off, int64_t len)
 static int64_t cvtnum(const char *s)
 {
     uint64_t v;
-    int r = size_parse(s, &v, true);
+    int r = pms_parse_size_ex(s, &v, true);
     if (r < 0)
         return r;
     if (v > INT64_MAX)

@@ -18,6 +18,8 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include "util/size.h"
+#include "block/block.h"
 #include "pmemsnap.h"
 #include "cli.h"
 
@@ -105,79 +107,9 @@ const char *libmsg(void)
     return *m ? m : "unknown error";
 }
 
-/* qemu_strtosz() semantics, done here rather than with pms_parse_size()
- * (which reads "010" as octal, takes exponents and hex fractions, and lets
- * a fraction overflow): decimal or 0x hex integer, an optional decimal
- * fraction (only with a multiplier), one suffix letter, plus the trailing
- * "B"/"iB" after a multiplier that pmemsnap(1) documents unless strict. */
-int size_parse(const char *s, uint64_t *out, bool strict)
-{
-    if (!s || !(*s >= '0' && *s <= '9'))
-        return -EINVAL;
-    const char *p = s;
-    bool hex = p[0] == '0' && (p[1] == 'x' || p[1] == 'X');
-    if (hex && !isxdigit((unsigned char)p[2]))
-        return -EINVAL;
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(p, &end, hex ? 16 : 10);
-    if (errno == ERANGE)
-        return -ERANGE;
-    if (errno || end == p)
-        return -EINVAL;
-    p = end;
-    double frac = 0;
-    if (*p == '.') {
-        if (hex)
-            return -EINVAL;
-        const char *f = p++;
-        while (*p >= '0' && *p <= '9')
-            p++;
-        char tmp[64];
-        if ((size_t)(p - f) >= sizeof tmp)
-            return -EINVAL;
-        memcpy(tmp, f, (size_t)(p - f));
-        tmp[p - f] = '\0';
-        frac = strtod(tmp, NULL);      /* ".", ".5": digits only, in [0, 1] */
-    }
-    unsigned shift = 0;
-    switch (*p) {
-    case 'b': case 'B': shift = 0; p++; break;
-    case 'k': case 'K': shift = 10; p++; break;
-    case 'm': case 'M': shift = 20; p++; break;
-    case 'g': case 'G': shift = 30; p++; break;
-    case 't': case 'T': shift = 40; p++; break;
-    case 'p': case 'P': shift = 50; p++; break;
-    case 'e': case 'E': shift = 60; p++; break;
-    default: break;
-    }
-    if (shift && !strict) {
-        if (p[0] == 'i' && p[1] == 'B')
-            p += 2;
-        else if (*p == 'B' || *p == 'b')
-            p++;
-    }
-    if (*p)
-        return -EINVAL;
-    if (frac > 0 && !shift)
-        return -EINVAL;
-    if (v > (UINT64_MAX >> shift))
-        return -ERANGE;
-    uint64_t r = (uint64_t)v << shift;
-    if (frac > 0) {
-        double add = frac * (double)(1ULL << shift);   /* <= 2^60 */
-        uint64_t a = (uint64_t)add;
-        if (a > UINT64_MAX - r)
-            return -ERANGE;
-        r += a;
-    }
-    *out = r;
-    return 0;
-}
-
 int parse_size(const char *s, uint64_t *out)
 {
-    return size_parse(s, out, false) < 0 ? -1 : 0;
+    return pms_parse_size(s, out) < 0 ? -1 : 0;
 }
 
 int parse_uint(const char *s, uint64_t *out)
@@ -296,27 +228,10 @@ int close_image(pms_dev *dev)
 
 int target_in_use(const char *path)
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-    if (fd < 0)
-        return 0;                       /* missing: nothing to protect */
-    struct stat st;
-    int busy = 0;
-    if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) {
-        /* QEMU file-posix: byte 100+i = holds permission i, 200+i = does not
-         * share it (1 write, 3 resize).  Creating needs write and resize and
-         * shares everything but resize, as qemu-img create does. */
-        static const int bytes[] = { 201, 203, 103 };
-        for (size_t i = 0; i < sizeof bytes / sizeof bytes[0] && !busy; i++) {
-            struct flock fl = { .l_type = F_WRLCK, .l_whence = SEEK_SET,
-                                .l_start = bytes[i], .l_len = 1 };
-            if (fcntl(fd, F_OFD_GETLK, &fl) == 0 && fl.l_type != F_UNLCK)
-                busy = 1;
-        }
-    }
-    close(fd);
-    if (busy)
-        errorf("%s: Failed to get \"write\" lock: is another process using the image?", path);
-    return busy;
+    if (bdev_file_busy(path) == 0)
+        return 0;
+    errorf("%s: Failed to get \"write\" lock: is another process using the image?", path);
+    return 1;
 }
 
 int64_t host_allocated(const char *path)

@@ -85,6 +85,9 @@ extern const struct pms_driver pms_drv_qcow2;   /* format: qcow2 */
  * backing chain.  On error returns -errno with pms_err set. */
 int  bdev_open(const char *path, const struct pms_open_opts *o, struct bdev **bsp);
 /* Open only a protocol node (file, or faulty when o->fault_spec). */
+/* 0, or -EBUSY when another process holds QEMU-style locks on the file at
+ * path that creating an image there would violate. */
+int  bdev_file_busy(const char *path);
 int  bdev_open_protocol(const char *path, const struct pms_open_opts *o, bool readonly,
                         struct bdev **bsp);
 void bdev_close(struct bdev *bs);

@@ -39,6 +39,25 @@ static bool byte_locked(int fd, off_t off)
     return fl.l_type != F_UNLCK;
 }
 
+int bdev_file_busy(const char *path)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0)
+        return 0;                       /* missing: nothing to protect */
+    struct stat st;
+    bool busy = false;
+    /* creating needs write and resize and shares all but resize, as
+     * qemu-img create does: anyone holding or refusing to share write, or
+     * holding resize, is in the way */
+    if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode))
+        busy = byte_locked(fd, LOCK_SHARED_BASE + PERM_WRITE) ||
+               byte_locked(fd, LOCK_SHARED_BASE + PERM_RESIZE) ||
+               byte_locked(fd, LOCK_PERM_BASE + PERM_RESIZE);
+    close(fd);
+    return busy ? pms_err(EBUSY, "failed to get \"write\" lock on '%s': is another process "
+                          "using the image?", path) : 0;
+}
+
 static int take_locks(struct bdev *bs, int fd, const char *path)
 {
     static const struct { int off; const char *what; } rw_tests[] = {

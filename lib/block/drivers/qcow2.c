@@ -1490,6 +1490,19 @@ int qcow2_create(const char *path, uint64_t size, const struct pms_create_opts *
     if (o->backing_file) {
         if (strlen(o->backing_file) > QCOW2_MAX_BACKING_NAME)
             return pms_err(EINVAL, "backing file name too long");
+    }
+    if (o->backing_file && o->backing_unchecked) {
+        /* qemu-img create -u: record the name, never open the file */
+        if (!size)
+            return pms_err(EINVAL, "an image size is required when the backing file is not "
+                           "opened");
+        bf = strdup(o->backing_file);
+        bfmt = o->backing_format ? strdup(o->backing_format) : NULL;
+        if (!bf || (o->backing_format && !bfmt)) {
+            free(bf); free(bfmt);
+            return pms_err(ENOMEM, "out of memory");
+        }
+    } else if (o->backing_file) {
         /* validate the backing file and take its size if none given */
         char full[PATH_MAX];
         if (o->backing_file[0] == '/' || !strchr(path, '/'))
