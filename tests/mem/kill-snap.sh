@@ -18,12 +18,20 @@
 #  - the image reopens for writing (in turn: qemu-io, pmemsnap io, the
 #    child itself) and is clean afterwards.
 # KILL_SNAP_SEED, KILL_SNAP_ROUNDS (40), KILL_SNAP_SECONDS (45) override.
+# Kills at random milliseconds almost never land between two metadata
+# writes of a snapshot; KILL_SNAP_STRACE=N (needs strace) instead kills the
+# child on entry to its k-th pwrite64 or fdatasync, k random in 1..N
+# (N=150: about one kill in twelve lands in the accepted window).
 . "$(dirname "$0")/lib.sh"
 CHILD=${KILLSNAP_CHILD:?KILLSNAP_CHILD not set}
 PMS=${PMEMSNAP:?PMEMSNAP not set}
 ROUNDS=${KILL_SNAP_ROUNDS:-40}
 MIN_ROUNDS=30
 BUDGET=${KILL_SNAP_SECONDS:-45}
+STRACE_N=${KILL_SNAP_STRACE:-}
+if [ -n "$STRACE_N" ] && ! command -v strace >/dev/null; then
+    echo "SKIP: KILL_SNAP_STRACE needs strace"; exit 77
+fi
 SEED=${KILL_SNAP_SEED:-$((RANDOM * 32768 + RANDOM))}
 RANDOM=$SEED
 echo "kill-snap: seed $SEED (KILL_SNAP_SEED=$SEED reproduces the delays and child seeds)"
@@ -136,14 +144,27 @@ while [ $round -lt "$ROUNDS" ]; do
     nmode[$mode]=$(( ${nmode[$mode]:-0} + 1 ))
     delay=$((5 + RANDOM % 296))
     cseed=$((RANDOM * 32768 + RANDOM))
-    "$CHILD" run "$img" $round $cseed $mode "$log" 2>"$T/child.err" &
-    pid=$!
-    read -r -t "$(printf '0.%03d' $delay)" -u $sleepfd || :
-    kill -9 $pid 2>/dev/null
+    if [ -z "$STRACE_N" ]; then
+        "$CHILD" run "$img" $round $cseed $mode "$log" 2>"$T/child.err" &
+        pid=$!
+        read -r -t "$(printf '0.%03d' $delay)" -u $sleepfd || :
+        kill -9 $pid 2>/dev/null
+        when="kill at $delay ms"
+    else                # SIGKILL on entry to the child's Nth pwrite64/fdatasync
+        sys=pwrite64; [ $((RANDOM % 4)) = 0 ] && sys=fdatasync
+        n=$((1 + RANDOM % STRACE_N))
+        strace -f -qq -o /dev/null -e trace=$sys -e inject=$sys:signal=SIGKILL:when=$n \
+            "$CHILD" run "$img" $round $cseed $mode "$log" 2>"$T/child.err" &
+        pid=$!
+        for w in {1..40}; do kill -0 $pid 2>/dev/null || break; read -r -t 0.05 -u $sleepfd || :; done
+        kill -0 $pid 2>/dev/null &&      # not reached in 2 s: kill the child itself
+            kill -9 "$(sed -n "s/^round $round seed .* pid //p" "$log")" 2>/dev/null
+        when="kill at $sys #$n"
+    fi
     st=0
     wait $pid 2>/dev/null || st=$?
     [ $st = 137 ] || bug "round $round: child ($mode, seed $cseed) ended by itself with status $st" \
-        "before the kill at $delay ms: $(<"$T/child.err")"
+        "before the $when: $(<"$T/child.err")"
 
     # 1. consistency
     get_state "$img"
@@ -159,10 +180,10 @@ while [ $round -lt "$ROUNDS" ]; do
     repaired=
     case $rc in
         0|3) [ "$dirty" = 1 ] && ndirtyok=$((ndirtyok + 1)) ;;
-        2)  [ "$dirty" = 1 ] || bug "round $round ($mode, kill at $delay ms, last log line" \
+        2)  [ "$dirty" = 1 ] || bug "round $round ($mode, $when, last log line" \
                 "'$last'): qemu-img check reports corruption without the dirty bit: $(<"$T/check.out")"
             nwindow=$((nwindow + 1))
-            echo "kill-snap: round $round: accepted window (kill at $delay ms, last log line '$last')"
+            echo "kill-snap: round $round: accepted window ($when, last log line '$last')"
             cp "$img" "$T/window.qcow2"
             cp "$T/check.out" "$T/window-check.out"
             qemu-img check -r all "$T/window.qcow2" >"$T/repair.out" 2>&1
