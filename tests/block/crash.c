@@ -17,7 +17,7 @@
  *     the ones there hold the content they were created with.
  *
  * usage: block-crash [-n NSEEDS] [-s FIRST] [-v] [-k] [SEED...]
- *   NSEEDS defaults to $PMS_CRASH_SEEDS or 60 (40 under ASan).  -k keeps failing images.
+ *   NSEEDS defaults to $PMS_CRASH_SEEDS or 40 (24 under ASan).  -k keeps failing images.
  *   Each failure prints the seed; `block-crash SEED` reproduces it.
  */
 #include <errno.h>
@@ -710,9 +710,9 @@ static void rmtree(const char *d)
 int main(int argc, char **argv)
 {
 #ifdef __SANITIZE_ADDRESS__
-    uint64_t defseeds = 40;       /* the sanitizer build runs the same seeds, fewer of them */
+    uint64_t defseeds = 24;       /* the sanitizer build runs the same seeds, fewer of them */
 #else
-    uint64_t defseeds = 60;
+    uint64_t defseeds = 40;
 #endif
     uint64_t nseeds = getenv("PMS_CRASH_SEEDS") ? strtoull(getenv("PMS_CRASH_SEEDS"), NULL, 0) : defseeds;
     uint64_t first = 1;

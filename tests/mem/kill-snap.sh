@@ -25,9 +25,11 @@
 . "$(dirname "$0")/lib.sh"
 CHILD=${KILLSNAP_CHILD:?KILLSNAP_CHILD not set}
 PMS=${PMEMSNAP:?PMEMSNAP not set}
-ROUNDS=${KILL_SNAP_ROUNDS:-40}
-MIN_ROUNDS=30
-BUDGET=${KILL_SNAP_SECONDS:-45}
+if [ -n "${PMS_SANITIZED:-}" ]; then     # the normal build runs the full length
+    ROUNDS=${KILL_SNAP_ROUNDS:-16}; MIN_ROUNDS=12; BUDGET=${KILL_SNAP_SECONDS:-25}
+else
+    ROUNDS=${KILL_SNAP_ROUNDS:-40}; MIN_ROUNDS=30; BUDGET=${KILL_SNAP_SECONDS:-45}
+fi
 STRACE_N=${KILL_SNAP_STRACE:-}
 if [ -n "$STRACE_N" ] && ! command -v strace >/dev/null; then
     echo "SKIP: KILL_SNAP_STRACE needs strace"; exit 77
