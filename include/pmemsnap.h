@@ -98,10 +98,10 @@ int  pms_block_status(pms_dev *dev, uint64_t off, uint64_t len, struct pms_exten
 struct pms_create_opts {
     size_t size;               /* sizeof(struct pms_create_opts), set by init */
     const char *format;        /* "qcow2" (default) or "raw" */
-    uint64_t cluster_size;     /* default 65536 */
+    uint64_t cluster_size;     /* default (and 0): 65536 */
     int compat_v2;             /* write a version 2 image (compat=0.10) */
     int extended_l2;           /* subcluster allocation */
-    int refcount_bits;         /* default 16 */
+    int refcount_bits;         /* default (and 0): 16 */
     const char *backing_file;
     const char *backing_format;
     int lazy_refcounts;        /* accepted; pmemsnap never leaves refcounts stale */

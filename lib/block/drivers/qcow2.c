@@ -1482,6 +1482,8 @@ int qcow2_create(const char *path, uint64_t size, const struct pms_create_opts *
         return pms_err(EINVAL, "refcount_bits must be a power of two between 1 and 64");
     if (o->compat_v2 && rbits != 16)
         return pms_err(EINVAL, "version 2 images only support 16-bit refcounts");
+    if (o->compat_v2 && o->lazy_refcounts)
+        return pms_err(EINVAL, "lazy refcounts need a version 3 image (compat=1.1)");
     if (o->compat_v2 && o->extended_l2)
         return pms_err(EINVAL, "extended L2 entries need a version 3 image");
     if (o->extended_l2 && cs < 16384)
