@@ -48,6 +48,8 @@ int parse_cache_mode(const char *s, int *mode);
 /* "--output=json" style: 0 human, 1 json, -1 invalid. */
 int parse_output(const char *s);
 
+/* qemu-img info's "Format specific information:" block of a qcow2 image. */
+void print_qcow2_specific(const struct pms_info *info);
 /* Set by check: opens are for pms_check (pms_open_opts.check). */
 extern bool open_for_check;
 /* Open helper: fmt may be NULL (probe).  Prints the error and returns NULL. */

@@ -508,17 +508,7 @@ static int info_one(const char *file, const char *fmt, bool force, bool json,
         if (nsn)
             snapshot_table(sn, nsn);
         if (qcow2) {
-            /* same order as the QDict dump in qemu-img */
-            printf("Format specific information:\n");
-            printf("    compat: %s\n", info.qcow2_version >= 3 ? "1.1" : "0.10");
-            printf("    compression type: %s\n",
-                   info.compression_type[0] ? info.compression_type : "zlib");
-            if (info.qcow2_version >= 3)
-                printf("    lazy refcounts: %s\n", info.lazy_refcounts ? "true" : "false");
-            printf("    refcount bits: %d\n", info.refcount_bits);
-            if (info.qcow2_version >= 3)
-                printf("    corrupt: %s\n    extended l2: %s\n",
-                       info.corrupt ? "true" : "false", info.extended_l2 ? "true" : "false");
+            print_qcow2_specific(&info);
         }
     }
     if (next)

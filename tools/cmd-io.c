@@ -620,6 +620,93 @@ static int do_vec(struct io *io, int argc, char **argv, bool write)
 static int do_readv(struct io *io, int argc, char **argv) { return do_vec(io, argc, argv, false); }
 static int do_writev(struct io *io, int argc, char **argv) { return do_vec(io, argc, argv, true); }
 
+/* alloc OFF [LEN]: bytes allocated in the top layer, LEN clipped to the
+ * end of the image (default 512), as qemu-io prints it. */
+static int do_alloc(struct io *io, int argc, char **argv)
+{
+    int64_t off = cvtnum(argv[1]), count = 512;
+    if (off < 0) { cvtnum_err(off, argv[1]); return -EINVAL; }
+    if (argc == 3) {
+        count = cvtnum(argv[2]);
+        if (count < 0) { cvtnum_err(count, argv[2]); return -EINVAL; }
+    }
+    int64_t size = pms_size(io->dev);
+    if (size < 0) size = 0;
+    int64_t rem = off >= size ? 0 : (count < size - off ? count : size - off);
+    uint64_t sum = 0, cur = (uint64_t)off;
+    int64_t total = rem;
+    while (rem > 0) {
+        uint64_t num;
+        int r = is_alloc(io, cur, (uint64_t)rem, &num);
+        if (r < 0) {
+            printf("is_allocated failed: %s\n", strerror(-r));
+            return r;
+        }
+        if (num == 0) break;
+        if (r) sum += num;
+        cur += num;
+        rem -= (int64_t)num;
+    }
+    char s1[64];
+    cvtstr((double)off, s1, sizeof s1);
+    printf("%" PRIu64 "/%" PRId64 " bytes allocated at offset %s\n", sum, total, s1);
+    return 0;
+}
+
+/* truncate [-m prealloc] SIZE: grows the image (and shrinks raw ones); the
+ * preallocation mode is accepted and ignored (new space reads as zeroes). */
+static int do_truncate(struct io *io, int argc, char **argv)
+{
+    int ch;
+    optind = 1;
+    while ((ch = getopt(argc, argv, "m:")) != -1)
+        if (ch != 'm')
+            return -EINVAL;
+    if (optind != argc - 1) {
+        printf("truncate [-m prealloc_mode] off -- truncates the current file at the given "
+               "offset\n");
+        return -EINVAL;
+    }
+    int64_t size = cvtnum(argv[optind]);
+    if (size < 0) { cvtnum_err(size, argv[optind]); return -EINVAL; }
+    int r = pms_truncate(io->dev, (uint64_t)size);
+    if (r < 0)
+        fprintf(stderr, "%s: %s\n", progname, libmsg());
+    return r;
+}
+
+/* info: the same facts as qemu-io's, format-specific part as qemu-img info. */
+static int do_info(struct io *io, int argc, char **argv)
+{
+    (void)argc; (void)argv;
+    struct pms_info info = { .size = sizeof info };
+    int r = pms_info(io->dev, &info);
+    if (r < 0) {
+        fprintf(stderr, "%s: %s\n", progname, libmsg());
+        return r;
+    }
+    uint64_t vmoff = 0;
+    if (info.cluster_size && info.qcow2_version) {
+        /* QEMU's vm state lives past the last guest L2 table's coverage */
+        uint64_t cov = info.cluster_size * (info.cluster_size / (info.extended_l2 ? 16 : 8));
+        vmoff = (info.virtual_size + cov - 1) / cov * cov;
+    }
+    char s1[64], s2[64];
+    cvtstr((double)info.cluster_size, s1, sizeof s1);
+    cvtstr((double)vmoff, s2, sizeof s2);
+    printf("format name: %s\ncluster size: %s\nvm state offset: %s\n", info.format, s1, s2);
+    if (info.qcow2_version)
+        print_qcow2_specific(&info);
+    return 0;
+}
+
+static int do_abort(struct io *io, int argc, char **argv)
+{
+    (void)io; (void)argc; (void)argv;
+    fflush(stdout);
+    abort();                   /* a crash, as qemu-io's: nothing is closed */
+}
+
 static int do_help(struct io *io, int argc, char **argv);
 
 static const struct iocmd iocmds[] = {
@@ -645,6 +732,18 @@ static const struct iocmd iocmds[] = {
       " -s, -- use the contents of a file as the data\n"
       " -u, -- with -z, allow unmapping\n"
       " -z, -- write zeroes\n" },
+    { "aio_read", NULL, do_read, 2, -1, true, false, "[-Cqv] [-P pattern] off len",
+      "reads a number of bytes (run synchronously)", NULL },
+    { "aio_write", NULL, do_write, 2, -1, true, true, "[-Cfquz] [-P pattern] off len",
+      "writes a number of bytes (run synchronously)", NULL },
+    { "alloc", "a", do_alloc, 1, 2, true, false, "offset [count]",
+      "checks if offset is allocated in the file", NULL },
+    { "truncate", "t", do_truncate, 1, 3, true, true, "[-m prealloc_mode] off",
+      "truncates the current file at the given offset", NULL },
+    { "info", "i", do_info, 0, 0, true, false, "", "prints information about the current file",
+      NULL },
+    { "abort", NULL, do_abort, 0, 0, false, false, "",
+      "simulate a program crash using abort(3)", NULL },
     { "readv", NULL, do_readv, 2, -1, true, false, "[-Cqv] [-P pattern] off len [len..]",
       "reads a number of bytes at a specified offset", NULL },
     { "writev", NULL, do_writev, 2, -1, true, true, "[-Cfq] [-P pattern] off len [len..]",

@@ -16,6 +16,9 @@ cmds=(
  'read 1k 1.5k' 'read 2.5 1' 'read 1KiB 1' 'read 99999999999999999999999 1'
  'write -P 0x5a 2M 1M' 'read -P 0x5a 2M 1M' 'read -v 2M 17' 'map'
  'writev -P 3 0 4k 8k' 'readv -P 3 0 4k 8k' 'readv -P 4 0 4k 8k' 'readv 0' 'readv -v 0 8 8'
+ 'alloc 0 128k' 'alloc 64k' 'alloc 0' 'alloc 3M 2M' 'alloc 5M' 'alloc 1000 1000' 'alloc x'
+ 'alloc' 'a 1M 4k' 'info' 'i' 'aio_write -P 9 3M 4k' 'aio_flush' 'aio_read -P 9 3M 4k'
+ 'truncate 1000' 'truncate' 'truncate 6M' 'length' 'read -P 0 5M 1M' 'alloc 4M 2M'
 )
 args=()
 for c in "${cmds[@]}"; do args+=(-c "$c"); done

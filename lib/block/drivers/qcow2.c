@@ -1313,10 +1313,10 @@ static int64_t qcow2_getlength(struct bdev *bs)
 static int qcow2_truncate(struct bdev *bs, uint64_t size)
 {
     struct qcow2_state *s = QS(bs);
+    if (size % 512)
+        return pms_err(EINVAL, "The new size must be a multiple of 512");
     if (size < s->size)
         return pms_err(ENOTSUP, "shrinking qcow2 images is not supported");
-    if (size % 512)
-        return pms_err(EINVAL, "the new size must be a multiple of 512");
     if (s->version < 3 && s->nb_snaps)
         return pms_err(ENOTSUP, "can't resize a v2 image which has snapshots");
     uint64_t cov = s->cluster_bits + s->l2_bits;
