@@ -45,7 +45,7 @@ void size_to_str(uint64_t v, char *buf, size_t len);
 void cvtstr(double v, char *buf, size_t len);
 /* Cache mode name (none, writeback, writethrough, unsafe, directsync). */
 int parse_cache_mode(const char *s, int *mode);
-/* "--output=json" style: 0 human, 1 json, -1 invalid. */
+/* "--output=json" style: 0 human, 1 json, -1 invalid (error printed). */
 int parse_output(const char *s);
 
 /* qemu-img info's "Format specific information:" block of a qcow2 image. */

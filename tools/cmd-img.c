@@ -538,10 +538,8 @@ int cmd_info(int argc, char **argv)
         case 'U': force = 1; break;
         case OPT_CHAIN: chain = 1; break;
         case OPT_OUTPUT:
-            if ((json = parse_output(optarg)) < 0) {
-                errorf("--output must be used with human or json as argument.");
+            if ((json = parse_output(optarg)) < 0)
                 return 1;
-            }
             break;
         case ':':
         default: return getopt_error("info", ch, argv, lo);
@@ -687,10 +685,8 @@ int cmd_check(int argc, char **argv)
             }
             break;
         case OPT_OUTPUT:
-            if ((json = parse_output(optarg)) < 0) {
-                errorf("--output must be used with human or json as argument.");
+            if ((json = parse_output(optarg)) < 0)
                 return 1;
-            }
             break;
         case ':':
         default: return getopt_error("check", ch, argv, lo);
@@ -984,10 +980,8 @@ int cmd_map(int argc, char **argv)
             }
             break;
         case OPT_OUTPUT:
-            if ((json = parse_output(optarg)) < 0) {
-                errorf("--output must be used with human or json as argument.");
+            if ((json = parse_output(optarg)) < 0)
                 return 1;
-            }
             break;
         case ':':
         default: return getopt_error("map", ch, argv, lo);

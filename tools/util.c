@@ -182,6 +182,7 @@ int parse_output(const char *s)
 {
     if (strcmp(s, "human") == 0) return 0;
     if (strcmp(s, "json") == 0) return 1;
+    errorf("--output must be used with human or json as argument.");
     return -1;
 }
 
