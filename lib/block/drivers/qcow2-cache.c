@@ -164,8 +164,10 @@ int qcow2_flush_metadata(struct bdev *bs)
     r = qcow2_cache_writeback(bs, &s->l2_cache);
     if (r < 0) return r;
     if (s->l1_dirty_hi > s->l1_dirty_lo) {
-        /* deferred L1 entries point at tables that are now written */
-        r = qcow2_barrier(bs);
+        /* Deferred L1 entries point at tables just written: those must be
+         * durable first, even inside a dirty bracket (qcow2_barrier is a
+         * no-op there): a repair rebuilds refcounts, never a lost table. */
+        r = bdev_file_flush(bs->file);
         if (r == 0) r = qcow2_write_l1(bs, s->l1_dirty_lo, s->l1_dirty_hi - s->l1_dirty_lo);
         if (r < 0) return r;
     }

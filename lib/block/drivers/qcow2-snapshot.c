@@ -6,8 +6,8 @@
  * to the allocated size, never a data copy.
  *
  * Ordering (crash may leak, never lose a snapshot's data):
- *   create: refcounts +1 (durable) -> snapshot L1 written -> new snapshot
- *           table written -> header switch (one 12-byte write) -> old table freed.
+ *   create: L1 copy and new snapshot table written (unreferenced) ->
+ *           refcounts +1, durable with them -> header switch -> old table freed.
  *   goto:   snapshot tree +1 (durable) -> active L1 overwritten -> old tree -1.
  *   delete: table without the entry + header switch (durable) -> tree -1 ->
  *           its L1 freed.
@@ -173,12 +173,10 @@ static uint8_t *build_table(struct qcow2_state *s, struct qcow2_snapshot *snaps,
     return buf;
 }
 
-/* Write a new snapshot table for snaps[0..n) and switch the header to it.
- * With `clean` (version 3, end of a create bracket) the same 20-byte header
- * write also clears the dirty bit: nb_snapshots, snapshots_offset and
- * incompatible_features are adjacent (bytes 60..79), so the switch and the
- * end of the bracket land together, and are flushed before returning. */
-static int write_table(struct bdev *bs, struct qcow2_snapshot *snaps, int n, bool clean)
+/* Allocate clusters for a table of snaps[0..n) and write it there: not yet
+ * flushed, not yet referenced (a failure frees the clusters again). */
+static int table_write(struct bdev *bs, struct qcow2_snapshot *snaps, int n, uint64_t *offp,
+                       uint64_t *lenp)
 {
     struct qcow2_state *s = QS(bs);
     uint64_t len = 0;
@@ -195,24 +193,43 @@ static int write_table(struct bdev *bs, struct qcow2_snapshot *snaps, int n, boo
         if (off < 0) { free(buf); return (int)off; }
         r = qcow2_flush_metadata(bs);
         if (r == 0) r = bdev_file_pwrite(bs->file, buf, len, (uint64_t)off);
-        if (r == 0) r = bdev_file_flush(bs->file);
+        if (r < 0) qcow2_free_clusters(bs, (uint64_t)off, len);
     }
     free(buf);
-    if (r < 0) return r;
+    *offp = (uint64_t)off;
+    *lenp = len;
+    return r;
+}
+
+/* Point the header at a written and flushed table of n entries, then free
+ * the old one.  With `clean` (version 3, end of a create bracket) the same
+ * 20-byte write also clears the dirty bit: nb_snapshots, snapshots_offset
+ * and incompatible_features are adjacent (bytes 60..79), so the switch and
+ * the end of the bracket land together, flushed before returning. */
+static int table_switch(struct bdev *bs, int n, uint64_t off, uint64_t len, bool clean)
+{
+    struct qcow2_state *s = QS(bs);
     clean = clean && s->version >= 3;
     uint64_t incompat = s->incompat & ~QCOW2_INCOMPAT_DIRTY;
     struct { uint32_t nb; uint64_t off; uint64_t incompat; } __attribute__((packed)) h = {
-        htobe32((uint32_t)n), htobe64((uint64_t)off), htobe64(incompat) };
-    r = bdev_file_pwrite(bs->file, &h, clean ? 20 : 12, 60);
+        htobe32((uint32_t)n), htobe64(off), htobe64(incompat) };
+    int r = bdev_file_pwrite(bs->file, &h, clean ? 20 : 12, 60);
     if (r == 0) r = clean ? bdev_file_flush(bs->file) : qcow2_barrier(bs);
     if (r < 0) return r;
     if (clean) s->incompat = incompat;
     uint64_t old = s->snapshots_offset, oldlen = s->snapshots_size;
-    s->snapshots_offset = (uint64_t)off;
+    s->snapshots_offset = off;
     s->snapshots_size = len;
-    if (oldlen)
-        r = qcow2_free_clusters(bs, old, oldlen);
-    return r;
+    return oldlen ? qcow2_free_clusters(bs, old, oldlen) : 0;
+}
+
+/* Write a new snapshot table for snaps[0..n) and switch the header to it. */
+static int write_table(struct bdev *bs, struct qcow2_snapshot *snaps, int n)
+{
+    uint64_t off, len;
+    int r = table_write(bs, snaps, n, &off, &len);
+    if (r == 0 && n) r = bdev_file_flush(bs->file);
+    return r < 0 ? r : table_switch(bs, n, off, len, false);
 }
 
 /* Check repair: write the table again in the current format (every entry
@@ -220,7 +237,7 @@ static int write_table(struct bdev *bs, struct qcow2_snapshot *snaps, int n, boo
 int qcow2_rewrite_snapshot_table(struct bdev *bs)
 {
     struct qcow2_state *s = QS(bs);
-    int r = write_table(bs, s->snaps, s->nb_snaps, false);
+    int r = write_table(bs, s->snaps, s->nb_snaps);
     if (r == 0) r = qcow2_flush_metadata(bs);
     for (int i = 0; r == 0 && i < s->nb_snaps; i++)
         s->snaps[i].extra_data_size = 24 + s->snaps[i].extra_unknown_size;
@@ -267,9 +284,14 @@ static int write_active_l1(struct bdev *bs)
     return r;
 }
 
-static int do_create(struct bdev *bs, const char *name)
+/* Everything that needs new space (the L1 copy, the new table) is allocated
+ * and written before the first refcount changes, so a full disk refuses
+ * the snapshot with nothing but a leak; *touched says whether the tree was
+ * changed before a failure. */
+static int do_create(struct bdev *bs, const char *name, bool *touched)
 {
     struct qcow2_state *s = QS(bs);
+    *touched = false;
     if (strlen(name) > 65535)
         return pms_err(EINVAL, "snapshot name too long");
     if (find_snapshot(s, name) >= 0)
@@ -298,40 +320,53 @@ static int do_create(struct bdev *bs, const char *name)
     sn.icount = 0;                 /* what qemu-img snapshot -c stores */
     sn.l1_size = s->l1_size;
 
-    /* 1. refcounts of everything reachable +1, COPIED flags cleared */
-    r = qcow2_update_snapshot_refcount(bs, s->l1, s->l1_size, 1);
-    if (r < 0) return r;
-    r = write_active_l1(bs);
-    if (r < 0) return r;
-    /* 2. the snapshot's L1 copy */
+    /* 1. the snapshot's L1 copy: the active L1 without COPIED flags (the
+     *    refcount +1 below changes only those flags, never an offset) */
+    uint64_t l1bytes = (uint64_t)s->l1_size * 8;
     if (s->l1_size) {
-        uint64_t bytes = (uint64_t)s->l1_size * 8;
-        int64_t off = qcow2_alloc_clusters(bs, qc_size_to_clusters(s, bytes));
+        int64_t off = qcow2_alloc_clusters(bs, qc_size_to_clusters(s, l1bytes));
         if (off < 0) return (int)off;
         r = qcow2_flush_metadata(bs);
-        if (r < 0) return r;
-        uint64_t *tmp = calloc(1, qc_size_to_clusters(s, bytes) << s->cluster_bits);
-        if (!tmp) return pms_err(ENOMEM, "out of memory");
-        for (uint32_t i = 0; i < s->l1_size; i++)
-            tmp[i] = htobe64(s->l1[i] & ~QCOW_OFLAG_COPIED);
-        r = bdev_file_pwrite(bs->file, tmp, bytes, (uint64_t)off);
+        uint64_t *tmp = calloc(1, qc_size_to_clusters(s, l1bytes) << s->cluster_bits);
+        if (r == 0 && !tmp) r = pms_err(ENOMEM, "out of memory");
+        if (r == 0) {
+            for (uint32_t i = 0; i < s->l1_size; i++)
+                tmp[i] = htobe64(s->l1[i] & ~QCOW_OFLAG_COPIED);
+            r = bdev_file_pwrite(bs->file, tmp, l1bytes, (uint64_t)off);
+        }
         free(tmp);
-        if (r == 0) r = qcow2_barrier(bs);
-        if (r < 0) return r;
+        if (r < 0) {
+            qcow2_free_clusters(bs, (uint64_t)off, l1bytes);
+            return r;
+        }
         sn.l1_table_offset = (uint64_t)off;
     }
-    /* 3. new table with the entry, header switch */
+    /* 2. the new table with the entry, written but not yet referenced */
     sn.id_str = strdup(idbuf);
     sn.name = strdup(name);
     struct qcow2_snapshot *ns = realloc(s->snaps, (size_t)(s->nb_snaps + 1) * sizeof *ns);
-    if (!sn.id_str || !sn.name || !ns) {
-        free(sn.id_str); free(sn.name);
-        if (ns) s->snaps = ns;
-        return pms_err(ENOMEM, "out of memory");
+    if (ns) s->snaps = ns;
+    uint64_t toff = 0, tlen = 0;
+    if (!sn.id_str || !sn.name || !ns)
+        r = pms_err(ENOMEM, "out of memory");
+    else {
+        s->snaps[s->nb_snaps] = sn;
+        r = table_write(bs, s->snaps, s->nb_snaps + 1, &toff, &tlen);
     }
-    s->snaps = ns;
-    s->snaps[s->nb_snaps] = sn;
-    r = write_table(bs, s->snaps, s->nb_snaps + 1, true);
+    if (r < 0) {
+        free(sn.id_str); free(sn.name);
+        if (s->l1_size) qcow2_free_clusters(bs, sn.l1_table_offset, l1bytes);
+        return r;
+    }
+    /* 3. refcounts of everything reachable +1, COPIED flags cleared; then
+     *    all of it durable before the header points at the new table */
+    *touched = true;
+    r = qcow2_update_snapshot_refcount(bs, s->l1, s->l1_size, 1);
+    if (r == 0) r = write_active_l1(bs);
+    if (r == 0) r = qcow2_flush_metadata(bs);
+    if (r == 0) r = bdev_file_flush(bs->file);
+    /* 4. header switch (on version 3 it also ends the dirty bracket) */
+    if (r == 0) r = table_switch(bs, s->nb_snaps + 1, toff, tlen, true);
     if (r < 0) {
         free(sn.id_str); free(sn.name);
         return r;
@@ -400,7 +435,7 @@ static int do_delete(struct bdev *bs, const char *name)
     int n = 0;
     for (int k = 0; k < s->nb_snaps; k++)
         if (k != i) rest[n++] = s->snaps[k];
-    r = write_table(bs, rest, n, false);
+    r = write_table(bs, rest, n);
     if (r < 0) { free(rest); free(snl1); return r; }
     free(s->snaps);
     s->snaps = rest;
@@ -479,17 +514,25 @@ static int settle(struct bdev *bs)
     return r < 0 ? r : qcow2_flush_metadata(bs);
 }
 
-/* Create on version 3: three flushes in all.
+/* Create on version 3: three flushes when no write is pending, up to five
+ * after writes that allocated tables or freed clusters.
  *   1. dirty bit written; flush: it is durable together with every data
  *      cluster written since the last flush (the caller's pending writes).
- *   2. metadata written back with no ordering between the pieces (the
- *      bracket lets a crash be repaired), refcounts +1, COPIED cleared, L1
- *      copy, new table; flush.
+ *   (settle: pending metadata written back; refcount updates need no order
+ *      inside the bracket, but a new L2 table is flushed before the L1 entry
+ *      pointing at it (qcow2_flush_metadata), and clusters freed here are
+ *      flushed free before anything can reuse them.)
+ *   2. L1 copy and new table written, refcounts +1, COPIED cleared, with no
+ *      order among them; flush.
  *   3. one 20-byte header write switches the table and clears the dirty bit;
  *      flush.  Freeing the old table afterwards can only leak.
+ * What the bracket relaxes is refcount ordering only (a repair rebuilds
+ * refcounts); a pointer is never durable before what it points at.
  * Data-before-L2 still holds: step 1 makes all data durable before any
- * L2 entry that points at it is written.  A refusal after step 1 (corrupt
- * tree) flushes the consistent metadata and clears the bit again. */
+ * L2 entry that points at it is written.  do_create allocates and writes
+ * the L1 copy and the new table before the first refcount change, so a
+ * refusal after step 1 (a corrupt tree, a full disk) flushes the consistent
+ * metadata and clears the bit again, leaving at most a leak. */
 static int create_v3(struct bdev *bs, const char *name)
 {
     struct qcow2_state *s = QS(bs);
@@ -499,16 +542,22 @@ static int create_v3(struct bdev *bs, const char *name)
     if (r < 0) return r;
     s->incompat |= QCOW2_INCOMPAT_DIRTY;
     s->relaxed = true;
+    bool frees = s->npending > 0;
     r = settle(bs);
-    bool refused = false;
-    if (r == 0) {
-        r = qcow2_validate_tree(bs, s->l1, s->l1_size);
-        refused = r < 0;
-    }
+    bool touched = r < 0;       /* metadata written out of order, maybe half-way */
+    /* clusters freed by settle may be allocated again below: the tables
+     * that stopped pointing at them must be durable first */
+    if (r == 0 && frees)
+        r = bdev_file_flush(bs->file);
+    touched = touched || r < 0;
     if (r == 0)
-        r = do_create(bs, name);      /* a failure in here keeps the bit set */
+        r = qcow2_validate_tree(bs, s->l1, s->l1_size);
+    if (r == 0)
+        r = do_create(bs, name, &touched);
     s->relaxed = false;
-    if (refused && bdev_file_flush(bs->file) == 0)
+    /* a failure after the tree changed keeps the bit set for the repair;
+     * before it (a refusal, a full disk) the metadata is consistent */
+    if (r < 0 && !touched && bdev_file_flush(bs->file) == 0)
         set_dirty(bs, false);
     return r;
 }
@@ -526,7 +575,8 @@ int qcow2_snapshot_create(struct bdev *bs, const char *name)
         return create_v3(bs, name);
     int r = settle(bs);
     if (r == 0) r = qcow2_validate_tree(bs, s->l1, s->l1_size);
-    return r < 0 ? r : do_create(bs, name);
+    bool touched;
+    return r < 0 ? r : do_create(bs, name, &touched);
 }
 
 int qcow2_snapshot_goto(struct bdev *bs, const char *name)
