@@ -1024,16 +1024,26 @@ static int64_t cut(struct pms_mem *m)
     return (int64_t)nr;
 }
 
+/* What create and revert refuse before touching anything. */
+static int snap_refuse(struct pms_mem *m, const char *name,
+                       int (*fn)(struct bdev *, const char *))
+{
+    if (!name || !*name)
+        return pms_err(EINVAL, "snapshot name is empty");
+    if (!fn)
+        return pms_err(ENOTSUP, "format '%s' does not support internal snapshots",
+                       m->bs->drv->name);
+    if (m->ro)
+        return pms_err(EROFS, "image '%s' is opened read-only", m->bs->filename);
+    return 0;
+}
+
 int pms_mem_snapshot_create(struct pms_mem *m, const char *name, unsigned flags)
 {
     struct bdev *bs = m->bs;
-    if (!name || !*name)
-        return pms_err(EINVAL, "snapshot name is empty");
-    if (!bs->drv->snapshot_create)
-        return pms_err(ENOTSUP, "format '%s' does not support internal snapshots",
-                       bs->drv->name);
-    if (m->ro)
-        return pms_err(EROFS, "image '%s' is opened read-only", bs->filename);
+    int r0 = snap_refuse(m, name, bs->drv->snapshot_create);
+    if (r0 < 0)
+        return r0;
     uint64_t t0 = now_ns();
     pthread_mutex_lock(&m->wb_mu);
     int64_t bytes = 0, prev = INT64_MAX;
@@ -1098,13 +1108,9 @@ int pms_mem_snapshot_create(struct pms_mem *m, const char *name, unsigned flags)
 int pms_mem_snapshot_revert(struct pms_mem *m, const char *name)
 {
     struct bdev *bs = m->bs;
-    if (!name || !*name)
-        return pms_err(EINVAL, "snapshot name is empty");
-    if (!bs->drv->snapshot_goto)
-        return pms_err(ENOTSUP, "format '%s' does not support internal snapshots",
-                       bs->drv->name);
-    if (m->ro)
-        return pms_err(EROFS, "image '%s' is opened read-only", bs->filename);
+    int r0 = snap_refuse(m, name, bs->drv->snapshot_goto);
+    if (r0 < 0)
+        return r0;
     pthread_mutex_lock(&m->wb_mu);
     int r = snap_locked(bs, bs->drv->snapshot_goto, name);
     if (r == 0) {
