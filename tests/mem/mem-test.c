@@ -114,7 +114,7 @@ static int t_basic(const char *img, const char *mode)
     /* background writeback without persist: wait for it */
     memset(p + (7 << 20), 0x44, 64 << 10);
     uint64_t before = stats(d).bytes_written_back;
-    for (int i = 0; i < 100 && stats(d).bytes_written_back < before + (64 << 10); i++)
+    for (int i = 0; i < 500 && stats(d).bytes_written_back < before + (64 << 10); i++)
         usleep(20000);
     CHECK(stats(d).bytes_written_back >= before + (64 << 10), "background writeback idle");
     st = stats(d);
