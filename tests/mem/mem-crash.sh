@@ -11,7 +11,7 @@ for mode in async sync; do
     pid=$!
     # wait for the first persisted round (slow under sanitizers / load),
     # then kill at a random later moment
-    for i in $(seq 200); do
+    for i in $(seq 1200); do
         grep -q persisted "$T/out" 2>/dev/null && break
         kill -0 $pid 2>/dev/null || break
         sleep 0.05
