@@ -67,7 +67,7 @@ one_case() {
     run() {
         local n=$1 label=$2 line nl=0
         shift 2
-        timeout 10 "$@" >"$D/$n.out" 2>"$D/$n.err"
+        timeout 30 "$@" >"$D/$n.out" 2>"$D/$n.err"
         rc=$?
         [ $rc -eq 124 ] && fail "$label: timed out"
         [ $rc -ge 128 ] && [ $rc -ne 124 ] && fail "$label: crashed (exit $rc)"

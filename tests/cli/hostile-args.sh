@@ -80,11 +80,11 @@ run_case() {
     qrc=1
     if [ "$class" != x ]; then
         ( cd Q || exit 99
-          if [ "$class" = io ]; then exec timeout 10 "${RUNAS[@]}" qemu-io "${@:2}"
-          else exec timeout 10 "${RUNAS[@]}" qemu-img "$@"; fi ) >/dev/null 2>&1 &
+          if [ "$class" = io ]; then exec timeout 30 "${RUNAS[@]}" qemu-io "${@:2}"
+          else exec timeout 30 "${RUNAS[@]}" qemu-img "$@"; fi ) >/dev/null 2>&1 &
         qjob=$!
     fi
-    timeout 10 "${RUNAS[@]}" "$P" "$@" >out 2>err
+    timeout 30 "${RUNAS[@]}" "$P" "$@" >out 2>err
     rc=$?
     if [ "$class" != x ]; then wait "$qjob"; qrc=$?; fi
     ok=1
@@ -244,8 +244,8 @@ ioargs=(-c 'readv -C -C -C -C -C -C -C -C -C -C -C -C -C -C -C -C 0 1'
         -c 'write -P 2 128k 010' -c 'read -P 2 128k 10' -c 'read -P 0 131082 1'
         -c 'write -s three 192k 8' -c 'read -v 192k 8')
 cp img.qcow2 q.qcow2
-timeout 10 "$P" io "${ioargs[@]}" img.qcow2 >out 2>err; prc=$?
-timeout 10 qemu-io "${ioargs[@]}" q.qcow2 >q.out 2>q.err; qrc=$?
+timeout 30 "$P" io "${ioargs[@]}" img.qcow2 >out 2>err; prc=$?
+timeout 30 qemu-io "${ioargs[@]}" q.qcow2 >q.out 2>q.err; qrc=$?
 [ "$prc" -eq 0 ] && [ "$qrc" -eq 0 ] && pass "io: accepted commands" ||
     fail "io accepted commands: exit $prc, qemu-io $qrc ($(head -c 300 err out | tr '\n' '|'))"
 norm_io < out > p.n; norm_io < q.out > q.n; same "io: accepted commands output" p.n q.n

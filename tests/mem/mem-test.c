@@ -397,7 +397,7 @@ static int t_prefetch(const char *img)
     size_t len;
     API(pms_map(d, &mo, &a, &len));
     struct pms_stats st = stats(d);
-    for (int i = 0; i < 500 && st.resident_pages < len / PG; i++) {
+    for (int i = 0; i < 3000 && st.resident_pages < len / PG; i++) {
         usleep(10000);
         st = stats(d);
     }
