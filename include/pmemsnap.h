@@ -75,7 +75,7 @@ int  pms_pwrite(pms_dev *dev, const void *buf, size_t len, uint64_t off);
 int  pms_write_zeroes(pms_dev *dev, size_t len, uint64_t off);
 int  pms_discard(pms_dev *dev, size_t len, uint64_t off);
 int  pms_flush(pms_dev *dev);                 /* durable on return */
-int  pms_truncate(pms_dev *dev, uint64_t new_size);  /* grow only for qcow2 */
+int  pms_truncate(pms_dev *dev, uint64_t new_size);  /* grow or shrink; EBUSY while mapped */
 
 /* Allocation status of [off, off+len): fills *ext with the first extent,
  * which may be shorter than len.  Mirrors qemu-img map --output=json. */

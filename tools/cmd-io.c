@@ -653,7 +653,7 @@ static int do_alloc(struct io *io, int argc, char **argv)
     return 0;
 }
 
-/* truncate [-m prealloc] SIZE: grows the image (and shrinks raw ones); the
+/* truncate [-m prealloc] SIZE: grows or shrinks the image; the
  * preallocation mode is accepted and ignored (new space reads as zeroes). */
 static int do_truncate(struct io *io, int argc, char **argv)
 {

@@ -14,7 +14,7 @@ end every snapshot is applied on copies of both images and compared, and
 `qemu-img map --output=json` must equal `pmemsnap map --output=json`.
 
 Usage: audit-diff.py [--seeds A-B,C,... | --seed N] [--steps N] [--cases]
-                     [--avoid-known] [--shrink] [--keep] [-v]
+                     [--avoid-known] [--no-shrink] [--keep] [-v]
 --cases runs the targeted reproductions of the bugs the fuzzer found;
 --avoid-known steers the fuzzer around already reported bugs;
 --session runs each seed's operations through the library in ONE open (a
@@ -34,7 +34,7 @@ import tempfile
 PMS = os.environ.get("PMEMSNAP") or os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "..", "build", "tools", "pmemsnap")
 VERBOSE = False
-SHRINK = False        # --shrink: also shrink (pmemsnap refuses to shrink qcow2)
+SHRINK = True         # --no-shrink: grow only
 AVOID_KNOWN = False   # --avoid-known: steer clear of already reported bugs
 STRICT_MAP = True     # --loose-map: ignore the host-hole "zero" of data extents
 
@@ -311,9 +311,6 @@ def one_seed(seed, steps, keep):
                 else:
                     ns = max(512, size - rnd.randrange(1, max(2, size // 2)) // 512 * 512)
                     extra = ["--shrink"]
-                    if snaps:  # QEMU refuses shrink with snapshots (internal snapshot use)
-                        ns = size + 512
-                        extra = []
                 log.append("resize %d" % ns)
                 pa = run([PMS, "resize", "-q"] + extra + [A, str(ns)], ok=None)
                 pb = run(["qemu-img", "resize", "-q"] + extra + [B, str(ns)], ok=None)
@@ -638,7 +635,7 @@ def main():
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("-v", action="store_true")
-    ap.add_argument("--shrink", action="store_true")
+    ap.add_argument("--no-shrink", action="store_true")
     ap.add_argument("--loose-map", action="store_true")
     ap.add_argument("--avoid-known", action="store_true")
     ap.add_argument("--cases", action="store_true", help="also run the targeted cases")
@@ -646,7 +643,7 @@ def main():
                     help="seeds run as one library session (built on the fly) instead")
     a = ap.parse_args()
     global SHRINK, AVOID_KNOWN, STRICT_MAP
-    VERBOSE, SHRINK, AVOID_KNOWN, STRICT_MAP = a.v, a.shrink, a.avoid_known, not a.loose_map
+    VERBOSE, SHRINK, AVOID_KNOWN, STRICT_MAP = a.v, not a.no_shrink, a.avoid_known, not a.loose_map
     if not shutil.which("qemu-img") or not shutil.which("qemu-io"):
         print("SKIP: qemu tools not installed")
         return 77

@@ -124,6 +124,42 @@ qemu-io -c 'read -P 0x42 960k 64k' -c 'read -P 0 1M 4M' rs.qcow2 | grep -q 'veri
 qemu-img check -q rs.qcow2 || fail "check after resize"
 expect_rc 1 "resize shrink without --shrink" "$P" resize rs.qcow2 -- -1M
 grep -q -- '--shrink' err || fail "shrink message"
+# shrink qcow2 as qemu-img does: same contents, same file length, check clean
+for o in "" "-o extended_l2=on" "-o cluster_size=4k" "-o compat=0.10" snap; do
+    oo=$o; [ "$o" = snap ] && oo=""
+    # shellcheck disable=SC2086
+    qemu-img create -q -f qcow2 $oo sh.qcow2 256M
+    qemu-io -c 'write -P 1 0 3M' -c 'write -P 2 100M 2M' -c 'write -P 3 250M 6M' \
+            -c 'write -z 101M 64k' sh.qcow2 >/dev/null
+    if [ "$o" = snap ]; then
+        qemu-img snapshot -c s1 sh.qcow2
+        qemu-io -c 'write -P 4 100M 512k' sh.qcow2 >/dev/null
+    fi
+    cp sh.qcow2 shq.qcow2; cp sh.qcow2 sh0.qcow2
+    expect_rc 0 "resize --shrink qcow2 '$o'" "$P" resize --shrink sh.qcow2 100900k
+    qemu-img resize -q --shrink shq.qcow2 100900k
+    qemu-img check -q sh.qcow2 || fail "check after shrink '$o'"
+    qemu-img compare -q sh.qcow2 shq.qcow2 || fail "contents after shrink '$o' differ from qemu-img's"
+    # (not longer than qemu-img's: QEMU may allocate an empty L2 table for
+    # the L1 entry that holds the new end, which we do not)
+    [ "$(stat -c %s sh.qcow2)" -le "$(stat -c %s shq.qcow2)" ] &&
+        [ "$(stat -c %s sh.qcow2)" -lt "$(stat -c %s sh0.qcow2)" ] ||
+        fail "file length after shrink '$o': $(stat -c %s sh.qcow2), qemu-img $(stat -c %s shq.qcow2)"
+    # grow again: the cut tail reads as qemu-img shows it (zeroes past the
+    # partial last cluster)
+    "$P" resize sh.qcow2 256M >/dev/null; qemu-img resize -q shq.qcow2 256M
+    qemu-img compare -q sh.qcow2 shq.qcow2 || fail "contents after shrink+grow '$o' differ"
+    if [ "$o" = snap ]; then
+        "$P" snapshot -a s1 sh.qcow2; qemu-img snapshot -a s1 shq.qcow2
+        qemu-img compare -q sh.qcow2 shq.qcow2 || fail "snapshot after shrink differs"
+        qemu-img check -q sh.qcow2 || fail "check after applying the snapshot"
+    fi
+done
+qemu-img create -q -f qcow2 -o compat=0.10 sh.qcow2 1M; qemu-img snapshot -c s sh.qcow2
+expect_rc 1 "shrink a v2 image with snapshots" "$P" resize --shrink sh.qcow2 512k
+grep -q "v2 image which has snapshots" err || fail "v2 snapshot resize message: $(cat err)"
+qemu-img create -q -f qcow2 sh.qcow2 1M
+expect_rc 1 "shrink to a size not a multiple of 512" "$P" resize --shrink sh.qcow2 1000
 truncate -s 1M rs.raw
 expect_rc 0 "resize --shrink raw" "$P" resize -f raw --shrink rs.raw 512k
 [ "$(stat -c %s rs.raw)" = 524288 ] || fail "raw shrink size"

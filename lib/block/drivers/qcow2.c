@@ -1250,12 +1250,15 @@ static int qcow2_pwrite_zeroes(struct bdev *bs, uint64_t len, uint64_t off, unsi
     return 0;
 }
 
-static int qcow2_discard(struct bdev *bs, uint64_t len, uint64_t off)
+/* Discard the whole clusters of [off, off+len).  An ordinary discard leaves
+ * entries that read as zeroes (v3); a full one (shrink: the range leaves the
+ * image) clears them to unallocated, as QEMU's full_discard does. */
+static int discard_range(struct bdev *bs, uint64_t len, uint64_t off, bool full)
 {
     struct qcow2_state *s = QS(bs);
     /* A v2 image cannot mark clusters as zero: discarding would expose the
      * backing file, so (like QEMU) it keeps the data. */
-    if (s->version < 3 && bs->backing)
+    if (s->version < 3 && bs->backing && !full)
         return 0;
     /* only whole clusters are discarded, like QEMU */
     uint64_t start = (off + s->cluster_size - 1) & ~(s->cluster_size - 1);
@@ -1271,17 +1274,20 @@ static int qcow2_discard(struct bdev *bs, uint64_t len, uint64_t off)
             if (r < 0) return r;
             e = qcow2_l2_get(s, l2, idx);
             bm = qcow2_l2_get_bitmap(s, l2, idx);
-        } else if (!bs->backing)
+        } else if (!bs->backing || full)
             continue;                   /* no table, nothing below: reads zero */
         enum qcow2_ctype t = qcow2_entry_type(s, e);
-        if (t == QC_UNALLOCATED && !bm && !bs->backing) continue;
-        if (t == QC_ZERO_PLAIN) continue;
+        if (t == QC_UNALLOCATED && !bm && (!bs->backing || full)) continue;
+        if (t == QC_ZERO_PLAIN && !full) continue;
         uint64_t l2off;
         r = get_l2_writable(bs, o, &l2off);
         if (r < 0) return r;
         r = qcow2_cache_get(bs, &s->l2_cache, l2off, &l2);
         if (r < 0) return r;
-        if (s->ext_l2) {
+        if (full) {
+            qcow2_l2_set(s, l2, idx, 0);
+            qcow2_l2_set_bitmap(s, l2, idx, 0);
+        } else if (s->ext_l2) {
             qcow2_l2_set(s, l2, idx, 0);
             qcow2_l2_set_bitmap(s, l2, idx, 0xffffffffull << 32);
         } else
@@ -1291,6 +1297,11 @@ static int qcow2_discard(struct bdev *bs, uint64_t len, uint64_t off)
         if (r < 0) return r;
     }
     return 0;
+}
+
+static int qcow2_discard(struct bdev *bs, uint64_t len, uint64_t off)
+{
+    return discard_range(bs, len, off, false);
 }
 
 static int qcow2_flush(struct bdev *bs)
@@ -1310,15 +1321,70 @@ static int64_t qcow2_getlength(struct bdev *bs)
     return (int64_t)(QS(bs)->size & ~511ull);
 }
 
+/* Shrink to size, as QEMU's qcow2_co_truncate does: the whole clusters past
+ * the new end are discarded to unallocated (the partial last cluster keeps
+ * its bytes, so a later grow shows them again, as in QEMU), L2 tables wholly
+ * past the end leave the L1 (whose size stays), the header takes the new
+ * size and the file loses its unused tail.
+ * Order: cleared L2 entries and L1 entries are durable before the clusters
+ * they pointed at are freed (the pending-free rule), and the header size is
+ * written last, so a crash leaves the old size with a zeroed tail and
+ * possibly leaked clusters, never a table pointing at a freed cluster.
+ * Snapshots keep their own tables and sizes. */
+static int qcow2_shrink(struct bdev *bs, uint64_t size)
+{
+    struct qcow2_state *s = QS(bs);
+    uint64_t cs = s->cluster_size;
+    uint64_t from = (size + cs - 1) & ~(cs - 1);
+    int r = 0;
+    if (from < s->size)
+        r = discard_range(bs, s->size - from, from, true);
+    uint64_t cov = s->cluster_bits + s->l2_bits;
+    uint64_t keep = (size + (1ull << cov) - 1) >> cov;
+    for (uint64_t i = keep; r == 0 && i < s->l1_size; i++) {
+        uint64_t t = s->l1[i] & L1E_OFFSET_MASK;
+        if (!s->l1[i]) continue;
+        s->l1[i] = 0;
+        qcow2_l1_mark_dirty(s, (uint32_t)i);
+        qcow2_cache_discard(&s->l2_cache, t);
+        if (t) r = pending_add(bs, t, cs);
+    }
+    if (r == 0) r = qcow2_flush(bs);
+    if (r < 0) return r;
+    uint64_t be = htobe64(size);
+    r = bdev_file_pwrite(bs->file, &be, 8, 24);
+    if (r == 0) r = bdev_file_flush(bs->file);
+    if (r < 0) return r;
+    s->size = size;
+    /* the file ends after its last referenced cluster */
+    int64_t flen = bdev_file_length(bs->file);
+    if (flen <= 0) return 0;
+    uint64_t n = qc_size_to_clusters(s, (uint64_t)flen);
+    while (n > 1) {
+        uint64_t rc;
+        r = qcow2_get_refcount(bs, n - 1, &rc);
+        if (r < 0 || rc) break;
+        n--;
+    }
+    if (r < 0 || (n << s->cluster_bits) >= (uint64_t)flen) {
+        pms_err_clear();
+        return 0;
+    }
+    if (n - 1 < s->free_cluster_index) s->free_cluster_index = n;
+    if (bdev_file_truncate(bs->file, n << s->cluster_bits) < 0)
+        pms_err_clear();                /* a longer file is only a leak-free tail */
+    return 0;
+}
+
 static int qcow2_truncate(struct bdev *bs, uint64_t size)
 {
     struct qcow2_state *s = QS(bs);
     if (size % 512)
         return pms_err(EINVAL, "The new size must be a multiple of 512");
-    if (size < s->size)
-        return pms_err(ENOTSUP, "shrinking qcow2 images is not supported");
     if (s->version < 3 && s->nb_snaps)
-        return pms_err(ENOTSUP, "can't resize a v2 image which has snapshots");
+        return pms_err(ENOTSUP, "Can't resize a v2 image which has snapshots");
+    if (size < s->size)
+        return qcow2_shrink(bs, size);
     uint64_t cov = s->cluster_bits + s->l2_bits;
     uint64_t need = (size + (1ull << cov) - 1) >> cov;
     if (need > UINT32_MAX) return pms_err(EFBIG, "size too large");
