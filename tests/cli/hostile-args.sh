@@ -210,7 +210,6 @@ refused q "resize: not a multiple of 512"    resize img.qcow2 +1000
 refused q "resize: overflow"                 resize img.qcow2 +8E
 refused q "resize: garbage size"             resize img.qcow2 +1x
 refused q "resize: bare sign"                resize img.qcow2 -
-refused x "resize: qcow2 shrink"             resize --shrink img.qcow2 512k
 
 # ---- convert ---------------------------------------------------------------
 refused q "convert: missing source"          convert nope out.x
