@@ -147,8 +147,11 @@ static int open_map(const char *img, const char *mode, int *rc)
     if (r < 0) { fprintf(stderr, "pms_open: %s\n", pms_errmsg()); *rc = 2; return -1; }
     struct pms_map_opts mo;
     pms_map_opts_init(&mo);
-    mo.dirty_tracking = !strcmp(mode, "async") ? PMS_DIRTY_ASYNC_WP
-                      : !strcmp(mode, "sync") ? PMS_DIRTY_SYNC_WP : PMS_DIRTY_AUTO;
+    mo.dirty_tracking = !strncmp(mode, "async", 5) ? PMS_DIRTY_ASYNC_WP
+                      : !strncmp(mode, "sync", 4) ? PMS_DIRTY_SYNC_WP : PMS_DIRTY_AUTO;
+    /* "-cap": a 2 MiB resident cap on the 8 MiB image, so clean pages are
+     * dropped and dirty ones written back early while the kills land */
+    if (strstr(mode, "-cap")) mo.mem_limit = 2 << 20;
     mo.writeback_interval_ms = 20;
     void *a;
     size_t len;

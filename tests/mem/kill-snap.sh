@@ -60,6 +60,7 @@ for m in async sync; do
     esac
 done
 [ ${#modes[@]} -gt 0 ] || { echo "SKIP: userfaultfd unavailable"; exit 77; }
+for m in "${modes[@]}"; do modes+=("$m-cap"); done     # the same under a memory cap
 
 # qemu-io -r with "read -P" commands; any mismatch is a bug
 qio_read() {
