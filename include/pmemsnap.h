@@ -73,6 +73,15 @@ int64_t pms_size(pms_dev *dev);
 int  pms_pread(pms_dev *dev, void *buf, size_t len, uint64_t off);
 int  pms_pwrite(pms_dev *dev, const void *buf, size_t len, uint64_t off);
 int  pms_write_zeroes(pms_dev *dev, size_t len, uint64_t off);
+/* Write whole clusters compressed, as qemu-io's `write -c` (qcow2 only:
+ * ENOTSUP otherwise, or with an external data file).  off must be cluster
+ * aligned and len a multiple of the cluster size, except that the last
+ * cluster of the image may be written partially (it is padded with zeroes).
+ * Compression is zlib or zstd, per the image's compression type; a cluster
+ * that does not get smaller is written uncompressed, as QEMU does.  Unlike
+ * QEMU, which refuses (EIO) to compress over an allocated cluster, an
+ * existing cluster is replaced.  EBUSY while the device is mapped. */
+int  pms_pwrite_compressed(pms_dev *dev, const void *buf, size_t len, uint64_t off);
 int  pms_discard(pms_dev *dev, size_t len, uint64_t off);
 int  pms_flush(pms_dev *dev);                 /* durable on return */
 int  pms_truncate(pms_dev *dev, uint64_t new_size);  /* grow or shrink; EBUSY while mapped */
@@ -108,6 +117,7 @@ struct pms_create_opts {
     int preallocation_metadata;/* accepted for compatibility, currently "off" */
     int backing_unchecked;     /* as qemu-img create -u: the backing file is not
                                   opened (a size must be given) */
+    const char *compression_type; /* NULL or "zlib" (default), "zstd" (version 3) */
 };
 void pms_create_opts_init(struct pms_create_opts *o);
 /* size may be 0 with a backing file: the backing file's size is used. */

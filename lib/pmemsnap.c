@@ -110,6 +110,15 @@ int pms_write_zeroes(pms_dev *dev, size_t len, uint64_t off)
           bdev_pwrite_zeroes(dev->bs, len, off, BDEV_ZERO_MAY_UNMAP));
 }
 
+int pms_pwrite_compressed(pms_dev *dev, const void *buf, size_t len, uint64_t off)
+{
+    int r = dev->mem ? pms_err(EBUSY, "device is mapped") :
+            !buf && len ? pms_err(EINVAL, "buf is NULL") :
+            bdev_pwrite_compressed(dev->bs, buf, len, off);
+    PMS_API_ERR(r);
+    return r;
+}
+
 int pms_discard(pms_dev *dev, size_t len, uint64_t off)
 {
     ROUTE(pms_mem_discard(dev->mem, len, off), bdev_discard(dev->bs, len, off));

@@ -76,7 +76,7 @@ static void print_create_help(bool raw)
                "  backing_fmt=<str>      - Image format of the base image\n"
                "  cluster_size=<size>    - qcow2 cluster size\n"
                "  compat=<str>           - Compatibility level (0.10 or 1.1)\n"
-               "  compression_type=<str> - Compression method (zlib)\n"
+               "  compression_type=<str> - Compression method used for image cluster compression\n"
                "  extended_l2=<bool (on/off)> - Extended L2 tables\n"
                "  lazy_refcounts=<bool (on/off)> - Postpone refcount updates\n");
     printf("  preallocation=<str>    - Preallocation mode (allowed values: off)\n");
@@ -177,10 +177,11 @@ static int parse_copts(struct copts *c, char *s, const char *file)
             if (parse_bool_opt(kv, v, &c->o.lazy_refcounts) < 0) return -1;
             c->has_lazy = true;
         } else if (strcmp(kv, "compression_type") == 0) {
-            if (strcmp(v, "zlib") != 0) {
-                errorf("%s: compression_type '%s' is not supported (only zlib)", file, v);
+            if (strcmp(v, "zlib") != 0 && strcmp(v, "zstd") != 0) {
+                errorf("%s: Parameter 'compression-type' does not accept value '%s'", file, v);
                 return -1;
             }
+            c->o.compression_type = v;
         } else {
             errorf("%s: Invalid parameter '%s'", file, kv);
             return -1;
@@ -200,6 +201,11 @@ static int check_copts(const struct copts *c, const char *file)
                "(use version=v3 or greater)", file);
         return -1;
     }
+    if (c->o.compat_v2 && c->o.compression_type && strcmp(c->o.compression_type, "zlib")) {
+        errorf("%s: Non-zlib compression type is only supported with compatibility level 1.1 "
+               "and above (use version=v3 or greater)", file);
+        return -1;
+    }
     return 0;
 }
 
@@ -215,7 +221,8 @@ static void print_formatting(const char *file, const struct copts *c, uint64_t s
            o->cluster_size, o->extended_l2 ? "on" : "off");
     if (c->prealloc)
         printf(" preallocation=%s", c->prealloc);
-    printf(" compression_type=zlib size=%" PRIu64, size);
+    printf(" compression_type=%s size=%" PRIu64,
+           o->compression_type ? o->compression_type : "zlib", size);
     if (c->compat)
         printf(" compat=%s", c->compat);
     if (o->backing_file)
@@ -1105,6 +1112,77 @@ static int write_sparse(pms_dev *dst, const uint8_t *buf, size_t n, uint64_t off
     return 0;
 }
 
+/* convert -c: every cluster holding data is written compressed (as
+ * qemu-img convert -c: whole target clusters, zero clusters skipped, a
+ * zero-length compressed write at the end rounds the file to a sector). */
+static int convert_compressed(pms_dev *in, pms_dev *out, uint8_t *buf, size_t chunk,
+                              uint64_t size, bool zero_fill, struct progress *p)
+{
+    struct pms_info info;
+    memset(&info, 0, sizeof info);
+    info.size = sizeof info;
+    if (pms_info(out, &info) < 0 || !info.cluster_size || info.cluster_size > chunk) {
+        errorf("Compression not supported for this file format");
+        return 1;
+    }
+    uint64_t cs = info.cluster_size;
+    for (uint64_t off = 0; off < size;) {
+        uint64_t len = size - off < chunk ? size - off : chunk;
+        struct pms_extent x;
+        if (pms_block_status(in, off, len, &x) < 0) {
+            errorf("error while reading block status at offset %" PRIu64 ": %s", off, libmsg());
+            return 1;
+        }
+        uint64_t end = off + x.length;
+        if (x.flags & PMS_BLOCK_ZERO) {
+            /* whole clusters inside a zero extent are skipped */
+            uint64_t next = end == size ? size : end & ~(cs - 1);
+            if (next > off) {
+                if (zero_fill && pms_write_zeroes(out, next - off, off) < 0) {
+                    errorf("error while writing at byte %" PRIu64 ": %s", off, libmsg());
+                    return 1;
+                }
+                off = next;
+                progress_print(p, (double)off * 100.0 / (double)size, false);
+                continue;
+            }
+        }
+        /* the clusters this extent touches, read whole */
+        end = (end + cs - 1) & ~(cs - 1);
+        if (end > off + chunk) end = off + chunk;
+        if (end > size) end = size;
+        if (pms_pread(in, buf, end - off, off) < 0) {
+            errorf("error while reading at byte %" PRIu64 ": %s", off, libmsg());
+            return 1;
+        }
+        for (uint64_t o = off; o < end;) {
+            /* a run of non-zero clusters goes in one call */
+            uint64_t n = end - o < cs ? end - o : cs;
+            bool z = all_zero(buf + (o - off), n);
+            uint64_t e = o + n;
+            while (e < end) {
+                uint64_t n2 = end - e < cs ? end - e : cs;
+                if (all_zero(buf + (e - off), n2) != z) break;
+                e += n2;
+            }
+            int r = z ? (zero_fill ? pms_write_zeroes(out, e - o, o) : 0)
+                      : pms_pwrite_compressed(out, buf + (o - off), e - o, o);
+            if (r < 0) {
+                errorf("error while compressing sector %" PRIu64 ": %s", o / 512, libmsg());
+                return 1;
+            }
+            o = e;
+        }
+        off = end;
+        progress_print(p, (double)off * 100.0 / (double)size, false);
+    }
+    if (pms_pwrite_compressed(out, NULL, 0, 0) < 0) {
+        errorf("%s", libmsg());
+        return 1;
+    }
+    return 0;
+}
+
 int cmd_convert(int argc, char **argv)
 {
     static const struct option lo[] = {
@@ -1113,11 +1191,12 @@ int cmd_convert(int argc, char **argv)
     };
     const char *fmt = NULL, *ofmt = "raw";
     char *optstrs[64];
-    int nopts = 0, prog = 0, quiet = 0, noc = 0, force = 0, ch;
+    int nopts = 0, prog = 0, quiet = 0, noc = 0, force = 0, compress = 0, ch;
     int tcache = PMS_CACHE_WRITEBACK, scache = PMS_CACHE_WRITEBACK;  /* durable on exit */
     optind = 0;
-    while ((ch = getopt_long(argc, argv, ":f:O:o:pqnt:T:UWm:", lo, NULL)) != -1) {
+    while ((ch = getopt_long(argc, argv, ":cf:O:o:pqnt:T:UWm:", lo, NULL)) != -1) {
         switch (ch) {
+        case 'c': compress = 1; break;
         case 'f': fmt = optarg; break;
         case 'O': ofmt = optarg; break;
         case 'o':
@@ -1153,6 +1232,10 @@ int cmd_convert(int argc, char **argv)
     }
     if (noc && nopts) {
         errorf("-o has no effect when skipping image creation");
+        return 1;
+    }
+    if (compress && strcmp(ofmt, "qcow2")) {
+        errorf("Compression not supported for this file format");
         return 1;
     }
     const char *src = argv[optind], *dst = argv[optind + 1];
@@ -1210,7 +1293,9 @@ int cmd_convert(int argc, char **argv)
         errorf("out of memory");
         rc = 1;
     }
-    for (uint64_t off = 0; rc == 0 && off < size;) {
+    if (rc == 0 && compress)
+        rc = convert_compressed(in, out, buf, chunk, size, noc, &p);
+    for (uint64_t off = compress ? size : 0; rc == 0 && off < size;) {
         struct pms_extent x;
         uint64_t len = size - off;
         if (len > chunk) len = chunk;

@@ -266,7 +266,7 @@ static int do_read(struct io *io, int argc, char **argv)
 static int do_write(struct io *io, int argc, char **argv)
 {
     bool C = false, q = false, z = false, P = false, fua = false, unmap = false;
-    bool nofallback = false;
+    bool nofallback = false, compress = false;
     const char *src = NULL;
     int pattern = 0xcd, ch;
     optind = 0;
@@ -275,9 +275,7 @@ static int do_write(struct io *io, int argc, char **argv)
         case 'b':
             printf("writing the VM state (-b) is not supported\n");
             return -ENOTSUP;
-        case 'c':
-            printf("compressed writes (-c) are not supported\n");
-            return -ENOTSUP;
+        case 'c': compress = true; break;
         case 'C': C = true; break;
         case 'f': fua = true; break;
         case 'n': nofallback = true; break;
@@ -346,6 +344,7 @@ static int do_write(struct io *io, int argc, char **argv)
     int r = range_check(io, off, count);
     if (r == 0)
         r = z ? pms_write_zeroes(io->dev, (size_t)count, (uint64_t)off)
+              : compress ? pms_pwrite_compressed(io->dev, buf, (size_t)count, (uint64_t)off)
               : pms_pwrite(io->dev, buf, (size_t)count, (uint64_t)off);
     if (r >= 0 && fua)
         r = pms_flush(io->dev);

@@ -34,7 +34,7 @@ static const struct {
     { "resize", cmd_resize,
       "resize [-q] [-f FMT] [--shrink] [--preallocation=off] FILE [+|-]SIZE" },
     { "convert", cmd_convert,
-      "convert [-p] [-q] [-n] [-f FMT] [-O qcow2|raw] [-o OPTIONS] [-t CACHE] [-T CACHE] [-U] SRC DST" },
+      "convert [-c] [-p] [-q] [-n] [-f FMT] [-O qcow2|raw] [-o OPTIONS] [-t CACHE] [-T CACHE] [-U] SRC DST" },
     { "io", cmd_io,
       "io [-f FMT] [-r] [-n] [-t CACHE] [-i AIO] [-U] [-c CMD]... FILE" },
     { "bench", cmd_bench,

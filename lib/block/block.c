@@ -191,6 +191,23 @@ int bdev_pwrite_zeroes(struct bdev *bs, uint64_t len, uint64_t off, unsigned fla
     return LOCKED(bs, bs->drv->pwrite_zeroes(bs, len, off, flags));
 }
 
+int bdev_pwrite_compressed(struct bdev *bs, const void *buf, uint64_t len, uint64_t off)
+{
+    int r = check_req(bs, len, off, true);
+    if (r < 0)
+        return r;
+    if (!bs->drv->pwrite_compressed)
+        return pms_err(ENOTSUP, "compressed writes are not supported by the %s format "
+                       "(only qcow2)", bs->drv->name);
+    /* len 0 reaches the driver: QEMU's end-of-stream marker (qcow2 rounds
+     * its file up to a whole sector) */
+    r = LOCKED(bs, bs->drv->pwrite_compressed(bs, buf, len, off));
+    if (r >= 0 && (bs->cache_mode == PMS_CACHE_WRITETHROUGH ||
+                   bs->cache_mode == PMS_CACHE_DIRECTSYNC))
+        r = bdev_flush(bs);
+    return r;
+}
+
 int bdev_discard(struct bdev *bs, uint64_t len, uint64_t off)
 {
     int r = check_req(bs, len, off, true);

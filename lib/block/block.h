@@ -41,6 +41,9 @@ struct pms_driver {
     int  (*pread)(struct bdev *bs, void *buf, uint64_t len, uint64_t off);
     int  (*pwrite)(struct bdev *bs, const void *buf, uint64_t len, uint64_t off);
     int  (*pwrite_zeroes)(struct bdev *bs, uint64_t len, uint64_t off, unsigned flags);
+    /* Write whole clusters compressed (QEMU's BDRV_REQ_WRITE_COMPRESSED);
+     * the driver checks its alignment rules.  Optional (ENOTSUP). */
+    int  (*pwrite_compressed)(struct bdev *bs, const void *buf, uint64_t len, uint64_t off);
     int  (*discard)(struct bdev *bs, uint64_t len, uint64_t off);
     int  (*flush)(struct bdev *bs);
     int64_t (*getlength)(struct bdev *bs);
@@ -96,6 +99,9 @@ void bdev_close(struct bdev *bs);
 int  bdev_pread(struct bdev *bs, void *buf, uint64_t len, uint64_t off);
 int  bdev_pwrite(struct bdev *bs, const void *buf, uint64_t len, uint64_t off);
 int  bdev_pwrite_zeroes(struct bdev *bs, uint64_t len, uint64_t off, unsigned flags);
+/* Compressed write (qcow2 only): off cluster aligned, len a multiple of the
+ * cluster size or ending at the end of the image. */
+int  bdev_pwrite_compressed(struct bdev *bs, const void *buf, uint64_t len, uint64_t off);
 int  bdev_discard(struct bdev *bs, uint64_t len, uint64_t off);
 int  bdev_flush(struct bdev *bs);
 int64_t bdev_getlength(struct bdev *bs);

@@ -320,6 +320,8 @@ static int update_one(struct bdev *bs, uint64_t ci, int64_t addend, bool set, ui
     qcow2_cache_mark_dirty(&s->rb_cache, rb);
     if (nv == 0) {
         if (ci < s->free_cluster_index) s->free_cluster_index = ci;
+        if (s->free_byte_offset >> s->cluster_bits == ci)
+            s->free_byte_offset = 0;    /* the cluster may be reused whole */
         qcow2_cache_discard(&s->l2_cache, ci << s->cluster_bits);
         qcow2_cache_discard(&s->rb_cache, ci << s->cluster_bits);
     }
@@ -366,6 +368,40 @@ int64_t qcow2_alloc_clusters(struct bdev *bs, uint64_t n)
         return off;
     }
     return pms_err(EIO, "cluster allocation did not converge");
+}
+
+int64_t qcow2_alloc_bytes(struct bdev *bs, uint64_t size)
+{
+    struct qcow2_state *s = QS(bs);
+    uint64_t cs = s->cluster_size;
+    if (size == 0 || size > cs)
+        return pms_err(EINVAL, "compressed allocation of %llu bytes", (unsigned long long)size);
+    uint64_t off = s->free_byte_offset;
+    int r;
+    if (off) {
+        uint64_t rc;
+        r = qcow2_get_refcount(bs, off >> s->cluster_bits, &rc);
+        if (r < 0) return r;
+        if (rc == 0 || rc == s->refcount_max)
+            off = 0;                    /* freed meanwhile, or no reference left */
+    }
+    uint64_t free_in = off ? cs - qc_off_in_cluster(s, off) : 0;
+    if (off && free_in >= size) {
+        r = qcow2_update_refcount(bs, off, size, 1);
+        if (r < 0) return r;
+    } else {
+        /* a fresh cluster (refcount 1); when it directly follows the
+         * partly used one, the data may start in that one and run on */
+        int64_t nc = qcow2_alloc_clusters(bs, 1);
+        if (nc < 0) return nc;
+        if (off && ((off + cs - 1) & ~(cs - 1)) == (uint64_t)nc) {
+            r = qcow2_update_refcount(bs, off, 1, 1);
+            if (r < 0) return r;
+        } else
+            off = (uint64_t)nc;
+    }
+    s->free_byte_offset = qc_off_in_cluster(s, off + size) ? off + size : 0;
+    return (int64_t)off;
 }
 
 int qcow2_free_clusters(struct bdev *bs, uint64_t off, uint64_t len)

@@ -20,6 +20,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,6 +28,7 @@
 #include <unistd.h>
 #include <zlib.h>
 #include <zstd.h>
+#include <zstd_errors.h>
 #include "qcow2.h"
 #include "../../util/error.h"
 
@@ -1196,6 +1198,127 @@ static int qcow2_pwrite(struct bdev *bs, const void *buf, uint64_t len, uint64_t
     return 0;
 }
 
+/* ------------------------------------------------------------------------ */
+/* compressed writes                                                        */
+
+/* Compress one cluster (src, cluster_size bytes) into dst of cap bytes, as
+ * QEMU's qcow2_co_compress does: zlib raw deflate (default level, window
+ * 2^12, memLevel 9) or one zstd frame (default level).  Returns the
+ * compressed length, 0 when it does not fit in cap, or -errno. */
+static int64_t compress_cluster(struct qcow2_state *s, uint8_t *dst, uint64_t cap,
+                                const uint8_t *src)
+{
+    if (s->compression_type == QCOW2_COMPRESSION_ZLIB) {
+        z_stream z;
+        memset(&z, 0, sizeof z);
+        if (deflateInit2(&z, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9,
+                         Z_DEFAULT_STRATEGY) != Z_OK)
+            return pms_err(EIO, "zlib initialisation failed");
+        z.next_in = (Bytef *)src;
+        z.avail_in = (uInt)s->cluster_size;
+        z.next_out = dst;
+        z.avail_out = (uInt)cap;
+        int zr = deflate(&z, Z_FINISH);
+        int64_t n = (int64_t)(cap - z.avail_out);
+        deflateEnd(&z);
+        if (zr == Z_STREAM_END)
+            return n;
+        if (zr == Z_OK || zr == Z_BUF_ERROR)
+            return 0;
+        return pms_err(EIO, "zlib compression failed (%d)", zr);
+    }
+    ZSTD_CCtx *cc = ZSTD_createCCtx();
+    if (!cc) return pms_err(ENOMEM, "out of memory");
+    ZSTD_outBuffer ob = { dst, cap, 0 };
+    ZSTD_inBuffer in = { src, s->cluster_size, 0 };
+    size_t zr = ZSTD_compressStream2(cc, &ob, &in, ZSTD_e_end);
+    ZSTD_freeCCtx(cc);
+    if (ZSTD_isError(zr)) {
+        if (ZSTD_getErrorCode(zr) == ZSTD_error_dstSize_tooSmall)
+            return 0;
+        return pms_err(EIO, "zstd compression failed: %s", ZSTD_getErrorName(zr));
+    }
+    return zr ? 0 : (int64_t)ob.pos;     /* zr > 0: the frame did not fit */
+}
+
+/* Point the cluster at guest offset off (cluster aligned) at n compressed
+ * bytes.  Same ordering as write_cluster: the bytes are allocated (refcount
+ * +1 on every host cluster they touch) and written before the L2 entry
+ * links them; the replaced entry's reference is released after the next
+ * flush (pending frees). */
+static int write_compressed_cluster(struct bdev *bs, const uint8_t *z, uint64_t n, uint64_t off)
+{
+    struct qcow2_state *s = QS(bs);
+    struct mapping m;
+    int r = get_mapping(bs, off, s->cluster_size, &m);   /* validate before writing */
+    if (r < 0) return r;
+    uint64_t l2off, idx, e;
+    uint8_t *l2;
+    r = writable_entry(bs, off, &l2off, &l2, &idx, &e);
+    if (r < 0) return r;
+    int64_t coff = qcow2_alloc_bytes(bs, n);
+    if (coff < 0) return (int)coff;
+    uint64_t c = (uint64_t)coff;
+    uint64_t nsec = ((c + n - 1) >> 9) - (c >> 9);     /* sectors spanned - 1 */
+    if ((c & ~s->coffset_mask) || nsec > s->csize_mask)
+        return pms_err(EFBIG, "compressed cluster at %llu does not fit an L2 entry",
+                       (unsigned long long)c);
+    r = qcow2_check_host_range(bs, c & ~511ull, (c & 511) + n, "compressed cluster");
+    if (r == 0) r = bdev_file_pwrite(bs->file, z, n, c);
+    if (r == 0) r = qcow2_cache_get(bs, &s->l2_cache, l2off, &l2);
+    if (r < 0) return r;
+    /* compressed entries never carry COPIED; with extended L2 the bitmap is 0 */
+    qcow2_l2_set(s, l2, idx, c | QCOW_OFLAG_COMPRESSED | (nsec << s->csize_shift));
+    qcow2_l2_set_bitmap(s, l2, idx, 0);
+    qcow2_cache_mark_dirty(&s->l2_cache, l2);
+    return release_entry(bs, e);
+}
+
+/* QEMU's qcow2_co_pwritev_compressed_part: whole clusters (the last one of
+ * the image may be partial and is padded with zeroes), each compressed on
+ * its own; a cluster that does not compress to less than cluster_size - 1
+ * bytes is written normally. */
+static int qcow2_pwrite_compressed(struct bdev *bs, const void *buf, uint64_t len, uint64_t off)
+{
+    struct qcow2_state *s = QS(bs);
+    uint64_t cs = s->cluster_size;
+    if (s->incompat & QCOW2_INCOMPAT_DATA_FILE)
+        return pms_err(ENOTSUP, "compressed writes are not supported with an external data file");
+    if (len == 0) {
+        /* as QEMU: the end of a compressed stream rounds the file (which
+         * may end inside a sector after compressed data) up to a sector */
+        int64_t flen = bdev_file_length(bs->file);
+        if (flen < 0) return (int)flen;
+        if (flen & 511)
+            return bdev_file_truncate(bs->file, ((uint64_t)flen + 511) & ~511ull);
+        return 0;
+    }
+    if (qc_off_in_cluster(s, off))
+        return pms_err(EINVAL, "compressed writes must start at a cluster boundary "
+                       "(offset %llu, cluster size %llu)", (unsigned long long)off,
+                       (unsigned long long)cs);
+    if (qc_off_in_cluster(s, len) && off + len != s->size)
+        return pms_err(EINVAL, "compressed writes must cover whole clusters (length %llu, "
+                       "cluster size %llu), except the last cluster of the image",
+                       (unsigned long long)len, (unsigned long long)cs);
+    uint8_t *in = malloc(cs), *out = malloc(cs);
+    int r = in && out ? 0 : pms_err(ENOMEM, "out of memory");
+    const uint8_t *p = buf;
+    while (r == 0 && len) {
+        uint64_t n = len < cs ? len : cs;
+        memcpy(in, p, n);
+        if (n < cs) memset(in + n, 0, cs - n);
+        int64_t z = compress_cluster(s, out, cs - 1, in);
+        if (z < 0) r = (int)z;
+        else if (z == 0) r = qcow2_pwrite(bs, p, n, off);      /* incompressible */
+        else r = write_compressed_cluster(bs, out, (uint64_t)z, off);
+        p += n; off += n; len -= n;
+    }
+    free(in);
+    free(out);
+    return r;
+}
+
 /* Make one whole cluster read as zeroes without data (v3).  unmap: drop the
  * host cluster; else keep it allocated as ZERO_ALLOC when we own it. */
 static int zero_whole_cluster(struct bdev *bs, uint64_t off, bool unmap)
@@ -1521,6 +1644,7 @@ const struct pms_driver pms_drv_qcow2 = {
     .pread = qcow2_pread,
     .pwrite = qcow2_pwrite,
     .pwrite_zeroes = qcow2_pwrite_zeroes,
+    .pwrite_compressed = qcow2_pwrite_compressed,
     .discard = qcow2_discard,
     .flush = qcow2_flush,
     .getlength = qcow2_getlength,
@@ -1554,6 +1678,16 @@ int qcow2_create(const char *path, uint64_t size, const struct pms_create_opts *
         return pms_err(EINVAL, "extended L2 entries need a version 3 image");
     if (o->extended_l2 && cs < 16384)
         return pms_err(EINVAL, "extended L2 entries need a cluster size of at least 16k");
+    bool zstd = false;
+    if (o->size >= offsetof(struct pms_create_opts, compression_type) + sizeof(const char *) &&
+        o->compression_type && strcmp(o->compression_type, "zlib")) {
+        if (strcmp(o->compression_type, "zstd"))
+            return pms_err(EINVAL, "unknown compression type '%s' (zlib or zstd)",
+                           o->compression_type);
+        if (o->compat_v2)
+            return pms_err(EINVAL, "zstd compression needs a version 3 image (compat=1.1)");
+        zstd = true;
+    }
     char *bf = NULL, *bfmt = NULL;
     if (o->backing_file) {
         if (strlen(o->backing_file) > QCOW2_MAX_BACKING_NAME)
@@ -1615,7 +1749,9 @@ int qcow2_create(const char *path, uint64_t size, const struct pms_create_opts *
     st.l1_size = (uint32_t)l1n;
     st.refcount_order = (unsigned)__builtin_ctz((unsigned)rbits);
     st.header_length = 112;
-    st.incompat = st.ext_l2 ? QCOW2_INCOMPAT_EXTL2 : 0;
+    st.incompat = (st.ext_l2 ? QCOW2_INCOMPAT_EXTL2 : 0) |
+                  (zstd ? QCOW2_INCOMPAT_COMPRESSION : 0);
+    st.compression_type = zstd ? QCOW2_COMPRESSION_ZSTD : QCOW2_COMPRESSION_ZLIB;
     st.compat = 0;
     st.backing_file = bf;
     st.backing_format = bfmt;

@@ -138,6 +138,11 @@ struct qcow2_state {
     struct qcow2_cache rb_cache;
 
     uint64_t free_cluster_index; /* allocation hint: no free cluster below */
+    /* Compressed-cluster allocation (QEMU's free_byte_offset): the first
+     * unused byte of the host cluster that compressed data was last packed
+     * into, 0 = none.  Never cluster aligned while set; reset when that
+     * cluster's refcount drops to 0 (it may then be reused whole). */
+    uint64_t free_byte_offset;
     bool writable;
     bool header_dirty;           /* cleared on close: dirty bit handling */
     uint8_t *cbuf;               /* cluster-sized scratch for compressed reads */
@@ -203,6 +208,11 @@ int  qcow2_update_refcount(struct bdev *bs, uint64_t off, uint64_t len, int64_t 
 int  qcow2_set_refcount(struct bdev *bs, uint64_t cluster_index, uint64_t rc);
 /* Allocate n contiguous clusters with refcount 1; returns host offset or -errno. */
 int64_t qcow2_alloc_clusters(struct bdev *bs, uint64_t n);
+/* Allocate size (1..cluster_size) bytes for compressed data, packed after
+ * the previous compressed allocation as QEMU's qcow2_alloc_bytes does: every
+ * host cluster the range touches gets +1 refcount; the range only runs into
+ * a cluster it allocated itself.  Returns the byte offset or -errno. */
+int64_t qcow2_alloc_bytes(struct bdev *bs, uint64_t size);
 /* Decrease refcount of the clusters of [off, off+len) by one. */
 int  qcow2_free_clusters(struct bdev *bs, uint64_t off, uint64_t len);
 /* Refcount width helpers on a refcount block buffer. */
