@@ -45,7 +45,8 @@
  *                   copy to/from the mapping like any store (no lock).
  * Locks, in order: wb_mu (one writer of memory contents to the image at a
  * time; held across a snapshot so nothing dirtied after the cut reaches the
- * image before the commit) -> mu (residency bitmap, installs and drops) ->
+ * image before the commit; the cut leaves the final set DIRTY, so the
+ * first writeback after the commit writes it again) -> mu (residency bitmap, installs and drops) ->
  * wp_mu (sync-mode dirty bitmap; never held across I/O or malloc) ->
  * bs->lock (taken inside bdev_*).  Counters are atomics, read lock-free.
  */
@@ -480,11 +481,12 @@ static int write_out(struct pms_mem *m, const uint8_t *src, uint64_t off, uint64
     return r < 0 ? r : 0;
 }
 
-/* Collect the sync-mode dirty runs of [s, e) into m->runs, re-protecting
- * them and clearing their bits; at most max runs.  wp_mu held.  Returns
- * the count; *next = where to continue. */
+/* Collect the sync-mode dirty runs of [s, e) into m->runs, at most max
+ * runs; with rearm, re-protect them and clear their bits (without, they stay
+ * dirty and writable: the snapshot cut).  wp_mu held.  Returns the count;
+ * *next = where to continue. */
 static uint64_t collect_sync(struct pms_mem *m, uint64_t s, uint64_t e, uint64_t max,
-                             uint64_t *next)
+                             bool rearm, uint64_t *next)
 {
     uint64_t n = 0, p = s / PG, pe = e / PG;
     while (p < pe && n < max) {
@@ -498,11 +500,14 @@ static uint64_t collect_sync(struct pms_mem *m, uint64_t s, uint64_t e, uint64_t
         }
         uint64_t q = p;
         while (q < pe && bit(m->dirty, q)) {
-            bclr(m->dirty, q);
+            if (rearm)
+                bclr(m->dirty, q);
             q++;
         }
-        atomic_fetch_sub(&m->ndirty, q - p);
-        uprotect(m, p * PG, (q - p) * PG, true, false);
+        if (rearm) {
+            atomic_fetch_sub(&m->ndirty, q - p);
+            uprotect(m, p * PG, (q - p) * PG, true, false);
+        }
         m->runs[n++] = (struct run){ p * PG, (q - p) * PG, 0 };
         p = q;
     }
@@ -537,7 +542,7 @@ static int64_t writeback(struct pms_mem *m, uint64_t s, uint64_t e)
     uint64_t cur = s;
     while (cur < e) {
         pthread_mutex_lock(&m->wp_mu);
-        uint64_t n = collect_sync(m, cur, e, m->nruns_max, &cur);
+        uint64_t n = collect_sync(m, cur, e, m->nruns_max, true, &cur);
         pthread_mutex_unlock(&m->wp_mu);
         for (uint64_t i = 0; i < n; i++) {
             int r = write_out(m, m->base + m->runs[i].off, m->runs[i].off, m->runs[i].len);
@@ -984,16 +989,21 @@ static int snap_locked(struct bdev *bs, int (*fn)(struct bdev *, const char *), 
     return r;
 }
 
-/* The cut: copy the final dirty set into the staging area and re-protect
- * it.  Runs with the application stopped: no malloc, no error messages.
- * Returns the number of runs or -errno. */
+/* The cut: copy the final dirty set into the staging area.  Runs with the
+ * application stopped: no malloc, no error messages.  The pages are NOT
+ * re-protected here: re-arming write protection costs a TLB flush per
+ * 2 MiB region touched (tens of ms for a few MB scattered over a large
+ * region, all of it inside the pause), so they stay marked dirty and the next
+ * writeback (after the snapshot is committed) writes their current
+ * content again and re-arms them outside the pause.  The price is that the
+ * final set is written twice.  Returns the number of runs or -errno. */
 static int64_t cut(struct pms_mem *m)
 {
     uint64_t nr = 0, staged = 0;
     if (m->async) {
         uint64_t cur = 0;
         while (cur < m->maplen) {
-            int n = scan(m, &cur, m->maplen, true, m->vec, SCAN_VEC);
+            int n = scan(m, &cur, m->maplen, false, m->vec, SCAN_VEC);
             if (n < 0)
                 return n;
             for (int i = 0; i < n; i++) {
@@ -1011,7 +1021,7 @@ static int64_t cut(struct pms_mem *m)
     uint64_t cur = 0;
     while (cur < m->maplen) {
         uint64_t first = nr;
-        nr += collect_sync(m, cur, m->maplen, m->nruns_max - nr, &cur);
+        nr += collect_sync(m, cur, m->maplen, m->nruns_max - nr, false, &cur);
         for (uint64_t i = first; i < nr; i++) {
             memcpy(m->stage + staged, m->base + m->runs[i].off, m->runs[i].len);
             m->runs[i].stage = staged;
@@ -1048,6 +1058,7 @@ int pms_mem_snapshot_create(struct pms_mem *m, const char *name, unsigned flags)
     pthread_mutex_lock(&m->wb_mu);
     int64_t bytes = 0, prev = INT64_MAX;
     /* pre-copy while the dirty set shrinks */
+    int64_t last = 0;
     for (int round = 0; round < 6; round++) {
         int64_t w = writeback(m, 0, m->maplen);
         if (w < 0) {
@@ -1055,10 +1066,20 @@ int pms_mem_snapshot_create(struct pms_mem *m, const char *name, unsigned flags)
             return (int)w;
         }
         bytes += w;
+        last = w;
         if (w < (int64_t)(256 << 10) || w >= prev)
             break;
         prev = w;
     }
+    /* Fault in the staging pages the cut will probably fill (about what the
+     * last round wrote, twice over) now: a first touch costs a page fault
+     * each, which inside the pause was most of it. */
+    uint64_t pre = ((uint64_t)last * 2 + (1u << 20) + PG - 1) & ~(uint64_t)(PG - 1);
+    if (pre > m->maplen)
+        pre = m->maplen;
+    if (madvise(m->stage, pre, MADV_POPULATE_WRITE) < 0)
+        for (uint64_t o = 0; o < pre; o += PG)     /* kernels before 5.14 */
+            ((volatile uint8_t *)m->stage)[o] = 0;
     bool stop = !(flags & PMS_SNAP_QUIESCED);
     uint64_t tp = now_ns();
     int r = stop ? pms_sp_stop(1000) : 0;
@@ -1068,6 +1089,7 @@ int pms_mem_snapshot_create(struct pms_mem *m, const char *name, unsigned flags)
                        "SIGRTMIN+6 blocked?); stop writers and pass PMS_SNAP_QUIESCED",
                        pms_sp_stuck_tid());
     }
+    uint64_t tc = now_ns();
     int64_t nr = cut(m);
     uint64_t pause = now_ns() - tp;      /* stop + final copy */
     if (stop)
@@ -1090,12 +1112,14 @@ int pms_mem_snapshot_create(struct pms_mem *m, const char *name, unsigned flags)
     uint64_t t3 = now_ns();
     pthread_mutex_unlock(&m->wb_mu);
     if (getenv("PMS_MEM_DEBUG"))
-        fprintf(stderr, "snapshot %s: pre-copy+cut %.2f ms (%lld B), staged write %.2f ms "
-                "(%llu B), commit %.2f ms\n", name, (tp - t0) / 1e6,
-                (long long)bytes, (t2 - tp) / 1e6, (unsigned long long)staged,
+        fprintf(stderr, "snapshot %s: pre-copy %.2f ms (%lld B), stop %.2f ms, cut %.2f ms, "
+                "staged write %.2f ms (%llu B, prefaulted %llu), commit %.2f ms\n", name, (tp - t0) / 1e6,
+                (long long)bytes, (tc - tp) / 1e6, pause / 1e6 - (tc - tp) / 1e6,
+                (t2 - tp) / 1e6 - pause / 1e6, (unsigned long long)staged, (unsigned long long)pre,
                 (t3 - t2) / 1e6);
-    if (staged)
-        madvise(m->stage, (staged + PG - 1) & ~(PG - 1), MADV_DONTNEED);
+    if (staged > pre)
+        pre = staged;
+    madvise(m->stage, (pre + PG - 1) & ~(PG - 1), MADV_DONTNEED);
     if (r < 0)
         return r;
     atomic_fetch_add(&m->snapshots, 1);
