@@ -252,7 +252,9 @@ static int snapshot_create(pms_dev *dev, const char *name, unsigned flags)
 
 int pms_snapshot_create_ex(pms_dev *dev, const char *name, unsigned flags)
 {
-    int r = snapshot_create(dev, name, flags);
+    int r = flags & ~(unsigned)PMS_SNAP_QUIESCED
+                ? pms_err(EINVAL, "unknown flags 0x%x", flags & ~(unsigned)PMS_SNAP_QUIESCED)
+                : snapshot_create(dev, name, flags);
     PMS_API_ERR(r);
     return r;
 }
