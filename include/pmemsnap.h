@@ -186,7 +186,8 @@ int  pms_check(pms_dev *dev, unsigned flags, struct pms_check_result *res,
 /* ---- internal snapshots --------------------------------------------------- */
 
 int  pms_snapshot_create(pms_dev *dev, const char *name);
-int  pms_snapshot_revert(pms_dev *dev, const char *name);   /* name or id */
+int  pms_snapshot_revert(pms_dev *dev, const char *name);   /* name or id; while mapped:
+                                                  EBUSY if its size differs */
 int  pms_snapshot_delete(pms_dev *dev, const char *name);   /* name or id */
 int  pms_snapshot_list(pms_dev *dev, struct pms_snapshot_info **list, size_t *n);
 void pms_snapshot_list_free(struct pms_snapshot_info *list, size_t n);
@@ -203,7 +204,7 @@ struct pms_map_opts {
     size_t size;               /* sizeof(struct pms_map_opts), set by init */
     uint64_t mem_limit;        /* resident-memory cap in bytes, 0 = none */
     int dirty_tracking;        /* enum pms_dirty_mode */
-    uint64_t chunk_size;       /* fault-in unit in bytes (power of two, >= page) */
+    uint64_t chunk_size;       /* fault-in unit in bytes (power of two, page .. 64 MiB) */
     unsigned writeback_interval_ms; /* background writeback period; 0 = default */
     int prefetch;              /* stream the whole image in the background */
 };
