@@ -14,11 +14,21 @@
  * Released references are applied only after the L2 change is durable
  * (pending frees, drained by flush), so a crash can leak but never leaves
  * an entry pointing at a freed cluster.
+ *
+ * Compressed writes (whole clusters, qcow2_pwrite_compressed) follow the
+ * same order: the compressed bytes get a byte range from qcow2_alloc_bytes
+ * (packed after the previous compressed cluster; +1 refcount on every host
+ * cluster the range touches, never running into a cluster another user
+ * owns), are written, and only then does the L2 entry (COMPRESSED, no
+ * COPIED, extended-L2 bitmap 0) link them; the old entry's reference goes
+ * to the pending frees.  QEMU refuses to compress over an allocated
+ * cluster; we replace it like any other write does.
  */
 #include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -1274,10 +1284,57 @@ static int write_compressed_cluster(struct bdev *bs, const uint8_t *z, uint64_t 
     return release_entry(bs, e);
 }
 
+/* Parallel compression of a batch of clusters (QEMU too compresses in a
+ * thread pool): worker t takes clusters t, t + n, ...  Workers only read
+ * their inputs and fill their own outputs; the error message of a failed
+ * cluster is made again by the caller's thread. */
+struct cjob {
+    struct qcow2_state *s;
+    const uint8_t **in;          /* cluster_size bytes each */
+    uint8_t *out;                /* cluster_size bytes per cluster */
+    int64_t *len;                /* compressed length, 0 = incompressible, <0 = error */
+    unsigned n, first, step;
+};
+
+static void *cjob_run(void *arg)
+{
+    struct cjob *j = arg;
+    uint64_t cs = j->s->cluster_size;
+    for (unsigned i = j->first; i < j->n; i += j->step)
+        j->len[i] = compress_cluster(j->s, j->out + i * cs, cs - 1, j->in[i]);
+    return NULL;
+}
+
+#define CBATCH_BYTES (8u << 20)       /* compressed per batch (inputs and outputs) */
+#define CTHREADS 4
+
+static void compress_batch(struct qcow2_state *s, const uint8_t **in, uint8_t *out,
+                           int64_t *len, unsigned n)
+{
+    struct cjob jobs[CTHREADS];
+    pthread_t tid[CTHREADS];
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    unsigned nt = n < CTHREADS ? n : CTHREADS;
+    if (cpus > 0 && (unsigned long)cpus < nt) nt = (unsigned)cpus;
+    if (nt < 1) nt = 1;
+    bool started[CTHREADS] = { false };
+    for (unsigned t = 1; t < nt; t++) {
+        jobs[t] = (struct cjob){ s, in, out, len, n, t, nt };
+        started[t] = pthread_create(&tid[t], NULL, cjob_run, &jobs[t]) == 0;
+    }
+    jobs[0] = (struct cjob){ s, in, out, len, n, 0, nt };
+    cjob_run(&jobs[0]);
+    for (unsigned t = 1; t < nt; t++) {
+        if (started[t]) pthread_join(tid[t], NULL);
+        else cjob_run(&jobs[t]);          /* no thread: do its share here */
+    }
+}
+
 /* QEMU's qcow2_co_pwritev_compressed_part: whole clusters (the last one of
  * the image may be partial and is padded with zeroes), each compressed on
  * its own; a cluster that does not compress to less than cluster_size - 1
- * bytes is written normally. */
+ * bytes is written normally.  Clusters are compressed in parallel a batch
+ * at a time, then allocated, written and linked in order. */
 static int qcow2_pwrite_compressed(struct bdev *bs, const void *buf, uint64_t len, uint64_t off)
 {
     struct qcow2_state *s = QS(bs);
@@ -1301,21 +1358,42 @@ static int qcow2_pwrite_compressed(struct bdev *bs, const void *buf, uint64_t le
         return pms_err(EINVAL, "compressed writes must cover whole clusters (length %llu, "
                        "cluster size %llu), except the last cluster of the image",
                        (unsigned long long)len, (unsigned long long)cs);
-    uint8_t *in = malloc(cs), *out = malloc(cs);
-    int r = in && out ? 0 : pms_err(ENOMEM, "out of memory");
+    uint64_t nclu = (len + cs - 1) / cs;
+    unsigned bmax = (unsigned)(CBATCH_BYTES / cs > 1 ? CBATCH_BYTES / cs : 1);
+    if (nclu < bmax) bmax = (unsigned)nclu;
+    uint8_t *out = malloc(bmax * cs), *pad = NULL;
+    const uint8_t **in = malloc(bmax * sizeof *in);
+    int64_t *clen = malloc(bmax * sizeof *clen);
+    int r = out && in && clen ? 0 : pms_err(ENOMEM, "out of memory");
     const uint8_t *p = buf;
     while (r == 0 && len) {
-        uint64_t n = len < cs ? len : cs;
-        memcpy(in, p, n);
-        if (n < cs) memset(in + n, 0, cs - n);
-        int64_t z = compress_cluster(s, out, cs - 1, in);
-        if (z < 0) r = (int)z;
-        else if (z == 0) r = qcow2_pwrite(bs, p, n, off);      /* incompressible */
-        else r = write_compressed_cluster(bs, out, (uint64_t)z, off);
-        p += n; off += n; len -= n;
+        unsigned n = 0;
+        for (uint64_t o = 0; n < bmax && o < len; o += cs, n++) {
+            in[n] = p + o;
+            if (len - o < cs) {            /* the image's partial last cluster */
+                if (!pad && !(pad = calloc(1, cs))) { r = pms_err(ENOMEM, "out of memory"); break; }
+                memcpy(pad, p + o, len - o);
+                in[n] = pad;
+            }
+        }
+        if (r < 0) break;
+        compress_batch(s, in, out, clen, n);
+        for (unsigned i = 0; r == 0 && i < n; i++) {
+            uint64_t l = len < cs ? len : cs;
+            if (clen[i] < 0)            /* again here, for the error message */
+                r = (int)compress_cluster(s, out + i * cs, cs - 1, in[i]);
+            else if (clen[i] == 0)
+                r = qcow2_pwrite(bs, p, l, off);             /* incompressible */
+            else
+                r = write_compressed_cluster(bs, out + i * cs, (uint64_t)clen[i], off);
+            if (r > 0) r = 0;
+            p += l; off += l; len -= l;
+        }
     }
-    free(in);
     free(out);
+    free(in);
+    free(clen);
+    free(pad);
     return r;
 }
 
