@@ -163,7 +163,8 @@ for o in foo=bar cluster_size=3000 cluster_size=4M cluster_size=0 cluster_size=1
 done
 refused q "create: -o compat=0.10 then lazy_refcounts" \
     create -f qcow2 -o compat=0.10 -o lazy_refcounts=on out.q 1M
-refused x "create: compression_type=zstd"    create -f qcow2 -o compression_type=zstd out.q 1M
+refused q "create: compression_type=lz4"     create -f qcow2 -o compression_type=lz4 out.q 1M
+refused q "create: zstd with compat=0.10"    create -f qcow2 -o compression_type=zstd,compat=0.10 out.q 1M
 refused q "create: backing without -F"       create -f qcow2 -b img.qcow2 out.q 1M
 refused q "create: bogus backing format"     create -f qcow2 -b img.qcow2 -F bogus out.q
 refused q "create: image backed by itself"   create -f qcow2 -b img.qcow2 -F qcow2 img.qcow2 1M
