@@ -44,7 +44,7 @@ struct pms_open_opts {
     size_t size;               /* sizeof(struct pms_open_opts), set by init */
     int readonly;              /* open read-only (no write ever reaches the file) */
     const char *format;        /* "qcow2", "raw" or NULL to probe */
-    uint64_t l2_cache_size;    /* bytes of L2 tables cached; 0 = default (1 MiB) */
+    uint64_t l2_cache_size;    /* bytes of L2 tables cached; 0 = default (the whole image, 1..32 MiB) */
     uint64_t refcount_cache_size; /* bytes of refcount blocks cached; 0 = default */
     int cache_mode;            /* enum pms_cache_mode */
     int no_backing;            /* do not open the backing file (reads of unallocated

@@ -296,8 +296,10 @@ static int t_cap(const char *img, const char *mode, uint64_t limit_mb, uint64_t 
         uint64_t b = offs[i], *q = (uint64_t *)(p + b * (64 << 10));
         for (int j = 0; j < (64 << 10) / 8; j += 512)
             CHECK(q[j] == b * 1000 + (uint64_t)j, "block %" PRIu64 " page %d lost", b, j / 512);
-        uint64_t r = rss_kb("RssAnon:");
-        if ((i & 255) == 0 && r > maxrss) maxrss = r;
+        if ((i & 255) == 0) {
+            uint64_t r = rss_kb("RssAnon:");
+            if (r > maxrss) maxrss = r;
+        }
     }
     struct pms_stats st = stats(d);
     uint64_t used = maxrss > base_rss ? maxrss - base_rss : 0;

@@ -8,6 +8,9 @@
  * cluster whose refcount increment is not durable.  Data clusters are written
  * straight to the file before their L2 entry is updated in the cache, and the
  * same file flush makes them durable first.
+ * Entries' buffers are allocated on first use, so a cache sized for a large
+ * image costs memory only as tables are touched; a hash of the table offset
+ * finds an entry without scanning (a miss scans for the LRU victim).
  * Threads: called with bs->lock held (see qcow2.h); no locking here.
  */
 #include <stdlib.h>
@@ -19,18 +22,21 @@ int qcow2_cache_init(struct qcow2_cache *c, int n, uint64_t cluster_size, bool i
 {
     memset(c, 0, sizeof *c);
     if (n < 4) n = 4;
+    c->nslot = 8;
+    while (c->nslot < 2u * (unsigned)n) c->nslot *= 2;
     c->e = calloc((size_t)n, sizeof *c->e);
-    if (!c->e)
+    c->slot = malloc(c->nslot * sizeof *c->slot);
+    if (!c->e || !c->slot) {
+        free(c->e);
+        free(c->slot);
+        c->e = NULL;
+        c->slot = NULL;
         return pms_err(ENOMEM, "out of memory for the metadata cache");
-    for (int i = 0; i < n; i++) {
-        if (posix_memalign((void **)&c->e[i].data, 4096, cluster_size)) {
-            c->n = i;
-            qcow2_cache_destroy(c);
-            return pms_err(ENOMEM, "out of memory for the metadata cache");
-        }
     }
+    for (unsigned i = 0; i < c->nslot; i++) c->slot[i] = -1;
     c->n = n;
     c->is_refcount = is_refcount;
+    c->cluster_size = cluster_size;
     return 0;
 }
 
@@ -40,7 +46,9 @@ void qcow2_cache_destroy(struct qcow2_cache *c)
     for (int i = 0; i < c->n; i++)
         free(c->e[i].data);
     free(c->e);
+    free(c->slot);
     c->e = NULL;
+    c->slot = NULL;
     c->n = 0;
 }
 
@@ -93,17 +101,34 @@ int qcow2_cache_writeback(struct bdev *bs, struct qcow2_cache *c)
     return 0;
 }
 
+static unsigned hslot(const struct qcow2_cache *c, uint64_t off)
+{
+    uint64_t h = (off / c->cluster_size) * 0x9e3779b97f4a7c15ull;
+    return (unsigned)(h >> 40) & (c->nslot - 1);
+}
+
+static int hit(struct bdev *bs, struct qcow2_cache *c, int i, bool read, uint8_t **table)
+{
+    c->e[i].lru = ++c->tick;
+    c->last = i;
+    *table = c->e[i].data;
+    if (!read) memset(c->e[i].data, 0, QS(bs)->cluster_size);
+    return 0;
+}
+
 static int lookup(struct bdev *bs, struct qcow2_cache *c, uint64_t off, bool read,
                   uint8_t **table)
 {
     struct qcow2_state *s = QS(bs);
+    unsigned h = hslot(c, off);
+    int k = c->slot[h];
+    if (off && k >= 0 && c->e[k].offset == off)
+        return hit(bs, c, k, read, table);
     int victim = -1;
     for (int i = 0; i < c->n; i++) {
         if (c->e[i].offset == off && off) {
-            c->e[i].lru = ++c->tick;
-            *table = c->e[i].data;
-            if (!read) memset(c->e[i].data, 0, s->cluster_size);
-            return 0;
+            c->slot[h] = i;
+            return hit(bs, c, i, read, table);
         }
         if (victim < 0 || c->e[i].offset == 0 ||
             (c->e[victim].offset != 0 && c->e[i].lru < c->e[victim].lru))
@@ -115,6 +140,10 @@ static int lookup(struct bdev *bs, struct qcow2_cache *c, uint64_t off, bool rea
     if (r < 0)
         return r;
     e->offset = 0;
+    if (!e->data && posix_memalign((void **)&e->data, 4096, s->cluster_size)) {
+        e->data = NULL;
+        return pms_err(ENOMEM, "out of memory for the metadata cache");
+    }
     if (read) {
         r = bdev_file_pread(bs->file, e->data, s->cluster_size, off);
         if (r < 0)
@@ -123,6 +152,8 @@ static int lookup(struct bdev *bs, struct qcow2_cache *c, uint64_t off, bool rea
         memset(e->data, 0, s->cluster_size);
     e->offset = off;
     e->lru = ++c->tick;
+    c->slot[h] = victim;
+    c->last = victim;
     *table = e->data;
     return 0;
 }
@@ -139,6 +170,10 @@ int qcow2_cache_get_empty(struct bdev *bs, struct qcow2_cache *c, uint64_t off, 
 
 void qcow2_cache_mark_dirty(struct qcow2_cache *c, const uint8_t *table)
 {
+    if (c->last < c->n && c->e[c->last].data == table) {
+        c->e[c->last].dirty = true;
+        return;
+    }
     for (int i = 0; i < c->n; i++)
         if (c->e[i].data == table) {
             c->e[i].dirty = true;

@@ -625,7 +625,16 @@ static int qcow2_open(struct bdev *bs, const char *path, const struct pms_open_o
             return r;
     }
     /* caches */
-    uint64_t l2c = o->l2_cache_size ? o->l2_cache_size : (1u << 20);
+    /* Default L2 cache: enough tables to cover the whole image, between
+     * 1 MiB and 32 MiB (QEMU's default on Linux); buffers are allocated as
+     * tables are first used, so a sparse working set costs little. */
+    uint64_t l2c = o->l2_cache_size;
+    if (!l2c) {
+        uint64_t cov = s->cluster_bits + s->l2_bits;
+        uint64_t tables = (s->size >> cov) + 1;
+        l2c = tables > ((32ull << 20) >> s->cluster_bits) ? 32ull << 20 : tables << s->cluster_bits;
+        if (l2c < (1u << 20)) l2c = 1u << 20;
+    }
     uint64_t rbc = o->refcount_cache_size ? o->refcount_cache_size : (256u << 10);
     int nl2 = (int)(l2c >> s->cluster_bits), nrb = (int)(rbc >> s->cluster_bits);
     if (nl2 > 4096) nl2 = 4096;

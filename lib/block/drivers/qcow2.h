@@ -59,6 +59,10 @@ struct qcow2_cache {
     int n;
     uint64_t tick;
     bool is_refcount;            /* refcount-block cache (flushed first) */
+    uint64_t cluster_size;
+    int *slot;                   /* nslot hints: table offset hash -> entry index */
+    unsigned nslot;              /* power of two >= 2n */
+    int last;                    /* entry returned last (mark_dirty's first guess) */
 };
 
 struct qcow2_snapshot {
