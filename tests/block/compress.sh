@@ -128,14 +128,17 @@ sys.exit(0 if m and m[0]["data"] and "offset" not in m[0] else 1)' $cs ||
     ok "$nc compressed clusters"
 }
 
-for cs in 512 4096 65536 2097152; do
+# the sanitizer build runs a subset (the normal build runs all of them)
+sizes="512 4096 65536 2097152"; [ -n "${PMS_SANITIZED:-}" ] && sizes="512 65536"
+for cs in $sizes; do
     size=$((16 * cs)); [ $cs -ge 4096 ] && size=$((16 * cs - cs / 2))   # partial last cluster
     for z in zlib zstd; do
         scenario "io write -c cs=$cs $z" $cs $size "compression_type=$z"
     done
 done
 scenario "io write -c cs=65536 extended_l2" 65536 $((16 * 65536)) "extended_l2=on"
-scenario "io write -c cs=2M extended_l2 zstd" 2097152 $((16 * 2097152 - 4096)) "extended_l2=on,compression_type=zstd"
+[ -z "${PMS_SANITIZED:-}" ] &&
+    scenario "io write -c cs=2M extended_l2 zstd" 2097152 $((16 * 2097152 - 4096)) "extended_l2=on,compression_type=zstd"
 # narrow refcounts: a host cluster packed with compressed clusters reaches
 # the maximum, and the next one starts a fresh cluster (no snapshot: it
 # would overflow on both sides)
@@ -167,8 +170,10 @@ rm -f csrc.qcow2
 qemu-img create -q -f qcow2 csrc.qcow2 24M
 qemu-io -c "write -s semi 0 3M" -c "write -P 7 5M 100k" -c "write -z 6M 1M" -c "write -P 3 10M 4k" \
         -c "write -s rnd 12M 2M" -c "write -P 0 16M 1M" -c "write -s semi 20M 300k" csrc.qcow2 >/dev/null
-for o in "" "compression_type=zstd" "cluster_size=512" "cluster_size=4096,compression_type=zstd" \
-         "cluster_size=2M" "extended_l2=on" "compat=0.10"; do
+copts=("" "compression_type=zstd" "cluster_size=512" "cluster_size=4096,compression_type=zstd"
+       "cluster_size=2M" "extended_l2=on" "compat=0.10")
+[ -n "${PMS_SANITIZED:-}" ] && copts=("" "cluster_size=4096,compression_type=zstd" "compat=0.10")
+for o in "${copts[@]}"; do
     begin "convert -c ${o:-defaults}"
     rm -f c1.qcow2 c2.qcow2
     oo=(); [ -n "$o" ] && oo=(-o "$o")
