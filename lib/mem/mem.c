@@ -106,6 +106,7 @@ struct pms_mem {
     struct run *runs;                /* snapshot cut runs (wb_mu) */
     uint64_t nruns_max;
     uint8_t *stage;                  /* snapshot staging (wb_mu) */
+    uint64_t stage_warm;             /* stage bytes touched from user space and kept (wb_mu) */
     uint64_t seq_next, ra, hand;
 
     pthread_t fault_th, wb_th, pf_th;
@@ -1125,15 +1126,18 @@ int pms_mem_snapshot_create(struct pms_mem *m, const char *name, unsigned flags)
             break;
         prev = w;
     }
-    /* Fault in the staging pages the cut will probably fill (about what the
+    /* Touch the staging pages the cut will probably fill (about what the
      * last round wrote, twice over) now: a first touch costs a page fault
-     * each, which inside the pause was most of it. */
+     * each (and, under a shadow-paging hypervisor, an exit even after
+     * MADV_POPULATE_WRITE), which inside the pause was most of it.  The
+     * touches are stores from user space for that reason. */
     uint64_t pre = ((uint64_t)last * 2 + (1u << 20) + PG - 1) & ~(uint64_t)(PG - 1);
     if (pre > m->maplen)
         pre = m->maplen;
-    if (madvise(m->stage, pre, MADV_POPULATE_WRITE) < 0)
-        for (uint64_t o = 0; o < pre; o += PG)     /* kernels before 5.14 */
-            ((volatile uint8_t *)m->stage)[o] = 0;
+    for (uint64_t o = m->stage_warm; o < pre; o += PG)
+        ((volatile uint8_t *)m->stage)[o] = 0;
+    if (pre > m->stage_warm)
+        m->stage_warm = pre;
     bool stop = !(flags & PMS_SNAP_QUIESCED);
     uint64_t tp = now_ns();
     int r = stop ? pms_sp_stop(1000) : 0;
@@ -1167,13 +1171,20 @@ int pms_mem_snapshot_create(struct pms_mem *m, const char *name, unsigned flags)
     pthread_mutex_unlock(&m->wb_mu);
     if (getenv("PMS_MEM_DEBUG"))
         fprintf(stderr, "snapshot %s: pre-copy %.2f ms (%lld B), stop %.2f ms, cut %.2f ms, "
-                "staged write %.2f ms (%llu B, prefaulted %llu), commit %.2f ms\n", name, (tp - t0) / 1e6,
+                "staged write %.2f ms (%llu B, warm %llu), commit %.2f ms\n", name, (tp - t0) / 1e6,
                 (long long)bytes, (tc - tp) / 1e6, pause / 1e6 - (tc - tp) / 1e6,
                 (t2 - tp) / 1e6 - pause / 1e6, (unsigned long long)staged, (unsigned long long)pre,
                 (t3 - t2) / 1e6);
-    if (staged > pre)
-        pre = staged;
-    madvise(m->stage, (pre + PG - 1) & ~(PG - 1), MADV_DONTNEED);
+    /* keep a warm part of the staging area for the next cut (at most
+     * 32 MiB, and an eighth of a memory cap), release the rest */
+    uint64_t warm = staged > m->stage_warm ? staged : m->stage_warm;
+    warm = (warm + PG - 1) & ~(PG - 1);
+    uint64_t keep = 32ull << 20;
+    if (m->limit_pages && keep > m->limit_pages * PG / 8)
+        keep = m->limit_pages * PG / 8 & ~(PG - 1);
+    if (warm > keep)
+        madvise(m->stage + keep, warm - keep, MADV_DONTNEED);
+    m->stage_warm = warm < keep ? warm : keep;
     if (r < 0)
         return r;
     atomic_fetch_add(&m->snapshots, 1);
