@@ -216,6 +216,17 @@ one_case() {
         run snapl2 "snapshot -l" "$T" snapshot -f qcow2 -l "$copy"
         grep -qw x "$D/snapl2.out" || fail "snapshot -c succeeded but x is not listed"
     fi
+    # compressed write, shrink and grow, each on a fresh copy: a clean
+    # refusal or success, never a crash, a hang or a sanitizer report
+    cp "$D/pristine" "$copy"
+    run writec "write -c" "$T" io -f qcow2 -c "write -c 0 64k" "$copy"
+    [ $qopen -ne 0 ] && [ $rc -eq 0 ] && fail "write -c succeeded, qemu-img refuses the image"
+    cp "$D/pristine" "$copy"
+    run shrink "resize --shrink" "$T" resize -f qcow2 --shrink "$copy" 512
+    [ $qopen -ne 0 ] && [ $rc -eq 0 ] && fail "resize --shrink succeeded, qemu-img refuses the image"
+    cp "$D/pristine" "$copy"
+    run grow "resize +1G" "$T" resize -f qcow2 "$copy" +1G
+    [ $qopen -ne 0 ] && [ $rc -eq 0 ] && fail "resize succeeded, qemu-img refuses the image"
     rm -rf "$D" "$copy" "$copy.q"
 }
 
