@@ -871,15 +871,24 @@ static int t_revert_size(void)
 
 /* ---- block calls while mapped ---------------------------------------------------- */
 
-static int t_blockio(void)
+/* A qcow2 image of SZ bytes filled with 0x5a by qemu-io, opened and mapped
+ * (background writeback practically off). */
+#define SZ ((size_t)(1 << 20) + 4608)
+static pms_dev *mapped_5a(const char *img, uint8_t **pp)
 {
-    char *img = P("b.qcow2");
-    const size_t SZ = (1 << 20) + 4608;
     MUST("qemu-img create -q -f qcow2 '%s' %zu && qemu-io -f qcow2 -c 'write -P 0x5a 0 %zu' '%s' >/dev/null",
          img, SZ, SZ, img);
     pms_dev *d = open_img(img, "qcow2", 0, 0);
     size_t len;
-    uint8_t *p = map(d, &len, 3600000);
+    *pp = map(d, &len, 3600000);
+    return d;
+}
+
+static int t_blockio(void)
+{
+    char *img = P("b.qcow2");
+    uint8_t *p;
+    pms_dev *d = mapped_5a(img, &p);
     uint8_t buf[8192];
     expect_err(pms_truncate(d, 2 << 20), EBUSY, "pms_truncate", "grow while mapped");
     expect_err(pms_truncate(d, 4096), EBUSY, "pms_truncate", "shrink while mapped");
@@ -905,12 +914,8 @@ static int t_blockio(void)
 static int t_blockio2(void)
 {
     char *img = P("b2.qcow2");
-    const size_t SZ = (1 << 20) + 4608;
-    MUST("qemu-img create -q -f qcow2 '%s' %zu && qemu-io -f qcow2 -c 'write -P 0x5a 0 %zu' '%s' >/dev/null",
-         img, SZ, SZ, img);
-    pms_dev *d = open_img(img, "qcow2", 0, 0);
-    size_t len;
-    uint8_t *p = map(d, &len, 3600000);
+    uint8_t *p;
+    pms_dev *d = mapped_5a(img, &p);
     static uint8_t buf[16384];
     memset(buf, 0x61, sizeof buf);
     expect_err(pms_pwrite(d, buf, sizeof buf, SZ - 100), EINVAL, "pms_pwrite", "straddles the end");
@@ -934,6 +939,7 @@ static int t_blockio2(void)
         "read -P 0x5a 32768 67232", NULL);
     check_clean(img);
     /* truncate works again once unmapped; a new map sees the new size */
+    size_t len;
     d = open_img(img, "qcow2", 0, 0);
     p = map(d, &len, 0);
     API(pms_unmap(d));
@@ -946,6 +952,8 @@ static int t_blockio2(void)
     qio("qcow2", img, "read -P 0x65 1057279 1", "read -P 0 1053184 4095", NULL);
     return 0;
 }
+
+#undef SZ
 
 /* pms_pwrite from a buffer inside the mapping that overlaps the target */
 static int t_overlap(void)
