@@ -519,7 +519,29 @@ static uint64_t collect_sync(struct pms_mem *m, uint64_t s, uint64_t e, uint64_t
     return n;
 }
 
-/* Write back every dirty page of [s, e); wb_mu held.  Returns bytes or -errno. */
+/* A write-back of [off, off+len) failed after the range was re-protected
+ * (marked clean): mark it dirty again, so that nothing evicts it and the
+ * next writeback or persist retries it.  wb_mu held. */
+static void redirty(struct pms_mem *m, uint64_t off, uint64_t len)
+{
+    if (m->async) {                 /* WP_ASYNC: unprotected == written */
+        uprotect(m, off, len, false, false);
+        return;
+    }
+    pthread_mutex_lock(&m->wp_mu);
+    uint64_t added = 0;
+    for (uint64_t p = off / PG; p < (off + len) / PG; p++)
+        if (!bit(m->dirty, p)) {    /* (a racing store may have set it) */
+            bset(m->dirty, p);
+            added++;
+        }
+    atomic_fetch_add(&m->ndirty, added);
+    uprotect(m, off, len, false, false);
+    pthread_mutex_unlock(&m->wp_mu);
+}
+
+/* Write back every dirty page of [s, e); wb_mu held.  Returns bytes or
+ * -errno; on an error every page not written is dirty again. */
 static int64_t writeback(struct pms_mem *m, uint64_t s, uint64_t e)
 {
     int64_t bytes = 0;
@@ -534,8 +556,11 @@ static int64_t writeback(struct pms_mem *m, uint64_t s, uint64_t e)
             for (int i = 0; i < n; i++) {
                 uint64_t o = m->vec[i].start, l = m->vec[i].end - o;
                 int r = write_out(m, m->base + o, o, l);
-                if (r < 0)
+                if (r < 0) {
+                    for (int j = i; j < n; j++)
+                        redirty(m, m->vec[j].start, m->vec[j].end - m->vec[j].start);
                     return r;
+                }
                 bytes += (int64_t)l;
             }
             if (n == 0)
@@ -550,8 +575,11 @@ static int64_t writeback(struct pms_mem *m, uint64_t s, uint64_t e)
         pthread_mutex_unlock(&m->wp_mu);
         for (uint64_t i = 0; i < n; i++) {
             int r = write_out(m, m->base + m->runs[i].off, m->runs[i].off, m->runs[i].len);
-            if (r < 0)
+            if (r < 0) {
+                for (uint64_t j = i; j < n; j++)
+                    redirty(m, m->runs[j].off, m->runs[j].len);
                 return r;
+            }
             bytes += (int64_t)m->runs[i].len;
         }
     }

@@ -1,6 +1,6 @@
 # Shared helpers for the mem test scripts.
 set -u
-T=$(mktemp -d /tmp/pms-mem.XXXXXX)
+T=$(mktemp -d "${TMPDIR:-/tmp}/pms-mem.XXXXXX")
 trap 'rm -rf "$T"' EXIT
 fail() { echo "FAIL: $*" >&2; exit 1; }
 # qio IMG CMD...: run qemu-io commands, fail on any pattern mismatch

@@ -13,4 +13,22 @@ for e in json.load(sys.stdin):
         print(e["offset"] + 2097152 - e["start"]); break')
 [ -n "$host" ] || fail "no host offset"
 "$MEMTEST" sigbus "$img" 2097152 "$host" || fail sigbus
+
+# A write-back that fails (the image file may not grow: a full disk) keeps
+# the pages dirty; once it may grow, persist writes every byte.
+for mode in async sync; do
+    w=$T/w-$mode.qcow2
+    qemu-img create -q -f qcow2 "$w" 16M
+    rc=0
+    "$MEMTEST" wberr "$w" $mode || rc=$?
+    [ $rc = 77 ] && { echo "SKIP wberr $mode"; continue; }
+    [ $rc = 0 ] || fail "wberr $mode"
+    cmds=()
+    for i in 0 1 2 3 4 5 6 7; do
+        cmds+=(-c "read -P $((0x40 + i)) $(((1 + i) << 20)) 1M")
+    done
+    out=$(qemu-io -f qcow2 "${cmds[@]}" "$w" 2>&1)
+    grep -qi "fail\|error" <<<"$out" && fail "wberr $mode: data lost after a failed write-back: $out"
+    check_img "$w"
+done
 echo ok

@@ -22,6 +22,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 #include "pmemsnap.h"
@@ -438,6 +440,41 @@ static int t_ro(const char *img)
     return 0;
 }
 
+/* ---- writeback failure (a full disk, here RLIMIT_FSIZE): nothing lost ------- */
+
+/* Stores 8 MiB, then lets the image file grow no further: persist fails and
+ * the background writeback fails too, for a while.  The pages must stay
+ * dirty: once the file may grow again, persist succeeds and the script
+ * checks every byte with qemu-io. */
+static int t_wberr(const char *img, const char *mode)
+{
+    signal(SIGXFSZ, SIG_IGN);          /* the write fails with EFBIG instead */
+    pms_dev *d = open_img(img, 0, NULL);
+    size_t len;
+    uint8_t *p = map(d, mode, 0, &len);
+    CHECK(len >= (9u << 20), "image too small");
+    struct stat sb;
+    CHECK(stat(img, &sb) == 0, "stat");
+    struct rlimit old, lim;
+    getrlimit(RLIMIT_FSIZE, &old);
+    lim = old;
+    lim.rlim_cur = (rlim_t)sb.st_size;  /* no cluster can be allocated */
+    CHECK(setrlimit(RLIMIT_FSIZE, &lim) == 0, "setrlimit");
+    for (size_t i = 0; i < (8u << 20); i += PG)
+        memset(p + (1u << 20) + i, (int)(0x40 + (i >> 20)), PG);
+    int r = pms_persist(d, p + (1u << 20), 8u << 20);
+    CHECK(r < 0, "persist succeeded although the file cannot grow");
+    printf("persist refused: %s\n", pms_errmsg());
+    usleep(300000);                    /* background rounds fail as well */
+    r = pms_persist(d, p + (1u << 20), 8u << 20);
+    CHECK(r < 0, "second persist succeeded although the file cannot grow");
+    CHECK(setrlimit(RLIMIT_FSIZE, &old) == 0, "setrlimit back");
+    API(pms_persist(d, p + (1u << 20), 8u << 20));
+    API(pms_unmap(d));
+    API(pms_close(d));
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 3) {
@@ -458,6 +495,7 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "ro")) return t_ro(img);
     if (!strcmp(cmd, "prefetch")) return t_prefetch(img);
     if (!strcmp(cmd, "blocked")) return t_blocked(img);
+    if (!strcmp(cmd, "wberr")) return t_wberr(img, mode);
     fprintf(stderr, "unknown subcommand %s\n", cmd);
     return 2;
 }
