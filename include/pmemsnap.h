@@ -65,7 +65,8 @@ struct pms_open_opts {
 void pms_open_opts_init(struct pms_open_opts *o);
 
 int  pms_open(const char *path, const struct pms_open_opts *opts, pms_dev **devp);
-int  pms_close(pms_dev *dev);                 /* flushes everything; frees dev */
+int  pms_close(pms_dev *dev);                 /* unmaps, flushes everything; frees dev even
+                                                  when that fails (the error is returned) */
 int64_t pms_size(pms_dev *dev);
 
 /* ---- block I/O (bytes; any alignment) ------------------------------------ */
@@ -212,7 +213,8 @@ void pms_map_opts_init(struct pms_map_opts *o);
 
 int  pms_map(pms_dev *dev, const struct pms_map_opts *opts, void **addrp, size_t *lenp);
 int  pms_persist(pms_dev *dev, const void *addr, size_t len);
-int  pms_unmap(pms_dev *dev);
+int  pms_unmap(pms_dev *dev);   /* persists, then unmaps; if the persist fails (e.g. a full
+                                   disk) it stays mapped, nothing lost, and may be retried */
 
 /* Flags for pms_snapshot_create_ex. */
 #define PMS_SNAP_QUIESCED 0x1  /* caller already stopped every writer */

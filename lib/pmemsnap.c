@@ -73,7 +73,7 @@ int pms_close(pms_dev *dev)
         return 0;
     int r = 0;
     if (dev->mem) {
-        r = pms_mem_unmap(dev->mem);
+        r = pms_mem_unmap(dev->mem, true);
         dev->mem = NULL;
     }
     int r2 = bdev_flush(dev->bs);
@@ -327,8 +327,9 @@ int pms_unmap(pms_dev *dev)
     if (!dev->mem)
         r = pms_err(EINVAL, "device is not mapped");
     else {
-        r = pms_mem_unmap(dev->mem);
-        dev->mem = NULL;
+        r = pms_mem_unmap(dev->mem, false);
+        if (r == 0)
+            dev->mem = NULL;
     }
     pthread_mutex_unlock(&dev->lock);
     PMS_API_ERR(r);

@@ -25,7 +25,8 @@ struct pms_dev {
 /* Implemented in lib/mem/.  All return 0 or -errno with pms_err set. */
 int  pms_mem_map(pms_dev *dev, const struct pms_map_opts *o, struct pms_mem **memp,
                  void **addrp, size_t *lenp);
-int  pms_mem_unmap(struct pms_mem *m);      /* persists everything, frees m */
+int  pms_mem_unmap(struct pms_mem *m, bool force); /* persists everything, frees m; if the
+                                                  persist fails and !force, m stays mapped */
 int  pms_mem_persist(struct pms_mem *m, const void *addr, size_t len);
 int  pms_mem_pread(struct pms_mem *m, void *buf, size_t len, uint64_t off);
 int  pms_mem_pwrite(struct pms_mem *m, const void *buf, size_t len, uint64_t off);

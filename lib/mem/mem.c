@@ -973,7 +973,7 @@ int pms_mem_map(pms_dev *dev, const struct pms_map_opts *o, struct pms_mem **mem
     return 0;
 }
 
-int pms_mem_unmap(struct pms_mem *m)
+int pms_mem_unmap(struct pms_mem *m, bool force)
 {
     int r = 0;
     if (m->wp) {            /* the fault thread still serves: writeback may fault */
@@ -982,6 +982,8 @@ int pms_mem_unmap(struct pms_mem *m)
         r = w < 0 ? (int)w : bdev_flush(m->bs);
         pthread_mutex_unlock(&m->wb_mu);
     }
+    if (r < 0 && !force)
+        return r;           /* still mapped, nothing lost: the caller may retry */
     stop_threads(m);
     mem_free(m);
     return r;

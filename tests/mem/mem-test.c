@@ -442,10 +442,10 @@ static int t_ro(const char *img)
 
 /* ---- writeback failure (a full disk, here RLIMIT_FSIZE): nothing lost ------- */
 
-/* Stores 8 MiB, then lets the image file grow no further: persist fails and
- * the background writeback fails too, for a while.  The pages must stay
- * dirty: once the file may grow again, persist succeeds and the script
- * checks every byte with qemu-io. */
+/* Stores 8 MiB, then lets the image file grow no further: persist fails,
+ * the background writeback fails too, and unmap fails and stays mapped.
+ * The pages must stay dirty: once the file may grow again, persist and
+ * unmap succeed and the script checks every byte with qemu-io. */
 static int t_wberr(const char *img, const char *mode)
 {
     signal(SIGXFSZ, SIG_IGN);          /* the write fails with EFBIG instead */
@@ -468,8 +468,12 @@ static int t_wberr(const char *img, const char *mode)
     usleep(300000);                    /* background rounds fail as well */
     r = pms_persist(d, p + (1u << 20), 8u << 20);
     CHECK(r < 0, "second persist succeeded although the file cannot grow");
+    /* unmap cannot persist either: it must fail and leave the mapping */
+    r = pms_unmap(d);
+    CHECK(r < 0, "unmap succeeded although the file cannot grow");
+    CHECK(p[1u << 20] == 0x40 && p[(9u << 20) - 1] == 0x47, "mapping gone after a failed unmap");
     CHECK(setrlimit(RLIMIT_FSIZE, &old) == 0, "setrlimit back");
-    API(pms_persist(d, p + (1u << 20), 8u << 20));
+    API(pms_persist(d, p + (1u << 20), 4u << 20));
     API(pms_unmap(d));
     API(pms_close(d));
     return 0;
