@@ -197,6 +197,16 @@ static uint8_t *map(pms_dev *d, size_t *len, unsigned wb_ms)
     return a;
 }
 
+/* A fresh 1 MiB qcow2 image (qemu-img), opened writable and mapped. */
+static pms_dev *fresh_mapped(const char *img, unsigned wb_ms, uint8_t **pp)
+{
+    MUST("qemu-img create -q -f qcow2 '%s' 1M", img);
+    pms_dev *d = open_img(img, "qcow2", 0, 0);
+    size_t len;
+    *pp = map(d, &len, wb_ms);
+    return d;
+}
+
 static int cmp_mem(const uint8_t *p, const uint8_t *want, size_t n, const char *what)
 {
     for (size_t i = 0; i < n; i++)
@@ -571,10 +581,8 @@ static int t_opts_size(void)
 static int t_stats_size(void)
 {
     char *img = P("ss.qcow2");
-    MUST("qemu-img create -q -f qcow2 '%s' 1M", img);
-    pms_dev *d = open_img(img, "qcow2", 0, 0);
-    size_t len;
-    uint8_t *p = map(d, &len, 0);
+    uint8_t *p;
+    pms_dev *d = fresh_mapped(img, 0, &p);
     p[0] = 1;
     const size_t prefixes[] = { offsetof(struct pms_stats, faults) + 8,
                                 offsetof(struct pms_stats, dirty_mode),
@@ -679,10 +687,8 @@ static int nsnaps(pms_dev *d)
 static int t_snapnames(void)
 {
     char *img = P("s.qcow2");
-    MUST("qemu-img create -q -f qcow2 '%s' 1M", img);
-    pms_dev *d = open_img(img, "qcow2", 0, 0);
-    size_t len;
-    uint8_t *p = map(d, &len, 0);
+    uint8_t *p;
+    pms_dev *d = fresh_mapped(img, 0, &p);
     memset(p, 0x11, 64 << 10);
     expect_err(pms_snapshot_create(d, ""), EINVAL, "pms_snapshot_create", "empty name");
     expect_err(pms_snapshot_create(d, NULL), EINVAL, "pms_snapshot_create", "NULL name");
@@ -755,10 +761,8 @@ static int t_snapnames(void)
 static int t_snapflags(void)
 {
     char *img = P("sf.qcow2");
-    MUST("qemu-img create -q -f qcow2 '%s' 1M", img);
-    pms_dev *d = open_img(img, "qcow2", 0, 0);
-    size_t len;
-    uint8_t *p = map(d, &len, 0);
+    uint8_t *p;
+    pms_dev *d = fresh_mapped(img, 0, &p);
     p[0] = 1;
     expect_err(pms_snapshot_create_ex(d, "X", 0x80), EINVAL, "pms_snapshot_create_ex", "unknown flag 0x80");
     expect_err(pms_snapshot_create_ex(d, "Y", ~0u), EINVAL, "pms_snapshot_create_ex", "flags ~0");
@@ -959,10 +963,8 @@ static int t_blockio2(void)
 static int t_overlap(void)
 {
     char *img = P("ovl.qcow2");
-    MUST("qemu-img create -q -f qcow2 '%s' 1M", img);
-    pms_dev *d = open_img(img, "qcow2", 0, 0);
-    size_t len;
-    uint8_t *p = map(d, &len, 0);
+    uint8_t *p;
+    pms_dev *d = fresh_mapped(img, 0, &p);
     for (int i = 0; i < 8192; i++)
         p[i] = (uint8_t)i;
     API(pms_pwrite(d, p, 4096, 100));          /* memmove semantics expected */
@@ -1072,10 +1074,8 @@ static int t_share_reader(const char *img, int pat)
 static int t_share(const char *self)
 {
     char *img = P("sh.qcow2");
-    MUST("qemu-img create -q -f qcow2 '%s' 1M", img);
-    pms_dev *d = open_img(img, "qcow2", 0, 0);
-    size_t len;
-    uint8_t *p = map(d, &len, 3600000);
+    uint8_t *p;
+    pms_dev *d = fresh_mapped(img, 3600000, &p);
     memset(p, 0x5e, 64 << 10);
     API(pms_persist(d, p, 64 << 10));
     /* a QEMU writer is refused, a shared QEMU reader sees the data */
