@@ -218,6 +218,9 @@ int  pms_unmap(pms_dev *dev);   /* persists, then unmaps; if the persist fails (
 
 /* Flags for pms_snapshot_create_ex. */
 #define PMS_SNAP_QUIESCED 0x1  /* caller already stopped every writer */
+#define PMS_SNAP_EXTERNAL 0x2  /* external snapshot: the state becomes a read-only
+                                  layer file beside the image, the image an overlay
+                                  on it (see docs/snapshots.md) */
 int  pms_snapshot_create_ex(pms_dev *dev, const char *name, unsigned flags);
 
 struct pms_stats {

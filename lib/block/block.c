@@ -183,6 +183,31 @@ int bdev_pwrite(struct bdev *bs, const void *buf, uint64_t len, uint64_t off)
     return r;
 }
 
+int bdev_pwrite_batch(struct bdev *bs, const struct bdev_wvec *v, size_t n,
+                      bdev_fill_fn fill, void *opaque)
+{
+    for (size_t i = 0; i < n; i++) {
+        int r = check_req(bs, v[i].len, v[i].off, true);
+        if (r < 0)
+            return r;
+        if (i && v[i].off < v[i - 1].off + v[i - 1].len)
+            return pms_err(EINVAL, "batch runs %zu and %zu overlap or are not sorted", i - 1, i);
+    }
+    if (n == 0)
+        return 0;
+    int r = 0;
+    if (bs->drv->pwrite_batch)
+        r = LOCKED(bs, bs->drv->pwrite_batch(bs, v, n, fill, opaque));
+    else
+        for (size_t i = 0; i < n && r >= 0; i++)
+            if (v[i].len)
+                r = LOCKED(bs, bs->drv->pwrite(bs, v[i].buf, v[i].len, v[i].off));
+    if (r >= 0 && (bs->cache_mode == PMS_CACHE_WRITETHROUGH ||
+                   bs->cache_mode == PMS_CACHE_DIRECTSYNC))
+        r = bdev_flush(bs);
+    return r;
+}
+
 int bdev_pwrite_zeroes(struct bdev *bs, uint64_t len, uint64_t off, unsigned flags)
 {
     int r = check_req(bs, len, off, true);

@@ -27,6 +27,20 @@
 
 struct bdev;
 
+/* One run of a batched write: bytes [off, off+len) of the device from buf. */
+struct bdev_wvec {
+    uint64_t off, len;
+    const void *buf;
+};
+/* Supplies bytes [off, off+len) of the device from the caller's own copy
+ * (the memory device's resident pages) when it holds all of them: fills
+ * buf and returns true.  false: the driver reads them from the image.
+ * A driver calls it for the parts of a cluster (or subcluster) a batch does
+ * not cover but must write anyway (copy-on-write of a shared cluster), so
+ * that no old data is read back.  Called with the node's lock held: it must
+ * not call bdev_*() on the node. */
+typedef bool (*bdev_fill_fn)(void *opaque, void *buf, uint64_t len, uint64_t off);
+
 /* Flags for pwrite_zeroes. */
 #define BDEV_ZERO_MAY_UNMAP  0x1   /* may deallocate, reads must still be zero */
 
@@ -45,6 +59,10 @@ struct pms_driver {
      * the driver checks its alignment rules.  Optional (ENOTSUP). */
     int  (*pwrite_compressed)(struct bdev *bs, const void *buf, uint64_t len, uint64_t off);
     int  (*discard)(struct bdev *bs, uint64_t len, uint64_t off);
+    /* Write many runs as one request (see bdev_pwrite_batch); optional: the
+     * core falls back to one pwrite per run. */
+    int  (*pwrite_batch)(struct bdev *bs, const struct bdev_wvec *v, size_t n,
+                         bdev_fill_fn fill, void *opaque);
     int  (*flush)(struct bdev *bs);
     int64_t (*getlength)(struct bdev *bs);
     int  (*truncate)(struct bdev *bs, uint64_t size);
@@ -98,6 +116,12 @@ void bdev_close(struct bdev *bs);
 /* Checked, locked entry points (top level or child). */
 int  bdev_pread(struct bdev *bs, void *buf, uint64_t len, uint64_t off);
 int  bdev_pwrite(struct bdev *bs, const void *buf, uint64_t len, uint64_t off);
+/* Write n runs, sorted by offset and not overlapping, as one request: a
+ * format driver allocates their new clusters together, writes them with few
+ * large writes and updates its metadata once.  fill may be NULL.  On an
+ * error some runs may have been written, none half-committed in metadata. */
+int  bdev_pwrite_batch(struct bdev *bs, const struct bdev_wvec *v, size_t n,
+                       bdev_fill_fn fill, void *opaque);
 int  bdev_pwrite_zeroes(struct bdev *bs, uint64_t len, uint64_t off, unsigned flags);
 /* Compressed write (qcow2 only): off cluster aligned, len a multiple of the
  * cluster size or ending at the end of the image. */
