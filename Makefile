@@ -4,21 +4,28 @@ ASAN_BUILD ?= build-asan
 PREFIX     ?= /usr/local
 MESON      ?= meson
 
-# Debian packages needed to build and test.
-DEPS = build-essential meson ninja-build pkg-config zlib1g-dev libzstd-dev \
+# Debian packages needed to build (every target that builds), and in
+# addition to test, run the demo and the benchmarks.  scripts/deps.sh
+# installs the missing ones as root, else prints the apt-get line and stops
+# (PMS_SKIP_DEPS=1 skips the check, for machines that are not Debian).
+BUILD_DEPS = build-essential meson ninja-build pkg-config zlib1g-dev libzstd-dev
+DEPS = $(BUILD_DEPS) \
        qemu-utils qemu-system-x86 qemu-block-extra fuse3 libfuse3-dev \
        libnbd-dev nbdkit libjson-c-dev liburing-dev clang libclang-rt-14-dev \
-       python3
+       python3 strace
 
-.PHONY: all deps check check-fast demo bench install clean
+.PHONY: all deps build-deps check check-fast demo bench install clean
 
-all: $(BUILD)/build.ninja
+all: build-deps $(BUILD)/build.ninja
 	ninja -C $(BUILD)
 
-$(BUILD)/build.ninja:
+$(BUILD)/build.ninja: | build-deps
 	$(MESON) setup $(BUILD)
 
-deps:
+build-deps:
+	@bash scripts/deps.sh $(BUILD_DEPS)
+
+deps: build-deps
 	@bash scripts/deps.sh $(DEPS)
 
 # Every suite in the normal build, then every suite tagged 'asan' in an
