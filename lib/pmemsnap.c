@@ -62,7 +62,7 @@ int pms_open(const char *path, const struct pms_open_opts *opts, pms_dev **devp)
         PMS_API_ERR(r);
         return r;
     }
-    pthread_mutex_init(&dev->lock, NULL);
+    pthread_rwlock_init(&dev->lock, NULL);
     *devp = dev;
     return 0;
 }
@@ -72,15 +72,17 @@ int pms_close(pms_dev *dev)
     if (!dev)
         return 0;
     int r = 0;
+    pthread_rwlock_wrlock(&dev->lock);
     if (dev->mem) {
         r = pms_mem_unmap(dev->mem, true);
         dev->mem = NULL;
     }
+    pthread_rwlock_unlock(&dev->lock);
     int r2 = bdev_flush(dev->bs);
     if (r == 0)
         r = r2;
     bdev_close(dev->bs);
-    pthread_mutex_destroy(&dev->lock);
+    pthread_rwlock_destroy(&dev->lock);
     free(dev);
     PMS_API_ERR(r);
     return r;
@@ -91,8 +93,11 @@ int64_t pms_size(pms_dev *dev)
     return bdev_getlength(dev->bs);
 }
 
+/* Every call but map/unmap/close runs under the read side of dev->lock. */
+#define RDLOCKED(expr) ({ pthread_rwlock_rdlock(&dev->lock); __typeof__(expr) r_ = (expr); \
+                          pthread_rwlock_unlock(&dev->lock); r_; })
 #define ROUTE(call_mem, call_bs) \
-    int r = dev->mem ? (call_mem) : (call_bs); PMS_API_ERR(r); return r
+    int r = RDLOCKED(dev->mem ? (call_mem) : (call_bs)); PMS_API_ERR(r); return r
 
 int pms_pread(pms_dev *dev, void *buf, size_t len, uint64_t off)
 {
@@ -112,9 +117,9 @@ int pms_write_zeroes(pms_dev *dev, size_t len, uint64_t off)
 
 int pms_pwrite_compressed(pms_dev *dev, const void *buf, size_t len, uint64_t off)
 {
-    int r = dev->mem ? pms_err(EBUSY, "device is mapped") :
-            !buf && len ? pms_err(EINVAL, "buf is NULL") :
-            bdev_pwrite_compressed(dev->bs, buf, len, off);
+    int r = RDLOCKED(dev->mem ? pms_err(EBUSY, "device is mapped") :
+                     !buf && len ? pms_err(EINVAL, "buf is NULL") :
+                     bdev_pwrite_compressed(dev->bs, buf, len, off));
     PMS_API_ERR(r);
     return r;
 }
@@ -131,7 +136,8 @@ int pms_flush(pms_dev *dev)
 
 int pms_truncate(pms_dev *dev, uint64_t size)
 {
-    int r = dev->mem ? pms_err(EBUSY, "device is mapped") : bdev_truncate(dev->bs, size);
+    int r = RDLOCKED(dev->mem ? pms_err(EBUSY, "device is mapped")
+                              : bdev_truncate(dev->bs, size));
     PMS_API_ERR(r);
     return r;
 }
@@ -252,31 +258,31 @@ static int snapshot_create(pms_dev *dev, const char *name, unsigned flags)
 
 int pms_snapshot_create_ex(pms_dev *dev, const char *name, unsigned flags)
 {
-    int r = flags & ~(unsigned)PMS_SNAP_QUIESCED
-                ? pms_err(EINVAL, "unknown flags 0x%x", flags & ~(unsigned)PMS_SNAP_QUIESCED)
-                : snapshot_create(dev, name, flags);
+    unsigned known = PMS_SNAP_QUIESCED;
+    int r = flags & ~known ? pms_err(EINVAL, "unknown flags 0x%x", flags & ~known)
+                           : RDLOCKED(snapshot_create(dev, name, flags));
     PMS_API_ERR(r);
     return r;
 }
 
 int pms_snapshot_create(pms_dev *dev, const char *name)
 {
-    int r = snapshot_create(dev, name, 0);
+    int r = RDLOCKED(snapshot_create(dev, name, 0));
     PMS_API_ERR(r);
     return r;
 }
 
 int pms_snapshot_revert(pms_dev *dev, const char *name)
 {
-    int r = dev->mem ? pms_mem_snapshot_revert(dev->mem, name)
-                     : snap_call(dev, dev->bs->drv->snapshot_goto, name, true);
+    int r = RDLOCKED(dev->mem ? pms_mem_snapshot_revert(dev->mem, name)
+                              : snap_call(dev, dev->bs->drv->snapshot_goto, name, true));
     PMS_API_ERR(r);
     return r;
 }
 
 int pms_snapshot_delete(pms_dev *dev, const char *name)
 {
-    int r = snap_call(dev, dev->bs->drv->snapshot_delete, name, true);
+    int r = RDLOCKED(snap_call(dev, dev->bs->drv->snapshot_delete, name, true));
     PMS_API_ERR(r);
     return r;
 }
@@ -308,14 +314,14 @@ void pms_snapshot_list_free(struct pms_snapshot_info *list, size_t n)
 int pms_map(pms_dev *dev, const struct pms_map_opts *opts, void **addrp, size_t *lenp)
 {
     int r;
-    pthread_mutex_lock(&dev->lock);
+    pthread_rwlock_wrlock(&dev->lock);
     if (dev->mem)
         r = pms_err(EBUSY, "device is already mapped");
     else if (dev->bs->check_only)
         r = pms_err(EPERM, "image '%s' is opened for checking only", dev->bs->filename);
     else
         r = pms_mem_map(dev, opts, &dev->mem, addrp, lenp);
-    pthread_mutex_unlock(&dev->lock);
+    pthread_rwlock_unlock(&dev->lock);
     PMS_API_ERR(r);
     return r;
 }
@@ -323,7 +329,7 @@ int pms_map(pms_dev *dev, const struct pms_map_opts *opts, void **addrp, size_t 
 int pms_unmap(pms_dev *dev)
 {
     int r;
-    pthread_mutex_lock(&dev->lock);
+    pthread_rwlock_wrlock(&dev->lock);
     if (!dev->mem)
         r = pms_err(EINVAL, "device is not mapped");
     else {
@@ -331,15 +337,15 @@ int pms_unmap(pms_dev *dev)
         if (r == 0)
             dev->mem = NULL;
     }
-    pthread_mutex_unlock(&dev->lock);
+    pthread_rwlock_unlock(&dev->lock);
     PMS_API_ERR(r);
     return r;
 }
 
 int pms_persist(pms_dev *dev, const void *addr, size_t len)
 {
-    int r = dev->mem ? pms_mem_persist(dev->mem, addr, len)
-                     : pms_err(EINVAL, "device is not mapped");
+    int r = RDLOCKED(dev->mem ? pms_mem_persist(dev->mem, addr, len)
+                              : pms_err(EINVAL, "device is not mapped"));
     PMS_API_ERR(r);
     return r;
 }
@@ -349,7 +355,7 @@ int pms_stats(pms_dev *dev, struct pms_stats *st)
     size_t sz = st->size ? st->size : sizeof *st;
     memset(st, 0, sz < sizeof *st ? sz : sizeof *st);
     st->size = sz;
-    int r = dev->mem ? pms_mem_stats(dev->mem, st) : 0;
+    int r = RDLOCKED(dev->mem ? pms_mem_stats(dev->mem, st) : 0);
     PMS_API_ERR(r);
     return r;
 }

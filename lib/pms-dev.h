@@ -2,8 +2,13 @@
  * and the memory device (lib/mem/).
  *
  * Threads: any thread may call the API.  dev->bs is the block graph (its own
- * locking, see block/block.h).  dev->mem is set by pms_map and cleared by
- * pms_unmap under dev->lock; the memory device documents its own threads.
+ * locking, see block/block.h).  dev->lock is a reader-writer lock guarding
+ * dev->mem's lifetime: pms_map, pms_unmap and pms_close take it for writing
+ * (they set, free and clear dev->mem); every other call holds it for reading
+ * for its whole duration, so a mapping cannot be freed under a call that
+ * routes to it, and a call that reaches the image directly cannot race a
+ * pms_map that is reading it.  The memory device documents its own threads.
+ * pms_close must be the last call on a handle (as close(2)).
  * While mapped, every block-level API call on the device is routed through
  * the memory device so that loads/stores and pms_pread/pms_pwrite agree.
  */
@@ -19,7 +24,7 @@ struct pms_mem;
 struct pms_dev {
     struct bdev *bs;
     struct pms_mem *mem;          /* non-NULL while mapped */
-    pthread_mutex_t lock;         /* guards mem (map/unmap) */
+    pthread_rwlock_t lock;        /* guards mem's lifetime, see above */
 };
 
 /* Implemented in lib/mem/.  All return 0 or -errno with pms_err set. */

@@ -18,7 +18,14 @@
  *             them in one call.  Sync mode: the store raises a WP fault, the
  *             fault thread sets the page's bit in `dirty` and un-protects.
  *   POISONED  fault-in failed with an I/O error; UFFDIO_POISON makes every
- *             access SIGBUS until the page is dropped (revert, eviction).
+ *             access SIGBUS until the page is dropped (revert).  Its bit in
+ *             `poison` is set before the marker is installed; PAGEMAP_SCAN
+ *             reports the marker as a written swap entry, so writeback,
+ *             the cut and eviction skip poisoned pages by that bit, and
+ *             pms_pread/pms_pwrite refuse them with EIO instead of SIGBUS.
+ *   SWAPPED   a resident page the kernel swapped out: still CLEAN or DIRTY
+ *             (the uffd-wp bit lives in the swap entry), so every dirty scan
+ *             asks for written pages that are present OR swapped.
  * Transitions: MISSING->CLEAN (fault/prefetch, under mu), CLEAN->DIRTY
  * (store), DIRTY->CLEAN (writeback: re-protect first, then write the bytes
  * from the mapping; a store racing the write re-dirties the page, so the
@@ -81,6 +88,11 @@
 
 struct run { uint64_t off, len, stage; };
 
+/* Bytes per piece of a pms_pread/pms_pwrite while mapped: the piece is
+ * faulted in and copied under `mu`, so this bounds how long the fault thread
+ * waits on a large copy (~0.1 ms per MiB here). */
+#define IO_STEP     (1ull << 20)
+
 struct pms_mem {
     pms_dev *dev;
     struct bdev *bs;
@@ -101,6 +113,10 @@ struct pms_mem {
     uint64_t evict_rounds;
 
     uint64_t *resident, *dirty;      /* bitmaps (mu / wp_mu) */
+    uint64_t *poison;                /* poisoned pages; set under mu, read anywhere
+                                        (atomic word loads) */
+    _Atomic bool no_evict;           /* a failed re-dirty left a written page looking
+                                        clean: eviction could drop it, so it stops */
     uint8_t *fbuf, *pbuf;            /* fault / prefetch read buffers */
     struct page_region *vec;         /* PAGEMAP_SCAN output (wb_mu) */
     struct run *runs;                /* snapshot cut runs (wb_mu) */
@@ -126,6 +142,10 @@ static uint64_t now_ns(void)
 }
 
 static bool bit(const uint64_t *b, uint64_t i) { return (b[i >> 6] >> (i & 63)) & 1; }
+static bool abit(const uint64_t *b, uint64_t i)
+{
+    return (__atomic_load_n(&b[i >> 6], __ATOMIC_ACQUIRE) >> (i & 63)) & 1;
+}
 static void bset(uint64_t *b, uint64_t i) { b[i >> 6] |= 1ull << (i & 63); }
 static void bclr(uint64_t *b, uint64_t i) { b[i >> 6] &= ~(1ull << (i & 63)); }
 
@@ -347,10 +367,14 @@ static void serve_missing(struct pms_mem *m, uint64_t addr, unsigned flags, pid_
             record_error(m, off, pms_err_get());
             struct uffdio_poison p = {
                 .range = { (uint64_t)(uintptr_t)(m->base + off), PG }, .mode = 0 };
+            uint64_t pbit = 1ull << (off / PG & 63);
+            /* the bit first: a scan that sees the marker must find it */
+            __atomic_fetch_or(&m->poison[off / PG >> 6], pbit, __ATOMIC_RELEASE);
             if ((m->features & UFFD_FEATURE_POISON) &&
                 ioctl(m->uffd, UFFDIO_POISON, &p) == 0) {
                 mark_resident(m, off, PG);
-            } else if (ptid > 0) {
+            } else if (__atomic_fetch_and(&m->poison[off / PG >> 6], ~pbit, __ATOMIC_RELEASE),
+                       ptid > 0) {
                 syscall(SYS_tgkill, getpid(), ptid, SIGBUS);
             }
             pthread_mutex_unlock(&m->mu);
@@ -365,7 +389,9 @@ static void serve_missing(struct pms_mem *m, uint64_t addr, unsigned flags, pid_
             bset(m->dirty, off / PG);
             atomic_fetch_add(&m->ndirty, 1);
         }
-        uprotect(m, off, PG, false, false);
+        /* if this fails the page stays protected and marked dirty: the
+         * store raises a WP fault next, which serve_wp retries */
+        (void)uprotect(m, off, PG, false, false);
         pthread_mutex_unlock(&m->wp_mu);
     }
     uwake(m, c0, f1 - c0);
@@ -386,7 +412,15 @@ static void serve_wp(struct pms_mem *m, uint64_t addr)
             bset(m->dirty, off / PG);
             atomic_fetch_add(&m->ndirty, 1);
         }
-        uprotect(m, off, PG, false, true);
+        int r = uprotect(m, off, PG, false, true);
+        if (r < 0) {
+            /* the page is marked dirty, so nothing is lost; the store
+             * faults again and is retried */
+            atomic_fetch_add(&m->io_errors, 1);
+            snprintf(m->lasterr, sizeof m->lasterr, "write-protect fault at offset %llu: "
+                     "un-protect failed: %s", (unsigned long long)off, strerror(-r));
+            uwake(m, off, PG);
+        }
     } else
         uwake(m, off, PG);
     pthread_mutex_unlock(&m->wp_mu);
@@ -458,7 +492,10 @@ static int scan(struct pms_mem *m, uint64_t *start, uint64_t end, bool wp_match,
         .start = (uint64_t)(uintptr_t)m->base + *start,
         .end = (uint64_t)(uintptr_t)m->base + end,
         .vec = (uint64_t)(uintptr_t)vec, .vec_len = vlen,
-        .category_mask = PAGE_IS_WRITTEN | PAGE_IS_PRESENT,   /* holes count as "written" */
+        /* written pages in memory or in swap (holes count as "written"
+         * with WP_ASYNC, so one of the two is required) */
+        .category_mask = PAGE_IS_WRITTEN,
+        .category_anyof_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
         .return_mask = PAGE_IS_WRITTEN,
     };
     int n = ioctl(m->pagemap_fd, PAGEMAP_SCAN, &a);
@@ -472,27 +509,45 @@ static int scan(struct pms_mem *m, uint64_t *start, uint64_t end, bool wp_match,
     return n;
 }
 
-/* Write [off, off+len) of the mapping to the image (clipped to its size). */
+/* Write [off, off+len) of the mapping to the image (clipped to its size),
+ * skipping poisoned pages (their bytes are unknown; reading them would raise
+ * SIGBUS in this thread).  src is the copy of the range (the mapping itself
+ * or the staging area). */
 static int write_out(struct pms_mem *m, const uint8_t *src, uint64_t off, uint64_t len)
 {
     if (off >= m->size)
         return 0;
     if (off + len > m->size)
         len = m->size - off;
-    int r = bdev_pwrite(m->bs, src, len, off);
-    if (r >= 0)
-        atomic_fetch_add(&m->bytes_out, len);
-    return r < 0 ? r : 0;
+    uint64_t end = off + len, p = off;
+    while (p < end) {
+        while (p < end && abit(m->poison, p / PG))
+            p = (p / PG + 1) * PG;
+        uint64_t q = p;
+        while (q < end && !abit(m->poison, q / PG))
+            q = (q / PG + 1) * PG < end ? (q / PG + 1) * PG : end;
+        if (q > p) {
+            int r = bdev_pwrite(m->bs, src + (p - off), q - p, p);
+            if (r < 0)
+                return r;
+            atomic_fetch_add(&m->bytes_out, q - p);
+        }
+        p = q;
+    }
+    return 0;
 }
 
 /* Collect the sync-mode dirty runs of [s, e) into m->runs, at most max
- * runs; with rearm, re-protect them and clear their bits (without, they stay
- * dirty and writable: the snapshot cut).  wp_mu held.  Returns the count;
- * *next = where to continue. */
-static uint64_t collect_sync(struct pms_mem *m, uint64_t s, uint64_t e, uint64_t max,
-                             bool rearm, uint64_t *next)
+ * runs; with rearm, re-protect them and then clear their bits (without, they
+ * stay dirty and writable: the snapshot cut).  A run whose re-protect fails
+ * keeps its bits (still dirty, still tracked) and ends the collection with
+ * the error.  wp_mu held.  Returns the count or -errno; *next = where to
+ * continue. */
+static int64_t collect_sync(struct pms_mem *m, uint64_t s, uint64_t e, uint64_t max,
+                            bool rearm, uint64_t *next)
 {
     uint64_t n = 0, p = s / PG, pe = e / PG;
+    *next = s;
     while (p < pe && n < max) {
         if (!m->dirty[p >> 6]) {
             p = (p | 63) + 1;
@@ -503,29 +558,44 @@ static uint64_t collect_sync(struct pms_mem *m, uint64_t s, uint64_t e, uint64_t
             continue;
         }
         uint64_t q = p;
-        while (q < pe && bit(m->dirty, q)) {
-            if (rearm)
-                bclr(m->dirty, q);
+        while (q < pe && bit(m->dirty, q))
             q++;
-        }
         if (rearm) {
+            int r = uprotect(m, p * PG, (q - p) * PG, true, false);
+            if (r < 0) {
+                *next = p * PG;
+                return n ? (int64_t)n : pms_err(-r, "UFFDIO_WRITEPROTECT failed: %s",
+                                                strerror(-r));
+            }
+            for (uint64_t k = p; k < q; k++)
+                bclr(m->dirty, k);
             atomic_fetch_sub(&m->ndirty, q - p);
-            uprotect(m, p * PG, (q - p) * PG, true, false);
         }
         m->runs[n++] = (struct run){ p * PG, (q - p) * PG, 0 };
         p = q;
     }
     *next = p * PG < e ? p * PG : e;
-    return n;
+    return (int64_t)n;
 }
 
 /* A write-back of [off, off+len) failed after the range was re-protected
  * (marked clean): mark it dirty again, so that nothing evicts it and the
- * next writeback or persist retries it.  wb_mu held. */
+ * next writeback or persist retries it.  If even that fails (async mode:
+ * the un-protect), the page looks clean while the image lacks its bytes:
+ * eviction is switched off for good so it is never dropped, and the error
+ * is recorded.  wb_mu held. */
 static void redirty(struct pms_mem *m, uint64_t off, uint64_t len)
 {
     if (m->async) {                 /* WP_ASYNC: unprotected == written */
-        uprotect(m, off, len, false, false);
+        int r = uprotect(m, off, len, false, false);
+        if (r < 0) {
+            atomic_store(&m->no_evict, true);
+            pthread_mutex_lock(&m->mu);
+            snprintf(m->lasterr, sizeof m->lasterr, "could not re-mark offset %llu dirty "
+                     "after a failed write-back (%s): eviction disabled",
+                     (unsigned long long)off, strerror(-r));
+            pthread_mutex_unlock(&m->mu);
+        }
         return;
     }
     pthread_mutex_lock(&m->wp_mu);
@@ -536,7 +606,9 @@ static void redirty(struct pms_mem *m, uint64_t off, uint64_t len)
             added++;
         }
     atomic_fetch_add(&m->ndirty, added);
-    uprotect(m, off, len, false, false);
+    /* the bits alone keep the pages dirty; a still-protected page only
+     * costs its next store a fault */
+    (void)uprotect(m, off, len, false, false);
     pthread_mutex_unlock(&m->wp_mu);
 }
 
@@ -571,12 +643,14 @@ static int64_t writeback(struct pms_mem *m, uint64_t s, uint64_t e)
     uint64_t cur = s;
     while (cur < e) {
         pthread_mutex_lock(&m->wp_mu);
-        uint64_t n = collect_sync(m, cur, e, m->nruns_max, true, &cur);
+        int64_t n = collect_sync(m, cur, e, m->nruns_max, true, &cur);
         pthread_mutex_unlock(&m->wp_mu);
-        for (uint64_t i = 0; i < n; i++) {
+        if (n < 0)
+            return n;
+        for (int64_t i = 0; i < n; i++) {
             int r = write_out(m, m->base + m->runs[i].off, m->runs[i].off, m->runs[i].len);
             if (r < 0) {
-                for (uint64_t j = i; j < n; j++)
+                for (int64_t j = i; j < n; j++)
                     redirty(m, m->runs[j].off, m->runs[j].len);
                 return r;
             }
@@ -773,6 +847,7 @@ static void mem_free(struct pms_mem *m)
     if (m->base) munmap(m->base, m->maplen);
     if (m->resident) munmap(m->resident, (m->npages / 64 + 1) * 8);
     if (m->dirty) munmap(m->dirty, (m->npages / 64 + 1) * 8);
+    if (m->poison) munmap(m->poison, (m->npages / 64 + 1) * 8);
     if (m->vec) munmap(m->vec, SCAN_VEC * sizeof *m->vec);
     if (m->runs) munmap(m->runs, m->nruns_max * sizeof *m->runs);
     if (m->stage) munmap(m->stage, m->maplen);
@@ -940,13 +1015,14 @@ int pms_mem_map(pms_dev *dev, const struct pms_map_opts *o, struct pms_mem **mem
     m->nruns_max = m->npages / 2 + 1;
     m->resident = vmalloc(bm);
     m->dirty = vmalloc(bm);
+    m->poison = vmalloc(bm);
     m->vec = vmalloc(SCAN_VEC * sizeof *m->vec);
     m->runs = vmalloc(m->nruns_max * sizeof *m->runs);
     m->stage = vmalloc(m->maplen);
     m->fbuf = malloc(RA_MAX > m->chunk ? RA_MAX : m->chunk);
     m->pbuf = malloc(PF_STEP);
     m->evfd = eventfd(0, EFD_CLOEXEC);
-    if (!m->resident || !m->dirty || !m->vec || !m->runs || !m->stage || !m->fbuf ||
+    if (!m->resident || !m->dirty || !m->poison || !m->vec || !m->runs || !m->stage || !m->fbuf ||
         !m->pbuf || m->evfd < 0) {
         mem_free(m);
         return pms_err(ENOMEM, "out of memory");
@@ -1023,6 +1099,106 @@ int pms_mem_flush(struct pms_mem *m)
     return persist_range(m, 0, m->maplen);
 }
 
+/* While mapped, the mapping is the device: block-level reads and writes are
+ * copies to and from it, so they dirty pages like stores do.  Unlike a
+ * store, a copy must not fault: a page whose fault-in fails would be
+ * poisoned and raise SIGBUS in the caller.  So each piece of at most IO_STEP
+ * bytes is made resident (and, in sync mode, writable and dirty) and copied
+ * with `mu` held: eviction and revert take `mu`, so nothing is dropped
+ * between the check and the copy, and no access of the copy reaches the
+ * fault thread.  A read error or a poisoned page fails the call with EIO. */
+
+/* Make [s, e) (page aligned) resident; EIO on a poisoned page.  mu held. */
+static int io_resident(struct pms_mem *m, uint8_t **tmp, uint64_t s, uint64_t e)
+{
+    for (uint64_t p = s / PG; p < e / PG; p++)
+        if (abit(m->poison, p))
+            return pms_err(EIO, "offset %llu: page lost to an earlier read error",
+                           (unsigned long long)(p * PG));
+    bool all = true;
+    for (uint64_t p = s / PG; p < e / PG && all; p++)
+        all = bit(m->resident, p);
+    if (all)
+        return 0;
+    if (!*tmp && !(*tmp = malloc(IO_STEP + 2 * PG)))
+        return pms_err(ENOMEM, "out of memory");
+    int r = fill(m, *tmp, s, e);
+    if (r < 0)
+        return pms_err(-r, "read error at offset %llu: %s", (unsigned long long)s,
+                       pms_err_get());
+    uwake(m, s, e - s);
+    return 0;
+}
+
+/* Sync mode: mark [s, e) dirty and writable so that the copy raises no WP
+ * fault (which would need the fault thread while we hold mu).  mu held. */
+static int io_writable(struct pms_mem *m, uint64_t s, uint64_t e)
+{
+    if (!m->wp || m->async)
+        return 0;
+    pthread_mutex_lock(&m->wp_mu);
+    for (uint64_t p = s / PG; p < e / PG; p++)
+        if (!bit(m->dirty, p)) {
+            bset(m->dirty, p);
+            atomic_fetch_add(&m->ndirty, 1);
+        }
+    int r = uprotect(m, s, e - s, false, false);
+    pthread_mutex_unlock(&m->wp_mu);
+    return r < 0 ? pms_err(-r, "UFFDIO_WRITEPROTECT failed: %s", strerror(-r)) : 0;
+}
+
+/* Prepare the pages of [off, off+len) inside the mapping for the copy. */
+static int io_prepare(struct pms_mem *m, uint8_t **tmp, const void *addr, size_t len,
+                      bool write)
+{
+    uintptr_t a = (uintptr_t)addr, b = (uintptr_t)m->base;
+    if (len == 0 || a + len <= b || a >= b + m->maplen)
+        return 0;                           /* not in the mapping */
+    uint64_t s = a > b ? a - b : 0, e = a + len - b < m->maplen ? a + len - b : m->maplen;
+    s &= ~(PG - 1);
+    e = (e + PG - 1) & ~(PG - 1);
+    int r = io_resident(m, tmp, s, e);
+    if (r == 0 && write) {
+        if (m->ro)
+            return pms_err(EROFS, "image '%s' is opened read-only", m->bs->filename);
+        r = io_writable(m, s, e);
+    }
+    return r;
+}
+
+/* Copy len bytes between buf and the mapping at off: to the mapping
+ * (write; src NULL: zeroes) or from it. */
+static int io_copy(struct pms_mem *m, void *buf, const void *src, size_t len, uint64_t off,
+                   bool write)
+{
+    uint8_t *tmp = NULL;
+    int r = 0;
+    for (uint64_t pos = off; pos < off + len && r == 0;) {
+        uint64_t pe = (pos / IO_STEP + 1) * IO_STEP;
+        if (pe > off + len)
+            pe = off + len;
+        uint8_t *dev = m->base + pos;
+        size_t n = (size_t)(pe - pos);
+        uint8_t *ub = write ? (uint8_t *)(uintptr_t)src + (pos - off) : (uint8_t *)buf + (pos - off);
+        pthread_mutex_lock(&m->mu);
+        r = io_prepare(m, &tmp, dev, n, write);
+        if (r == 0 && (src || !write))
+            r = io_prepare(m, &tmp, ub, n, !write);     /* buf may lie in the mapping */
+        if (r == 0) {
+            if (!write)
+                memmove(ub, dev, n);
+            else if (src)
+                memmove(dev, ub, n);
+            else
+                memset(dev, 0, n);
+        }
+        pthread_mutex_unlock(&m->mu);
+        pos = pe;
+    }
+    free(tmp);
+    return r;
+}
+
 static int io_check(struct pms_mem *m, size_t len, uint64_t off, bool write)
 {
     if (write && m->ro)
@@ -1033,35 +1209,82 @@ static int io_check(struct pms_mem *m, size_t len, uint64_t off, bool write)
     return 0;
 }
 
-/* While mapped, the mapping is the device: block-level reads and writes are
- * copies to and from it, so they fault in and dirty pages like stores do. */
 int pms_mem_pread(struct pms_mem *m, void *buf, size_t len, uint64_t off)
 {
     int r = io_check(m, len, off, false);
-    if (r == 0)
-        memmove(buf, m->base + off, len);     /* buf may lie in the mapping */
-    return r;
+    return r < 0 ? r : io_copy(m, buf, NULL, len, off, false);
 }
 
 int pms_mem_pwrite(struct pms_mem *m, const void *buf, size_t len, uint64_t off)
 {
     int r = io_check(m, len, off, true);
-    if (r == 0)
-        memmove(m->base + off, buf, len);     /* buf may lie in the mapping */
-    return r;
+    if (r == 0 && !buf && len)
+        r = pms_err(EINVAL, "buf is NULL");
+    return r < 0 ? r : io_copy(m, NULL, buf, len, off, true);
 }
 
 int pms_mem_write_zeroes(struct pms_mem *m, size_t len, uint64_t off)
 {
     int r = io_check(m, len, off, true);
-    if (r == 0)
-        memset(m->base + off, 0, len);
-    return r;
+    return r < 0 ? r : io_copy(m, NULL, NULL, len, off, true);
 }
 
+/* Drop [s, e) (page aligned) from memory: the pages refault from the image.
+ * Dirty state of the range is discarded.  mu held. */
+static int drop_range(struct pms_mem *m, uint64_t s, uint64_t e)
+{
+    if (e <= s)
+        return 0;
+    if (madvise(m->base + s, e - s, MADV_DONTNEED) < 0)
+        return pms_err(errno, "madvise(MADV_DONTNEED) failed: %s", strerror(errno));
+    pthread_mutex_lock(&m->wp_mu);
+    uint64_t dropped = 0, undirtied = 0;
+    for (uint64_t p = s / PG; p < e / PG;) {
+        uint64_t w = p >> 6, sh = p & 63, n = 64 - sh;
+        if (n > e / PG - p)
+            n = e / PG - p;
+        uint64_t mask = (n == 64 ? ~0ull : ((1ull << n) - 1)) << sh;
+        dropped += (uint64_t)__builtin_popcountll(m->resident[w] & mask);
+        undirtied += (uint64_t)__builtin_popcountll(m->dirty[w] & mask);
+        m->resident[w] &= ~mask;
+        m->dirty[w] &= ~mask;
+        __atomic_fetch_and(&m->poison[w], ~mask, __ATOMIC_RELEASE);
+        p += n;
+    }
+    atomic_fetch_sub(&m->nresident, dropped);
+    atomic_fetch_sub(&m->ndirty, undirtied);
+    pthread_mutex_unlock(&m->wp_mu);
+    return 0;
+}
+
+/* Discard while mapped: the whole pages of the range are written back (so
+ * a failing discard leaves the image and memory equal), discarded in the
+ * image, then dropped from memory so they refault whatever the image now
+ * holds (zeroes, or the backing file's bytes as QEMU's discard leaves them).
+ * Partial pages at the ends keep their bytes (discard is advisory).  A
+ * store racing the discard on the same pages may be lost, as a write racing
+ * a discard on a disk may. */
 int pms_mem_discard(struct pms_mem *m, size_t len, uint64_t off)
 {
-    return io_check(m, len, off, true);    /* advisory: contents stay */
+    int r = io_check(m, len, off, true);
+    if (r < 0)
+        return r;
+    uint64_t s = (off + PG - 1) & ~(PG - 1), e = (off + len) & ~(PG - 1);
+    if (off + len == m->size)
+        e = m->maplen;              /* the image's partial last page is whole here */
+    if (e <= s)
+        return 0;
+    pthread_mutex_lock(&m->wb_mu);
+    int64_t w = writeback(m, s, e);
+    r = w < 0 ? (int)w : 0;
+    pthread_mutex_lock(&m->mu);
+    if (r == 0)
+        r = bdev_discard(m->bs, (e < m->size ? e : m->size) - s, s);
+    if (r == 0)
+        r = drop_range(m, s, e);
+    pthread_mutex_unlock(&m->mu);
+    pthread_mutex_unlock(&m->wb_mu);
+    return r;
 }
 
 /* ---- snapshots ---------------------------------------------------------------- */
@@ -1072,6 +1295,20 @@ static int snap_locked(struct bdev *bs, int (*fn)(struct bdev *, const char *), 
     int r = fn(bs, name);
     pthread_mutex_unlock(&bs->lock);
     return r;
+}
+
+/* Copy [off, off+len) of the mapping to dst, leaving poisoned pages out
+ * (write_out skips them too).  Async-signal-safe: runs inside the pause. */
+static void copy_out(struct pms_mem *m, uint8_t *dst, uint64_t off, uint64_t len)
+{
+    for (uint64_t p = off; p < off + len;) {
+        uint64_t q = p;
+        while (q < off + len && !abit(m->poison, q / PG))
+            q += PG;
+        if (q > p)
+            memcpy(dst + (p - off), m->base + p, q - p);
+        p = q + (q < off + len ? PG : 0);
+    }
 }
 
 /* The cut: copy the final dirty set into the staging area.  Runs with the
@@ -1093,7 +1330,7 @@ static int64_t cut(struct pms_mem *m)
                 return n;
             for (int i = 0; i < n; i++) {
                 uint64_t o = m->vec[i].start, l = m->vec[i].end - o;
-                memcpy(m->stage + staged, m->base + o, l);
+                copy_out(m, m->stage + staged, o, l);
                 m->runs[nr++] = (struct run){ o, l, staged };
                 staged += l;
             }
@@ -1106,9 +1343,10 @@ static int64_t cut(struct pms_mem *m)
     uint64_t cur = 0;
     while (cur < m->maplen) {
         uint64_t first = nr;
-        nr += collect_sync(m, cur, m->maplen, m->nruns_max - nr, false, &cur);
+        /* without rearm nothing can fail */
+        nr += (uint64_t)collect_sync(m, cur, m->maplen, m->nruns_max - nr, false, &cur);
         for (uint64_t i = first; i < nr; i++) {
-            memcpy(m->stage + staged, m->base + m->runs[i].off, m->runs[i].len);
+            copy_out(m, m->stage + staged, m->runs[i].off, m->runs[i].len);
             m->runs[i].stage = staged;
             staged += m->runs[i].len;
         }
@@ -1268,14 +1506,11 @@ int pms_mem_snapshot_revert(struct pms_mem *m, const char *name)
     if (r == 0) {
         /* current contents (dirty or not) are discarded */
         pthread_mutex_lock(&m->mu);
-        pthread_mutex_lock(&m->wp_mu);
-        madvise(m->base, m->maplen, MADV_DONTNEED);
-        memset(m->resident, 0, (m->npages / 64 + 1) * 8);
-        memset(m->dirty, 0, (m->npages / 64 + 1) * 8);
-        atomic_store(&m->nresident, 0);
-        atomic_store(&m->ndirty, 0);
+        r = drop_range(m, 0, m->maplen);
+        if (r < 0)
+            r = pms_err(-r, "reverted the image to '%s' but could not drop the mapping's "
+                        "pages (%s): unmap without persisting", name, pms_err_get());
         m->seq_next = UINT64_MAX;
-        pthread_mutex_unlock(&m->wp_mu);
         pthread_mutex_unlock(&m->mu);
     }
     pthread_mutex_unlock(&m->wb_mu);
