@@ -1,0 +1,287 @@
+/* Memory-device hardening scenarios (issue 6): what a real application hits
+ * that the basic scenarios do not.  The shell script around each checks the
+ * image with QEMU's tools.
+ *
+ *   mem-hard swap    IMG MB          store MB of pages, let the kernel swap them
+ *                                    out (run in a small memory cgroup, or
+ *                                    MADV_PAGEOUT), persist: nothing skipped
+ *   mem-hard eio     IMG OFF HOSTOFF pms_pread/pms_pwrite of a page whose
+ *                                    fault-in fails: -EIO, never SIGBUS
+ *   mem-hard discard IMG             pms_discard while mapped drops the pages
+ *                                    and discards them in the image
+ *   mem-hard race    IMG SECONDS     threads racing pread/pwrite/persist/
+ *                                    snapshot/stats/map/unmap on one handle
+ *                                    (built with ThreadSanitizer in CI)
+ * Exit 0 = pass, 1 = fail, 77 = a kernel feature the scenario needs is absent.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+#include "pmemsnap.h"
+
+#define PG 4096
+#define FAIL(...) do { fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
+                       fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); exit(1); } while (0)
+#define CHECK(c, ...) do { if (!(c)) FAIL(__VA_ARGS__); } while (0)
+#define API(call) do { int r_ = (call); if (r_ < 0) FAIL("%s: %s", #call, pms_errmsg()); } \
+                  while (0)
+
+static pms_dev *open_img(const char *path, const char *fault)
+{
+    struct pms_open_opts o;
+    pms_open_opts_init(&o);
+    o.fault_spec = fault;
+    pms_dev *d;
+    API(pms_open(path, &o, &d));
+    return d;
+}
+
+/* Map, or exit 77 when the kernel lacks userfaultfd write protection (the
+ * only reason pms_map gives ENOTSUP). */
+static uint8_t *map(pms_dev *d, unsigned interval_ms, size_t *len)
+{
+    struct pms_map_opts mo;
+    pms_map_opts_init(&mo);
+    mo.writeback_interval_ms = interval_ms;
+    void *a;
+    int r = pms_map(d, &mo, &a, len);
+    if (r == -ENOTSUP && strstr(pms_errmsg(), "kernel lacks")) {
+        fprintf(stderr, "SKIP: %s\n", pms_errmsg());
+        exit(77);
+    }
+    API(r);
+    return a;
+}
+
+static long status_kb(const char *key)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    long v = -1;
+    size_t n = strlen(key);
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, key, n) && line[n] == ':')
+            v = strtol(line + n + 1, NULL, 10);
+    if (f)
+        fclose(f);
+    return v;
+}
+
+/* ---- swap ------------------------------------------------------------------- */
+static int t_swap(const char *img, uint64_t mb)
+{
+    pms_dev *d = open_img(img, NULL);
+    size_t len;
+    /* no background writeback: every page is still dirty when it is swapped */
+    uint8_t *p = map(d, 3600 * 1000, &len);
+    uint64_t n = mb << 20;
+    CHECK(n <= len, "image too small");
+    for (uint64_t o = 0; o < n; o += PG)
+        memset(p + o, (int)(0x10 + (o >> 20) % 0xe0), PG);
+    if (getenv("SWAP_PAGEOUT"))
+        madvise(p, n, MADV_PAGEOUT);
+    long swapped = 0;
+    for (int i = 0; i < 100 && (swapped = status_kb("VmSwap")) < (long)(n >> 10) / 4; i++)
+        usleep(50 * 1000);
+    if (swapped < (long)(n >> 10) / 4) {
+        fprintf(stderr, "SKIP: only %ld KiB of %llu KiB went to swap (no swap, or no memory "
+                "pressure)\n", swapped, (unsigned long long)(n >> 10));
+        exit(77);
+    }
+    printf("swapped out: %ld KiB of %llu KiB stored\n", swapped, (unsigned long long)(n >> 10));
+    API(pms_persist(d, p, n));
+    struct pms_stats st = { .size = sizeof st };
+    API(pms_stats(d, &st));
+    CHECK(st.bytes_written_back >= n, "persist wrote %" PRIu64 " of %" PRIu64 " bytes",
+          st.bytes_written_back, n);
+    API(pms_close(d));
+    return 0;
+}
+
+/* ---- EIO instead of SIGBUS ------------------------------------------------------ */
+static void on_bus(int s)
+{
+    (void)s;
+    static const char m[] = "FAIL: SIGBUS in the caller\n";
+    if (write(2, m, sizeof m - 1) < 0) { }
+    _exit(1);
+}
+
+static int t_eio(const char *img, uint64_t off, uint64_t host)
+{
+    char spec[64];
+    snprintf(spec, sizeof spec, "read_error_at=%" PRIu64, host);
+    pms_dev *d = open_img(img, spec);
+    size_t len;
+    uint8_t *p = map(d, 50, &len);
+    struct sigaction sa = { .sa_handler = on_bus };
+    sigaction(SIGBUS, &sa, NULL);
+    uint8_t buf[PG];
+    /* the page was never touched: the read faults it in and fails */
+    int r = pms_pread(d, buf, sizeof buf, off);
+    CHECK(r == -EIO, "pread of an unreadable page: %d (%s)", r, pms_errmsg());
+    printf("pread: %s\n", pms_errmsg());
+    CHECK(strstr(pms_errmsg(), "pms_pread"), "message lacks the function: %s", pms_errmsg());
+    /* a write over it, and a read into a buffer inside the mapping */
+    memset(buf, 1, sizeof buf);
+    r = pms_pwrite(d, buf, 100, off + 10);
+    CHECK(r == -EIO, "pwrite into an unreadable page: %d (%s)", r, pms_errmsg());
+    r = pms_pread(d, p + (4 << 20), PG, off);
+    CHECK(r == -EIO, "pread into the mapping: %d", r);
+    /* the rest of the device still works, through both paths */
+    API(pms_pwrite(d, "abc", 3, off + (1 << 20)));
+    CHECK(memcmp(p + off + (1 << 20), "abc", 3) == 0, "pwrite not visible in memory");
+    API(pms_pread(d, buf, 3, off + (1 << 20)));
+    CHECK(memcmp(buf, "abc", 3) == 0, "pread of a good page");
+    p[off + (2 << 20)] = 9;
+    API(pms_persist(d, p, len));
+    API(pms_close(d));
+    return 0;
+}
+
+/* ---- discard while mapped --------------------------------------------------------- */
+static int t_discard(const char *img)
+{
+    pms_dev *d = open_img(img, NULL);
+    size_t len;
+    uint8_t *p = map(d, 50, &len);
+    CHECK(len >= (8 << 20), "image too small");
+    memset(p, 0x77, 8 << 20);
+    API(pms_persist(d, p, 8 << 20));
+    /* dirty pages inside the range are discarded with it */
+    memset(p + (2 << 20), 0x66, 1 << 20);
+    API(pms_discard(d, 4 << 20, 1 << 20));
+    for (uint64_t o = 1 << 20; o < (5 << 20); o += PG)
+        CHECK(p[o] == 0 && p[o + PG - 1] == 0, "byte at %" PRIu64 " is %d after discard", o,
+              p[o]);
+    CHECK(p[(1 << 20) - 1] == 0x77 && p[5 << 20] == 0x77, "bytes outside the range changed");
+    /* a discard smaller than a cluster leaves the image as it is (QEMU's
+     * qcow2 ignores it too), and memory must agree with the image */
+    API(pms_discard(d, 3 * PG, (6 << 20) + 100));
+    for (uint64_t o = (6 << 20); o < (6 << 20) + 4 * PG; o++)
+        CHECK(p[o] == 0x77, "byte at %" PRIu64 " is %d after a sub-cluster discard", o, p[o]);
+    struct pms_extent e;
+    API(pms_block_status(d, 1 << 20, 4 << 20, &e));
+    CHECK(e.flags & PMS_BLOCK_ZERO, "discarded range is not zero in the image (flags %x)",
+          e.flags);
+    API(pms_close(d));
+    return 0;
+}
+
+/* ---- racing API calls on one handle ------------------------------------------------ */
+static pms_dev *g_dev;
+static atomic_bool g_stop;
+static atomic_ulong g_ops;
+static uint64_t g_size;
+
+static uint64_t rnd(uint64_t *s)
+{
+    *s ^= *s << 13; *s ^= *s >> 7; *s ^= *s << 17;
+    return *s;
+}
+
+static void *io_thread(void *arg)
+{
+    uint64_t seed = (uintptr_t)arg * 0x9e3779b97f4a7c15ull + 1;
+    uint8_t buf[8192];
+    while (!atomic_load(&g_stop)) {
+        uint64_t off = rnd(&seed) % (g_size - sizeof buf);
+        int r;
+        switch (rnd(&seed) % 4) {
+        case 0: r = pms_pread(g_dev, buf, sizeof buf, off); break;
+        case 1: memset(buf, (int)(seed & 0xff), sizeof buf);
+                r = pms_pwrite(g_dev, buf, sizeof buf, off); break;
+        case 2: r = pms_write_zeroes(g_dev, 4096, off); break;
+        default: r = pms_flush(g_dev); break;
+        }
+        CHECK(r >= 0, "I/O: %s", pms_errmsg());
+        atomic_fetch_add(&g_ops, 1);
+    }
+    return NULL;
+}
+
+static void *ctl_thread(void *arg)
+{
+    int kind = (int)(uintptr_t)arg;
+    unsigned i = 0;
+    while (!atomic_load(&g_stop)) {
+        struct pms_stats st = { .size = sizeof st };
+        char name[32];
+        int r = 0;
+        switch (kind) {
+        case 0:
+            API(pms_stats(g_dev, &st));
+            break;
+        case 1:   /* snapshots: the writers are API calls, stopped by the quiesce */
+            snprintf(name, sizeof name, "s%u", i % 3);
+            pms_snapshot_delete(g_dev, name);       /* may not exist yet */
+            r = pms_snapshot_create_ex(g_dev, name, PMS_SNAP_QUIESCED);
+            CHECK(r == 0, "snapshot: %s", pms_errmsg());
+            break;
+        case 2: { /* map / persist / unmap cycles racing everything */
+            void *a;
+            size_t len;
+            struct pms_map_opts mo;
+            pms_map_opts_init(&mo);
+            mo.writeback_interval_ms = 20;
+            r = pms_map(g_dev, &mo, &a, &len);
+            CHECK(r == 0, "map: %s", pms_errmsg());
+            ((volatile uint8_t *)a)[(i * 4096ull) % len] = (uint8_t)i;
+            r = pms_persist(g_dev, a, len);
+            CHECK(r == 0, "persist: %s", pms_errmsg());
+            usleep(2000);
+            r = pms_unmap(g_dev);
+            CHECK(r == 0, "unmap: %s", pms_errmsg());
+            break;
+        }
+        }
+        i++;
+        atomic_fetch_add(&g_ops, 1);
+    }
+    return NULL;
+}
+
+static int t_race(const char *img, unsigned seconds)
+{
+    g_dev = open_img(img, NULL);
+    g_size = (uint64_t)pms_size(g_dev);
+    /* probe the kernel once (skip cleanly where userfaultfd WP is absent) */
+    size_t len;
+    map(g_dev, 50, &len);
+    API(pms_unmap(g_dev));
+    pthread_t th[6];
+    for (uintptr_t i = 0; i < 3; i++)
+        pthread_create(&th[i], NULL, io_thread, (void *)i);
+    for (uintptr_t i = 0; i < 3; i++)
+        pthread_create(&th[3 + i], NULL, ctl_thread, (void *)i);
+    sleep(seconds);
+    atomic_store(&g_stop, true);
+    for (int i = 0; i < 6; i++)
+        pthread_join(th[i], NULL);
+    printf("race: %lu operations\n", (unsigned long)atomic_load(&g_ops));
+    API(pms_close(g_dev));
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc >= 4 && !strcmp(argv[1], "swap"))
+        return t_swap(argv[2], strtoull(argv[3], NULL, 0));
+    if (argc >= 5 && !strcmp(argv[1], "eio"))
+        return t_eio(argv[2], strtoull(argv[3], NULL, 0), strtoull(argv[4], NULL, 0));
+    if (argc >= 3 && !strcmp(argv[1], "discard"))
+        return t_discard(argv[2]);
+    if (argc >= 4 && !strcmp(argv[1], "race"))
+        return t_race(argv[2], (unsigned)strtoul(argv[3], NULL, 0));
+    fprintf(stderr, "usage: see the comment at the top of %s\n", __FILE__);
+    return 2;
+}

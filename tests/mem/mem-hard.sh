@@ -1,0 +1,79 @@
+#!/bin/bash
+# Hardening scenarios of the memory device (mem-hard.c), judged by QEMU's
+# tools: swapped-out dirty pages are written back; block I/O while mapped
+# returns EIO instead of raising SIGBUS; discard while mapped; racing API
+# calls on one handle.  HARD_CASES selects a subset (the TSan build runs
+# "race" only).
+. "$(dirname "$0")/lib.sh"
+cases=${HARD_CASES:-swap eio discard race}
+
+# -- swap: a swap file and a memory cgroup smaller than the working set ------
+run_swap() {
+    [ "$(id -u)" = 0 ] || { echo "SKIP swap: needs root (swapon, cgroups)"; return; }
+    local img=$T/s.qcow2 sw=${TMPDIR:-/var/tmp}/pms-swap.$$ cg= mb=96 rc=0
+    qemu-img create -q -f qcow2 "$img" 128M
+    fallocate -l 256M "$sw" && chmod 600 "$sw" && mkswap "$sw" >/dev/null &&
+        swapon "$sw" || { rm -f "$sw"; echo "SKIP swap: swapon refused here"; return; }
+    if [ -d /sys/fs/cgroup/memory ]; then                         # cgroup v1
+        cg=/sys/fs/cgroup/memory/pms-swap.$$
+        mkdir "$cg" && echo 48M >"$cg/memory.limit_in_bytes" && echo 100 >"$cg/memory.swappiness" || cg=
+    elif grep -qw memory /sys/fs/cgroup/cgroup.controllers 2>/dev/null; then   # v2
+        cg=/sys/fs/cgroup/pms-swap.$$
+        mkdir "$cg" && echo 48M >"$cg/memory.max" || cg=
+    fi
+    if [ -n "$cg" ]; then
+        sh -c 'echo $$ >"$1/cgroup.procs" && exec "$2" swap "$3" "$4"' sh "$cg" "$HARD" "$img" $mb || rc=$?
+    else
+        echo "no memory cgroup: swapping with MADV_PAGEOUT"
+        SWAP_PAGEOUT=1 "$HARD" swap "$img" $mb || rc=$?
+    fi
+    [ -n "$cg" ] && rmdir "$cg" 2>/dev/null
+    swapoff "$sw"; rm -f "$sw"
+    [ $rc = 77 ] && { echo "SKIP swap (see above)"; return; }
+    [ $rc = 0 ] || fail "swap scenario exit $rc"
+    local cmds=() i
+    for ((i = 0; i < mb; i++)); do cmds+=("read -P $((0x10 + i % 0xe0)) $((i << 20)) 1M"); done
+    qio "$img" "${cmds[@]}"
+    check_img "$img"
+    echo "swap ok"
+}
+
+# -- EIO: read errors injected on the file under guest offset 2M -------------
+run_eio() {
+    local img=$T/e.qcow2
+    qemu-img create -q -f qcow2 "$img" 16M
+    qemu-io -f qcow2 -c "write -P 0x5a 0 8M" "$img" >/dev/null
+    local host
+    host=$(qemu-img map --output=json -f qcow2 "$img" | python3 -c '
+import json,sys
+for e in json.load(sys.stdin):
+    if e["start"] <= 2097152 < e["start"] + e["length"] and e.get("offset") is not None:
+        print(e["offset"] + 2097152 - e["start"]); break')
+    [ -n "$host" ] || fail "no host offset"
+    "$HARD" eio "$img" 2097152 "$host" || fail "eio scenario"
+    qio "$img" "read -P 0x5a 0 2M" "read -P 0x5a 2101248 1044480" "read -P 0x61 3145728 1" \
+        "read -P 0x62 3145729 1" "read -P 0x63 3145730 1" "read -P 9 4194304 1"
+    check_img "$img"
+    echo "eio ok"
+}
+
+run_discard() {
+    local img=$T/d.qcow2
+    qemu-img create -q -f qcow2 "$img" 16M
+    "$HARD" discard "$img" || fail "discard scenario"
+    qio "$img" "read -P 0x77 0 1M" "read -P 0 1M 4M" "read -P 0x77 5M 1M" \
+        "read -P 0x77 6M 1M"
+    check_img "$img"
+    echo "discard ok"
+}
+
+run_race() {
+    local img=$T/r.qcow2
+    qemu-img create -q -f qcow2 "$img" 32M
+    "$HARD" race "$img" "${RACE_SECONDS:-5}" || fail "race scenario"
+    check_img "$img"
+    echo "race ok"
+}
+
+for c in $cases; do "run_$c"; done
+echo ok
