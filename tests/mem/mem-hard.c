@@ -235,7 +235,10 @@ static void *ctl_thread(void *arg)
             mo.writeback_interval_ms = 20;
             r = pms_map(g_dev, &mo, &a, &len);
             CHECK(r == 0, "map: %s", pms_errmsg());
-            ((volatile uint8_t *)a)[(i * 4096ull) % len] = (uint8_t)i;
+            uint8_t b = (uint8_t)i;   /* through the API: a plain store would race
+                                         the I/O threads' copies in this test */
+            r = pms_pwrite(g_dev, &b, 1, (i * 4096ull) % len);
+            CHECK(r == 0, "pwrite while mapped: %s", pms_errmsg());
             r = pms_persist(g_dev, a, len);
             CHECK(r == 0, "persist: %s", pms_errmsg());
             usleep(2000);
