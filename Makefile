@@ -1,6 +1,7 @@
 # Thin wrapper around meson/ninja.  See README.md.
 BUILD      ?= build
 ASAN_BUILD ?= build-asan
+TSAN_BUILD ?= build-tsan
 PREFIX     ?= /usr/local
 MESON      ?= meson
 
@@ -29,7 +30,9 @@ deps: build-deps
 	@bash scripts/deps.sh $(DEPS)
 
 # Every suite in the normal build, then every suite tagged 'asan' in an
-# ASan+UBSan build (PMS_NO_ASAN=1 skips that second pass).
+# ASan+UBSan build (PMS_NO_ASAN=1 skips that second pass), then the
+# concurrency tests (suite 'tsan') in a ThreadSanitizer build
+# (PMS_NO_TSAN=1 skips it).
 check: deps all
 	@rc=0; \
 	$(MESON) test -C $(BUILD) --print-errorlogs --num-processes 2 || rc=1; \
@@ -40,6 +43,12 @@ check: deps all
 	  ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
 	  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	  $(MESON) test -C $(ASAN_BUILD) --print-errorlogs --num-processes 2 --suite asan || rc=1; \
+	fi; \
+	if [ -z "$$PMS_NO_TSAN" ]; then \
+	  { [ -f $(TSAN_BUILD)/build.ninja ] || \
+	    $(MESON) setup $(TSAN_BUILD) -Db_sanitize=thread -Db_lundef=false; } && \
+	  ninja -C $(TSAN_BUILD) && \
+	  $(MESON) test -C $(TSAN_BUILD) --print-errorlogs --num-processes 2 --suite tsan || rc=1; \
 	fi; \
 	exit $$rc
 
@@ -54,4 +63,4 @@ install: all
 	$(MESON) install -C $(BUILD)
 
 clean:
-	rm -rf $(BUILD) $(ASAN_BUILD)
+	rm -rf $(BUILD) $(ASAN_BUILD) $(TSAN_BUILD)
