@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <string.h>
 #include "cli.h"
+#include "serve/serve.h"
 
 static const struct {
     const char *name;
@@ -37,6 +38,9 @@ static const struct {
       "convert [-c] [-p] [-q] [-n] [-f FMT] [-O qcow2|raw] [-o OPTIONS] [-t CACHE] [-T CACHE] [-U] SRC DST" },
     { "io", cmd_io,
       "io [-f FMT] [-r] [-n] [-t CACHE] [-i AIO] [-U] [-c CMD]... FILE" },
+    { "serve", cmd_serve,
+      "serve IMAGE --fuse FILE --socket SOCK [--qmp VM_SOCK] [--foreground] [--pidfile F] ...  (or snapshot ... --socket SOCK [--vm])" },
+    { "stats", cmd_stats, "stats --socket SOCK [--output=human|json]" },
     { "bench", cmd_bench,
       "bench [-c COUNT] [-d DEPTH] [-f FMT] [-n] [-i AIO] [-o OFF] [--pattern=N] [-q] [-s SIZE] [-S STEP] [-t CACHE] [-w] [--flush-interval=N] [--no-drain] [-U] FILE" },
 };
@@ -74,6 +78,10 @@ int main(int argc, char **argv)
                     printf("Usage: %s %s\n", progname, cmds[i].synopsis);
                     return 0;
                 }
+            if (cmds[i].fn == cmd_snapshot)    /* a running daemon's snapshots */
+                for (int k = 2; k < argc; k++)
+                    if (strncmp(argv[k], "--socket", 8) == 0)
+                        return cmd_snapshot_remote(argc - 1, argv + 1);
             return cmds[i].fn(argc - 1, argv + 1);
         }
     return usage_error("unknown command '%s'", c);

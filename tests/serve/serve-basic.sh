@@ -1,0 +1,125 @@
+#!/bin/bash
+# pmemsnap serve: the FUSE file (read, write+fsync, fallocate, SEEK_DATA/
+# SEEK_HOLE, modes), snapshots through the CLI client, second daemon
+# refused, backing chains outside the allowed directories refused, clean
+# shutdown by quit and by SIGTERM -- all checked with QEMU's tools.
+. "$SRCDIR/serve/lib.sh"
+img=$T/a.qcow2
+qemu-img create -q -f qcow2 "$img" 64M
+qio "$img" "write -P 0x11 0 1M" "write -P 0x33 32M 64k"
+start "$img" a
+F=$T/a.file S=$T/a.sock
+
+# modes and size
+[ "$(stat -c '%a %s' "$F")" = "600 67108864" ] || fail "FUSE file: $(stat -c '%a %s' "$F")"
+[ "$(stat -c '%a %F' "$S")" = "600 socket" ] || fail "socket: $(stat -c '%a %F' "$S")"
+ok "file 0600 of the virtual size, socket 0600"
+
+# read what qemu-io wrote
+cmp <(head -c 1M "$F") <(head -c 1M /dev/zero | tr '\0' '\021') || fail "read 0x11"
+cmp <(dd if="$F" bs=64k skip=512 count=1 status=none) <(head -c 64k /dev/zero | tr '\0' '\063') ||
+    fail "read 0x33"
+ok "reads"
+
+# write + fsync, then the image has it (qemu-io -U reads the open image)
+head -c 1M /dev/zero | tr '\0' '\042' | dd of="$F" bs=1M seek=8 conv=notrunc,fsync status=none ||
+    fail "dd write"
+qemu-io -U -r -f qcow2 -c "read -P 0x22 8M 1M" "$img" | grep -q "read 1048576" || fail "fsynced write not in the image"
+# a write past the end fails
+if dd if=/dev/zero of="$F" bs=4k seek=16384 count=1 conv=notrunc,fsync status=none 2>/dev/null; then
+    fail "write past the end succeeded"
+fi
+ok "write + fsync reaches the image; writes past the end refused"
+
+# fallocate: punch a hole and zero a range; both read back as zeroes
+fallocate -p -o 0 -l 64k "$F" || fail "punch hole"
+fallocate -z -o 128k -l 64k "$F" || fail "zero range"
+cmp <(head -c 64k "$F") <(head -c 64k /dev/zero) || fail "punched range not zero"
+cmp <(dd if="$F" bs=64k skip=2 count=1 status=none) <(head -c 64k /dev/zero) || fail "zero range not zero"
+cmp <(dd if="$F" bs=64k skip=1 count=1 status=none) <(head -c 64k /dev/zero | tr '\0' '\021') ||
+    fail "fallocate touched a neighbour"
+ok "fallocate punch-hole / zero-range"
+
+# SEEK_DATA/SEEK_HOLE equal qemu-img map's data extents of the image
+sync "$F"
+"$SERVETEST" seek "$F" > "$T/seek.out" || fail "seek"
+qemu-img map -U --output=json -f qcow2 "$img" | python3 -c '
+import json, sys
+ext, cur = [], None
+for e in json.load(sys.stdin):
+    if e["data"]:
+        if cur and cur[1] == e["start"]:
+            cur[1] += e["length"]
+        else:
+            cur = [e["start"], e["start"] + e["length"]]
+            ext.append(cur)
+for s, e in ext:
+    print("data", s, e)' > "$T/map.out"
+diff "$T/map.out" "$T/seek.out" || fail "SEEK_DATA/SEEK_HOLE differ from qemu-img map"
+[ "$(wc -l < "$T/seek.out")" -ge 3 ] || fail "expected 3+ data extents: $(cat "$T/seek.out")"
+ok "SEEK_DATA/SEEK_HOLE match qemu-img map ($(wc -l < "$T/seek.out") extents)"
+
+# a second daemon on the same image is refused, the first keeps serving
+if "$P" serve "$img" --fuse "$T/b.file" --socket "$T/b.sock" 2>"$T/second.err"; then
+    fail "second daemon on the same image started"
+fi
+grep -qi "lock" "$T/second.err" || fail "second daemon: $(cat "$T/second.err")"
+[ -S "$S" ] && head -c 1 "$F" >/dev/null || fail "first daemon hurt"
+ok "second daemon refused: $(head -1 "$T/second.err")"
+
+# snapshots through the CLI client
+"$P" snapshot -c s1 --socket "$S" || fail "snapshot -c"
+head -c 64k /dev/zero | tr '\0' '\125' | dd of="$F" bs=64k seek=0 conv=notrunc status=none
+"$P" snapshot -l --socket "$S" | grep -q " s1 " || fail "snapshot -l"
+"$P" snapshot -c s1 --socket "$S" 2>"$T/dup.err" && fail "duplicate name accepted"
+grep -q "already exists" "$T/dup.err" || fail "dup: $(cat "$T/dup.err")"
+"$P" snapshot -a nosuch --socket "$S" 2>"$T/nosuch.err" && fail "revert to a missing snapshot"
+grep -q "Could not apply snapshot 'nosuch'" "$T/nosuch.err" || fail "nosuch: $(cat "$T/nosuch.err")"
+"$P" snapshot -a s1 --socket "$S" || fail "snapshot -a"
+cmp <(head -c 64k "$F") <(head -c 64k /dev/zero) || fail "revert: the file does not show s1's bytes"
+"$P" snapshot -c s2 --socket "$S" || fail "snapshot -c s2"
+"$P" snapshot -d s1 --socket "$S" || fail "snapshot -d"
+[ "$("$P" snapshot -l --socket "$S" | tail -n +3 | awk '{print $2}')" = s2 ] || fail "list after delete"
+"$P" stats --socket "$S" | grep -q "^snapshots: 2$" || fail "stats"
+ok "snapshot -c/-l/-a/-d and stats over the socket"
+
+# quit: clean shutdown, the image is clean and has everything
+stop a
+[ ! -e "$F" ] && [ ! -e "$S" ] && [ ! -e "$T/a.pid" ] || fail "leftovers after quit"
+check_img "$img"
+qio "$img" "read -P 0 0 64k" "read -P 0x11 64k 64k" "read -P 0 128k 64k" "read -P 0x22 8M 1M"
+[ "$(qemu-img snapshot -l "$img" | tail -n +3 | awk '{print $2}')" = s2 ] || fail "qemu-img snapshot -l"
+ok "quit: unmounted, image clean (qemu-img check), data and snapshots there"
+
+# SIGTERM: clean too; a pre-existing mount point file stays
+touch "$T/c.file"
+start "$img" c
+head -c 4k /dev/zero | tr '\0' '\167' | dd of="$T/c.file" bs=4k seek=100 conv=notrunc status=none
+kill -TERM "$PID_c"
+for _ in $(seq 100); do kill -0 "$PID_c" 2>/dev/null || break; sleep 0.1; done
+kill -0 "$PID_c" 2>/dev/null && fail "SIGTERM did not stop the daemon"
+[ -f "$T/c.file" ] && [ ! -s "$T/c.file" ] || fail "mount point file not restored"
+check_img "$img"
+qio "$img" "read -P 0x77 400k 4k"
+ok "SIGTERM: written-back, unmounted, image clean"
+
+# backing chains: only under the image's directory or --backing-dir
+mkdir -p "$T/other" "$T/ov"
+qemu-img create -q -f raw "$T/other/secret" 1M
+printf 'SECRET' | dd of="$T/other/secret" conv=notrunc status=none
+qemu-img create -q -f qcow2 -b ../other/secret -F raw "$T/ov/ov.qcow2"
+if "$P" serve "$T/ov/ov.qcow2" --fuse "$T/ov.file" --socket "$T/ov.sock" 2>"$T/bk.err"; then
+    fail "chain leaving the image's directory accepted"
+fi
+grep -q "backing-dir" "$T/bk.err" || fail "refusal message: $(cat "$T/bk.err")"
+start "$T/ov/ov.qcow2" ov --backing-dir "$T/other"
+[ "$(head -c 6 "$T/ov.file")" = SECRET ] || fail "backing read through --backing-dir"
+stop ov
+ok "backing chain outside the directory refused ($(cat "$T/bk.err")), allowed with --backing-dir"
+
+# usage errors
+"$P" serve "$img" --socket "$T/x.sock" 2>/dev/null && fail "no --fuse accepted"
+"$P" serve "$T/missing.qcow2" --fuse "$T/x.file" --socket "$T/x.sock" 2>"$T/miss.err" && fail "missing image"
+[ "$(wc -l < "$T/miss.err")" = 1 ] || fail "missing image: $(cat "$T/miss.err")"
+ok "usage errors: one line, non-zero"
+echo "serve-basic: all passed"

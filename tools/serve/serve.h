@@ -1,0 +1,87 @@
+/* pmemsnap serve: declarations shared by the daemon's files.
+ *
+ *   serve.c   options, daemonizing, the FUSE export, snapshot/revert/flush
+ *             operations and shutdown (struct srv, one per process)
+ *   qmp.c     the QMP control socket (server side)
+ *   vmqmp.c   a small QMP client for the VM's own QMP socket (--qmp) and
+ *             for `pmemsnap snapshot --socket` / `pmemsnap stats`
+ *
+ * Threads: the main thread accepts control connections and waits for a
+ * shutdown request; libfuse's worker threads serve the FUSE file; one thread
+ * per control connection parses and runs commands.  Operations that change
+ * the image's snapshot state run one at a time under srv.op_lock; see
+ * serve.c's design comment for the I/O lock.
+ */
+#ifndef PMS_SERVE_H
+#define PMS_SERVE_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <json-c/json.h>
+#include "pmemsnap.h"
+
+/* Longest command a control client may send (bytes).  QMP commands are a
+ * few hundred bytes; anything near this is garbage or an attack. */
+#define SERVE_MAX_CMD_BYTES (1u << 20)
+/* Control connections served at once; more are refused with an error. */
+#define SERVE_MAX_CLIENTS 32
+/* Nesting depth accepted in a command (json-c tokener depth). */
+#define SERVE_MAX_JSON_DEPTH 32
+/* How long the daemon waits for the VM's QMP socket to answer one ordinary
+ * command (ms), and for a snapshot-save/-load job to finish (ms). */
+#define VMQMP_TIMEOUT_MS 10000
+#define VMQMP_JOB_TIMEOUT_MS 600000
+
+struct srv_stats {
+    atomic_uint_fast64_t reads, writes, bytes_read, bytes_written, flushes, zeroes;
+    atomic_uint_fast64_t snapshots, reverts;
+    atomic_uint_fast64_t last_snapshot_us, last_precopy_us, last_final_us,
+                         last_commit_us, last_vm_paused_us, last_vm_state_us;
+};
+
+struct srv;
+
+/* Result of a control operation: 0, or -errno with a message and QMP error
+ * class in err/eclass. */
+struct srv_err {
+    char msg[512];
+    const char *eclass;           /* "GenericError" unless said otherwise */
+};
+
+int  srv_snapshot_create(struct srv *s, const char *name, bool external, bool vm,
+                         struct srv_err *e);
+int  srv_snapshot_revert(struct srv *s, const char *name, bool vm, struct srv_err *e);
+int  srv_snapshot_delete(struct srv *s, const char *name, bool vm, struct srv_err *e);
+int  srv_snapshot_list(struct srv *s, json_object **out, struct srv_err *e);
+int  srv_flush(struct srv *s, struct srv_err *e);
+json_object *srv_query_stats(struct srv *s);
+void srv_request_quit(struct srv *s);
+
+/* qmp.c: serve the control socket on listen fd lfd until srv_request_quit;
+ * returns when the server is told to stop (qmp_stop). */
+int  qmp_server_start(struct srv *s, int lfd);
+void qmp_server_stop(void);
+/* Broadcast an event to every negotiated client. */
+void qmp_event(const char *name, json_object *data);
+
+/* vmqmp.c: a blocking QMP client with timeouts. */
+struct vmqmp;
+int  vmqmp_connect(const char *path, int timeout_ms, struct vmqmp **out, char *err, size_t errlen);
+void vmqmp_close(struct vmqmp *q);
+/* Run one command; *ret gets the "return" value (caller puts it) or, on an
+ * "error" reply, -EIO with desc in err.  Events read meanwhile are passed to
+ * on_event when set.  args is consumed. */
+int  vmqmp_exec(struct vmqmp *q, const char *cmd, json_object *args, json_object **ret,
+                int timeout_ms, char *err, size_t errlen);
+/* Run a job command (snapshot-save/-load/-delete) and wait for it to conclude. */
+int  vmqmp_job(struct vmqmp *q, const char *cmd, json_object *args, int timeout_ms,
+               char *err, size_t errlen);
+
+/* CLI entry points (tools/pmemsnap.c dispatches here). */
+int cmd_serve(int argc, char **argv);
+int cmd_stats(int argc, char **argv);
+int cmd_snapshot_remote(int argc, char **argv);
+
+#endif

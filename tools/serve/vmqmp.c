@@ -1,0 +1,290 @@
+/* A small blocking QMP client with timeouts.
+ *
+ * Used by the daemon to drive the VM's QEMU (--qmp: stop, cont,
+ * snapshot-save/-load/-delete jobs) and by the CLI (`pmemsnap snapshot
+ * --socket`, `pmemsnap stats`) to talk to the daemon.  QMP servers end every
+ * message with a newline, so replies are read line by line; events read
+ * while waiting for a reply are dropped, except JOB_STATUS_CHANGE, which
+ * vmqmp_job waits for.  Every read and write is bounded by a timeout, so a
+ * peer that never answers makes the call fail with ETIMEDOUT instead of
+ * hanging the daemon.
+ *
+ * Threads: a struct vmqmp belongs to the thread that connected it.
+ */
+#include <errno.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+#include "serve.h"
+
+/* Longest line accepted from a peer (bytes): query replies of a big VM stay
+ * far below it. */
+#define VMQMP_MAX_LINE (16u << 20)
+
+struct vmqmp {
+    int fd;
+    char *buf;
+    size_t len, cap;
+    unsigned job_seq;
+};
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Next complete line as a parsed JSON object (caller puts it). */
+static int read_msg(struct vmqmp *q, json_object **out, int64_t deadline, char *err, size_t errlen)
+{
+    for (;;) {
+        char *nl = q->len ? memchr(q->buf, '\n', q->len) : NULL;
+        if (nl) {
+            size_t n = (size_t)(nl - q->buf) + 1;
+            *nl = '\0';
+            enum json_tokener_error je;
+            json_object *o = json_tokener_parse_verbose(q->buf, &je);
+            memmove(q->buf, q->buf + n, q->len - n);
+            q->len -= n;
+            if (!o || !json_object_is_type(o, json_type_object)) {
+                json_object_put(o);
+                snprintf(err, errlen, "peer sent something that is not a JSON object");
+                return -EPROTO;
+            }
+            *out = o;
+            return 0;
+        }
+        if (q->len >= VMQMP_MAX_LINE) {
+            snprintf(err, errlen, "peer sent a line longer than %u bytes", VMQMP_MAX_LINE);
+            return -EPROTO;
+        }
+        int64_t left = deadline - now_ms();
+        if (left <= 0) {
+            snprintf(err, errlen, "timed out waiting for an answer");
+            return -ETIMEDOUT;
+        }
+        struct pollfd p = { .fd = q->fd, .events = POLLIN };
+        int r = poll(&p, 1, (int)(left > 1000000 ? 1000000 : left));
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0) {
+            snprintf(err, errlen, "poll: %s", strerror(errno));
+            return -errno;
+        }
+        if (r == 0)
+            continue;
+        if (q->cap - q->len < 65536) {
+            size_t nc = q->cap ? q->cap * 2 : 131072;
+            char *nb = realloc(q->buf, nc);
+            if (!nb) {
+                snprintf(err, errlen, "out of memory");
+                return -ENOMEM;
+            }
+            q->buf = nb;
+            q->cap = nc;
+        }
+        ssize_t k = read(q->fd, q->buf + q->len, q->cap - q->len - 1);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0) {
+            snprintf(err, errlen, "connection closed by peer");
+            return -ECONNRESET;
+        }
+        q->len += (size_t)k;
+    }
+}
+
+static int send_all(int fd, const char *p, size_t n, int64_t deadline, char *err, size_t errlen)
+{
+    while (n) {
+        int64_t left = deadline - now_ms();
+        struct pollfd pf = { .fd = fd, .events = POLLOUT };
+        int r = left > 0 ? poll(&pf, 1, (int)left) : 0;
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0) {
+            snprintf(err, errlen, "timed out sending a command");
+            return -ETIMEDOUT;
+        }
+        ssize_t k = send(fd, p, n, MSG_NOSIGNAL);
+        if (k < 0 && (errno == EINTR || errno == EAGAIN))
+            continue;
+        if (k < 0) {
+            snprintf(err, errlen, "send: %s", strerror(errno));
+            return -errno;
+        }
+        p += k;
+        n -= (size_t)k;
+    }
+    return 0;
+}
+
+static const char *err_desc(json_object *o)
+{
+    json_object *e, *d;
+    if (json_object_object_get_ex(o, "error", &e) && json_object_object_get_ex(e, "desc", &d))
+        return json_object_get_string(d);
+    return "unknown error";
+}
+
+int vmqmp_exec(struct vmqmp *q, const char *cmd, json_object *args, json_object **ret,
+               int timeout_ms, char *err, size_t errlen)
+{
+    int64_t deadline = now_ms() + timeout_ms;
+    json_object *o = json_object_new_object();
+    json_object_object_add(o, "execute", json_object_new_string(cmd));
+    if (args)
+        json_object_object_add(o, "arguments", args);
+    const char *s = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN);
+    char *line;
+    int r = asprintf(&line, "%s\n", s) < 0 ? -ENOMEM : 0;
+    json_object_put(o);
+    if (r < 0) {
+        snprintf(err, errlen, "out of memory");
+        return r;
+    }
+    r = send_all(q->fd, line, strlen(line), deadline, err, errlen);
+    free(line);
+    if (r < 0)
+        return r;
+    for (;;) {
+        json_object *m;
+        if ((r = read_msg(q, &m, deadline, err, errlen)) < 0)
+            return r;
+        json_object *v;
+        if (json_object_object_get_ex(m, "return", &v)) {
+            if (ret)
+                *ret = json_object_get(v);
+            json_object_put(m);
+            return 0;
+        }
+        if (json_object_object_get_ex(m, "error", &v)) {
+            snprintf(err, errlen, "%s", err_desc(m));
+            json_object_put(m);
+            return -EIO;
+        }
+        json_object_put(m);      /* an event */
+    }
+}
+
+int vmqmp_connect(const char *path, int timeout_ms, struct vmqmp **out, char *err, size_t errlen)
+{
+    struct sockaddr_un a = { .sun_family = AF_UNIX };
+    if (strlen(path) >= sizeof a.sun_path) {
+        snprintf(err, errlen, "socket path too long: %s", path);
+        return -ENAMETOOLONG;
+    }
+    strcpy(a.sun_path, path);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        snprintf(err, errlen, "socket: %s", strerror(errno));
+        return -errno;
+    }
+    if (connect(fd, (struct sockaddr *)&a, sizeof a) < 0) {
+        int e = errno;
+        snprintf(err, errlen, "cannot connect to %s: %s", path, strerror(e));
+        close(fd);
+        return -e;
+    }
+    struct vmqmp *q = calloc(1, sizeof *q);
+    if (!q) {
+        close(fd);
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    q->fd = fd;
+    json_object *g = NULL, *v;
+    int r = read_msg(q, &g, now_ms() + timeout_ms, err, errlen);
+    if (r == 0 && !json_object_object_get_ex(g, "QMP", &v)) {
+        snprintf(err, errlen, "%s: no QMP greeting", path);
+        r = -EPROTO;
+    }
+    json_object_put(g);
+    if (r == 0)
+        r = vmqmp_exec(q, "qmp_capabilities", NULL, NULL, timeout_ms, err, errlen);
+    if (r < 0) {
+        vmqmp_close(q);
+        return r;
+    }
+    *out = q;
+    return 0;
+}
+
+void vmqmp_close(struct vmqmp *q)
+{
+    if (!q)
+        return;
+    close(q->fd);
+    free(q->buf);
+    free(q);
+}
+
+/* Job status of job-id id from query-jobs: 1 concluded (error copied), 0 not
+ * yet, <0 failure. */
+static int job_state(struct vmqmp *q, const char *id, char *jerr, size_t jerrlen,
+                     char *err, size_t errlen)
+{
+    json_object *l = NULL;
+    int r = vmqmp_exec(q, "query-jobs", NULL, &l, VMQMP_TIMEOUT_MS, err, errlen);
+    if (r < 0)
+        return r;
+    int found = -ENOENT;
+    for (size_t i = 0; i < json_object_array_length(l); i++) {
+        json_object *j = json_object_array_get_idx(l, i), *v;
+        if (!json_object_object_get_ex(j, "id", &v) || strcmp(json_object_get_string(v), id))
+            continue;
+        found = 0;
+        if (json_object_object_get_ex(j, "status", &v) &&
+            strcmp(json_object_get_string(v), "concluded") == 0) {
+            found = 1;
+            jerr[0] = '\0';
+            if (json_object_object_get_ex(j, "error", &v))
+                snprintf(jerr, jerrlen, "%s", json_object_get_string(v));
+        }
+    }
+    json_object_put(l);
+    if (found == -ENOENT)
+        snprintf(err, errlen, "job %s vanished", id);
+    return found;
+}
+
+int vmqmp_job(struct vmqmp *q, const char *cmd, json_object *args, int timeout_ms,
+              char *err, size_t errlen)
+{
+    char id[64];
+    snprintf(id, sizeof id, "pmemsnap-%s-%u-%d", cmd, ++q->job_seq, (int)getpid());
+    json_object_object_add(args, "job-id", json_object_new_string(id));
+    int r = vmqmp_exec(q, cmd, args, NULL, VMQMP_TIMEOUT_MS, err, errlen);
+    if (r < 0)
+        return r;
+    int64_t deadline = now_ms() + timeout_ms;
+    char jerr[400] = "";
+    for (;;) {
+        r = job_state(q, id, jerr, sizeof jerr, err, errlen);
+        if (r < 0)
+            return r;
+        if (r == 1)
+            break;
+        if (now_ms() > deadline) {
+            snprintf(err, errlen, "%s job did not finish in %d ms", cmd, timeout_ms);
+            return -ETIMEDOUT;
+        }
+        struct timespec ts = { 0, 5 * 1000 * 1000 };   /* poll every 5 ms */
+        nanosleep(&ts, NULL);
+    }
+    json_object *a = json_object_new_object();
+    json_object_object_add(a, "id", json_object_new_string(id));
+    char derr[200];
+    vmqmp_exec(q, "job-dismiss", a, NULL, VMQMP_TIMEOUT_MS, derr, sizeof derr);
+    if (jerr[0]) {
+        snprintf(err, errlen, "%s", jerr);
+        return -EIO;
+    }
+    return 0;
+}
