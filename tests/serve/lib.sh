@@ -8,10 +8,19 @@ DAEMONS=()
 cleanup() {
     local p
     for p in "${DAEMONS[@]}"; do kill -9 "$p" 2>/dev/null; done
-    for m in $(awk -v t="$T" 'index($2, t) == 1 { print $2 }' /proc/mounts); do
-        fusermount3 -u -z "$m" 2>/dev/null || umount -l "$m" 2>/dev/null
-    done
+    unmount_ours
+
     rm -rf "$T"
+}
+# Abort and detach the FUSE mounts under $T (a killed daemon's), so nothing
+# waits on them; only ours: the connection is named by the mount's device.
+unmount_ours() {
+    local dev m
+    while read -r _ _ dev _ m _; do
+        case $m in "$T"/*) ;; *) continue ;; esac
+        echo 1 > "/sys/fs/fuse/connections/${dev#0:}/abort" 2>/dev/null
+        umount -l "$m" 2>/dev/null || fusermount3 -u -z "$m" 2>/dev/null
+    done < /proc/self/mountinfo
 }
 trap cleanup EXIT
 fail() { echo "FAIL: $*" >&2; exit 1; }

@@ -84,6 +84,7 @@ struct srv {
     const char *image, *fuse_path, *sock_path, *qmp_path, *vmstate_node;
     const char *pidfile, *backing_dir, *format, *log;
     uint64_t cache_size;
+    int qmp_timeout_ms;               /* --qmp-timeout: one VM QMP command */
     bool foreground, allow_other, wbcache;
     atomic_bool wb_on;                /* the kernel agreed to writeback caching */
     pms_dev *dev;
@@ -189,6 +190,10 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
     }
     fi->keep_cache = 1;                      /* the page cache stays valid across opens */
     fi->direct_io = 0;                       /* mmap(MAP_SHARED) needs the page cache */
+    /* close() sends no FLUSH (nothing to do for it here): a daemon killed
+     * while it had its own file open would otherwise hang in exit, waiting
+     * for itself to answer that FLUSH. */
+    fi->noflush = 1;
     fuse_reply_open(req, fi);
 }
 
@@ -369,11 +374,21 @@ static void on_usr1(int sig) { (void)sig; }
 
 /* ---- flushing through the mount -------------------------------------------- */
 
+/* The daemon's own descriptor on its FUSE file, open only for the length of
+ * one operation (op_lock held): with --writeback-cache close() does send a
+ * FLUSH, which a killed daemon could not answer. */
 static int selffd(struct srv *s)
 {
     if (s->selffd < 0)
         s->selffd = open(s->fuse_path, O_RDWR | O_CLOEXEC);
     return s->selffd;
+}
+
+static void selffd_close(struct srv *s)
+{
+    if (s->selffd >= 0)
+        close(s->selffd);
+    s->selffd = -1;
 }
 
 /* Write back the FUSE file's dirty pages (pre-copy: writers keep running). */
@@ -409,27 +424,27 @@ static int final_flush(struct srv *s, struct srv_err *e)
 static int vm_connect(struct srv *s, struct vmqmp **q, struct srv_err *e)
 {
     char m[400];
-    int r = vmqmp_connect(s->qmp_path, VMQMP_TIMEOUT_MS, q, m, sizeof m);
+    int r = vmqmp_connect(s->qmp_path, s->qmp_timeout_ms, q, m, sizeof m);
     if (r < 0)
         seterr(e, "VM QMP socket %s: %s", s->qmp_path, m);
     return r;
 }
 
-static int vm_simple(struct vmqmp *q, const char *cmd, json_object *args, struct srv_err *e)
+static int vm_simple(struct srv *s, struct vmqmp *q, const char *cmd, json_object *args, struct srv_err *e)
 {
     char m[400];
-    int r = vmqmp_exec(q, cmd, args, NULL, VMQMP_TIMEOUT_MS, m, sizeof m);
+    int r = vmqmp_exec(q, cmd, args, NULL, s->qmp_timeout_ms, m, sizeof m);
     if (r < 0)
         seterr(e, "VM: %s: %s", cmd, m);
     return r;
 }
 
 /* Is the guest running?  1 yes, 0 no, <0 error. */
-static int vm_running(struct vmqmp *q, struct srv_err *e)
+static int vm_running(struct srv *s, struct vmqmp *q, struct srv_err *e)
 {
     json_object *ret = NULL, *v;
     char m[400];
-    int r = vmqmp_exec(q, "query-status", NULL, &ret, VMQMP_TIMEOUT_MS, m, sizeof m);
+    int r = vmqmp_exec(q, "query-status", NULL, &ret, s->qmp_timeout_ms, m, sizeof m);
     if (r < 0) {
         seterr(e, "VM: query-status: %s", m);
         return r;
@@ -448,7 +463,7 @@ static json_object *vm_nodes(struct srv *s, struct vmqmp *q, const char **vmstat
     json_object *args = json_object_new_object(), *ret = NULL;
     json_object_object_add(args, "flat", json_object_new_boolean(1));
     char m[400];
-    if (vmqmp_exec(q, "query-named-block-nodes", args, &ret, VMQMP_TIMEOUT_MS, m, sizeof m) < 0) {
+    if (vmqmp_exec(q, "query-named-block-nodes", args, &ret, s->qmp_timeout_ms, m, sizeof m) < 0) {
         seterr(e, "VM: query-named-block-nodes: %s", m);
         return NULL;
     }
@@ -490,11 +505,11 @@ static int vm_job(struct vmqmp *q, const char *cmd, const char *tag, const char 
     return r;
 }
 
-static int vm_ignore_shared(struct vmqmp *q, struct srv_err *e)
+static int vm_ignore_shared(struct srv *s, struct vmqmp *q, struct srv_err *e)
 {
     json_object *a = json_tokener_parse(
         "{\"capabilities\": [{\"capability\": \"x-ignore-shared\", \"state\": true}]}");
-    return vm_simple(q, "migrate-set-capabilities", a, e);
+    return vm_simple(s, q, "migrate-set-capabilities", a, e);
 }
 
 /* ---- operations (control threads) ------------------------------------------- */
@@ -534,9 +549,9 @@ int srv_snapshot_create(struct srv *s, const char *name, bool external, bool vm,
         goto out;
     }
     if (s->qmp_path) {
-        if ((r = vm_connect(s, &q, e)) < 0 || (r = was_running = vm_running(q, e)) < 0)
+        if ((r = vm_connect(s, &q, e)) < 0 || (r = was_running = vm_running(s, q, e)) < 0)
             goto out;
-        if (vm && ((r = vm_ignore_shared(q, e)) < 0 || !(devs = vm_nodes(s, q, &vmstate, e)))) {
+        if (vm && ((r = vm_ignore_shared(s, q, e)) < 0 || !(devs = vm_nodes(s, q, &vmstate, e)))) {
             r = r < 0 ? r : -EINVAL;
             goto out;
         }
@@ -544,7 +559,7 @@ int srv_snapshot_create(struct srv *s, const char *name, bool external, bool vm,
     if ((r = precopy(s, e)) < 0)
         goto out;
     t1 = now_us();
-    if (q && was_running && (r = vm_simple(q, "stop", NULL, e)) < 0)
+    if (q && was_running && (r = vm_simple(s, q, "stop", NULL, e)) < 0)
         goto out;
     tpause = now_us();
     if ((r = final_flush(s, e)) < 0)
@@ -578,7 +593,7 @@ int srv_snapshot_create(struct srv *s, const char *name, bool external, bool vm,
 resume:
     if (q && was_running) {
         struct srv_err e2 = { "", NULL };
-        int r2 = vm_simple(q, "cont", NULL, r < 0 ? &e2 : e);
+        int r2 = vm_simple(s, q, "cont", NULL, r < 0 ? &e2 : e);
         if (r == 0)
             r = r2;
     }
@@ -594,6 +609,7 @@ resume:
         qmp_event("SNAPSHOT_CREATED", d);
     }
 out:
+    selffd_close(s);
     json_object_put(devs);
     vmqmp_close(q);
     pthread_mutex_unlock(&s->op_lock);
@@ -624,13 +640,13 @@ int srv_snapshot_revert(struct srv *s, const char *name, bool vm, struct srv_err
         goto out;
     }
     if (s->qmp_path) {
-        if ((r = vm_connect(s, &q, e)) < 0 || (r = was_running = vm_running(q, e)) < 0)
+        if ((r = vm_connect(s, &q, e)) < 0 || (r = was_running = vm_running(s, q, e)) < 0)
             goto out;
-        if (vm && ((r = vm_ignore_shared(q, e)) < 0 || !(devs = vm_nodes(s, q, &vmstate, e)))) {
+        if (vm && ((r = vm_ignore_shared(s, q, e)) < 0 || !(devs = vm_nodes(s, q, &vmstate, e)))) {
             r = r < 0 ? r : -EINVAL;
             goto out;
         }
-        if (was_running && (r = vm_simple(q, "stop", NULL, e)) < 0)
+        if (was_running && (r = vm_simple(s, q, "stop", NULL, e)) < 0)
             goto out;
     }
     if ((r = final_flush(s, e)) < 0)
@@ -663,11 +679,12 @@ int srv_snapshot_revert(struct srv *s, const char *name, bool vm, struct srv_err
 resume:
     if (q && was_running) {
         struct srv_err e2 = { "", NULL };
-        int r2 = vm_simple(q, "cont", NULL, r < 0 ? &e2 : e);
+        int r2 = vm_simple(s, q, "cont", NULL, r < 0 ? &e2 : e);
         if (r == 0)
             r = r2;
     }
 out:
+    selffd_close(s);
     json_object_put(devs);
     vmqmp_close(q);
     pthread_mutex_unlock(&s->op_lock);
@@ -703,6 +720,7 @@ int srv_snapshot_delete(struct srv *s, const char *name, bool vm, struct srv_err
     if (r < 0)
         seterr(e, "%s", pms_errmsg());
 out:
+    selffd_close(s);
     json_object_put(devs);
     vmqmp_close(q);
     pthread_mutex_unlock(&s->op_lock);
@@ -744,6 +762,7 @@ int srv_flush(struct srv *s, struct srv_err *e)
 {
     pthread_mutex_lock(&s->op_lock);
     int r = final_flush(s, e);
+    selffd_close(s);
     pthread_mutex_unlock(&s->op_lock);
     return r;
 }
@@ -999,7 +1018,7 @@ static void teardown(struct srv *s)
 static void usage(void)
 {
     printf("Usage: pmemsnap serve IMAGE --fuse FILE --socket SOCK [--qmp VM_QMP_SOCK]\n"
-           "         [--vmstate NODE] [-f FMT] [--cache-size SIZE] [--backing-dir DIR]\n"
+           "         [--vmstate NODE] [--qmp-timeout MS] [-f FMT] [--cache-size SIZE] [--backing-dir DIR]\n"
            "         [--allow-other] [--writeback-cache] [--foreground] [--pidfile F] [--log F]\n"
            "Exports IMAGE as the regular file FILE (FUSE) and answers QMP commands on SOCK.\n"
            "See pmemsnap(1) and docs/serve.md.\n");
@@ -1040,12 +1059,14 @@ int cmd_serve(int argc, char **argv)
         { "pidfile", required_argument, NULL, 'P' },
         { "log", required_argument, NULL, 'L' },
         { "format", required_argument, NULL, 'f' },
+        { "qmp-timeout", required_argument, NULL, 'T' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
     static struct srv srv;
     struct srv *s = &srv;
     s->selffd = -1;
+    s->qmp_timeout_ms = VMQMP_TIMEOUT_MS;
     int ch;
     optind = 0;
     while ((ch = getopt_long(argc, argv, ":f:h", lo, NULL)) != -1) {
@@ -1065,6 +1086,13 @@ int cmd_serve(int argc, char **argv)
         case 'P': s->pidfile = optarg; break;
         case 'L': s->log = optarg; break;
         case 'f': s->format = optarg; break;
+        case 'T': {
+            uint64_t v;
+            if (parse_uint(optarg, &v) < 0 || v == 0 || v > 3600000)
+                return usage_error("invalid --qmp-timeout '%s' (milliseconds, 1..3600000)", optarg);
+            s->qmp_timeout_ms = (int)v;
+            break;
+        }
         case 'h': usage(); return 0;
         default: return getopt_error("serve", ch, argv, lo);
         }
