@@ -44,6 +44,7 @@
 #include <time.h>
 #include <unistd.h>
 #include "pmemsnap.h"
+#include "kfeat.h"
 
 #define NW      256
 #define WSLOT   (16u << 10)
@@ -155,12 +156,15 @@ static int open_map(const char *img, const char *mode, int *rc)
     mo.writeback_interval_ms = 20;
     void *a;
     size_t len;
-    r = pms_map(g_dev, &mo, &a, &len);
-    if (r == -ENOTSUP || r == -EPERM || r == -ENOSYS) {
-        fprintf(stderr, "SKIP: %s\n", pms_errmsg());
+    /* skip only where the kernel probe says the mode's feature is absent;
+     * any error from the library is a failure */
+    const char *missing = kfeat_missing(mode);
+    if (missing) {
+        fprintf(stderr, "SKIP: %s\n", missing);
         *rc = 77;
         return -1;
     }
+    r = pms_map(g_dev, &mo, &a, &len);
     if (r < 0) { fprintf(stderr, "pms_map: %s\n", pms_errmsg()); *rc = 2; return -1; }
     if (len < MINSIZE) { fprintf(stderr, "image smaller than 8 MiB\n"); *rc = 2; return -1; }
     g_p = a;

@@ -6,11 +6,10 @@
 . "$(dirname "$0")/lib.sh"
 NT=4; NS=6
 for mode in async sync; do
+    have_mode $mode || continue
     img=$T/a-$mode.qcow2
-    qemu-img create -q -f qcow2 "$img" 64M
-    "$MEMTEST" atomic "$img" $mode $NT $NS; rc=$?
-    [ $rc = 77 ] && { echo "SKIP $mode"; continue; }
-    [ $rc = 0 ] || fail "atomic $mode"
+    qemu-img create -q -f qcow2 "$img" 64M || fail "qemu-img create"
+    "$MEMTEST" atomic "$img" $mode $NT $NS || fail "atomic $mode (exit $?)"
     check_img "$img"
     qemu-img snapshot -l "$img" | grep -c "^[0-9]" | grep -qx $NS || fail "snapshot count"
     prev=0
@@ -29,10 +28,13 @@ for mode in async sync; do
     echo "atomic $mode: $NS snapshots consistent"
 done
 # a thread that blocks the stop signal: refused cleanly, QUIESCED still works
-img=$T/blk.qcow2
-qemu-img create -q -f qcow2 "$img" 16M
-"$MEMTEST" blocked "$img" || fail "blocked-signal writer"
-qemu-img snapshot -l "$img" | grep -q quiesced || fail "quiesced snapshot missing"
-qemu-img snapshot -l "$img" | grep -q " live " && fail "refused snapshot exists"
-check_img "$img"
-echo ok
+if have_mode auto; then
+    img=$T/blk.qcow2
+    qemu-img create -q -f qcow2 "$img" 16M || fail "qemu-img create"
+    "$MEMTEST" blocked "$img" || fail "blocked-signal writer (exit $?)"
+    qemu-img snapshot -l "$img" >"$T/snl" 2>&1 || fail "qemu-img snapshot -l: $(cat "$T/snl")"
+    grep -q quiesced "$T/snl" || fail "quiesced snapshot missing"
+    grep -q " live " "$T/snl" && fail "refused snapshot exists"
+    check_img "$img"
+fi
+finish

@@ -9,28 +9,27 @@ slack=64
 # sanitizer builds carry allocator/shadow overhead
 [ -n "${ASAN_OPTIONS:-}" ] && slack=192
 for mode in async sync; do
-    PMS_CAP_SLACK_MB=$slack "$MEMTEST" cap "$img" $mode 64 $([ $mode = async ] && echo 256 || echo 128)
-    rc=$?
-    [ $rc = 77 ] && { echo "SKIP $mode"; continue; }
-    [ $rc = 0 ] || fail "cap $mode"
+    have_mode $mode || continue
+    PMS_CAP_SLACK_MB=$slack "$MEMTEST" cap "$img" $mode 64 $([ $mode = async ] && echo 256 || echo 128) ||
+        fail "cap $mode (exit $?)"
 done
-check_img "$img"
+[ "$NRAN" -gt 0 ] && check_img "$img"
 # The issue's scale: a 64 GiB sparse image, 1 GiB cap, 1.5 GiB of random
 # stores (about 30 s; the normal build only, the sanitizer build runs the
 # small case above)
 avail_kb=$(df -Pk "$T" | awk 'NR == 2 { print $4 }')
 if [ -n "${PMS_SANITIZED:-}" ]; then
     :
+elif [ "$NRAN" = 0 ]; then
+    :
 elif [ "${avail_kb:-0}" -lt $((4 << 20)) ]; then
     echo "skip: the 64 GiB case writes 1.5 GiB and needs 4 GiB free in $T (${avail_kb:-?} KiB free)"
 else
     big=$T/big.qcow2
     qemu-img create -q -f qcow2 "$big" 64G
-    PMS_CAP_SLACK_MB=$slack "$MEMTEST" cap "$big" auto 1024 1536
-    rc=$?
-    [ $rc = 77 ] && echo "SKIP 64 GiB"
-    [ $rc = 0 ] || [ $rc = 77 ] || fail "cap 64 GiB / 1 GiB"
+    have_mode auto || fail "auto mode unavailable although a dirty-tracking mode ran"
+    PMS_CAP_SLACK_MB=$slack "$MEMTEST" cap "$big" auto 1024 1536 || fail "cap 64 GiB / 1 GiB (exit $?)"
     check_img "$big"
     rm -f "$big"
 fi
-echo ok
+finish

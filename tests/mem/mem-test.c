@@ -11,7 +11,10 @@
  *   mem-test ro      IMG                read-only mapping: loads work, stores SIGSEGV
  *   mem-test prefetch IMG               background prefetch fills the mapping
  *   mem-test blocked IMG                a thread blocks the stop signal: clean EAGAIN
- * MODE: auto | async | sync.  Exit 0 = pass, 1 = fail, 77 = feature missing.
+ *   mem-test probe   MODE               exit 0, or 77 naming the kernel feature
+ *                                       MODE (or "ro", a read-only mapping) lacks
+ * MODE: auto | async | sync.  Exit 0 = pass, 1 = fail, 77 = the kernel
+ * lacks a feature the scenario needs (kfeat.h; a library error never skips).
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -27,14 +30,16 @@
 #include <time.h>
 #include <unistd.h>
 #include "pmemsnap.h"
+#include "kfeat.h"
 
 #define PG 4096
 #define FAIL(...) do { fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
                        fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); exit(1); } while (0)
 #define CHECK(c, ...) do { if (!(c)) FAIL(__VA_ARGS__); } while (0)
-#define API(call) do { int r_ = (call); if (r_ < 0) { \
-        if (r_ == -ENOTSUP) { fprintf(stderr, "SKIP: %s\n", pms_errmsg()); exit(77); } \
-        FAIL("%s: %s", #call, pms_errmsg()); } } while (0)
+/* Any error fails, -ENOTSUP included: the only skip is main()'s kernel
+ * feature probe (kfeat.h) before a scenario starts. */
+#define API(call) do { int r_ = (call); if (r_ < 0) \
+        FAIL("%s = %d: %s", #call, r_, pms_errmsg()); } while (0)
 
 static int mode_of(const char *s)
 {
@@ -481,12 +486,22 @@ static int t_wberr(const char *img, const char *mode)
 
 int main(int argc, char **argv)
 {
+    if (argc == 3 && !strcmp(argv[1], "probe")) {
+        kfeat_need(argv[2]);
+        return 0;
+    }
     if (argc < 3) {
         fprintf(stderr, "usage: see the comment at the top of mem-test.c\n");
         return 2;
     }
     setvbuf(stdout, NULL, _IOLBF, 0);
     const char *cmd = argv[1], *img = argv[2], *mode = argc > 3 ? argv[3] : "auto";
+    /* every scenario but verify maps: skip only if the kernel lacks what
+     * its mode needs */
+    if (strcmp(cmd, "verify") != 0)
+        kfeat_need(!strcmp(cmd, "ro") ? "ro" :
+                   !strcmp(cmd, "sigbus") || !strcmp(cmd, "prefetch") || !strcmp(cmd, "blocked")
+                   ? "auto" : mode);
     if (!strcmp(cmd, "basic")) return t_basic(img, mode);
     if (!strcmp(cmd, "crash")) return t_crash(img, mode);
     if (!strcmp(cmd, "atomic") && argc > 5) return t_atomic(img, mode, atoi(argv[4]), atoi(argv[5]));

@@ -1118,7 +1118,12 @@ static int write_cluster(struct bdev *bs, const uint8_t *buf, uint64_t len, uint
         if (r == 0 && in + len < s->cluster_size)
             r = bdev_file_zero(bs->file, s->cluster_size - in - len, target + in + len);
     }
-    if (r < 0) return r;
+    if (r < 0) {
+        /* nothing references the fresh cluster yet: give it back (QEMU's
+         * qcow2_alloc_cluster_abort), else a failed write leaks it */
+        if (fresh) qcow2_free_clusters(bs, target, s->cluster_size);
+        return r;
+    }
     r = qcow2_cache_get(bs, &s->l2_cache, l2off, &l2);
     if (r < 0) return r;
     qcow2_l2_set(s, l2, idx, target | QCOW_OFLAG_COPIED);
@@ -1187,7 +1192,11 @@ static int64_t write_run(struct bdev *bs, const uint8_t *buf, uint64_t len, uint
     int64_t target = qcow2_alloc_clusters(bs, n);
     if (target < 0) return target;
     r = bdev_file_pwrite(bs->file, buf, n * cs, (uint64_t)target);
-    if (r == 0) r = qcow2_cache_get(bs, &s->l2_cache, l2off, &l2);
+    if (r < 0) {
+        qcow2_free_clusters(bs, (uint64_t)target, n * cs);   /* unreferenced: no leak */
+        return r;
+    }
+    r = qcow2_cache_get(bs, &s->l2_cache, l2off, &l2);
     for (uint64_t i = 0; r == 0 && i < n; i++) {
         uint64_t old = qcow2_l2_get(s, l2, idx + i);
         qcow2_l2_set(s, l2, idx + i, ((uint64_t)target + i * cs) | QCOW_OFLAG_COPIED);
