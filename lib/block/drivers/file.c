@@ -1,10 +1,28 @@
 /* Protocol driver "file": a POSIX file or block device.
  *
- * Stateless apart from the descriptor, so it is entered without a lock by
- * its parent (pread/pwrite are thread-safe).  Writes past the end extend the
- * file.  Zero writes punch holes where the file system can, else write zero
- * buffers.  cache=none is accepted but served through the page cache: qcow2
- * metadata updates are sub-sector, which O_DIRECT would reject.
+ * Stateless apart from the descriptor, the cached length and the direct-I/O
+ * lock, so it is entered without a lock by its parent (pread/pwrite are
+ * thread-safe).  Writes past the end extend the file.  Zero writes punch
+ * holes where the file system can, else write zero buffers.
+ *
+ * Length: a writable regular file's length is kept in memory (every write,
+ * zero write and truncate goes through here, and the image lock keeps QEMU
+ * writers out), so the write path makes no fstat; a read-only open asks the
+ * kernel each time (a writer elsewhere may grow the file under -U).  A zero
+ * write past the end extends the file with ftruncate (sparse), which is
+ * safe because the format node above serializes its requests (LOCKED in
+ * block.c).
+ *
+ * cache=none and directsync open with O_DIRECT, as QEMU does; a file system
+ * that refuses O_DIRECT fails the open with a clear error (QEMU's
+ * behaviour).  Requests that are not aligned (offset, length or buffer to
+ * the file's direct-I/O alignment: statx STATX_DIOALIGN, else the block
+ * device's logical sector, else 4096) go through an aligned bounce buffer;
+ * an unaligned write is a read-modify-write of its aligned blocks, done
+ * under `dio_lock` held exclusively, while every other direct write holds
+ * it shared, so that no write lands between the read and the write back.
+ * A read-modify-write that reaches past the end trims the file back to the
+ * length the plain write would have left.
  *
  * Locking: QEMU-compatible OFD byte locks (file-posix's scheme: byte 100+i
  * "holds permission i", byte 200+i "does not share permission i"; i = 1
@@ -17,6 +35,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -26,7 +45,23 @@
 #include "../block.h"
 #include "../../util/error.h"
 
-struct file_state { int fd; bool is_blk; };
+/* Largest bounce buffer for unaligned direct I/O (bytes): bigger requests
+ * go through it in pieces; 1 MiB keeps one qcow2 run in one system call. */
+#define BOUNCE_MAX (1u << 20)
+/* Direct-I/O alignment when the kernel does not report one (bytes): the
+ * largest logical block size in common use, so always accepted. */
+#define DIO_ALIGN_DEFAULT 4096u
+
+struct file_state {
+    int fd;
+    bool is_blk;
+    bool cache_len;              /* len is authoritative (writable regular file) */
+    bool direct;                 /* opened with O_DIRECT */
+    uint32_t align;              /* direct I/O: offset/length alignment */
+    uint32_t mem_align;          /* direct I/O: buffer alignment */
+    uint64_t len;                /* file length when cache_len (atomic) */
+    pthread_rwlock_t dio_lock;   /* direct: RMW exclusive, other writes shared */
+};
 
 enum { LOCK_PERM_BASE = 100, LOCK_SHARED_BASE = 200, PERM_WRITE = 1, PERM_RESIZE = 3 };
 
@@ -82,10 +117,36 @@ static int take_locks(struct bdev *bs, int fd, const char *path)
     return 0;
 }
 
+/* The direct-I/O alignment of fd (offset and memory), as QEMU probes it. */
+static void dio_align(struct file_state *s)
+{
+    s->align = s->mem_align = 0;
+#if defined(STATX_DIOALIGN)
+    struct statx sx;
+    if (statx(s->fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &sx) == 0 &&
+        (sx.stx_mask & STATX_DIOALIGN) && sx.stx_dio_offset_align) {
+        s->align = sx.stx_dio_offset_align;
+        s->mem_align = sx.stx_dio_mem_align;
+    }
+#endif
+    int ss;
+    if (!s->align && s->is_blk && ioctl(s->fd, BLKSSZGET, &ss) == 0 && ss > 0)
+        s->align = (uint32_t)ss;
+    if (!s->align || (s->align & (s->align - 1)))
+        s->align = DIO_ALIGN_DEFAULT;
+    if (s->mem_align < s->align)
+        s->mem_align = s->align;     /* bounce buffers are aligned to both */
+}
+
 static int file_open(struct bdev *bs, const char *path, const struct pms_open_opts *o)
 {
     struct file_state *s = bs->opaque;
-    int fd = open(path, (bs->readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+    bool direct = bs->cache_mode == PMS_CACHE_NONE || bs->cache_mode == PMS_CACHE_DIRECTSYNC;
+    int fd = open(path, (bs->readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC | (direct ? O_DIRECT : 0));
+    if (fd < 0 && direct && errno == EINVAL)
+        return pms_err(EINVAL, "could not open '%s': the file system does not support "
+                       "O_DIRECT (cache mode none/directsync); use cache mode writeback",
+                       path);
     if (fd < 0)
         return pms_err(errno, "could not open '%s': %s", path, strerror(errno));
     struct stat st;
@@ -107,6 +168,13 @@ static int file_open(struct bdev *bs, const char *path, const struct pms_open_op
     }
     s->fd = fd;
     s->is_blk = S_ISBLK(st.st_mode);
+    s->cache_len = !bs->readonly && S_ISREG(st.st_mode);
+    s->len = (uint64_t)st.st_size;
+    s->direct = direct;
+    if (direct) {
+        dio_align(s);
+        pthread_rwlock_init(&s->dio_lock, NULL);
+    }
     return 0;
 }
 
@@ -114,9 +182,34 @@ static void file_close(struct bdev *bs)
 {
     struct file_state *s = bs->opaque;
     close(s->fd);
+    if (s->direct)
+        pthread_rwlock_destroy(&s->dio_lock);
 }
 
-static int file_pread(struct bdev *bs, void *buf, uint64_t len, uint64_t off)
+/* The file's length: the cached one, or fstat (read-only opens). */
+static int64_t cur_len(struct bdev *bs)
+{
+    struct file_state *s = bs->opaque;
+    if (s->cache_len)
+        return (int64_t)__atomic_load_n(&s->len, __ATOMIC_ACQUIRE);
+    struct stat st;
+    if (fstat(s->fd, &st) < 0)
+        return pms_err(errno, "stat of '%s' failed", bs->filename);
+    return st.st_size;
+}
+
+/* The file now reaches at least `end`. */
+static void grew_to(struct file_state *s, uint64_t end)
+{
+    uint64_t cur = __atomic_load_n(&s->len, __ATOMIC_RELAXED);
+    while (cur < end &&
+           !__atomic_compare_exchange_n(&s->len, &cur, end, true, __ATOMIC_RELEASE,
+                                        __ATOMIC_RELAXED))
+        ;
+}
+
+/* plain pread loop; past EOF reads as zeroes */
+static int raw_read(struct bdev *bs, void *buf, uint64_t len, uint64_t off)
 {
     struct file_state *s = bs->opaque;
     uint8_t *p = buf;
@@ -136,19 +229,151 @@ static int file_pread(struct bdev *bs, void *buf, uint64_t len, uint64_t off)
     return 0;
 }
 
-static int file_pwrite(struct bdev *bs, const void *buf, uint64_t len, uint64_t off)
+static int raw_write(struct bdev *bs, const void *buf, uint64_t len, uint64_t off)
 {
     struct file_state *s = bs->opaque;
     const uint8_t *p = buf;
+    uint64_t end = off + len;
     while (len) {
         ssize_t n = pwrite(s->fd, p, len, (off_t)off);
         if (n < 0) {
             if (errno == EINTR) continue;
-            return pms_err(errno, "write error on '%s' at %llu: %s", bs->filename,
-                           (unsigned long long)off, strerror(errno));
+            int e = errno;
+            if (s->cache_len && off > __atomic_load_n(&s->len, __ATOMIC_RELAXED))
+                grew_to(s, off);          /* a partial write may have extended it */
+            return pms_err(e, "write error on '%s' at %llu: %s", bs->filename,
+                           (unsigned long long)off, strerror(e));
         }
         p += n; off += (uint64_t)n; len -= (uint64_t)n;
     }
+    if (s->cache_len)
+        grew_to(s, end);
+    return 0;
+}
+
+static bool aligned(const struct file_state *s, const void *buf, uint64_t len, uint64_t off)
+{
+    return ((uintptr_t)buf & (s->mem_align - 1)) == 0 && (len & (s->align - 1)) == 0 &&
+           (off & (s->align - 1)) == 0;
+}
+
+static void *bounce_alloc(const struct file_state *s, size_t n)
+{
+    void *b = NULL;
+    return posix_memalign(&b, s->mem_align, n) == 0 ? b : NULL;
+}
+
+static int file_pread(struct bdev *bs, void *buf, uint64_t len, uint64_t off)
+{
+    struct file_state *s = bs->opaque;
+    if (!s->direct || aligned(s, buf, len, off))
+        return raw_read(bs, buf, len, off);
+    /* through an aligned bounce buffer, BOUNCE_MAX at a time */
+    uint64_t a = s->align;
+    uint8_t *b = bounce_alloc(s, BOUNCE_MAX + 2 * a);
+    if (!b)
+        return pms_err(ENOMEM, "out of memory");
+    uint8_t *p = buf;
+    int r = 0;
+    while (r == 0 && len) {
+        uint64_t a0 = off & ~(a - 1);
+        uint64_t n = len < BOUNCE_MAX ? len : BOUNCE_MAX;
+        uint64_t a1 = (off + n + a - 1) & ~(a - 1);
+        r = raw_read(bs, b, a1 - a0, a0);
+        if (r == 0)
+            memcpy(p, b + (off - a0), n);
+        p += n; off += n; len -= n;
+    }
+    free(b);
+    return r;
+}
+
+/* Direct write of an aligned range from an unaligned buffer (no read). */
+static int copy_write(struct bdev *bs, const uint8_t *buf, uint64_t len, uint64_t off)
+{
+    struct file_state *s = bs->opaque;
+    uint8_t *b = bounce_alloc(s, len < BOUNCE_MAX ? len : BOUNCE_MAX);
+    if (!b)
+        return pms_err(ENOMEM, "out of memory");
+    int r = 0;
+    while (r == 0 && len) {
+        uint64_t n = len < BOUNCE_MAX ? len : BOUNCE_MAX;
+        memcpy(b, buf, n);
+        r = raw_write(bs, b, n, off);
+        buf += n; off += n; len -= n;
+    }
+    free(b);
+    return r;
+}
+
+/* Read-modify-write of the aligned blocks around [off, off+len); dio_lock
+ * held exclusively by the caller.  A block past the end reads as zeroes;
+ * the file is trimmed back to where a plain write would have ended it. */
+static int rmw_write(struct bdev *bs, const uint8_t *buf, uint64_t len, uint64_t off)
+{
+    struct file_state *s = bs->opaque;
+    uint64_t a = s->align;
+    int64_t flen = cur_len(bs);
+    if (flen < 0)
+        return (int)flen;
+    uint64_t want = (uint64_t)flen > off + len ? (uint64_t)flen : off + len;
+    uint8_t *b = bounce_alloc(s, BOUNCE_MAX + 2 * a);
+    if (!b)
+        return pms_err(ENOMEM, "out of memory");
+    int r = 0;
+    uint64_t top = 0;
+    while (r == 0 && len) {
+        uint64_t a0 = off & ~(a - 1);
+        uint64_t n = len < BOUNCE_MAX ? len : BOUNCE_MAX;
+        uint64_t a1 = (off + n + a - 1) & ~(a - 1);
+        /* only the first and last blocks need their old contents */
+        if (off != a0)
+            r = raw_read(bs, b, a, a0);
+        if (r == 0 && ((off + n) & (a - 1)) && (a1 - a > a0 || off == a0))
+            r = raw_read(bs, b + (a1 - a - a0), a, a1 - a);
+        if (r == 0) {
+            memcpy(b + (off - a0), buf, n);
+            r = raw_write(bs, b, a1 - a0, a0);
+        }
+        if (a1 > top) top = a1;
+        buf += n; off += n; len -= n;
+    }
+    free(b);
+    if (top > want && !s->is_blk) {
+        if (ftruncate(s->fd, (off_t)want) < 0 && r == 0)
+            r = pms_err(errno, "could not trim '%s': %s", bs->filename, strerror(errno));
+        if (s->cache_len)
+            __atomic_store_n(&s->len, want, __ATOMIC_RELEASE);
+    }
+    return r;
+}
+
+static int file_pwrite(struct bdev *bs, const void *buf, uint64_t len, uint64_t off)
+{
+    struct file_state *s = bs->opaque;
+    if (!s->direct)
+        return raw_write(bs, buf, len, off);
+    int r;
+    if (aligned(s, buf, len, off) || ((len | off) & (s->align - 1)) == 0) {
+        pthread_rwlock_rdlock(&s->dio_lock);
+        r = aligned(s, buf, len, off) ? raw_write(bs, buf, len, off)
+                                      : copy_write(bs, buf, len, off);
+    } else {
+        pthread_rwlock_wrlock(&s->dio_lock);
+        r = rmw_write(bs, buf, len, off);
+    }
+    pthread_rwlock_unlock(&s->dio_lock);
+    return r;
+}
+
+/* extend to `end` (a sparse tail), never shrink */
+static int extend(struct bdev *bs, uint64_t end)
+{
+    struct file_state *s = bs->opaque;
+    if (ftruncate(s->fd, (off_t)end) < 0)
+        return pms_err(errno, "could not extend '%s': %s", bs->filename, strerror(errno));
+    if (s->cache_len)
+        grew_to(s, end);
     return 0;
 }
 
@@ -156,24 +381,20 @@ static int file_zero(struct bdev *bs, uint64_t len, uint64_t off, unsigned flags
 {
     (void)flags;
     struct file_state *s = bs->opaque;
-    if (!s->is_blk) {
-        struct stat st;
-        if (fstat(s->fd, &st) == 0 && (uint64_t)st.st_size < off + len) {
-            /* extend first so that the punched range exists */
-            if (off >= (uint64_t)st.st_size) {
-                if (ftruncate(s->fd, (off_t)(off + len)) == 0)
-                    return 0;
-            }
-        }
+    if (!s->is_blk && len) {
+        int64_t flen = cur_len(bs);
+        if (flen < 0)
+            return (int)flen;
+        if (off >= (uint64_t)flen)          /* entirely past the end: a hole */
+            return extend(bs, off + len);
         if (fallocate(s->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                      (off_t)off, (off_t)len) == 0) {
-            if (fstat(s->fd, &st) == 0 && (uint64_t)st.st_size < off + len)
-                if (ftruncate(s->fd, (off_t)(off + len)) < 0)
-                    return pms_err(errno, "could not extend '%s'", bs->filename);
+                      (off_t)off, (off_t)len) == 0)
+            return (uint64_t)flen < off + len ? extend(bs, off + len) : 0;
+        if (fallocate(s->fd, FALLOC_FL_ZERO_RANGE, (off_t)off, (off_t)len) == 0) {
+            if (s->cache_len)
+                grew_to(s, off + len);
             return 0;
         }
-        if (fallocate(s->fd, FALLOC_FL_ZERO_RANGE, (off_t)off, (off_t)len) == 0)
-            return 0;
     }
     static const uint8_t zeroes[65536];
     while (len) {
@@ -211,10 +432,7 @@ static int64_t file_getlength(struct bdev *bs)
             return pms_err(errno, "BLKGETSIZE64 on '%s' failed", bs->filename);
         return (int64_t)sz;
     }
-    struct stat st;
-    if (fstat(s->fd, &st) < 0)
-        return pms_err(errno, "stat of '%s' failed", bs->filename);
-    return st.st_size;
+    return cur_len(bs);
 }
 
 static int file_truncate(struct bdev *bs, uint64_t size)
@@ -224,6 +442,8 @@ static int file_truncate(struct bdev *bs, uint64_t size)
         return pms_err(ENOTSUP, "cannot resize block device '%s'", bs->filename);
     if (ftruncate(s->fd, (off_t)size) < 0)
         return pms_err(errno, "could not resize '%s': %s", bs->filename, strerror(errno));
+    if (s->cache_len)
+        __atomic_store_n(&s->len, size, __ATOMIC_RELEASE);
     return 0;
 }
 
