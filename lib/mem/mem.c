@@ -356,6 +356,14 @@ static void serve_missing(struct pms_mem *m, uint64_t addr, unsigned flags, pid_
 
     pthread_mutex_lock(&m->mu);
     bool was = bit(m->resident, off / PG);
+    if (was) {
+        /* a fault on a page we count resident: either a racing install (the
+         * copy below then finds it present: EEXIST, no harm) or the kernel
+         * dropped it behind our back; install it again rather than wake
+         * the thread into the same fault forever */
+        bclr(m->resident, off / PG);
+        atomic_fetch_sub(&m->nresident, 1);
+    }
     /* install the faulting chunk first, wake, then the read-ahead */
     uint64_t f1 = c0 + m->chunk < c1 ? c0 + m->chunk : c1;
     int r = fill(m, m->fbuf, c0, f1);
@@ -483,8 +491,13 @@ static void *prefetch_main(void *arg)
 
 /* ---- dirty collection and writeback -------------------------------------- */
 
-static int scan(struct pms_mem *m, uint64_t *start, uint64_t end, bool wp_match,
-                struct page_region *vec, uint64_t vlen)
+/* PAGEMAP_SCAN of [*start, end) for pages that are in memory or in swap
+ * and, with `written`, written since their last re-protect (holes count as
+ * "written" with WP_ASYNC, so presence is always required).  wp_match
+ * re-protects what it reports.  Offsets in vec are relative to the mapping;
+ * *start = where to continue.  Returns the number of regions or -errno. */
+static int scan_pages(struct pms_mem *m, uint64_t *start, uint64_t end, bool written,
+                      bool wp_match, struct page_region *vec, uint64_t vlen)
 {
     struct pm_scan_arg a = {
         .size = sizeof a,
@@ -492,11 +505,9 @@ static int scan(struct pms_mem *m, uint64_t *start, uint64_t end, bool wp_match,
         .start = (uint64_t)(uintptr_t)m->base + *start,
         .end = (uint64_t)(uintptr_t)m->base + end,
         .vec = (uint64_t)(uintptr_t)vec, .vec_len = vlen,
-        /* written pages in memory or in swap (holes count as "written"
-         * with WP_ASYNC, so one of the two is required) */
-        .category_mask = PAGE_IS_WRITTEN,
+        .category_mask = written ? PAGE_IS_WRITTEN : 0,
         .category_anyof_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-        .return_mask = PAGE_IS_WRITTEN,
+        .return_mask = PAGE_IS_WRITTEN | PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
     };
     int n = ioctl(m->pagemap_fd, PAGEMAP_SCAN, &a);
     if (n < 0)
@@ -507,6 +518,13 @@ static int scan(struct pms_mem *m, uint64_t *start, uint64_t end, bool wp_match,
         vec[i].end -= (uint64_t)(uintptr_t)m->base;
     }
     return n;
+}
+
+/* Written pages (the dirty set in async mode). */
+static int scan(struct pms_mem *m, uint64_t *start, uint64_t end, bool wp_match,
+                struct page_region *vec, uint64_t vlen)
+{
+    return scan_pages(m, start, end, true, wp_match, vec, vlen);
 }
 
 /* Write [off, off+len) of the mapping to the image (clipped to its size),
@@ -690,6 +708,110 @@ static void drop_batch(struct pms_mem *m, struct iovec *iov, int n)
     }
 }
 
+/* madvise `advice` over a batch of ranges: one process_madvise (one TLB
+ * flush for the batch), else one madvise per range.  0 or -errno. */
+static int madvise_batch(struct pms_mem *m, struct iovec *iov, int n, int advice)
+{
+    size_t total = 0;
+    for (int i = 0; i < n; i++)
+        total += iov[i].iov_len;
+#ifdef SYS_process_madvise
+    if (m->pidfd >= 0 &&
+        syscall(SYS_process_madvise, m->pidfd, iov, (size_t)n, advice, 0u) == (long)total)
+        return 0;
+#endif
+    for (int i = 0; i < n; i++)
+        if (madvise(iov[i].iov_base, iov[i].iov_len, advice) < 0)
+            return -errno;
+    return 0;
+}
+
+/* Mark the page at off written again, from this thread: an atomic
+ * read-modify-write that changes no byte but sets the pte's dirty bit (and,
+ * on a write-protected page, clears uffd-wp: the page is "written").  A
+ * lazily freed page that is dirty is never discarded. */
+static void touch_dirty(struct pms_mem *m, uint64_t off)
+{
+    __atomic_fetch_or(m->base + off, (uint8_t)0, __ATOMIC_RELAXED);
+}
+
+/* For each page of [off, off+len) that a scan (written only, or any page
+ * in memory or swap) reports: touch it dirty and set its bit in `seen`
+ * (relative to base).  mu held. */
+static void touch_reported(struct pms_mem *m, uint64_t off, uint64_t len, bool written,
+                           uint64_t base, uint64_t *seen)
+{
+    struct page_region v[64];
+    uint64_t cur = off;
+    while (cur < off + len) {
+        int k = scan_pages(m, &cur, off + len, written, false, v, 64);
+        if (k <= 0)
+            break;
+        for (int i = 0; i < k; i++)
+            for (uint64_t o = v[i].start; o < v[i].end; o += PG) {
+                if (!abit(m->poison, o / PG))
+                    touch_dirty(m, o);
+                if (seen)
+                    bset(seen, (o - base) / PG);
+            }
+    }
+}
+
+/* Drop a batch of clean ranges from memory.  Sync mode and read-only
+ * mappings: no store can reach a page while we hold wp_mu (sync stores fault
+ * to serve_wp, which waits on it; read-only has none), so MADV_DONTNEED is
+ * exact.  Async mode: the kernel resolves stores itself, so a page found
+ * clean may be written before it is dropped; instead of stopping the
+ * application, the pages are freed lazily, which the kernel undoes for any
+ * page written afterwards:
+ *   1. MADV_FREE: the pages become clean and lazily freeable;
+ *   2. pages written since the scan that chose them (a store between the
+ *      scan and step 1, whose dirty bit step 1 cleared) are touched dirty
+ *      again: a dirty lazily freed page is kept;
+ *   3. MADV_PAGEOUT discards the pages still clean; a store after step 2
+ *      sets the dirty bit in hardware and the kernel keeps that page;
+ *   4. pages still in memory are touched dirty (so nothing lazily freed is
+ *      left behind for reclaim to discard later); the resident bits of the
+ *      others are cleared.
+ * Nothing is lost: every discarded page was clean from the scan to its
+ * discard.  mu and wp_mu held. */
+static void drop_clean(struct pms_mem *m, struct iovec *iov, int n)
+{
+    if (!n)
+        return;
+    if (!m->async) {
+        drop_batch(m, iov, n);
+        return;
+    }
+    if (madvise_batch(m, iov, n, MADV_FREE) < 0)
+        return;                     /* nothing freed: everything stays */
+    for (int i = 0; i < n; i++) {
+        uint64_t o = (uint64_t)((uint8_t *)iov[i].iov_base - m->base);
+        touch_reported(m, o, iov[i].iov_len, true, 0, NULL);
+    }
+    int r = madvise_batch(m, iov, n, MADV_PAGEOUT);
+    for (int i = 0; i < n; i++) {
+        uint64_t o = (uint64_t)((uint8_t *)iov[i].iov_base - m->base), l = iov[i].iov_len;
+        uint64_t still[EVICT_STEP / PG / 64];
+        memset(still, 0, sizeof still);
+        uint64_t dropped = 0;
+        for (uint64_t s0 = o; s0 < o + l; s0 += EVICT_STEP) {
+            uint64_t e0 = s0 + EVICT_STEP < o + l ? s0 + EVICT_STEP : o + l;
+            memset(still, 0, sizeof still);
+            touch_reported(m, s0, e0 - s0, false, s0, still);
+            if (r < 0)
+                continue;
+            for (uint64_t p = s0 / PG; p < e0 / PG; p++)
+                if (!bit(still, p - s0 / PG) && bit(m->resident, p)) {
+                    bclr(m->resident, p);
+                    dropped++;
+                }
+        }
+        atomic_fetch_sub(&m->nresident, dropped);
+        atomic_fetch_add(&m->evicted, dropped);
+    }
+}
+
 /* Drop clean resident pages until residency is at 3/4 of the cap.
  * wb_mu held. */
 static void evict(struct pms_mem *m)
@@ -697,11 +819,9 @@ static void evict(struct pms_mem *m)
     uint64_t target = m->limit_pages * 3 / 4;
     if (atomic_load(&m->nresident) <= target)
         return;
-    pthread_mutex_lock(&m->mu);
-    if (m->async && pms_sp_stop(50) < 0) {
-        pthread_mutex_unlock(&m->mu);
+    if (atomic_load(&m->no_evict))
         return;
-    }
+    pthread_mutex_lock(&m->mu);
     pthread_mutex_lock(&m->wp_mu);
     uint64_t start = m->hand, cur = start, steps = 0, nsteps = m->maplen / EVICT_STEP + 2;
     struct page_region wv[512];
@@ -742,7 +862,7 @@ static void evict(struct pms_mem *m)
                     q++;
                 if (q > p) {
                     if (niov == (int)(sizeof iov / sizeof *iov)) {
-                        drop_batch(m, iov, niov);
+                        drop_clean(m, iov, niov);
                         niov = 0;
                         batched = 0;
                     }
@@ -754,11 +874,9 @@ static void evict(struct pms_mem *m)
         }
         cur = end >= m->maplen ? 0 : end;
     }
-    drop_batch(m, iov, niov);
+    drop_clean(m, iov, niov);
     m->hand = cur;
     pthread_mutex_unlock(&m->wp_mu);
-    if (m->async)
-        pms_sp_release();
     pthread_mutex_unlock(&m->mu);
 }
 

@@ -9,6 +9,8 @@
  *                                    fault-in fails: -EIO, never SIGBUS
  *   mem-hard discard IMG             pms_discard while mapped drops the pages
  *                                    and discards them in the image
+ *   mem-hard eintr   IMG             eviction under a memory cap never interrupts
+ *                                    the application's poll/nanosleep/epoll
  *   mem-hard race    IMG SECONDS     threads racing pread/pwrite/persist/
  *                                    snapshot/stats/map/unmap on one handle
  *                                    (built with ThreadSanitizer in CI)
@@ -23,6 +25,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
+#include <sys/epoll.h>
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
@@ -60,6 +64,12 @@ static uint8_t *map(pms_dev *d, unsigned interval_ms, size_t *len)
     }
     API(r);
     return a;
+}
+
+static uint64_t rnd(uint64_t *s)
+{
+    *s ^= *s << 13; *s ^= *s >> 7; *s ^= *s << 17;
+    return *s;
 }
 
 static long status_kb(const char *key)
@@ -177,17 +187,72 @@ static int t_discard(const char *img)
     return 0;
 }
 
+/* ---- eviction does not disturb sleeping threads ---------------------------------- */
+static atomic_bool g_sleep_stop;
+static atomic_ulong g_eintr, g_sleeps;
+
+static void *sleeper(void *arg)
+{
+    int ep = epoll_create1(0);
+    while (!atomic_load(&g_sleep_stop)) {
+        struct timespec ts = { 0, 2 * 1000 * 1000 };
+        struct epoll_event ev;
+        if (nanosleep(&ts, NULL) < 0 && errno == EINTR)
+            atomic_fetch_add(&g_eintr, 1);
+        if (poll(NULL, 0, 2) < 0 && errno == EINTR)
+            atomic_fetch_add(&g_eintr, 1);
+        if (epoll_wait(ep, &ev, 1, 2) < 0 && errno == EINTR)
+            atomic_fetch_add(&g_eintr, 1);
+        atomic_fetch_add(&g_sleeps, 3);
+    }
+    close(ep);
+    return arg;
+}
+
+static int t_eintr(const char *img)
+{
+    pms_dev *d = open_img(img, NULL);
+    struct pms_map_opts mo;
+    pms_map_opts_init(&mo);
+    mo.writeback_interval_ms = 20;
+    mo.mem_limit = 16 << 20;
+    void *a;
+    size_t len;
+    int r = pms_map(d, &mo, &a, &len);
+    if (r == -ENOTSUP && strstr(pms_errmsg(), "kernel lacks")) {
+        fprintf(stderr, "SKIP: %s\n", pms_errmsg());
+        exit(77);
+    }
+    API(r);
+    struct pms_stats st = { .size = sizeof st };
+    API(pms_stats(d, &st));
+    pthread_t th[2];
+    for (int i = 0; i < 2; i++)
+        pthread_create(&th[i], NULL, sleeper, NULL);
+    uint8_t *p = a;
+    uint64_t seed = 42;
+    for (int i = 0; i < 40000; i++)
+        p[(rnd(&seed) % (len / PG)) * PG] = (uint8_t)i;
+    API(pms_persist(d, p, len));
+    atomic_store(&g_sleep_stop, true);
+    for (int i = 0; i < 2; i++)
+        pthread_join(th[i], NULL);
+    API(pms_stats(d, &st));
+    printf("eintr: mode %d, %" PRIu64 " pages evicted, %lu sleeps, %lu EINTR\n", st.dirty_mode,
+           st.pages_evicted, (unsigned long)atomic_load(&g_sleeps),
+           (unsigned long)atomic_load(&g_eintr));
+    CHECK(st.pages_evicted > 0, "nothing was evicted: the scenario tested nothing");
+    CHECK(atomic_load(&g_eintr) == 0, "%lu sleeps of the application were interrupted",
+          (unsigned long)atomic_load(&g_eintr));
+    API(pms_close(d));
+    return 0;
+}
+
 /* ---- racing API calls on one handle ------------------------------------------------ */
 static pms_dev *g_dev;
 static atomic_bool g_stop;
 static atomic_ulong g_ops;
 static uint64_t g_size;
-
-static uint64_t rnd(uint64_t *s)
-{
-    *s ^= *s << 13; *s ^= *s >> 7; *s ^= *s << 17;
-    return *s;
-}
 
 static void *io_thread(void *arg)
 {
@@ -281,6 +346,8 @@ int main(int argc, char **argv)
         return t_swap(argv[2], strtoull(argv[3], NULL, 0));
     if (argc >= 5 && !strcmp(argv[1], "eio"))
         return t_eio(argv[2], strtoull(argv[3], NULL, 0), strtoull(argv[4], NULL, 0));
+    if (argc >= 3 && !strcmp(argv[1], "eintr"))
+        return t_eintr(argv[2]);
     if (argc >= 3 && !strcmp(argv[1], "discard"))
         return t_discard(argv[2]);
     if (argc >= 4 && !strcmp(argv[1], "race"))

@@ -5,7 +5,7 @@
 # calls on one handle.  HARD_CASES selects a subset (the TSan build runs
 # "race" only).
 . "$(dirname "$0")/lib.sh"
-cases=${HARD_CASES:-swap eio discard race}
+cases=${HARD_CASES:-swap eio discard eintr race}
 
 # -- swap: a swap file and a memory cgroup smaller than the working set ------
 run_swap() {
@@ -65,6 +65,14 @@ run_discard() {
         "read -P 0x77 6M 1M"
     check_img "$img"
     echo "discard ok"
+}
+
+run_eintr() {
+    local img=$T/i.qcow2
+    qemu-img create -q -f qcow2 "$img" 256M
+    "$HARD" eintr "$img" || fail "eintr scenario"
+    check_img "$img"
+    echo "eintr ok"
 }
 
 run_race() {
