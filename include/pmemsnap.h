@@ -239,6 +239,8 @@ struct pms_stats {
     int dirty_mode;            /* enum pms_dirty_mode actually in use */
     uint64_t io_errors;        /* fault-ins that failed (the access got SIGBUS) */
     char last_error[160];      /* message of the last such failure, "" if none */
+    uint64_t staging_pages;    /* snapshot staging pages kept in memory between snapshots;
+                                  resident_pages + staging_pages stay within mem_limit */
 };
 int  pms_stats(pms_dev *dev, struct pms_stats *st);
 

@@ -86,6 +86,39 @@
 #define EVICT_STEP  (2ull << 20)
 #define CHUNK_MAX   (64ull << 20)             /* largest fault-in unit */
 
+/* Memory-cap policy, in percent of mem_limit.  Writeback evicts above
+ * CAP_EVICT_PCT (room left for the faults that arrive between rounds) down to
+ * CAP_TARGET_PCT (hysteresis: one round frees enough for many faults instead
+ * of a round per fault).  A fault that would exceed the cap waits at most
+ * CAP_WAIT_MS for a round, then installs anyway (a stuck writeback must not
+ * hang the application).  Read-ahead and prefetch are bounded so that they
+ * never fill the cap by themselves. */
+#define CAP_EVICT_PCT     88
+#define CAP_TARGET_PCT    75
+#define CAP_WAIT_MS       200
+#define CAP_RA_PCT        12      /* read-ahead window above this: one chunk */
+#define CAP_PREFETCH_PCT  50      /* prefetch stops at this residency */
+
+/* Writeback period: default, and the largest back-off factor while the
+ * same hot set is dirty round after round (each re-protect costs the next
+ * store a fault). */
+#define WB_INTERVAL_MS    1000
+#define WB_BACKOFF_MAX    16
+
+/* Snapshot pre-copy: at most PRECOPY_ROUNDS rounds while writers run,
+ * stopping early once a round writes less than PRECOPY_DONE_BYTES (the
+ * final set is then small enough to copy inside the pause) or no less than
+ * the one before (writers dirty as fast as we write). */
+#define PRECOPY_ROUNDS     6
+#define PRECOPY_DONE_BYTES (256u << 10)
+/* How long the cut waits for every application thread to park. */
+#define SNAP_STOP_MS       1000
+/* Staging pages kept touched between snapshots (a first touch costs a
+ * fault each, ~10 us under shadow paging): at most STAGE_KEEP_MAX bytes and
+ * 100/STAGE_KEEP_CAP_DIV percent of a memory cap.  They count against the cap. */
+#define STAGE_KEEP_MAX     (32ull << 20)
+#define STAGE_KEEP_CAP_DIV 8
+
 struct run { uint64_t off, len, stage; };
 
 /* Bytes per piece of a pms_pread/pms_pwrite while mapped: the piece is
@@ -119,10 +152,12 @@ struct pms_mem {
                                         clean: eviction could drop it, so it stops */
     uint8_t *fbuf, *pbuf;            /* fault / prefetch read buffers */
     struct page_region *vec;         /* PAGEMAP_SCAN output (wb_mu) */
-    struct run *runs;                /* snapshot cut runs (wb_mu) */
+    struct run *runs;                /* writeback and snapshot cut runs (wb_mu) */
+    struct bdev_wvec *wv;            /* one write batch (wb_mu) */
     uint64_t nruns_max;
     uint8_t *stage;                  /* snapshot staging (wb_mu) */
     uint64_t stage_warm;             /* stage bytes touched from user space and kept (wb_mu) */
+    _Atomic uint64_t stage_pages;    /* staging pages in memory, counted against the cap */
     uint64_t seq_next, ra, hand;
 
     pthread_t fault_th, wb_th, pf_th;
@@ -318,21 +353,33 @@ static void record_error(struct pms_mem *m, uint64_t off, const char *msg)
              (unsigned long long)off, msg);
 }
 
+/* Pages counted against the memory cap: the mapping's resident pages and
+ * the snapshot staging area's. */
+static uint64_t used_pages(struct pms_mem *m)
+{
+    return atomic_load(&m->nresident) + atomic_load(&m->stage_pages);
+}
+
+static uint64_t cap_pct(struct pms_mem *m, unsigned pct)
+{
+    return m->limit_pages * pct / 100;
+}
+
 /* Wait (bounded) for the writeback thread to bring residency under cap. */
 static void wait_cap(struct pms_mem *m, uint64_t want)
 {
-    if (!m->limit_pages || atomic_load(&m->nresident) + want <= m->limit_pages)
+    if (!m->limit_pages || used_pages(m) + want <= m->limit_pages)
         return;
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
-    ts.tv_nsec += 200 * 1000000L;
+    ts.tv_nsec += CAP_WAIT_MS * 1000000L;
     if (ts.tv_nsec >= 1000000000L) { ts.tv_sec++; ts.tv_nsec -= 1000000000L; }
     pthread_mutex_lock(&m->ctl_mu);
     uint64_t round = m->evict_rounds;
     m->want_evict = true;
     pthread_cond_signal(&m->ctl_cond);
     while (m->evict_rounds == round && !atomic_load(&m->stop) &&
-           atomic_load(&m->nresident) + want > m->limit_pages)
+           used_pages(m) + want > m->limit_pages)
         if (pthread_cond_timedwait(&m->evict_cond, &m->ctl_mu, &ts) != 0)
             break;
     pthread_mutex_unlock(&m->ctl_mu);
@@ -347,7 +394,7 @@ static void serve_missing(struct pms_mem *m, uint64_t addr, unsigned flags, pid_
     else
         m->ra = m->chunk;
     uint64_t win = m->ra;
-    if (m->limit_pages && win / PG > m->limit_pages / 8)
+    if (m->limit_pages && win / PG > cap_pct(m, CAP_RA_PCT))
         win = m->chunk;
     uint64_t c1 = c0 + win < m->maplen ? c0 + win : m->maplen;
     m->seq_next = c1;
@@ -475,7 +522,7 @@ static void *prefetch_main(void *arg)
     struct pms_mem *m = arg;
     pms_sp_exempt(1);
     for (uint64_t off = 0; off < m->maplen && !atomic_load(&m->stop); off += PF_STEP) {
-        if (m->limit_pages && atomic_load(&m->nresident) > m->limit_pages / 2)
+        if (m->limit_pages && used_pages(m) > cap_pct(m, CAP_PREFETCH_PCT))
             break;
         uint64_t end = off + PF_STEP < m->maplen ? off + PF_STEP : m->maplen;
         pthread_mutex_lock(&m->mu);
@@ -527,30 +574,88 @@ static int scan(struct pms_mem *m, uint64_t *start, uint64_t end, bool wp_match,
     return scan_pages(m, start, end, true, wp_match, vec, vlen);
 }
 
-/* Write [off, off+len) of the mapping to the image (clipped to its size),
- * skipping poisoned pages (their bytes are unknown; reading them would raise
- * SIGBUS in this thread).  src is the copy of the range (the mapping itself
- * or the staging area). */
-static int write_out(struct pms_mem *m, const uint8_t *src, uint64_t off, uint64_t len)
+/* Writes to the image go out in batches (bdev_pwrite_batch): a format
+ * driver allocates a batch's new clusters together, writes them with few
+ * large writes and updates its metadata once.  A batch holds the image's
+ * lock throughout, so fault-ins wait behind it: WB_BATCH_BYTES bounds that
+ * (~10 ms of writing here); WB_BATCH_RUNS bounds the vector. */
+#define WB_BATCH_BYTES (8ull << 20)
+#define WB_BATCH_RUNS  4096
+
+/* bdev_fill_fn for writeback: the bytes of a cluster that the batch does
+ * not cover come from the mapping when all their pages are resident (and
+ * not poisoned), so copy-on-write of a shared cluster reads nothing back.
+ * Memory is never older than the image for a resident page: a page newer
+ * than the batch is dirty and written again by a later round.  Called by
+ * the driver with the image's lock held: the pages are resident, so the
+ * copy raises no fault (eviction, revert and discard, which drop pages,
+ * hold wb_mu like every writer of the image here). */
+static bool fill_mem(void *opaque, void *buf, uint64_t len, uint64_t off)
 {
-    if (off >= m->size)
-        return 0;
-    if (off + len > m->size)
-        len = m->size - off;
-    uint64_t end = off + len, p = off;
-    while (p < end) {
-        while (p < end && abit(m->poison, p / PG))
-            p = (p / PG + 1) * PG;
-        uint64_t q = p;
-        while (q < end && !abit(m->poison, q / PG))
-            q = (q / PG + 1) * PG < end ? (q / PG + 1) * PG : end;
-        if (q > p) {
-            int r = bdev_pwrite(m->bs, src + (p - off), q - p, p);
-            if (r < 0)
+    struct pms_mem *m = opaque;
+    if (off + len > m->size || len == 0)
+        return false;
+    for (uint64_t p = off / PG; p < (off + len + PG - 1) / PG; p++)
+        if (!abit(m->resident, p) || abit(m->poison, p))
+            return false;
+    memcpy(buf, m->base + off, len);
+    return true;
+}
+
+/* Write runs[0..n) to the image: from the mapping (stage NULL, holes filled
+ * from memory) or from the staging area (the cut's copy; holes are read
+ * from the image, since memory may already be newer than the cut).  Pages
+ * that are poisoned are left out (their bytes are unknown; reading them
+ * would raise SIGBUS here); the image's size clips the last run.  On an
+ * error *failed = the first run that may not be written.  wb_mu held. */
+static int write_runs(struct pms_mem *m, const struct run *runs, uint64_t n,
+                      const uint8_t *stage, uint64_t *failed)
+{
+    struct bdev_wvec *v = m->wv;
+    size_t k = 0;
+    uint64_t bytes = 0, first = 0;
+    for (uint64_t i = 0; i <= n; i++) {
+        bool last = i == n;
+        if (k && (last || k + 2 > WB_BATCH_RUNS || bytes >= WB_BATCH_BYTES)) {
+            int r = bdev_pwrite_batch(m->bs, v, k, stage ? NULL : fill_mem, m);
+            if (r < 0) {
+                *failed = first;
                 return r;
-            atomic_fetch_add(&m->bytes_out, q - p);
+            }
+            atomic_fetch_add(&m->bytes_out, bytes);
+            k = 0;
+            bytes = 0;
+            first = i;
         }
-        p = q;
+        if (last)
+            break;
+        uint64_t off = runs[i].off, end = off + runs[i].len;
+        const uint8_t *src = stage ? stage + runs[i].stage : m->base + off;
+        if (end > m->size)
+            end = m->size;
+        for (uint64_t p = off; p < end;) {
+            while (p < end && abit(m->poison, p / PG))
+                p = (p / PG + 1) * PG;
+            uint64_t q = p;
+            while (q < end && !abit(m->poison, q / PG))
+                q = (q / PG + 1) * PG < end ? (q / PG + 1) * PG : end;
+            if (q > p) {
+                if (k == WB_BATCH_RUNS) {       /* a run split by many poisoned pages */
+                    int r = bdev_pwrite_batch(m->bs, v, k, stage ? NULL : fill_mem, m);
+                    if (r < 0) {
+                        *failed = first;
+                        return r;
+                    }
+                    atomic_fetch_add(&m->bytes_out, bytes);
+                    k = 0;
+                    bytes = 0;
+                    first = i;
+                }
+                v[k++] = (struct bdev_wvec){ p, q - p, src + (p - off) };
+                bytes += q - p;
+            }
+            p = q;
+        }
     }
     return 0;
 }
@@ -637,43 +742,36 @@ static int64_t writeback(struct pms_mem *m, uint64_t s, uint64_t e)
     int64_t bytes = 0;
     if (!m->wp)
         return 0;
-    if (m->async) {
-        uint64_t cur = s;
-        while (cur < e) {
-            int n = scan(m, &cur, e, true, m->vec, SCAN_VEC);
-            if (n < 0)
-                return pms_err(-n, "PAGEMAP_SCAN failed: %s", strerror(-n));
-            for (int i = 0; i < n; i++) {
-                uint64_t o = m->vec[i].start, l = m->vec[i].end - o;
-                int r = write_out(m, m->base + o, o, l);
-                if (r < 0) {
-                    for (int j = i; j < n; j++)
-                        redirty(m, m->vec[j].start, m->vec[j].end - m->vec[j].start);
-                    return r;
-                }
-                bytes += (int64_t)l;
-            }
-            if (n == 0)
-                break;
-        }
-        return bytes;
-    }
     uint64_t cur = s;
     while (cur < e) {
-        pthread_mutex_lock(&m->wp_mu);
-        int64_t n = collect_sync(m, cur, e, m->nruns_max, true, &cur);
-        pthread_mutex_unlock(&m->wp_mu);
-        if (n < 0)
-            return n;
-        for (int64_t i = 0; i < n; i++) {
-            int r = write_out(m, m->base + m->runs[i].off, m->runs[i].off, m->runs[i].len);
-            if (r < 0) {
-                for (int64_t j = i; j < n; j++)
-                    redirty(m, m->runs[j].off, m->runs[j].len);
-                return r;
-            }
-            bytes += (int64_t)m->runs[i].len;
+        int64_t n;
+        if (m->async) {
+            /* the scan re-protects what it reports: from here on those
+             * pages are clean unless written again */
+            int k = scan(m, &cur, e, true, m->vec, SCAN_VEC);
+            if (k < 0)
+                return pms_err(-k, "PAGEMAP_SCAN failed: %s", strerror(-k));
+            for (int i = 0; i < k; i++)
+                m->runs[i] = (struct run){ m->vec[i].start, m->vec[i].end - m->vec[i].start, 0 };
+            n = k;
+        } else {
+            pthread_mutex_lock(&m->wp_mu);
+            n = collect_sync(m, cur, e, m->nruns_max, true, &cur);
+            pthread_mutex_unlock(&m->wp_mu);
+            if (n < 0)
+                return n;
         }
+        if (n == 0)
+            break;
+        uint64_t failed = 0;
+        int r = write_runs(m, m->runs, (uint64_t)n, NULL, &failed);
+        if (r < 0) {
+            for (int64_t j = (int64_t)failed; j < n; j++)
+                redirty(m, m->runs[j].off, m->runs[j].len);
+            return r;
+        }
+        for (int64_t i = 0; i < n; i++)
+            bytes += (int64_t)m->runs[i].len;
     }
     return bytes;
 }
@@ -816,9 +914,10 @@ static void drop_clean(struct pms_mem *m, struct iovec *iov, int n)
  * wb_mu held. */
 static void evict(struct pms_mem *m)
 {
-    uint64_t target = m->limit_pages * 3 / 4;
-    if (atomic_load(&m->nresident) <= target)
+    uint64_t target = cap_pct(m, CAP_TARGET_PCT);
+    if (used_pages(m) <= target)
         return;
+    target -= atomic_load(&m->stage_pages) < target ? atomic_load(&m->stage_pages) : target;
     if (atomic_load(&m->no_evict))
         return;
     pthread_mutex_lock(&m->mu);
@@ -909,11 +1008,12 @@ static void *wb_main(void *arg)
         if (w < 0)
             pms_err_clear();          /* retried next round; persist reports */
         else if (last && w > (1 << 20) && (uint64_t)w >= last / 4 * 3)
-            period = period * 2 > m->interval_ms * 16ull ? m->interval_ms * 16ull : period * 2;
+            period = period * 2 > (uint64_t)m->interval_ms * WB_BACKOFF_MAX
+                         ? (uint64_t)m->interval_ms * WB_BACKOFF_MAX : period * 2;
         else
             period = m->interval_ms;
         last = w < 0 ? 0 : (uint64_t)w;
-        if (m->limit_pages && atomic_load(&m->nresident) > m->limit_pages * 7 / 8)
+        if (m->limit_pages && used_pages(m) > cap_pct(m, CAP_EVICT_PCT))
             evict(m);
         pthread_mutex_unlock(&m->wb_mu);
         pthread_mutex_lock(&m->ctl_mu);
@@ -968,6 +1068,7 @@ static void mem_free(struct pms_mem *m)
     if (m->poison) munmap(m->poison, (m->npages / 64 + 1) * 8);
     if (m->vec) munmap(m->vec, SCAN_VEC * sizeof *m->vec);
     if (m->runs) munmap(m->runs, m->nruns_max * sizeof *m->runs);
+    if (m->wv) munmap(m->wv, WB_BATCH_RUNS * sizeof *m->wv);
     if (m->stage) munmap(m->stage, m->maplen);
     free(m->fbuf);
     free(m->pbuf);
@@ -1056,7 +1157,7 @@ int pms_mem_map(pms_dev *dev, const struct pms_map_opts *o, struct pms_mem **mem
         m->chunk = info.cluster_size;
     m->ra = m->chunk;
     m->seq_next = UINT64_MAX;
-    m->interval_ms = o->writeback_interval_ms ? o->writeback_interval_ms : 1000;
+    m->interval_ms = o->writeback_interval_ms ? o->writeback_interval_ms : WB_INTERVAL_MS;
     m->limit_pages = o->mem_limit / PG;
     if (o->mem_limit && m->limit_pages < 4 * (m->chunk / PG)) {
         uint64_t need = 4 * m->chunk;
@@ -1136,11 +1237,12 @@ int pms_mem_map(pms_dev *dev, const struct pms_map_opts *o, struct pms_mem **mem
     m->poison = vmalloc(bm);
     m->vec = vmalloc(SCAN_VEC * sizeof *m->vec);
     m->runs = vmalloc(m->nruns_max * sizeof *m->runs);
+    m->wv = vmalloc(WB_BATCH_RUNS * sizeof *m->wv);
     m->stage = vmalloc(m->maplen);
     m->fbuf = malloc(RA_MAX > m->chunk ? RA_MAX : m->chunk);
     m->pbuf = malloc(PF_STEP);
     m->evfd = eventfd(0, EFD_CLOEXEC);
-    if (!m->resident || !m->dirty || !m->poison || !m->vec || !m->runs || !m->stage || !m->fbuf ||
+    if (!m->resident || !m->dirty || !m->poison || !m->vec || !m->runs || !m->wv || !m->stage || !m->fbuf ||
         !m->pbuf || m->evfd < 0) {
         mem_free(m);
         return pms_err(ENOMEM, "out of memory");
@@ -1416,7 +1518,7 @@ static int snap_locked(struct bdev *bs, int (*fn)(struct bdev *, const char *), 
 }
 
 /* Copy [off, off+len) of the mapping to dst, leaving poisoned pages out
- * (write_out skips them too).  Async-signal-safe: runs inside the pause. */
+ * (write_runs skips them too).  Async-signal-safe: runs inside the pause. */
 static void copy_out(struct pms_mem *m, uint8_t *dst, uint64_t off, uint64_t len)
 {
     for (uint64_t p = off; p < off + len;) {
@@ -1489,88 +1591,127 @@ static int snap_refuse(struct pms_mem *m, const char *name,
     return 0;
 }
 
-int pms_mem_snapshot_create(struct pms_mem *m, const char *name, unsigned flags)
+/* Policy: pre-copy while writers run, round after round while the dirty
+ * set shrinks (as live migration does), so that the final set copied
+ * inside the pause is small.  wb_mu held.  Returns the bytes written (the
+ * last round's in *last) or -errno. */
+static int64_t precopy(struct pms_mem *m, int64_t *last)
 {
-    struct bdev *bs = m->bs;
-    int r0 = snap_refuse(m, name, bs->drv->snapshot_create);
-    if (r0 < 0)
-        return r0;
-    uint64_t t0 = now_ns();
-    pthread_mutex_lock(&m->wb_mu);
     int64_t bytes = 0, prev = INT64_MAX;
-    /* pre-copy while the dirty set shrinks */
-    int64_t last = 0;
-    for (int round = 0; round < 6; round++) {
+    *last = 0;
+    for (int round = 0; round < PRECOPY_ROUNDS; round++) {
         int64_t w = writeback(m, 0, m->maplen);
-        if (w < 0) {
-            pthread_mutex_unlock(&m->wb_mu);
-            return (int)w;
-        }
+        if (w < 0)
+            return w;
         bytes += w;
-        last = w;
-        if (w < (int64_t)(256 << 10) || w >= prev)
+        *last = w;
+        if (w < (int64_t)PRECOPY_DONE_BYTES || w >= prev)
             break;
         prev = w;
     }
-    /* Touch the staging pages the cut will probably fill (about what the
-     * last round wrote, twice over) now: a first touch costs a page fault
-     * each (and, under a shadow-paging hypervisor, an exit even after
-     * MADV_POPULATE_WRITE), which inside the pause was most of it.  The
-     * touches are stores from user space for that reason. */
-    uint64_t pre = ((uint64_t)last * 2 + (1u << 20) + PG - 1) & ~(uint64_t)(PG - 1);
+    return bytes;
+}
+
+/* Touch the staging pages the cut will probably fill (about what the last
+ * pre-copy round wrote, twice over) before the pause: a first touch costs a
+ * page fault each (and, under a shadow-paging hypervisor, an exit even
+ * after MADV_POPULATE_WRITE), which inside the pause was most of it.  The
+ * touches are stores from user space for that reason.  Under a memory cap
+ * at most the part kept between snapshots is warmed.  wb_mu held. */
+static void stage_warm_up(struct pms_mem *m, uint64_t last, uint64_t keep)
+{
+    uint64_t pre = (last * 2 + (1u << 20) + PG - 1) & ~(uint64_t)(PG - 1);
+    if (m->limit_pages && pre > keep)
+        pre = keep;
     if (pre > m->maplen)
         pre = m->maplen;
     for (uint64_t o = m->stage_warm; o < pre; o += PG)
         ((volatile uint8_t *)m->stage)[o] = 0;
     if (pre > m->stage_warm)
         m->stage_warm = pre;
-    bool stop = !(flags & PMS_SNAP_QUIESCED);
-    uint64_t tp = now_ns();
-    int r = stop ? pms_sp_stop(1000) : 0;
-    if (r < 0) {
-        pthread_mutex_unlock(&m->wb_mu);
-        return pms_err(-r, "could not stop application thread %d within 1 s (is signal "
-                       "SIGRTMIN+6 blocked?); stop writers and pass PMS_SNAP_QUIESCED",
-                       pms_sp_stuck_tid());
-    }
-    uint64_t tc = now_ns();
-    int64_t nr = cut(m);
-    uint64_t pause = now_ns() - tp;      /* stop + final copy */
-    if (stop)
-        pms_sp_release();
-    if (nr < 0) {
-        pthread_mutex_unlock(&m->wb_mu);
-        return pms_err((int)-nr, "final dirty scan failed: %s", strerror((int)-nr));
-    }
-    r = 0;
-    uint64_t staged = 0;
-    for (int64_t i = 0; i < nr && r == 0; i++) {
-        r = write_out(m, m->stage + m->runs[i].stage, m->runs[i].off, m->runs[i].len);
-        staged += m->runs[i].len;
-    }
-    uint64_t t2 = now_ns();
-    /* the driver's create is durable on return (it flushes the staged data
-     * with its first barrier); no flush of our own after it */
-    if (r == 0)
-        r = snap_locked(bs, bs->drv->snapshot_create, name);
-    uint64_t t3 = now_ns();
-    pthread_mutex_unlock(&m->wb_mu);
-    if (getenv("PMS_MEM_DEBUG"))
-        fprintf(stderr, "snapshot %s: pre-copy %.2f ms (%lld B), stop %.2f ms, cut %.2f ms, "
-                "staged write %.2f ms (%llu B, warm %llu), commit %.2f ms\n", name, (tp - t0) / 1e6,
-                (long long)bytes, (tc - tp) / 1e6, pause / 1e6 - (tc - tp) / 1e6,
-                (t2 - tp) / 1e6 - pause / 1e6, (unsigned long long)staged, (unsigned long long)pre,
-                (t3 - t2) / 1e6);
-    /* keep a warm part of the staging area for the next cut (at most
-     * 32 MiB, and an eighth of a memory cap), release the rest */
+    atomic_store(&m->stage_pages, m->stage_warm / PG);
+}
+
+/* Keep a warm part of the staging area for the next cut, release the rest.
+ * wb_mu held. */
+static void stage_trim(struct pms_mem *m, uint64_t staged, uint64_t keep)
+{
     uint64_t warm = staged > m->stage_warm ? staged : m->stage_warm;
     warm = (warm + PG - 1) & ~(PG - 1);
-    uint64_t keep = 32ull << 20;
-    if (m->limit_pages && keep > m->limit_pages * PG / 8)
-        keep = m->limit_pages * PG / 8 & ~(PG - 1);
     if (warm > keep)
         madvise(m->stage + keep, warm - keep, MADV_DONTNEED);
     m->stage_warm = warm < keep ? warm : keep;
+    atomic_store(&m->stage_pages, m->stage_warm / PG);
+}
+
+/* The instant of the snapshot: stop the application's other threads
+ * (unless the caller quiesced them), copy the final dirty set into the
+ * staging area, release.  Returns the number of staged runs or -errno;
+ * *pause = how long the application was stopped.  wb_mu held. */
+static int64_t stop_and_cut(struct pms_mem *m, bool stop, uint64_t *pause)
+{
+    uint64_t tp = now_ns();
+    int r = stop ? pms_sp_stop(SNAP_STOP_MS) : 0;
+    if (r < 0)
+        return pms_err(-r, "could not stop application thread %d within %d ms (is signal "
+                       "SIGRTMIN+6 blocked?); stop writers and pass PMS_SNAP_QUIESCED",
+                       pms_sp_stuck_tid(), SNAP_STOP_MS);
+    int64_t nr = cut(m);
+    *pause = now_ns() - tp;
+    if (stop)
+        pms_sp_release();
+    if (nr < 0)
+        return pms_err((int)-nr, "final dirty scan failed: %s", strerror((int)-nr));
+    return nr;
+}
+
+/* Write the staged runs (the image then holds memory as it was at the cut)
+ * and commit the snapshot in the image.  Writeback of anything dirtied
+ * after the cut waits for wb_mu, so the snapshot never sees a later byte.
+ * wb_mu held.  *staged = bytes written. */
+static int commit(struct pms_mem *m, const char *name, int64_t nr, uint64_t *staged)
+{
+    *staged = 0;
+    for (int64_t i = 0; i < nr; i++)
+        *staged += m->runs[i].len;
+    atomic_store(&m->stage_pages, (*staged > m->stage_warm ? *staged : m->stage_warm) / PG);
+    uint64_t failed;
+    int r = write_runs(m, m->runs, (uint64_t)nr, m->stage, &failed);
+    /* the driver's create is durable on return (it flushes the staged data
+     * with its first barrier); no flush of our own after it */
+    if (r == 0)
+        r = snap_locked(m->bs, m->bs->drv->snapshot_create, name);
+    return r;
+}
+
+int pms_mem_snapshot_create(struct pms_mem *m, const char *name, unsigned flags)
+{
+    int r = snap_refuse(m, name, m->bs->drv->snapshot_create);
+    if (r < 0)
+        return r;
+    uint64_t keep = STAGE_KEEP_MAX;
+    if (m->limit_pages && keep > m->limit_pages * PG / STAGE_KEEP_CAP_DIV)
+        keep = m->limit_pages * PG / STAGE_KEEP_CAP_DIV & ~(PG - 1);
+    uint64_t t0 = now_ns(), pause = 0, staged = 0;
+    bool stop = !(flags & PMS_SNAP_QUIESCED);
+    pthread_mutex_lock(&m->wb_mu);
+    int64_t last, bytes = precopy(m, &last);
+    uint64_t t1 = now_ns();
+    int64_t nr = bytes;
+    if (bytes >= 0) {
+        stage_warm_up(m, (uint64_t)last, keep);
+        nr = stop_and_cut(m, stop, &pause);
+    }
+    uint64_t t2 = now_ns();
+    r = nr < 0 ? (int)nr : commit(m, name, nr, &staged);
+    if (nr >= 0)
+        stage_trim(m, staged, keep);
+    pthread_mutex_unlock(&m->wb_mu);
+    if (getenv("PMS_MEM_DEBUG"))
+        fprintf(stderr, "snapshot %s: pre-copy %.2f ms (%lld B), pause %.2f ms, "
+                "staged write + commit %.2f ms (%llu B)\n", name, (t1 - t0) / 1e6,
+                (long long)bytes, pause / 1e6, (now_ns() - t2) / 1e6,
+                (unsigned long long)staged);
     if (r < 0)
         return r;
     atomic_fetch_add(&m->snapshots, 1);
@@ -1657,6 +1798,7 @@ static void stats_fill(struct pms_mem *m, struct pms_stats *st)
     st->bytes_faulted_in = atomic_load(&m->bytes_in);
     st->bytes_written_back = atomic_load(&m->bytes_out);
     st->resident_pages = atomic_load(&m->nresident);
+    st->staging_pages = atomic_load(&m->stage_pages);
     st->pages_evicted = atomic_load(&m->evicted);
     st->snapshots = atomic_load(&m->snapshots);
     st->last_snapshot_ns = atomic_load(&m->snap_ns);

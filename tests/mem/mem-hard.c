@@ -244,6 +244,17 @@ static int t_eintr(const char *img)
     CHECK(st.pages_evicted > 0, "nothing was evicted: the scenario tested nothing");
     CHECK(atomic_load(&g_eintr) == 0, "%lu sleeps of the application were interrupted",
           (unsigned long)atomic_load(&g_eintr));
+    /* staging memory of a snapshot counts against the cap (issue 6, item 8) */
+    for (int i = 0; i < 2000; i++)
+        p[(rnd(&seed) % (len / PG)) * PG] = (uint8_t)i;
+    API(pms_snapshot_create(d, "s"));
+    usleep(300 * 1000);               /* a few writeback/eviction rounds */
+    API(pms_stats(d, &st));
+    printf("after a snapshot: %" PRIu64 " resident + %" PRIu64 " staging pages, cap %u\n",
+           st.resident_pages, st.staging_pages, (16u << 20) / PG);
+    CHECK(st.staging_pages > 0, "no staging pages reported after a snapshot");
+    CHECK(st.resident_pages + st.staging_pages <= (16u << 20) / PG,
+          "resident + staging exceed the cap");
     API(pms_close(d));
     return 0;
 }
