@@ -24,14 +24,23 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <signal.h>
+#include <stdint.h>
 #include "util/size.h"
+#include "blkopts.h"
 #include "cli.h"
 
 #define REQ_MAX 2147483136ULL      /* BDRV_REQUEST_MAX_BYTES */
 
 struct io {
     pms_dev *dev;
-    char *file;
+    char *file;                    /* the name given (may be NULL: -o only) */
+    struct blkopts opts;           /* the options it was opened with (reopen) */
+    bool image_opts;               /* --image-opts: the name is key=value,... */
+    bool snapshot;                 /* -s: writes go to a temporary overlay */
+    uint64_t zero_align;           /* blkdebug on top with opt-write-zero: parts of a
+                                      zero write not covering whole units of this
+                                      are written as data (blkdebug refuses them) */
     bool readonly;
     bool raw;                      /* raw format: everything "allocated" */
     int cache_mode;
@@ -39,6 +48,12 @@ struct io {
     const char *fmt;
     bool quit;
 };
+
+/* The name in "<name> failed: ..." lines: readv/writev run read/write. */
+static const char *fail_read = "read", *fail_write = "write";
+
+/* Temporary overlays of -s live here, as QEMU's (get_tmp_filename). */
+#define SNAPSHOT_TMPDIR "/var/tmp"
 
 struct iocmd {
     const char *name, *alt;
@@ -240,7 +255,7 @@ static int do_read(struct io *io, int argc, char **argv)
         r = pms_pread(io->dev, buf, (size_t)count, (uint64_t)off);
     clock_gettime(CLOCK_MONOTONIC, &t2);
     if (r < 0) {
-        printf("read failed: %s\n", strerror(-r));
+        printf("%s failed: %s\n", fail_read, strerror(-r));
         free(buf);
         return r;
     }
@@ -261,6 +276,35 @@ static int do_read(struct io *io, int argc, char **argv)
     }
     free(buf);
     return r;
+}
+
+/* write -z: as QEMU's block layer splits it at blkdebug's zero-write
+ * alignment, the unaligned head and tail become ordinary writes. */
+static int zero_write(struct io *io, uint64_t len, uint64_t off)
+{
+    uint64_t a = io->zero_align;
+    while (len) {
+        uint64_t n = len;
+        bool data = false;
+        if (a) {
+            uint64_t head = off % a;
+            if (head) n = a - head < len ? a - head : len;
+            else if (len > a && len % a) n = len - len % a;
+            data = n < a;
+        }
+        int r;
+        if (data) {
+            uint8_t *z = calloc(1, (size_t)n);
+            if (!z) return -ENOMEM;
+            r = pms_pwrite(io->dev, z, (size_t)n, off);
+            free(z);
+        } else
+            r = pms_write_zeroes(io->dev, (size_t)n, off);
+        if (r < 0) return r;
+        off += n;
+        len -= n;
+    }
+    return 0;
 }
 
 static int do_write(struct io *io, int argc, char **argv)
@@ -343,7 +387,7 @@ static int do_write(struct io *io, int argc, char **argv)
     clock_gettime(CLOCK_MONOTONIC, &t1);
     int r = range_check(io, off, count);
     if (r == 0)
-        r = z ? pms_write_zeroes(io->dev, (size_t)count, (uint64_t)off)
+        r = z ? zero_write(io, (uint64_t)count, (uint64_t)off)
               : compress ? pms_pwrite_compressed(io->dev, buf, (size_t)count, (uint64_t)off)
               : pms_pwrite(io->dev, buf, (size_t)count, (uint64_t)off);
     if (r >= 0 && fua)
@@ -351,7 +395,7 @@ static int do_write(struct io *io, int argc, char **argv)
     clock_gettime(CLOCK_MONOTONIC, &t2);
     free(buf);
     if (r < 0) {
-        printf("write failed: %s\n", strerror(-r));
+        printf("%s failed: %s\n", fail_write, strerror(-r));
         return r;
     }
     if (!q)
@@ -461,18 +505,247 @@ static int do_map(struct io *io, int argc, char **argv)
     return 0;
 }
 
-static int io_open(struct io *io, const char *file)
+/* QemuOpts booleans: on/off (yes/no, true/false from JSON). */
+static int bool_opt(const struct blkopts *o, const char *key, int dflt, char *err, size_t n)
 {
-    io->dev = open_quiet(file, io->fmt, io->readonly, io->cache_mode, false, io->force_share);
-    if (!io->dev) {
-        fprintf(stderr, "%s: can't open device %s: %s\n", progname, file, libmsg());
-        return -EINVAL;
+    const char *v = bo_get(o, key);
+    if (!v) return dflt;
+    if (!strcmp(v, "on") || !strcmp(v, "yes") || !strcmp(v, "true") || !strcmp(v, "y"))
+        return 1;
+    if (!strcmp(v, "off") || !strcmp(v, "no") || !strcmp(v, "false") || !strcmp(v, "n"))
+        return 0;
+    snprintf(err, n, "Parameter '%s' expects 'on' or 'off'", key);
+    return -1;
+}
+
+static const char *const bool_keys[] = {
+    "read-only", "auto-read-only", "cache.direct", "cache.no-flush", "force-share",
+    "lazy-refcounts", "pass-discard-request", "pass-discard-snapshot",
+    "pass-discard-other", "discard-no-unref",
+};
+
+static int size_opt(const struct blkopts *o, const char *key, uint64_t *v, bool *set)
+{
+    const char *s = bo_get(o, key);
+    *set = s != NULL;
+    *v = 0;
+    return s ? parse_size(s, v) : 0;
+}
+
+/* QEMU's qcow2 option checks (read_cache_sizes, qcow2_update_options_prepare),
+ * in its order and wording; fills the cache sizes pms_open() takes. */
+static int qcow2_opts(const struct blkopts *o, const struct pms_info *info,
+                      struct pms_open_opts *po, char *err, size_t n)
+{
+    uint64_t cs, l2, rc, es;
+    bool cs_set, l2_set, rc_set, es_set;
+    if (size_opt(o, "cache-size", &cs, &cs_set) < 0 ||
+        size_opt(o, "l2-cache-size", &l2, &l2_set) < 0 ||
+        size_opt(o, "refcount-cache-size", &rc, &rc_set) < 0 ||
+        size_opt(o, "l2-cache-entry-size", &es, &es_set) < 0) {
+        snprintf(err, n, "Parameter expects a size");
+        return -1;
     }
-    io->file = strdup(file);
+    uint64_t csz = info->cluster_size;
+    if (!es_set) es = csz;
+    if (cs_set) {
+        if (l2_set && rc_set) {
+            snprintf(err, n, "cache-size, l2-cache-size and refcount-cache-size may not be "
+                     "set at the same time");
+            return -1;
+        }
+        if (l2_set && l2 > cs) {
+            snprintf(err, n, "l2-cache-size may not exceed cache-size");
+            return -1;
+        }
+        if (rc > cs) {
+            snprintf(err, n, "refcount-cache-size may not exceed cache-size");
+            return -1;
+        }
+        if (l2_set) rc = cs - l2;
+        else if (rc_set) l2 = cs - rc;
+        else { l2 = cs; rc = 0; }   /* the default split gives L2 what it can use */
+        l2_set = rc_set = true;
+    }
+    if (es < 512 || es > csz || (es & (es - 1))) {
+        snprintf(err, n, "L2 cache entry size must be a power of two between 512 and the "
+                 "cluster size (%" PRIu64 ")", csz);
+        return -1;
+    }
+    if (l2_set && l2 / es > INT32_MAX) {
+        snprintf(err, n, "L2 cache size too big");
+        return -1;
+    }
+    if (rc_set && rc / csz > INT32_MAX) {
+        snprintf(err, n, "Refcount cache size too big");
+        return -1;
+    }
+    const char *ci = bo_get(o, "cache-clean-interval");
+    uint64_t civ;
+    if (ci && (parse_uint(ci, &civ) < 0 || civ > UINT32_MAX)) {
+        snprintf(err, n, "Cache clean interval too big");
+        return -1;
+    }
+    int lazy = bool_opt(o, "lazy-refcounts", 0, err, n);
+    if (lazy < 0) return -1;
+    if (lazy && info->qcow2_version < 3) {
+        snprintf(err, n, "Lazy refcounts require a qcow2 image with at least qemu 1.1 "
+                 "compatibility level");
+        return -1;
+    }
+    const char *ov = bo_get(o, "overlap-check"), *ovt = bo_get(o, "overlap-check.template");
+    if (ov && ovt && strcmp(ov, ovt)) {
+        snprintf(err, n, "Conflicting values for qcow2 options 'overlap-check' ('%s') and "
+                 "'overlap-check.template' ('%s')", ov, ovt);
+        return -1;
+    }
+    if (!ov) ov = ovt;
+    if (ov && strcmp(ov, "none") && strcmp(ov, "constant") && strcmp(ov, "cached") &&
+        strcmp(ov, "all")) {
+        snprintf(err, n, "Unsupported value '%s' for qcow2 option 'overlap-check'. Allowed "
+                 "are any of the following: none, constant, cached, all", ov);
+        return -1;
+    }
+    if (po) {
+        po->l2_cache_size = l2_set ? l2 : 0;
+        po->refcount_cache_size = rc_set ? rc : 0;
+    }
+    return 0;
+}
+
+/* -s: a temporary qcow2 overlay over the image, removed when closed. */
+static int snapshot_overlay(struct io *io, const char *base, const char *fmt,
+                            struct pms_open_opts *po, char *err, size_t n)
+{
+    char tmpl[] = SNAPSHOT_TMPDIR "/vl.XXXXXX";
+    int fd = mkstemp(tmpl);
+    if (fd < 0) {
+        snprintf(err, n, "Could not get temporary filename: %s", strerror(errno));
+        return -1;
+    }
+    close(fd);
+    char *abs = realpath(base, NULL);
+    struct pms_create_opts co;
+    pms_create_opts_init(&co);
+    co.backing_file = abs ? abs : base;
+    co.backing_format = fmt;
+    int r = pms_create(tmpl, 0, &co);
+    free(abs);
+    if (r == 0) {
+        struct pms_open_opts o2 = *po;
+        o2.format = "qcow2";
+        o2.readonly = 0;
+        r = pms_open(tmpl, &o2, &io->dev);
+    }
+    unlink(tmpl);              /* the open file lives on until closed */
+    if (r < 0)
+        snprintf(err, n, "%s", libmsg());
+    return r;
+}
+
+/* Open `name` (NULL: the options name the image) with the options in *extra
+ * (taken over), as qemu-io's openfile().  Prints qemu-io's error line. */
+static int io_open_opts(struct io *io, const char *name, struct blkopts *extra)
+{
+    struct blkopts o = *extra;
+    char err[1024] = "";
+    struct bo_target t = { 0 };
+    pms_dev *dev = NULL;
+    *extra = (struct blkopts){ 0 };
+    if (name && (io->image_opts ? bo_parse_keyval(&o, name, err, sizeof err)
+                                : bo_parse_filename(&o, name, err, sizeof err)) < 0)
+        goto fail;
+    for (size_t i = 0; i < sizeof bool_keys / sizeof bool_keys[0]; i++)
+        if (bool_opt(&o, bool_keys[i], 0, err, sizeof err) < 0)
+            goto fail;
+    if (bool_opt(&o, "read-only", 0, err, sizeof err) == 1)
+        io->readonly = true;
+    if (bool_opt(&o, "force-share", 0, err, sizeof err) == 1)
+        io->force_share = true;
+    if (bool_opt(&o, "cache.direct", 0, err, sizeof err) == 1)
+        io->cache_mode = PMS_CACHE_NONE;
+    if (io->force_share && !io->readonly) {
+        snprintf(err, sizeof err, "force-share=on can only be used with read-only images");
+        goto fail;
+    }
+    t.readonly = io->readonly;
+    if (bo_resolve(&o, &t, err, sizeof err) < 0)
+        goto fail;
+    const char *fmt = t.format ? t.format : io->fmt;
+    if (fmt && strcmp(fmt, "qcow2") && strcmp(fmt, "raw")) {
+        snprintf(err, sizeof err, "Unknown driver '%s'", fmt);
+        goto fail;
+    }
+    struct pms_open_opts po;
+    pms_open_opts_init(&po);
+    po.format = fmt;
+    po.readonly = io->readonly || io->snapshot;
+    po.cache_mode = io->cache_mode;
+    po.force_share = io->force_share;
+    const char *bk = bo_get(&o, "backing");
+    po.no_backing = bk && (!strcmp(bk, "null") || !*bk);
+    if (pms_open(t.filename, &po, &dev) < 0) {
+        snprintf(err, sizeof err, "%s", libmsg());
+        goto fail;
+    }
     struct pms_info info = { .size = sizeof info };
-    pms_info(io->dev, &info);
+    pms_info(dev, &info);
+    if (info.qcow2_version) {
+        struct pms_open_opts po2 = po;
+        if (qcow2_opts(&o, &info, &po2, err, sizeof err) < 0)
+            goto fail;
+        if (po2.l2_cache_size || po2.refcount_cache_size) {
+            /* reopen with the caches asked for */
+            pms_close(dev);
+            dev = NULL;
+            po = po2;
+            if (pms_open(t.filename, &po, &dev) < 0) {
+                snprintf(err, sizeof err, "%s", libmsg());
+                goto fail;
+            }
+        }
+    } else if (bo_get(&o, "lazy-refcounts") || bo_get(&o, "cache-size") ||
+               bo_get(&o, "l2-cache-size")) {
+        const char *k = bo_get(&o, "lazy-refcounts") ? "lazy-refcounts" :
+                        bo_get(&o, "cache-size") ? "cache-size" : "l2-cache-size";
+        snprintf(err, sizeof err, "Block format 'raw' does not support the option '%s'", k);
+        goto fail;
+    }
+    if (io->snapshot) {
+        pms_close(dev);
+        dev = NULL;
+        if (snapshot_overlay(io, t.filename, info.format, &po, err, sizeof err) < 0)
+            goto fail;
+        dev = io->dev;
+    }
+    io->zero_align = 0;
+    const char *top = bo_get(&o, "driver"), *owz = bo_get(&o, "opt-write-zero");
+    uint64_t a = 0, ra = 0;
+    if (top && !strcmp(top, "blkdebug") && owz && parse_size(owz, &a) == 0) {
+        const char *al = bo_get(&o, "align");
+        if (al && parse_size(al, &ra) == 0 && ra > a) a = ra;
+        io->zero_align = a;
+    }
+    io->dev = dev;
+    io->file = name ? strdup(name) : NULL;
+    io->opts = o;
     io->raw = strcmp(info.format, "raw") == 0;
     return 0;
+fail:
+    if (dev)
+        pms_close(dev);
+    io->dev = NULL;
+    bo_free(&o);
+    fflush(stdout);
+    fprintf(stderr, "%s: can't open%s%s: %s\n", progname, name ? " device " : "",
+            name ? name : "", err);
+    return -EINVAL;
+}
+
+static int io_open(struct io *io, const char *file)
+{
+    struct blkopts none = { 0 };
+    return io_open_opts(io, file, &none);
 }
 
 static int io_close(struct io *io)
@@ -485,55 +758,215 @@ static int io_close(struct io *io)
     io->dev = NULL;
     free(io->file);
     io->file = NULL;
+    bo_free(&io->opts);
     return r;
 }
 
 static int do_open(struct io *io, int argc, char **argv)
 {
     int ch;
+    struct blkopts o = { 0 };
+    char err[512];
     if (io->dev) {
         fprintf(stderr, "%s: file open already, try 'help close'\n", progname);
         return -EBUSY;
     }
     io->readonly = false;
     io->force_share = false;
+    io->snapshot = false;
     io->fmt = NULL;
     optind = 0;
     while ((ch = getopt(argc, argv, "snCro:kt:d:U")) != -1) {
         switch (ch) {
         case 'r': io->readonly = true; break;
+        case 's': io->snapshot = true; break;
         case 'n': io->cache_mode = PMS_CACHE_NONE; break;
         case 'U': io->force_share = true; break;
         case 't':
             if (parse_cache_mode(optarg, &io->cache_mode) < 0) {
                 fprintf(stderr, "%s: Invalid cache option: %s\n", progname, optarg);
+                bo_free(&o);
                 return -EINVAL;
             }
             break;
-        case 's': case 'C': case 'k': case 'd': break;
+        case 'C': case 'k': case 'd': break;
         case 'o':
-            if (strncmp(optarg, "driver=", 7) == 0 &&
-                (!strcmp(optarg + 7, "raw") || !strcmp(optarg + 7, "qcow2"))) {
-                io->fmt = strcmp(optarg + 7, "raw") ? "qcow2" : "raw";
-                break;
+            if (bo_parse_keyval(&o, optarg, err, sizeof err) < 0) {
+                fprintf(stderr, "%s: %s\n", progname, err);
+                bo_free(&o);
+                return -EINVAL;
             }
-            fprintf(stderr, "%s: open -o: only driver=raw|qcow2 is supported\n", progname);
-            return -EINVAL;
+            break;
         default:
             cmd_usage(find_cmd("open"));
+            bo_free(&o);
             return -EINVAL;
         }
     }
-    if (optind != argc - 1) {
+    if (optind != argc - 1 && !(optind == argc && o.n)) {
         cmd_usage(find_cmd("open"));
+        bo_free(&o);
         return -EINVAL;
     }
-    if (io->force_share && !io->readonly) {
-        fprintf(stderr, "%s: can't open device %s: force-share=on can only be used with "
-                "read-only images\n", progname, argv[optind]);
+    return io_open_opts(io, optind < argc ? argv[optind] : NULL, &o);
+}
+
+/* reopen [-d] [-r|-w] [-c cache] [-o options]: the image again with changed
+ * options; what cannot change is refused with QEMU's messages and the image
+ * stays open as it was. */
+static int do_reopen(struct io *io, int argc, char **argv)
+{
+    int ch, ro = -1, cache = -1;
+    struct blkopts o = { 0 };
+    char err[512] = "";
+    optind = 0;
+    while ((ch = getopt(argc, argv, "c:o:rw")) != -1) {
+        switch (ch) {
+        case 'c':
+            if (parse_cache_mode(optarg, &cache) < 0) {
+                fprintf(stderr, "%s: Invalid cache option: %s\n", progname, optarg);
+                bo_free(&o);
+                return -EINVAL;
+            }
+            break;
+        case 'o':
+            if (bo_parse_keyval(&o, optarg, err, sizeof err) < 0) {
+                fprintf(stderr, "%s: %s\n", progname, err);
+                bo_free(&o);
+                return -EINVAL;
+            }
+            break;
+        case 'r':
+            if (ro == 0) goto both;
+            ro = 1;
+            break;
+        case 'w':
+            if (ro == 1) goto both;
+            ro = 0;
+            break;
+        default:
+            cmd_usage(find_cmd("reopen"));
+            bo_free(&o);
+            return -EINVAL;
+        }
+    }
+    if (optind != argc) {
+        cmd_usage(find_cmd("reopen"));
+        bo_free(&o);
         return -EINVAL;
     }
-    return io_open(io, argv[optind]);
+    if (ro >= 0 && bo_get(&o, "read-only")) {
+        snprintf(err, sizeof err, "Cannot set both -r/-w and 'read-only'");
+        goto fail;
+    }
+    if (cache >= 0 && (bo_get(&o, "cache.direct") || bo_get(&o, "cache.no-flush"))) {
+        snprintf(err, sizeof err, "Cannot set both -c and the cache options");
+        goto fail;
+    }
+    static const char *const fixed[] = { "node-name", "driver", "file.node-name",
+                                         "file.driver", "backing.node-name",
+                                         "backing.driver" };
+    for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++) {
+        const char *nv = bo_get(&o, fixed[i]), *ov = bo_get(&io->opts, fixed[i]);
+        if (nv && (!ov || strcmp(nv, ov)) &&
+            !(strstr(fixed[i], "driver") && !ov && !strcmp(nv, i == 1 ? (io->raw ? "raw" :
+                                                                          "qcow2") : "file"))) {
+            snprintf(err, sizeof err, "Cannot change the option '%s'",
+                     strchr(fixed[i], '.') ? strchr(fixed[i], '.') + 1 : fixed[i]);
+            goto fail;
+        }
+    }
+    for (size_t i = 0; i < sizeof bool_keys / sizeof bool_keys[0]; i++)
+        if (bool_opt(&o, bool_keys[i], 0, err, sizeof err) < 0)
+            goto fail;
+    struct pms_info info = { .size = sizeof info };
+    pms_info(io->dev, &info);
+    /* the options in force after the reopen: the old ones, then the new */
+    struct blkopts merged = { 0 };
+    for (size_t i = 0; i < io->opts.n; i++)
+        if (bo_set(&merged, io->opts.v[i].key, io->opts.v[i].val) < 0) goto oom;
+    for (size_t i = 0; i < o.n; i++)
+        if (bo_set(&merged, o.v[i].key, o.v[i].val) < 0) goto oom;
+    if (info.qcow2_version && qcow2_opts(&merged, &info, NULL, err, sizeof err) < 0) {
+        bo_free(&merged);
+        goto fail;
+    }
+    bool readonly = ro >= 0 ? ro : bool_opt(&merged, "read-only", io->readonly, err, sizeof err);
+    if (io->snapshot && !readonly) readonly = false;
+    int cmode = cache >= 0 ? cache : io->cache_mode;
+    /* the name and format stay: reopen what is open now */
+    char *name = io->file ? strdup(io->file) : NULL;
+    bool old_ro = io->readonly, snap = io->snapshot;
+    if (snap) {                /* the overlay would be lost: only flags change */
+        io->readonly = readonly;
+        bo_free(&io->opts);
+        io->opts = merged;
+        free(name);
+        bo_free(&o);
+        return 0;
+    }
+    struct blkopts keep = { 0 };
+    for (size_t i = 0; i < io->opts.n; i++)
+        if (strcmp(io->opts.v[i].key, "filename") && bo_set(&keep, io->opts.v[i].key,
+                                                             io->opts.v[i].val) < 0) goto oom2;
+    for (size_t i = 0; i < o.n; i++)
+        if (bo_set(&keep, o.v[i].key, o.v[i].val) < 0) goto oom2;
+    if (bo_get(&keep, "read-only"))
+        bo_set(&keep, "read-only", readonly ? "on" : "off");
+    struct blkopts fallback = { 0 };
+    for (size_t i = 0; i < keep.n; i++)
+        bo_set(&fallback, keep.v[i].key, keep.v[i].val);
+    const char *fn = bo_get(&io->opts, "filename");
+    char *fname = fn && !name ? strdup(fn) : NULL;
+    if (fname) bo_set(&keep, "filename", fname);
+    int r = io_close(io);
+    io->readonly = readonly;
+    io->cache_mode = cmode;
+    io->force_share = io->force_share && readonly;
+    if (r == 0)
+        r = io_open_opts(io, name, &keep);
+    if (r < 0) {               /* back to what was open */
+        io->readonly = old_ro;
+        if (fname) bo_set(&fallback, "filename", fname);
+        io_open_opts(io, name, &fallback);
+    }
+    bo_free(&fallback);
+    bo_free(&keep);
+    bo_free(&merged);
+    bo_free(&o);
+    free(name);
+    free(fname);
+    return r;
+oom2:
+    bo_free(&keep);
+oom:
+    bo_free(&merged);
+    snprintf(err, sizeof err, "%s", strerror(ENOMEM));
+    goto fail;
+both:
+    snprintf(err, sizeof err, "Only one of -r and -w may be specified");
+fail:
+    bo_free(&o);
+    fflush(stdout);
+    fprintf(stderr, "%s: %s\n", progname, err);
+    return -EINVAL;
+}
+
+/* sigraise SIGNUM: die by that signal with nothing flushed or closed, as
+ * qemu-io (for tests of what an interrupted writer leaves behind). */
+static int do_sigraise(struct io *io, int argc, char **argv)
+{
+    (void)io; (void)argc;
+    char *end;
+    long sig = strtol(argv[1], &end, 10);
+    if (*end || sig < 0 || sig > NSIG) {
+        printf("non-numeric signal number argument -- %s\n", argv[1]);
+        return -EINVAL;
+    }
+    fflush(stdout);
+    fflush(stderr);
+    raise((int)sig);
+    return 0;
 }
 
 static int do_close(struct io *io, int argc, char **argv)
@@ -614,7 +1047,12 @@ static int do_vec(struct io *io, int argc, char **argv, bool write)
     nargv[n++] = argv[optind];
     nargv[n++] = tot;
     nargv[n] = NULL;                   /* at most 10 of 16 */
-    return write ? do_write(io, n, nargv) : do_read(io, n, nargv);
+    fail_read = "readv";
+    fail_write = "writev";
+    int r = write ? do_write(io, n, nargv) : do_read(io, n, nargv);
+    fail_read = "read";
+    fail_write = "write";
+    return r;
 }
 static int do_readv(struct io *io, int argc, char **argv) { return do_vec(io, argc, argv, false); }
 static int do_writev(struct io *io, int argc, char **argv) { return do_vec(io, argc, argv, true); }
@@ -760,10 +1198,14 @@ static const struct iocmd iocmds[] = {
       "prints the allocated areas of a file", NULL },
     { "length", "l", do_length, 0, 0, true, false, "",
       "gets the length of the current file", NULL },
-    { "open", "o", do_open, 1, -1, false, false,
+    { "open", "o", do_open, 0, -1, false, false,
       "[-rsCnkU] [-t cache] [-d discard] [-o options] [path]", "open the file specified by path",
       NULL },
     { "close", "c", do_close, 0, 0, true, false, "", "close the current open file", NULL },
+    { "reopen", NULL, do_reopen, 0, -1, true, false, "[-d] [-r|-w] [-c cache] [-o options]",
+      "reopens an image with new options", NULL },
+    { "sigraise", NULL, do_sigraise, 1, 1, false, false, "signal",
+      "raises a signal", NULL },
     { "sleep", NULL, do_sleep, 1, 1, false, false, "milliseconds",
       "waits for the given value in milliseconds", NULL },
     { "help", "?", do_help, 0, 1, false, false, "[command]",
@@ -861,6 +1303,7 @@ int cmd_io(int argc, char **argv)
         { "force-share", no_argument, NULL, 'U' },
         { "misalign", no_argument, NULL, 'm' },
         { "snapshot", no_argument, NULL, 's' },
+        { "image-opts", no_argument, NULL, 'I' },
         { NULL, 0, NULL, 0 },
     };
     struct io io = { .cache_mode = PMS_CACHE_WRITEBACK };
@@ -879,10 +1322,8 @@ int cmd_io(int argc, char **argv)
         case 'n': io.cache_mode = PMS_CACHE_NONE; break;
         case 'U': io.force_share = true; break;
         case 'k': case 'm': break;
-        case 's':
-            free(cmds);
-            errorf("-s (snapshot mode) is not supported");
-            return 1;
+        case 's': io.snapshot = true; break;
+        case 'I': io.image_opts = true; break;
         case 'd':
             if (strcmp(optarg, "ignore") && strcmp(optarg, "off") && strcmp(optarg, "unmap") &&
                 strcmp(optarg, "on")) {
@@ -916,17 +1357,12 @@ int cmd_io(int argc, char **argv)
         free(cmds);
         return usage_error("too many arguments");
     }
-    if (io.fmt && strcmp(io.fmt, "qcow2") && strcmp(io.fmt, "raw")) {
+    if (io.image_opts && io.fmt) {
         free(cmds);
-        errorf("Unknown file format '%s'", io.fmt);
+        errorf("--image-opts and --format are mutually exclusive");
         return 1;
     }
-    if (io.force_share && !io.readonly && optind < argc) {
-        free(cmds);
-        errorf("can't open device %s: force-share=on can only be used with read-only images",
-               argv[optind]);
-        return 1;
-    }
+
     if (optind < argc && io_open(&io, argv[optind]) < 0) {
         free(cmds);
         return 1;

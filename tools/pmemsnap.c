@@ -11,6 +11,12 @@
  * This file only handles --help/--version and dispatches.  Every command
  * returns its exit code; errors are one line on stderr, "pmemsnap: ...".
  * A command never writes to an image it failed to open or refused.
+ *
+ * Multi-call (as busybox): run through a link whose name is in `applets`
+ * (e.g. `qemu-io -> pmemsnap`), the binary behaves as that command and
+ * names itself after the link in its messages, so QEMU's own test scripts
+ * can use it as $QEMU_IO_PROG.  To add a command, add a row to `cmds`; to
+ * add a link name, a row to `applets`.
  */
 #include <stdio.h>
 #include <string.h>
@@ -45,6 +51,36 @@ static const struct {
       "bench [-c COUNT] [-d DEPTH] [-f FMT] [-n] [-i AIO] [-o OFF] [--pattern=N] [-q] [-s SIZE] [-S STEP] [-t CACHE] [-w] [--flush-interval=N] [--no-drain] [-U] FILE" },
 };
 
+/* Link name -> command run as if `pmemsnap COMMAND` had been typed. */
+static const struct {
+    const char *link;
+    const char *cmd;
+} applets[] = {
+    { "qemu-io", "io" },
+};
+
+static int run_cmd(size_t i, int argc, char **argv)
+{
+    for (int k = 1; k < argc; k++)
+        if (strcmp(argv[k], "--help") == 0 || strcmp(argv[k], "-h") == 0) {
+            printf("Usage: %s %s\n", progname, cmds[i].synopsis);
+            return 0;
+        }
+    if (cmds[i].fn == cmd_snapshot)    /* a running daemon's snapshots */
+        for (int k = 1; k < argc; k++)
+            if (strncmp(argv[k], "--socket", 8) == 0)
+                return cmd_snapshot_remote(argc, argv);
+    return cmds[i].fn(argc, argv);
+}
+
+static int find(const char *name)
+{
+    for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++)
+        if (strcmp(name, cmds[i].name) == 0)
+            return (int)i;
+    return -1;
+}
+
 static void help(void)
 {
     printf("Usage: %s COMMAND [OPTIONS] ...\n"
@@ -59,6 +95,13 @@ static void help(void)
 
 int main(int argc, char **argv)
 {
+    const char *base = argc > 0 && argv[0] ? strrchr(argv[0], '/') : NULL;
+    base = base ? base + 1 : argc > 0 && argv[0] ? argv[0] : "";
+    for (size_t i = 0; i < sizeof applets / sizeof applets[0]; i++)
+        if (strcmp(base, applets[i].link) == 0) {
+            progname = applets[i].link;
+            return run_cmd((size_t)find(applets[i].cmd), argc, argv);
+        }
     if (argc < 2)
         return usage_error("missing command");
     const char *c = argv[1];
@@ -71,18 +114,8 @@ int main(int argc, char **argv)
                PMS_VERSION_MAJOR, PMS_VERSION_MINOR);
         return 0;
     }
-    for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++)
-        if (strcmp(c, cmds[i].name) == 0) {
-            for (int k = 2; k < argc; k++)
-                if (strcmp(argv[k], "--help") == 0 || strcmp(argv[k], "-h") == 0) {
-                    printf("Usage: %s %s\n", progname, cmds[i].synopsis);
-                    return 0;
-                }
-            if (cmds[i].fn == cmd_snapshot)    /* a running daemon's snapshots */
-                for (int k = 2; k < argc; k++)
-                    if (strncmp(argv[k], "--socket", 8) == 0)
-                        return cmd_snapshot_remote(argc - 1, argv + 1);
-            return cmds[i].fn(argc - 1, argv + 1);
-        }
+    int i = find(c);
+    if (i >= 0)
+        return run_cmd((size_t)i, argc - 1, argv + 1);
     return usage_error("unknown command '%s'", c);
 }

@@ -1,0 +1,37 @@
+/* QEMU-style block options for `pmemsnap io`: key=value lists, json:{...}
+ * and blkdebug: filenames, flattened to dotted keys and resolved to the one
+ * format-over-file stack pms_open() opens.  See blkopts.c. */
+#ifndef PMS_BLKOPTS_H
+#define PMS_BLKOPTS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+struct bo_kv {
+    char *key, *val;
+};
+struct blkopts {
+    struct bo_kv *v;
+    size_t n;
+};
+
+/* What pms_open() gets: pointers into the blkopts (valid until bo_free). */
+struct bo_target {
+    const char *filename;
+    const char *format;        /* NULL: probe (or the -f given) */
+    bool readonly;             /* in: how the image is opened (error wording) */
+};
+
+int bo_parse_keyval(struct blkopts *o, const char *s, char *err, size_t errlen);
+int bo_parse_json(struct blkopts *o, const char *s, char *err, size_t errlen);
+/* A filename: "json:{...}", "blkdebug:[CONF]:FILE" or a plain path (key
+ * "filename"); the top node's driver decides where a blkdebug: name goes. */
+int bo_parse_filename(struct blkopts *o, const char *name, char *err, size_t errlen);
+int bo_set(struct blkopts *o, const char *key, const char *val);
+const char *bo_get(const struct blkopts *o, const char *key);
+bool bo_has_prefix(const struct blkopts *o, const char *prefix);
+void bo_free(struct blkopts *o);
+/* 0, or -1 with QEMU's wording of why the graph cannot be opened. */
+int bo_resolve(const struct blkopts *o, struct bo_target *t, char *err, size_t errlen);
+
+#endif
