@@ -40,6 +40,8 @@ struct bdev_wvec {
  * that no old data is read back.  Called with the node's lock held: it must
  * not call bdev_*() on the node. */
 typedef bool (*bdev_fill_fn)(void *opaque, void *buf, uint64_t len, uint64_t off);
+/* Receives one range [off, off+len) of the device; 0 or -errno (stops). */
+typedef int (*bdev_range_fn)(void *opaque, uint64_t off, uint64_t len);
 
 /* Flags for pwrite_zeroes. */
 #define BDEV_ZERO_MAY_UNMAP  0x1   /* may deallocate, reads must still be zero */
@@ -78,6 +80,10 @@ struct pms_driver {
     int  (*snapshot_goto)(struct bdev *bs, const char *name);
     int  (*snapshot_delete)(struct bdev *bs, const char *name);
     int  (*snapshot_list)(struct bdev *bs, struct pms_snapshot_info **list, size_t *n);
+    /* Report (fn) every guest range whose content may differ between the
+     * current state and snapshot `name` (over-reporting allowed, never
+     * under); optional: without it a caller assumes everything differs. */
+    int  (*snapshot_changed)(struct bdev *bs, const char *name, bdev_range_fn fn, void *opaque);
 };
 
 struct bdev {

@@ -1451,12 +1451,22 @@ int pms_mem_write_zeroes(struct pms_mem *m, size_t len, uint64_t off)
 
 /* Drop [s, e) (page aligned) from memory: the pages refault from the image.
  * Dirty state of the range is discarded.  mu held. */
+static void forget_range(struct pms_mem *m, uint64_t s, uint64_t e);
+
 static int drop_range(struct pms_mem *m, uint64_t s, uint64_t e)
 {
     if (e <= s)
         return 0;
     if (madvise(m->base + s, e - s, MADV_DONTNEED) < 0)
         return pms_err(errno, "madvise(MADV_DONTNEED) failed: %s", strerror(errno));
+    forget_range(m, s, e);
+    return 0;
+}
+
+/* Clear the resident, dirty and poison bits of dropped pages [s, e).  mu
+ * held. */
+static void forget_range(struct pms_mem *m, uint64_t s, uint64_t e)
+{
     pthread_mutex_lock(&m->wp_mu);
     uint64_t dropped = 0, undirtied = 0;
     for (uint64_t p = s / PG; p < e / PG;) {
@@ -1474,7 +1484,6 @@ static int drop_range(struct pms_mem *m, uint64_t s, uint64_t e)
     atomic_fetch_sub(&m->nresident, dropped);
     atomic_fetch_sub(&m->ndirty, undirtied);
     pthread_mutex_unlock(&m->wp_mu);
-    return 0;
 }
 
 /* Discard while mapped: the whole pages of the range are written back (so
@@ -1747,6 +1756,93 @@ static uint64_t snap_disk_size(struct bdev *bs, const char *name)
     return size;
 }
 
+/* Ranges of the mapping to drop at a revert (page aligned, in order of
+ * arrival; adjacent ones merged). */
+struct drops {
+    struct pms_mem *m;
+    struct iovec *v;
+    size_t n, cap;
+};
+
+static int drops_add(void *opaque, uint64_t off, uint64_t len)
+{
+    struct drops *d = opaque;
+    uint64_t s = off & ~(PG - 1), e = (off + len + PG - 1) & ~(PG - 1);
+    if (e > d->m->maplen)
+        e = d->m->maplen;
+    if (s >= e)
+        return 0;
+    uint8_t *a = d->m->base + s;
+    if (d->n && (uint8_t *)d->v[d->n - 1].iov_base + d->v[d->n - 1].iov_len == a) {
+        d->v[d->n - 1].iov_len += e - s;
+        return 0;
+    }
+    if (d->n == d->cap) {
+        size_t cap = d->cap ? d->cap * 2 : 256;
+        struct iovec *v = realloc(d->v, cap * sizeof *v);
+        if (!v)
+            return pms_err(ENOMEM, "out of memory");
+        d->v = v;
+        d->cap = cap;
+    }
+    d->v[d->n++] = (struct iovec){ a, e - s };
+    return 0;
+}
+
+/* Add the pages written since their last writeback (they hold bytes the
+ * image has never seen).  mu held. */
+static int drops_add_dirty(struct drops *d)
+{
+    struct pms_mem *m = d->m;
+    if (!m->wp)
+        return 0;
+    if (m->async) {
+        struct page_region v[256];
+        uint64_t cur = 0;
+        int k;
+        while ((k = scan(m, &cur, m->maplen, false, v, 256)) > 0)
+            for (int i = 0; i < k; i++) {
+                int r = drops_add(d, v[i].start, v[i].end - v[i].start);
+                if (r < 0)
+                    return r;
+            }
+        return k < 0 ? pms_err(-k, "PAGEMAP_SCAN failed: %s", strerror(-k)) : 0;
+    }
+    pthread_mutex_lock(&m->wp_mu);
+    int r = 0;
+    for (uint64_t p = 0; p < m->npages && r == 0; p++)
+        if (m->dirty[p >> 6] && bit(m->dirty, p))
+            r = drops_add(d, p * PG, PG);
+        else if (!m->dirty[p >> 6])
+            p |= 63;
+    pthread_mutex_unlock(&m->wp_mu);
+    return r;
+}
+
+/* Drop the listed ranges (batches of process_madvise) and forget them.
+ * mu held. */
+static int drops_apply(struct drops *d)
+{
+    for (size_t i = 0; i < d->n; i += 1024) {
+        int n = d->n - i < 1024 ? (int)(d->n - i) : 1024;
+        int r = madvise_batch(d->m, d->v + i, n, MADV_DONTNEED);
+        if (r < 0)
+            return pms_err(-r, "madvise(MADV_DONTNEED) failed: %s", strerror(-r));
+    }
+    for (size_t i = 0; i < d->n; i++) {
+        uint64_t s = (uint64_t)((uint8_t *)d->v[i].iov_base - d->m->base);
+        forget_range(d->m, s, s + d->v[i].iov_len);
+    }
+    return 0;
+}
+
+/* Revert while mapped: only what differs is dropped.  The driver reports
+ * the ranges whose image content differs between now and the snapshot;
+ * with the pages written since their last writeback they are dropped after
+ * the image is reverted and refault from it, while every other resident
+ * page already holds the snapshot's bytes and stays.  (A driver that cannot
+ * tell, or a failure to tell, drops everything.)  A store racing the revert
+ * lands either before it (and is dropped) or after it (and stays). */
 int pms_mem_snapshot_revert(struct pms_mem *m, const char *name)
 {
     struct bdev *bs = m->bs;
@@ -1760,12 +1856,22 @@ int pms_mem_snapshot_revert(struct pms_mem *m, const char *name)
         return pms_err(EBUSY, "snapshot '%s' has size %llu, the mapping %llu: unmap before "
                        "reverting to it", name, (unsigned long long)ss,
                        (unsigned long long)m->size);
+    struct drops d = { .m = m };
     pthread_mutex_lock(&m->wb_mu);
+    bool whole = !bs->drv->snapshot_changed;
+    if (!whole) {
+        pthread_mutex_lock(&bs->lock);
+        whole = bs->drv->snapshot_changed(bs, name, drops_add, &d) < 0;
+        pthread_mutex_unlock(&bs->lock);
+        pms_err_clear();
+    }
     int r = snap_locked(bs, bs->drv->snapshot_goto, name);
     if (r == 0) {
-        /* current contents (dirty or not) are discarded */
         pthread_mutex_lock(&m->mu);
-        r = drop_range(m, 0, m->maplen);
+        if (!whole && (r = drops_add_dirty(&d)) == 0)
+            r = drops_apply(&d);
+        if (whole || r < 0)
+            r = drop_range(m, 0, m->maplen);
         if (r < 0)
             r = pms_err(-r, "reverted the image to '%s' but could not drop the mapping's "
                         "pages (%s): unmap without persisting", name, pms_err_get());
@@ -1773,6 +1879,7 @@ int pms_mem_snapshot_revert(struct pms_mem *m, const char *name)
         pthread_mutex_unlock(&m->mu);
     }
     pthread_mutex_unlock(&m->wb_mu);
+    free(d.v);
     return r;
 }
 

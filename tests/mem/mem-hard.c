@@ -11,6 +11,8 @@
  *                                    and discards them in the image
  *   mem-hard eintr   IMG             eviction under a memory cap never interrupts
  *                                    the application's poll/nanosleep/epoll
+ *   mem-hard revert  IMG MODE        revert while mapped drops only what differs:
+ *                                    every byte equals the snapshot's afterwards
  *   mem-hard race    IMG SECONDS     threads racing pread/pwrite/persist/
  *                                    snapshot/stats/map/unmap on one handle
  *                                    (built with ThreadSanitizer in CI)
@@ -259,6 +261,64 @@ static int t_eintr(const char *img)
     return 0;
 }
 
+/* ---- revert drops what differs and keeps the rest -------------------------------- */
+/* n small stores at random places of the first half of [p, p+len): the
+ * second half's clusters stay unchanged, so a revert has something to keep */
+static void stores(uint8_t *p, size_t len, uint64_t *seed, int n)
+{
+    len /= 2;
+    for (int i = 0; i < n; i++) {
+        uint64_t o = rnd(seed) % (len - 64);
+        memset(p + o, (int)(rnd(seed) & 0xff), 1 + rnd(seed) % 64);
+    }
+}
+
+static int t_revert(const char *img, const char *mode)
+{
+    pms_dev *d = open_img(img, NULL);
+    struct pms_map_opts mo;
+    pms_map_opts_init(&mo);
+    mo.dirty_tracking = !strcmp(mode, "sync") ? PMS_DIRTY_SYNC_WP : PMS_DIRTY_AUTO;
+    mo.writeback_interval_ms = 30;
+    void *a;
+    size_t len;
+    int r = pms_map(d, &mo, &a, &len);
+    if (r == -ENOTSUP && strstr(pms_errmsg(), "kernel lacks")) {
+        fprintf(stderr, "SKIP: %s\n", pms_errmsg());
+        exit(77);
+    }
+    API(r);
+    uint8_t *p = a, *refa = malloc(len), *refb = malloc(len);
+    uint64_t seed = 7;
+    for (size_t o = 0; o < len; o += PG)          /* every page resident and allocated */
+        memset(p + o, (int)(o / PG % 251), PG);
+    API(pms_snapshot_create(d, "a"));
+    memcpy(refa, p, len);
+    stores(p, len, &seed, 300);
+    usleep(100 * 1000);                            /* some of it written back */
+    stores(p, len, &seed, 300);
+    API(pms_snapshot_create(d, "b"));
+    memcpy(refb, p, len);
+    stores(p, len, &seed, 200);
+    usleep(100 * 1000);
+    stores(p, len, &seed, 200);                   /* some of it still dirty */
+    API(pms_snapshot_revert(d, "a"));
+    struct pms_stats st = { .size = sizeof st };
+    API(pms_stats(d, &st));
+    printf("revert %s: %" PRIu64 " of %zu pages still resident after the revert\n", mode,
+           st.resident_pages, len / PG);
+    CHECK(st.resident_pages > 0 && st.resident_pages < len / PG,
+          "revert kept %" PRIu64 " of %zu pages", st.resident_pages, len / PG);
+    CHECK(memcmp(p, refa, len) == 0, "memory differs from snapshot a after revert");
+    stores(p, len, &seed, 100);
+    API(pms_snapshot_revert(d, "b"));
+    CHECK(memcmp(p, refb, len) == 0, "memory differs from snapshot b after revert");
+    API(pms_close(d));
+    free(refa);
+    free(refb);
+    return 0;
+}
+
 /* ---- racing API calls on one handle ------------------------------------------------ */
 static pms_dev *g_dev;
 static atomic_bool g_stop;
@@ -357,6 +417,8 @@ int main(int argc, char **argv)
         return t_swap(argv[2], strtoull(argv[3], NULL, 0));
     if (argc >= 5 && !strcmp(argv[1], "eio"))
         return t_eio(argv[2], strtoull(argv[3], NULL, 0), strtoull(argv[4], NULL, 0));
+    if (argc >= 4 && !strcmp(argv[1], "revert"))
+        return t_revert(argv[2], argv[3]);
     if (argc >= 3 && !strcmp(argv[1], "eintr"))
         return t_eintr(argv[2]);
     if (argc >= 3 && !strcmp(argv[1], "discard"))

@@ -5,7 +5,7 @@
 # calls on one handle.  HARD_CASES selects a subset (the TSan build runs
 # "race" only).
 . "$(dirname "$0")/lib.sh"
-cases=${HARD_CASES:-swap eio discard eintr race}
+cases=${HARD_CASES:-swap eio discard eintr revert race}
 
 # -- swap: a swap file and a memory cgroup smaller than the working set ------
 run_swap() {
@@ -73,6 +73,18 @@ run_eintr() {
     "$HARD" eintr "$img" || fail "eintr scenario"
     check_img "$img"
     echo "eintr ok"
+}
+
+run_revert() {
+    local mode img
+    for mode in auto sync; do
+        img=$T/v-$mode.qcow2
+        qemu-img create -q -f qcow2 "$img" 32M
+        "$HARD" revert "$img" $mode || fail "revert scenario ($mode)"
+        check_img "$img"
+        qemu-img snapshot -l "$img" | grep -q '\bb\b' || fail "snapshot b missing"
+    done
+    echo "revert ok"
 }
 
 run_race() {

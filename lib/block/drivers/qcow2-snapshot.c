@@ -627,3 +627,83 @@ int qcow2_snapshot_list(struct bdev *bs, struct pms_snapshot_info **list, size_t
     *np = (size_t)s->nb_snaps;
     return 0;
 }
+
+/* Adjacent ranges merged before the callback sees them, clipped at end. */
+struct merge {
+    uint64_t s, l, end;
+    bdev_range_fn fn;
+    void *opaque;
+};
+
+static int merge_add(struct merge *g, uint64_t o, uint64_t l)
+{
+    if (o >= g->end)
+        return 0;
+    if (o + l > g->end)
+        l = g->end - o;
+    if (g->l && g->s + g->l == o) {
+        g->l += l;
+        return 0;
+    }
+    int r = g->l ? g->fn(g->opaque, g->s, g->l) : 0;
+    g->s = o;
+    g->l = l;
+    return r;
+}
+
+/* Report every guest range whose mapping differs between the active L1 and
+ * snapshot `name`'s (conservatively: a range may be reported that holds the
+ * same bytes, never the other way round).  An L1 entry pointing at the same
+ * L2 table in both means the same mappings: a shared table is copied before
+ * any change.  Otherwise the two tables are compared entry by entry, COPIED
+ * flags aside.  Reads only metadata; bs->lock held. */
+int qcow2_snapshot_changed(struct bdev *bs, const char *name, bdev_range_fn fn, void *opaque)
+{
+    struct qcow2_state *s = QS(bs);
+    int i = find_snapshot(s, name);
+    if (i < 0)
+        return pms_err(ENOENT, "snapshot '%s' not found", name);
+    struct qcow2_snapshot *sn = &s->snaps[i];
+    uint64_t *snl1;
+    int r = read_l1(bs, sn->l1_table_offset, sn->l1_size, &snl1);
+    if (r < 0)
+        return r;
+    uint8_t *copy = malloc(s->cluster_size);
+    if (!copy) {
+        free(snl1);
+        return pms_err(ENOMEM, "out of memory");
+    }
+    uint64_t per_l2 = 1ull << s->l2_bits, span = per_l2 << s->cluster_bits;
+    struct merge g = { .end = s->size > sn->disk_size ? s->size : sn->disk_size,
+                       .fn = fn, .opaque = opaque };
+    uint32_t n = s->l1_size > sn->l1_size ? s->l1_size : sn->l1_size;
+    for (uint32_t k = 0; k < n && r == 0; k++) {
+        uint64_t a = k < s->l1_size ? s->l1[k] & L1E_OFFSET_MASK : 0;
+        uint64_t b = k < sn->l1_size ? snl1[k] & L1E_OFFSET_MASK : 0;
+        if (a == b)
+            continue;
+        if (!a || !b) {
+            r = merge_add(&g, (uint64_t)k * span, span);
+            continue;
+        }
+        uint8_t *t;
+        if ((r = qcow2_cache_get(bs, &s->l2_cache, b, &t)) < 0)
+            break;
+        memcpy(copy, t, s->cluster_size);
+        if ((r = qcow2_cache_get(bs, &s->l2_cache, a, &t)) < 0)
+            break;
+        for (uint64_t j = 0; j < per_l2 && r == 0; j++) {
+            uint64_t ea = qcow2_l2_get(s, t, j) & ~QCOW_OFLAG_COPIED;
+            uint64_t eb = qcow2_l2_get(s, copy, j) & ~QCOW_OFLAG_COPIED;
+            if (ea != eb || (s->l2_entry_size == 16 &&
+                             qcow2_l2_get_bitmap(s, t, j) != qcow2_l2_get_bitmap(s, copy, j)))
+                r = merge_add(&g, ((uint64_t)k * per_l2 + j) << s->cluster_bits,
+                              s->cluster_size);
+        }
+    }
+    if (r == 0 && g.l)
+        r = fn(opaque, g.s, g.l);
+    free(copy);
+    free(snl1);
+    return r < 0 ? r : 0;
+}

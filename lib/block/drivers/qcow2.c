@@ -1752,6 +1752,7 @@ const struct pms_driver pms_drv_qcow2 = {
     .snapshot_goto = qcow2_snapshot_goto,
     .snapshot_delete = qcow2_snapshot_delete,
     .snapshot_list = qcow2_snapshot_list,
+    .snapshot_changed = qcow2_snapshot_changed,
 };
 
 /* ------------------------------------------------------------------------ */

@@ -263,6 +263,7 @@ int  qcow2_snapshot_create(struct bdev *bs, const char *name);
 int  qcow2_snapshot_goto(struct bdev *bs, const char *name);
 int  qcow2_snapshot_delete(struct bdev *bs, const char *name);
 int  qcow2_snapshot_list(struct bdev *bs, struct pms_snapshot_info **list, size_t *n);
+int  qcow2_snapshot_changed(struct bdev *bs, const char *name, bdev_range_fn fn, void *opaque);
 
 /* ---- qcow2-check.c ------------------------------------------------------ */
 int  qcow2_check(struct bdev *bs, unsigned flags, struct pms_check_result *res,
