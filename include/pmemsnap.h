@@ -216,6 +216,27 @@ int  pms_persist(pms_dev *dev, const void *addr, size_t len);
 int  pms_unmap(pms_dev *dev);   /* persists, then unmaps; if the persist fails (e.g. a full
                                    disk) it stays mapped, nothing lost, and may be retried */
 
+/* A snapshot of a mapped device (pms_snapshot_create) is live: the library
+ * parks every other application thread for the final copy with a real-time
+ * signal and its own handler.  The signal is PMEMSNAP_SIGNAL from the
+ * environment if set ("34", "RTMIN+6", "RTMAX-2"; pms_map fails with EBUSY
+ * if that signal already has a handler, EINVAL if it is no real-time
+ * signal), else SIGRTMIN+6 if it has the default disposition and the
+ * thread calling pms_map first does not block it, else the first such of
+ * SIGRTMIN+7 .. SIGRTMAX, SIGRTMIN+5 .. SIGRTMIN.  A handler the
+ * application installed before pms_map is never replaced; one it installs
+ * on the library's signal afterwards makes live snapshots fail with EBUSY.
+ * A thread that blocks the signal makes them fail with EAGAIN (after 1 s);
+ * pass PMS_SNAP_QUIESCED when the writers are stopped by other means.
+ * Kernel threads of the process (io_uring's iou-wrk/iou-sqp, vhost) run no
+ * handlers and are not waited for; data they write into the mapping is in
+ * the snapshot if its I/O completed before the call, not if submitted after
+ * it returned, and byte-wise old or new if in flight across it (as after a
+ * crash); it is never lost for the next snapshot or persist.  Stores that
+ * bypass the page tables into pinned pages (io_uring fixed buffers, RDMA,
+ * O_DIRECT reads racing a writeback) are not tracked: keep such buffers
+ * outside the mapping (lib/mem/README.md). */
+
 /* Flags for pms_snapshot_create_ex. */
 #define PMS_SNAP_QUIESCED 0x1  /* caller already stopped every writer */
 #define PMS_SNAP_EXTERNAL 0x2  /* external snapshot: the state becomes a read-only

@@ -1129,7 +1129,7 @@ int pms_mem_map(pms_dev *dev, const struct pms_map_opts *o, struct pms_mem **mem
         return pms_err(EINVAL, "unknown dirty_tracking mode %d", o->dirty_tracking);
     int r = pms_sp_init();
     if (r < 0)
-        return pms_err(-r, "cannot install the safepoint signal handler");
+        return r;                    /* message set by pms_sp_init */
 
     struct pms_mem *m = calloc(1, sizeof *m);
     if (!m)
@@ -1661,10 +1661,11 @@ static int64_t stop_and_cut(struct pms_mem *m, bool stop, uint64_t *pause)
 {
     uint64_t tp = now_ns();
     int r = stop ? pms_sp_stop(SNAP_STOP_MS) : 0;
-    if (r < 0)
-        return pms_err(-r, "could not stop application thread %d within %d ms (is signal "
-                       "SIGRTMIN+6 blocked?); stop writers and pass PMS_SNAP_QUIESCED",
-                       pms_sp_stuck_tid(), SNAP_STOP_MS);
+    if (r < 0) {
+        char why[256];              /* the safepoint's message */
+        snprintf(why, sizeof why, "%s", pms_err_get());
+        return pms_err(-r, "%s; stop writers and pass PMS_SNAP_QUIESCED", why);
+    }
     int64_t nr = cut(m);
     *pause = now_ns() - tp;
     if (stop)
