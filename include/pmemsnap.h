@@ -74,6 +74,12 @@ int64_t pms_size(pms_dev *dev);
 int  pms_pread(pms_dev *dev, void *buf, size_t len, uint64_t off);
 int  pms_pwrite(pms_dev *dev, const void *buf, size_t len, uint64_t off);
 int  pms_write_zeroes(pms_dev *dev, size_t len, uint64_t off);
+/* pms_write_zeroes with flags (qemu-io `write -z [-u]`): with
+ * PMS_ZERO_MAY_UNMAP the range's storage may be released (what
+ * pms_write_zeroes does); without it allocated qcow2 clusters stay
+ * allocated, marked zero.  Other flag bits: EINVAL. */
+#define PMS_ZERO_MAY_UNMAP 0x1
+int  pms_write_zeroes_ex(pms_dev *dev, size_t len, uint64_t off, unsigned flags);
 /* Write whole clusters compressed, as qemu-io's `write -c` (qcow2 only:
  * ENOTSUP otherwise, or with an external data file).  off must be cluster
  * aligned and len a multiple of the cluster size, except that the last

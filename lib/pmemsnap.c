@@ -115,6 +115,18 @@ int pms_write_zeroes(pms_dev *dev, size_t len, uint64_t off)
           bdev_pwrite_zeroes(dev->bs, len, off, BDEV_ZERO_MAY_UNMAP));
 }
 
+int pms_write_zeroes_ex(pms_dev *dev, size_t len, uint64_t off, unsigned flags)
+{
+    if (flags & ~(unsigned)PMS_ZERO_MAY_UNMAP) {
+        int r = pms_err(EINVAL, "pms_write_zeroes_ex: unknown flags 0x%x", flags);
+        PMS_API_ERR(r);
+        return r;
+    }
+    ROUTE(pms_mem_write_zeroes(dev->mem, len, off),
+          bdev_pwrite_zeroes(dev->bs, len, off,
+                             (flags & PMS_ZERO_MAY_UNMAP) ? BDEV_ZERO_MAY_UNMAP : 0));
+}
+
 int pms_pwrite_compressed(pms_dev *dev, const void *buf, size_t len, uint64_t off)
 {
     int r = RDLOCKED(dev->mem ? pms_err(EBUSY, "device is mapped") :

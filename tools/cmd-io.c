@@ -280,7 +280,7 @@ static int do_read(struct io *io, int argc, char **argv)
 
 /* write -z: as QEMU's block layer splits it at blkdebug's zero-write
  * alignment, the unaligned head and tail become ordinary writes. */
-static int zero_write(struct io *io, uint64_t len, uint64_t off)
+static int zero_write(struct io *io, uint64_t len, uint64_t off, bool unmap)
 {
     uint64_t a = io->zero_align;
     while (len) {
@@ -299,7 +299,7 @@ static int zero_write(struct io *io, uint64_t len, uint64_t off)
             r = pms_pwrite(io->dev, z, (size_t)n, off);
             free(z);
         } else
-            r = pms_write_zeroes(io->dev, (size_t)n, off);
+            r = pms_write_zeroes_ex(io->dev, (size_t)n, off, unmap ? PMS_ZERO_MAY_UNMAP : 0);
         if (r < 0) return r;
         off += n;
         len -= n;
@@ -337,7 +337,6 @@ static int do_write(struct io *io, int argc, char **argv)
             return -EINVAL;
         }
     }
-    (void)unmap;
     if (optind != argc - 2) {
         cmd_usage(find_cmd("write"));
         return -EINVAL;
@@ -387,7 +386,7 @@ static int do_write(struct io *io, int argc, char **argv)
     clock_gettime(CLOCK_MONOTONIC, &t1);
     int r = range_check(io, off, count);
     if (r == 0)
-        r = z ? zero_write(io, (uint64_t)count, (uint64_t)off)
+        r = z ? zero_write(io, (uint64_t)count, (uint64_t)off, unmap)
               : compress ? pms_pwrite_compressed(io->dev, buf, (size_t)count, (uint64_t)off)
               : pms_pwrite(io->dev, buf, (size_t)count, (uint64_t)off);
     if (r >= 0 && fua)

@@ -676,6 +676,7 @@ static int qcow2_open(struct bdev *bs, const char *path, const struct pms_open_o
 
 static int pending_drain(struct bdev *bs);
 static int qcow2_pwrite_zeroes(struct bdev *bs, uint64_t len, uint64_t off, unsigned flags);
+static int qcow2_block_status(struct bdev *bs, uint64_t off, uint64_t len, struct pms_extent *e);
 static int qcow2_flush(struct bdev *bs);
 
 static void qcow2_close(struct bdev *bs)
@@ -1415,53 +1416,179 @@ static int qcow2_pwrite_compressed(struct bdev *bs, const void *buf, uint64_t le
     return r;
 }
 
-/* Make one whole cluster read as zeroes without data (v3).  unmap: drop the
- * host cluster; else keep it allocated as ZERO_ALLOC when we own it. */
+/* Zero writes follow QEMU 7.2 (qcow2_co_pwrite_zeroes and the block
+ * layer's fallback), so qemu-io `write -z [-u]` leaves the same metadata:
+ *   - the unit is the subcluster (the cluster without extended L2);
+ *   - a whole unit is marked zero in the L2 entry even where it already
+ *     reads as zero (unallocated, no backing file): QEMU reports it
+ *     "present, zero";
+ *   - its host cluster is dropped only with MAY_UNMAP (or when compressed),
+ *     else kept as ZERO_ALLOC — we keep it only when we own it (COPIED); a
+ *     cluster shared with a snapshot is released instead, which reads the
+ *     same and keeps the snapshot intact;
+ *   - a partial unit becomes a zeroed whole unit when the rest of it reads
+ *     as zero and the top layer holds no data there; otherwise zeroes are
+ *     written as data (QEMU's -ENOTSUP fallback), as is everything on a v2
+ *     image, which has no zero flag;
+ *   - an entry that already says what we would write is left untouched (no
+ *     L2 update, no table allocated or copied). */
+
+#define L2_BITMAP_ALL_ZEROES (0xffffffffull << 32)
+
+/* Does [off, off+len) read as zeroes according to the metadata of the whole
+ * chain (QEMU's is_zero: block status, not data)?  Clamped to the size. */
+static int reads_zero(struct bdev *bs, uint64_t off, uint64_t len)
+{
+    struct qcow2_state *s = QS(bs);
+    if (off >= s->size) return 1;
+    if (len > s->size - off) len = s->size - off;
+    while (len) {
+        struct pms_extent e;
+        int r = qcow2_block_status(bs, off, len, &e);
+        if (r < 0) return r;
+        if (!(e.flags & PMS_BLOCK_ZERO) || e.length == 0) return 0;
+        if (e.length >= len) break;
+        off += e.length;
+        len -= e.length;
+    }
+    return 1;
+}
+
+/* Make one whole cluster read as zeroes without data (v3). */
 static int zero_whole_cluster(struct bdev *bs, uint64_t off, bool unmap)
 {
     struct qcow2_state *s = QS(bs);
-    uint64_t l1i = off >> (s->cluster_bits + s->l2_bits);
-    if (l1i >= s->l1_size || !(s->l1[l1i] & L1E_OFFSET_MASK)) {
-        if (!bs->backing) return 0;      /* already reads as zero */
-    }
-    uint64_t l2off, idx, e;
+    uint64_t l2off, idx, e = 0, bm = 0;
+    uint32_t l1i;
     uint8_t *l2;
-    int r = writable_entry(bs, off, &l2off, &l2, &idx, &e);
-    if (r < 0) return r;
+    int r;
+    l2_for(bs, off, &l2off, &l1i);
+    idx = (off >> s->cluster_bits) & (s->l2_entries - 1);
+    if (l2off) {
+        r = qcow2_cache_get(bs, &s->l2_cache, l2off, &l2);
+        if (r < 0) return r;
+        e = qcow2_l2_get(s, l2, idx);
+        bm = qcow2_l2_get_bitmap(s, l2, idx);
+    }
     enum qcow2_ctype t = qcow2_entry_type(s, e);
-    uint64_t ne;
-    bool release = true;
+    bool owned = (t == QC_NORMAL || t == QC_ZERO_ALLOC) && (e & QCOW_OFLAG_COPIED);
+    bool drop = t == QC_COMPRESSED ||
+                ((t == QC_NORMAL || t == QC_ZERO_ALLOC) && (unmap || !owned));
+    uint64_t ne, nb = bm;
     if (s->ext_l2) {
-        ne = 0;
-        qcow2_l2_set_bitmap(s, l2, idx, 0xffffffffull << 32);
-    } else if (!unmap && (t == QC_NORMAL || t == QC_ZERO_ALLOC) && (e & QCOW_OFLAG_COPIED)) {
-        ne = (e & L2E_OFFSET_MASK) | QCOW_OFLAG_COPIED | QCOW_OFLAG_ZERO;
-        release = false;
+        ne = drop ? 0 : e;
+        nb = L2_BITMAP_ALL_ZEROES;
     } else
-        ne = QCOW_OFLAG_ZERO;
+        ne = (drop ? 0 : e) | QCOW_OFLAG_ZERO;
+    if (l2off && ne == e && nb == bm)
+        return 0;                       /* already so: no L2 update */
+    r = writable_entry(bs, off, &l2off, &l2, &idx, &e);
+    if (r < 0) return r;
     qcow2_l2_set(s, l2, idx, ne);
+    if (s->ext_l2)
+        qcow2_l2_set_bitmap(s, l2, idx, nb);
     qcow2_cache_mark_dirty(&s->l2_cache, l2);
-    return release ? release_entry(bs, e) : 0;
+    return drop ? release_entry(bs, e) : 0;
+}
+
+/* Extended L2: subclusters [first, first+n) of the cluster at off read as
+ * zero (their allocation bits cleared, the host cluster kept).  1 when done,
+ * 0 when the entry cannot (compressed): the caller writes data instead. */
+static int zero_subclusters(struct bdev *bs, uint64_t off, unsigned first, unsigned n)
+{
+    struct qcow2_state *s = QS(bs);
+    uint64_t l2off, idx, e = 0, bm = 0;
+    uint32_t l1i;
+    uint8_t *l2;
+    int r;
+    l2_for(bs, off, &l2off, &l1i);
+    idx = (off >> s->cluster_bits) & (s->l2_entries - 1);
+    if (l2off) {
+        r = qcow2_cache_get(bs, &s->l2_cache, l2off, &l2);
+        if (r < 0) return r;
+        e = qcow2_l2_get(s, l2, idx);
+        bm = qcow2_l2_get_bitmap(s, l2, idx);
+    }
+    if (qcow2_entry_type(s, e) == QC_COMPRESSED)
+        return 0;
+    uint64_t range = (n >= 32 ? 0xffffffffull : ((1ull << n) - 1)) << first;
+    uint64_t nb = (bm | (range << 32)) & ~range;
+    if (l2off && nb == bm)
+        return 1;
+    r = writable_entry(bs, off, &l2off, &l2, &idx, &e);
+    if (r < 0) return r;
+    qcow2_l2_set_bitmap(s, l2, idx, nb);
+    qcow2_cache_mark_dirty(&s->l2_cache, l2);
+    return 1;
+}
+
+/* Whole units [off, off+len) of one cluster read as zero. */
+static int zero_units(struct bdev *bs, uint64_t off, uint64_t len, bool unmap)
+{
+    struct qcow2_state *s = QS(bs);
+    uint64_t in = qc_off_in_cluster(s, off);
+    if (in == 0 && (len == s->cluster_size || off + len >= s->size))
+        return zero_whole_cluster(bs, off, unmap);
+    uint64_t end = off + len > s->size ? s->size : off + len;
+    unsigned first = (unsigned)(in >> s->sc_bits);
+    unsigned last = (unsigned)((qc_off_in_cluster(s, end - 1) >> s->sc_bits) + 1);
+    int r = zero_subclusters(bs, off, first, last - first);
+    if (r == 0)
+        r = write_cluster(bs, NULL, len, off);
+    return r < 0 ? r : 0;
+}
+
+/* A unit only partly covered by [off, off+len): zero the whole unit when
+ * that changes nothing else, else write zeroes as data. */
+static int zero_partial(struct bdev *bs, uint64_t off, uint64_t len, bool unmap)
+{
+    struct qcow2_state *s = QS(bs);
+    uint64_t u0 = off & ~(s->sc_size - 1);
+    uint64_t uend = u0 + s->sc_size;
+    uint64_t tail = off + len >= s->size ? 0 : uend - (off + len);
+    int z = reads_zero(bs, u0, off - u0);
+    if (z > 0) z = reads_zero(bs, off + len, tail);
+    if (z < 0) return z;
+    if (z) {
+        struct mapping m;
+        int r = get_mapping(bs, u0, s->sc_size, &m);
+        if (r < 0) return r;
+        if ((m.type == SC_UNALLOCATED || m.type == SC_ZERO) && m.bytes >= s->sc_size - (
+                u0 + s->sc_size > s->size ? u0 + s->sc_size - s->size : 0))
+            return zero_units(bs, u0, uend > s->size ? s->size - u0 : s->sc_size, unmap);
+    }
+    return write_cluster(bs, NULL, len, off);
 }
 
 static int qcow2_pwrite_zeroes(struct bdev *bs, uint64_t len, uint64_t off, unsigned flags)
 {
     struct qcow2_state *s = QS(bs);
+    bool unmap = flags & BDEV_ZERO_MAY_UNMAP;
     while (len) {
         uint64_t in = qc_off_in_cluster(s, off);
         uint64_t n = s->cluster_size - in;
         if (n > len) n = len;
-        bool whole = in == 0 && (n == s->cluster_size || off + n == s->size);
-        int r;
-        if (whole && s->version >= 3)
-            r = zero_whole_cluster(bs, off, flags & BDEV_ZERO_MAY_UNMAP);
-        else {
-            /* v2 or partial cluster: skip if it already reads as zero */
-            struct mapping m;
-            r = get_mapping(bs, off, n, &m);
-            if (r == 0 && !((m.type == SC_ZERO || (m.type == SC_UNALLOCATED && !bs->backing))
-                            && m.bytes >= n))
-                r = write_cluster(bs, NULL, n, off);
+        int r = 0;
+        if (s->version < 3) {
+            r = write_cluster(bs, NULL, n, off);
+        } else {
+            /* head: up to the first unit boundary; middle: whole units;
+             * tail: the rest (a unit reaching the image end is whole) */
+            uint64_t o = off, left = n;
+            uint64_t h = o & (s->sc_size - 1);
+            if (h && r == 0) {
+                uint64_t hn = s->sc_size - h < left ? s->sc_size - h : left;
+                r = zero_partial(bs, o, hn, unmap);
+                o += hn; left -= hn;
+            }
+            uint64_t mid = left & ~(s->sc_size - 1);
+            if (o + left >= s->size) mid = left;
+            if (mid && r == 0) {
+                r = zero_units(bs, o, mid, unmap);
+                o += mid; left -= mid;
+            }
+            if (left && r == 0)
+                r = zero_partial(bs, o, left, unmap);
         }
         if (r < 0) return r;
         off += n; len -= n;
