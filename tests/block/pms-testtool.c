@@ -12,6 +12,21 @@
  *   info [--output=json] FILE
  *   check [-r leaks|all] FILE           (exit 0 clean, 2 corrupt, 3 leaks, 1 error)
  *   map [--output=json] FILE
+ *   batch [-f fmt] [-m MODE] [-r REF] [-b N] [-t] RUNS FILE
+ *        writes the runs listed in RUNS (lines "OFF LEN PATTERN", sorted,
+ *        not overlapping) with bdev_pwrite_batch, N runs per batch (all),
+ *        then flushes.  MODE says what the fill callback does:
+ *          none     no callback
+ *          ref      the bytes of REF (a raw file holding the device's
+ *                   content, as the memory device holds it)
+ *          partial  like ref, but only for ranges whose 4 KiB pages all have
+ *                   an index not divisible by 3 (partly resident memory)
+ *          false    always "not held"
+ *          marker   0xee bytes for everything (a test's proof that no old
+ *                   data was read back: every byte the batch does not cover
+ *                   but writes comes from fill)
+ *          pwrite   no batch: one bdev_pwrite per run (the old path)
+ *        -t prints the time the writes and the flush took.
  *
  * Exit status: 0 ok, 1 on any error or pattern mismatch.
  */
@@ -22,8 +37,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <time.h>
 #include "pmemsnap.h"
 #include "util/size.h"
+#include "block/block.h"
 
 static const char *prog = "pms-testtool";
 
@@ -385,10 +402,125 @@ static int cmd_map(int argc, char **argv)
     return 0;
 }
 
+/* ---- batch ------------------------------------------------------------------ */
+
+struct fillctx {
+    int mode;                /* 'r' ref, 'p' partial, 'f' false, 'm' marker */
+    int ref;                 /* fd of the raw reference */
+    uint64_t calls, bytes;
+};
+
+static bool batch_fill(void *opaque, void *buf, uint64_t len, uint64_t off)
+{
+    struct fillctx *f = opaque;
+    f->calls++;
+    if (f->mode == 'f') return false;
+    if (f->mode == 'm') {
+        memset(buf, 0xee, len);
+        f->bytes += len;
+        return true;
+    }
+    if (f->mode == 'p')
+        for (uint64_t pg = off / 4096; pg <= (off + len - 1) / 4096; pg++)
+            if (pg % 3 == 0) return false;
+    if (pread(f->ref, buf, len, (off_t)off) != (ssize_t)len) return false;
+    f->bytes += len;
+    return true;
+}
+
+static int cmd_batch(int argc, char **argv)
+{
+    const char *fmt = NULL, *mode = "none", *ref = NULL;
+    size_t per = 0;
+    bool timing = false;
+    int c;
+    optind = 1;
+    while ((c = getopt(argc, argv, "f:m:r:b:t")) != -1) {
+        switch (c) {
+        case 'f': fmt = optarg; break;
+        case 'm': mode = optarg; break;
+        case 'r': ref = optarg; break;
+        case 'b': per = (size_t)strtoull(optarg, NULL, 0); break;
+        case 't': timing = true; break;
+        default: return 1;
+        }
+    }
+    if (optind + 2 != argc) { fprintf(stderr, "%s: batch: usage\n", prog); return 1; }
+    struct fillctx fc = { .ref = -1 };
+    bool pw = !strcmp(mode, "pwrite");
+    if (!strcmp(mode, "ref")) fc.mode = 'r';
+    else if (!strcmp(mode, "partial")) fc.mode = 'p';
+    else if (!strcmp(mode, "false")) fc.mode = 'f';
+    else if (!strcmp(mode, "marker")) fc.mode = 'm';
+    else if (strcmp(mode, "none") && !pw) {
+        fprintf(stderr, "%s: batch: unknown fill mode '%s'\n", prog, mode);
+        return 1;
+    }
+    if ((fc.mode == 'r' || fc.mode == 'p') &&
+        (!ref || (fc.ref = open(ref, O_RDONLY)) < 0)) {
+        fprintf(stderr, "%s: batch: fill mode %s needs -r REF\n", prog, mode);
+        return 1;
+    }
+    FILE *rf = fopen(argv[optind], "r");
+    if (!rf) { perror(argv[optind]); return 1; }
+    struct bdev_wvec *v = NULL;
+    size_t n = 0, cap = 0;
+    unsigned long long o, l;
+    int pat;
+    while (fscanf(rf, "%llu %llu %i", &o, &l, &pat) == 3) {
+        if (n == cap) {
+            cap = cap ? 2 * cap : 1024;
+            v = realloc(v, cap * sizeof *v);
+            if (!v) { fclose(rf); return 1; }
+        }
+        uint8_t *b = malloc(l ? l : 1);
+        if (!b) { fclose(rf); return 1; }
+        memset(b, pat, l);
+        v[n++] = (struct bdev_wvec){ o, l, b };
+    }
+    fclose(rf);
+    struct pms_open_opts oo;
+    pms_open_opts_init(&oo);
+    oo.format = fmt;
+    struct bdev *bs;
+    int ret = 0;
+    if (bdev_open(argv[optind + 1], &oo, &bs) < 0) {
+        ret = die(argv[optind + 1]);
+        goto out;
+    }
+    if (!per) per = n ? n : 1;
+    struct timespec t0, t1, t2;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (size_t i = 0; i < n && !ret; i += per) {
+        size_t k = n - i < per ? n - i : per;
+        int r = 0;
+        if (pw)
+            for (size_t j = i; j < i + k && r == 0; j++)
+                r = bdev_pwrite(bs, v[j].buf, v[j].len, v[j].off);
+        else
+            r = bdev_pwrite_batch(bs, v + i, k, fc.mode ? batch_fill : NULL, &fc);
+        if (r < 0) ret = die("batch");
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    if (!ret && bdev_flush(bs) < 0) ret = die("flush");
+    clock_gettime(CLOCK_MONOTONIC, &t2);
+    bdev_close(bs);
+    if (timing)
+        printf("runs=%zu write_ms=%.1f flush_ms=%.1f fill_calls=%llu fill_bytes=%llu\n", n,
+               (t1.tv_sec - t0.tv_sec) * 1e3 + (t1.tv_nsec - t0.tv_nsec) / 1e6,
+               (t2.tv_sec - t1.tv_sec) * 1e3 + (t2.tv_nsec - t1.tv_nsec) / 1e6,
+               (unsigned long long)fc.calls, (unsigned long long)fc.bytes);
+out:
+    for (size_t i = 0; i < n; i++) free((void *)v[i].buf);
+    free(v);
+    if (fc.ref >= 0) close(fc.ref);
+    return ret;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2) {
-        fprintf(stderr, "usage: %s create|io|convert|read-raw|snapshot|info|check|map ...\n", prog);
+        fprintf(stderr, "usage: %s create|io|convert|read-raw|snapshot|info|check|map|batch ...\n", prog);
         return 1;
     }
     const char *cmd = argv[1];
@@ -401,6 +533,7 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "info")) return cmd_info(argc, argv);
     if (!strcmp(cmd, "check")) return cmd_check(argc, argv);
     if (!strcmp(cmd, "map")) return cmd_map(argc, argv);
+    if (!strcmp(cmd, "batch")) return cmd_batch(argc, argv);
     fprintf(stderr, "%s: unknown command '%s'\n", prog, cmd);
     return 1;
 }

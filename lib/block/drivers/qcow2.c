@@ -425,7 +425,9 @@ static void free_state(struct qcow2_state *s)
     qcow2_cache_destroy(&s->rb_cache);
     free(s->cbuf); s->cbuf = NULL;
     free(s->zbuf); s->zbuf = NULL;
-    free(s->wbuf); s->wbuf = NULL;
+    free(s->bbuf); s->bbuf = NULL; s->bcap = 0;
+    free(s->bjobs); s->bjobs = NULL; s->bjobs_cap = 0;
+    free(s->bpieces); s->bpieces = NULL; s->bpieces_cap = 0;
     free(s->pending); s->pending = NULL;
 }
 
@@ -726,6 +728,23 @@ static int l2_for(struct bdev *bs, uint64_t off, uint64_t *l2off, uint32_t *l1i)
     return 0;
 }
 
+/* The length of the protocol file, or any value >= need when it is known
+ * to reach need bytes (no fstat on the I/O path; see flen_lb).  An error
+ * reads as "long enough": the check it serves is skipped, as before. */
+static uint64_t file_reaches(struct bdev *bs, uint64_t need)
+{
+    struct qcow2_state *s = QS(bs);
+    if (need <= s->flen_lb)
+        return s->flen_lb;
+    int64_t fl = bdev_file_length(bs->file);
+    if (fl < 0) {
+        pms_err_clear();
+        return UINT64_MAX;
+    }
+    s->flen_lb = (uint64_t)fl;
+    return (uint64_t)fl;
+}
+
 static int get_mapping(struct bdev *bs, uint64_t off, uint64_t maxlen, struct mapping *m)
 {
     struct qcow2_state *s = QS(bs);
@@ -747,13 +766,13 @@ static int get_mapping(struct bdev *bs, uint64_t off, uint64_t maxlen, struct ma
     uint64_t idx = (off >> s->cluster_bits) & (s->l2_entries - 1);
     uint64_t e = qcow2_l2_get(s, l2, idx);
     uint64_t hoff = e & L2E_OFFSET_MASK;
-    int64_t flen = bdev_file_length(bs->file);
     switch (qcow2_entry_type(s, e)) {
     case QC_COMPRESSED: {
         if (s->ext_l2 && qcow2_l2_get_bitmap(s, l2, idx))
             return qcow2_signal_corruption(bs, "compressed cluster entry with a subcluster bitmap");
         qcow2_compressed_range(s, e, &m->host, &m->csize);
-        if (m->host + m->csize > (uint64_t)flen + 512 || m->host < s->cluster_size)
+        uint64_t cend = m->host + m->csize;      /* may end in the file's last sector */
+        if (m->host < s->cluster_size || (cend > 512 && cend - 512 > file_reaches(bs, cend - 512)))
             return qcow2_signal_corruption(bs, "compressed cluster at %llu is outside the file",
                                            (unsigned long long)m->host);
         m->type = SC_COMPRESSED;
@@ -762,7 +781,7 @@ static int get_mapping(struct bdev *bs, uint64_t off, uint64_t maxlen, struct ma
     }
     case QC_ZERO_PLAIN:
     case QC_ZERO_ALLOC:
-        if (hoff && (hoff >= (uint64_t)flen || qc_off_in_cluster(s, hoff)))
+        if (hoff && (hoff >= file_reaches(bs, hoff + 1) || qc_off_in_cluster(s, hoff)))
             return qcow2_signal_corruption(bs, "zero cluster offset %llu is invalid",
                                            (unsigned long long)hoff);
         if (hoff && (r = qcow2_check_host_range(bs, hoff, s->cluster_size, "zero cluster")) < 0)
@@ -779,7 +798,7 @@ static int get_mapping(struct bdev *bs, uint64_t off, uint64_t maxlen, struct ma
     if (e & (s->ext_l2 || s->version < 3 ? (L2E_STD_RESERVED_MASK | 1) : L2E_STD_RESERVED_MASK))
         return qcow2_signal_corruption(bs, "L2 entry %llu of table at %llu has reserved bits set",
                                        (unsigned long long)idx, (unsigned long long)l2off);
-    if (hoff && (hoff >= (uint64_t)flen || qc_off_in_cluster(s, hoff)))
+    if (hoff && (hoff >= file_reaches(bs, hoff + 1) || qc_off_in_cluster(s, hoff)))
         return qcow2_signal_corruption(bs, "data cluster offset %llu is invalid",
                                        (unsigned long long)hoff);
     if (hoff && (r = qcow2_check_host_range(bs, hoff, s->cluster_size, "data cluster")) < 0)
@@ -822,9 +841,9 @@ static int decompress(struct bdev *bs, const struct mapping *m, uint8_t *out)
     struct qcow2_state *s = QS(bs);
     uint64_t csize = m->csize;
     if (csize > 2 * s->cluster_size) csize = 2 * s->cluster_size;
-    int64_t flen = bdev_file_length(bs->file);
-    if (m->host + csize > (uint64_t)flen)
-        csize = (uint64_t)flen > m->host ? (uint64_t)flen - m->host : 0;
+    uint64_t flen = file_reaches(bs, m->host + csize);
+    if (m->host + csize > flen)
+        csize = flen > m->host ? flen - m->host : 0;
     int r = bdev_file_pread(bs->file, s->zbuf, csize, m->host);
     if (r < 0) return r;
     if (s->compression_type == QCOW2_COMPRESSION_ZLIB) {
@@ -1035,196 +1054,522 @@ static int writable_entry(struct bdev *bs, uint64_t off, uint64_t *l2off, uint8_
     return 0;
 }
 
-/* Write within one cluster: [off, off+len), buf NULL = zeroes. */
-static int write_cluster(struct bdev *bs, const uint8_t *buf, uint64_t len, uint64_t off)
+/* ------------------------------------------------------------------------ */
+/* the write engine                                                         */
+/*
+ * Every data write (qcow2_pwrite, write_cluster, qcow2_pwrite_batch) goes
+ * through write_batch: sorted, non-overlapping runs are cut into per-cluster
+ * pieces and handled a chunk of clusters at a time in four phases:
+ *   A. plan: validate each cluster's entry, make its L2 table writable
+ *      (allocating or copying it) and decide: written in place (NORMAL with
+ *      COPIED, or an owned zero/partly allocated cluster completed in place),
+ *      or a new host cluster ("fresh": unallocated, zero, compressed,
+ *      shared).  With extended L2 the subclusters written are chosen as
+ *      QEMU's calculate_l2_meta does: a fresh cluster replacing a host
+ *      cluster copies from its first to its last allocated subcluster, a
+ *      fresh one over nothing only the touched subclusters, an owned one
+ *      completes the touched subclusters that are not allocated yet; the
+ *      others stay unallocated (read from below) or zero.
+ *   B. allocate all fresh clusters of the chunk at once, contiguous;
+ *   C/D. build each written subcluster range from the run bytes, the
+ *      caller's fill callback for the bytes no run covers (falling back to a
+ *      read of the old contents: old cluster, backing file or zeroes), and
+ *      write them through a combiner that merges host-contiguous extents
+ *      into few large writes; zero ranges past the end of the file are left
+ *      as holes, zero ranges inside it are punched (as the old path did);
+ *   E. only then update the L2 entries (dirty in the cache: the cache
+ *      writes refcounts and flushes data before any L2 table reaches the
+ *      disk) and queue the replaced clusters' references for release
+ *      (pending frees, applied after the next flush).
+ * A crash at any point leaks at most the chunk's new clusters.
+ * Threads: under bs->lock like every driver entry; fill is called with it
+ * held.
+ */
+
+#define RUN_MAX_BYTES (1u << 20)     /* largest single write from a caller's buffer */
+#define BOUNCE_MAX (1u << 20)        /* bounce buffer for built clusters: as large as the
+                                        largest single write (RUN_MAX_BYTES); it stays in
+                                        the CPU cache between the fill copy and the write */
+#define DIRECT_MIN (64u << 10)       /* pieces at least this long are written from the
+                                        caller's buffer instead of being copied */
+#define PUNCH_MIN 4096u              /* zero ranges inside the file shorter than one
+                                        file-system block are written, longer ones punched */
+#define FILL_GRAIN 4096u             /* fill is retried page by page when it cannot
+                                        supply a whole gap (partly resident memory) */
+#define CHUNK_MAX_JOBS 4096u         /* clusters planned per chunk */
+#define CHUNK_MAX_FRESH (256ull << 20) /* new cluster bytes per chunk (bounds a crash's leak) */
+
+struct wpiece {
+    uint64_t in, len;            /* bytes [in, in+len) of the cluster */
+    const uint8_t *src;          /* NULL: zeroes */
+};
+
+struct wjob {
+    uint64_t base;               /* guest offset of the cluster */
+    uint64_t l2off, idx;         /* writable L2 table and entry index */
+    uint64_t e, bm;              /* entry and bitmap before the write */
+    uint64_t host;               /* host cluster written (existing or new) */
+    uint64_t nbm;                /* bitmap after the write (extended L2) */
+    uint32_t wmask;              /* subclusters written whole */
+    uint32_t p0, np;             /* pieces */
+    bool fresh;                  /* gets a new host cluster */
+};
+
+struct wctx {
+    struct bdev *bs;
+    bdev_fill_fn fill;
+    void *opaque;
+    uint64_t flen0;              /* file length, measured on first need after the
+                                    chunk's allocation (UINT64_MAX: not yet): bytes
+                                    at or past it read as zeroes until written */
+    /* combiner: the pending extent [host, host+len), from direct or the bounce */
+    uint64_t host, len;
+    const uint8_t *direct;
+    uint64_t wend;               /* end of the highest byte written */
+};
+
+static inline uint32_t sc_range(unsigned lo, unsigned hi)   /* bits lo..hi */
 {
-    struct qcow2_state *s = QS(bs);
-    uint64_t in = qc_off_in_cluster(s, off);
-    uint64_t l2off;
-    struct mapping m;
-    int r = get_mapping(bs, off, len, &m);     /* validates the entry before any write */
-    if (r < 0) return r;
-    uint8_t *l2;
-    uint64_t idx, e;
-    r = writable_entry(bs, off, &l2off, &l2, &idx, &e);
-    if (r < 0) return r;
-    uint64_t bm = qcow2_l2_get_bitmap(s, l2, idx);
-    enum qcow2_ctype t = qcow2_entry_type(s, e);
-    uint64_t hoff = e & L2E_OFFSET_MASK;
-    bool inplace = t == QC_NORMAL && (e & QCOW_OFLAG_COPIED) &&
-                   (!s->ext_l2 || (uint32_t)bm == 0xffffffffu);
-    if (hoff && t != QC_COMPRESSED) {
-        r = qcow2_check_host_range(bs, hoff, s->cluster_size, "data cluster");
-        if (r < 0) return r;
-    }
-    if (inplace) {
-        if (buf)
-            return bdev_file_pwrite(bs->file, buf, len, hoff + in);
-        return bdev_file_zero(bs->file, len, hoff + in);
-    }
-    uint64_t base = qc_align_down(s, off);
-    uint64_t clen = s->cluster_size;
-    if (base + clen > s->size) clen = s->size - base;     /* last partial cluster */
-    /* Does the part we do not overwrite read as zeroes?  Then the new
-     * cluster needs no copy: zero ranges are punched/extended instead of
-     * written, which keeps allocating writes cheap. */
-    bool whole = in == 0 && len >= clen;
-    bool src_zero = whole;
-    if (!whole) {
-        struct mapping m2;
-        r = get_mapping(bs, base, clen, &m2);
-        if (r < 0) return r;
-        src_zero = m2.bytes >= clen &&
-                   (m2.type == SC_ZERO ||
-                    (m2.type == SC_UNALLOCATED && (!bs->backing || base >= bs->backing->size)));
-    }
-    uint8_t *cl = NULL;
-    if (!src_zero) {
-        if (!s->wbuf && !(s->wbuf = malloc(s->cluster_size)))
-            return pms_err(ENOMEM, "out of memory");
-        cl = s->wbuf;
-        memset(cl, 0, s->cluster_size);
-        r = do_read(bs, cl, clen, base);
-        if (r < 0) return r;
-        if (buf) memcpy(cl + in, buf, len);
-        else memset(cl + in, 0, len);
-    }
-    /* reuse a ZERO_ALLOC cluster we own exclusively */
-    uint64_t target;
-    bool fresh;
-    if (t == QC_ZERO_ALLOC && (e & QCOW_OFLAG_COPIED)) {
-        target = hoff;
-        fresh = false;
-    } else if (s->ext_l2 && t == QC_NORMAL && (e & QCOW_OFLAG_COPIED)) {
-        target = hoff;            /* fill the unallocated subclusters in place */
-        fresh = false;
-    } else {
-        int64_t n = qcow2_alloc_clusters(bs, 1);
-        if (n < 0) return (int)n;
-        target = (uint64_t)n;
-        fresh = true;
-    }
-    if (cl)
-        r = bdev_file_pwrite(bs->file, cl, s->cluster_size, target);
-    else {
-        int64_t flen = bdev_file_length(bs->file);
-        if (flen < 0) return (int)flen;
-        bool past_eof = target >= (uint64_t)flen;
-        r = 0;
-        if (in && !past_eof)
-            r = bdev_file_zero(bs->file, in, target);
-        if (r == 0)
-            r = buf ? bdev_file_pwrite(bs->file, buf, len, target + in)
-                    : bdev_file_zero(bs->file, len, target + in);
-        if (r == 0 && in + len < s->cluster_size)
-            r = bdev_file_zero(bs->file, s->cluster_size - in - len, target + in + len);
-    }
-    if (r < 0) {
-        /* nothing references the fresh cluster yet: give it back (QEMU's
-         * qcow2_alloc_cluster_abort), else a failed write leaks it */
-        if (fresh) qcow2_free_clusters(bs, target, s->cluster_size);
-        return r;
-    }
-    r = qcow2_cache_get(bs, &s->l2_cache, l2off, &l2);
-    if (r < 0) return r;
-    qcow2_l2_set(s, l2, idx, target | QCOW_OFLAG_COPIED);
-    qcow2_l2_set_bitmap(s, l2, idx, 0xffffffffull);
-    qcow2_cache_mark_dirty(&s->l2_cache, l2);
-    if (fresh)
-        r = release_entry(bs, e);
+    uint64_t m = ((2ull << hi) - 1) & ~((1ull << lo) - 1);
+    return (uint32_t)m;
+}
+
+static int comb_flush(struct wctx *w)
+{
+    struct qcow2_state *s = QS(w->bs);
+    if (!w->len) return 0;
+    int r = bdev_file_pwrite(w->bs->file, w->direct ? w->direct : s->bbuf, w->len, w->host);
+    if (r == 0 && w->host + w->len > w->wend) w->wend = w->host + w->len;
+    w->len = 0;
+    w->direct = NULL;
     return r;
 }
 
-#define RUN_MAX_BYTES (1u << 20)     /* larger single copies are slower here */
+/* Room for len bytes at host offset host in the bounce buffer, merged with
+ * the pending extent when contiguous.  NULL with the error set on failure. */
+static uint8_t *comb_bounce(struct wctx *w, uint64_t host, uint64_t len)
+{
+    struct qcow2_state *s = QS(w->bs);
+    if (w->len && (w->direct || host != w->host + w->len || w->len + len > BOUNCE_MAX))
+        if (comb_flush(w) < 0) return NULL;
+    if (w->len + len > s->bcap) {
+        size_t nc = s->bcap ? s->bcap * 2 : s->cluster_size;
+        while (nc < w->len + len) nc *= 2;
+        if (nc > BOUNCE_MAX && w->len + len <= BOUNCE_MAX) nc = BOUNCE_MAX;
+        uint8_t *nb = realloc(s->bbuf, nc);
+        if (!nb) {
+            pms_err(ENOMEM, "out of memory");
+            return NULL;
+        }
+        s->bbuf = nb;
+        s->bcap = nc;
+    }
+    if (!w->len) w->host = host;
+    uint8_t *p = s->bbuf + w->len;
+    w->len += len;
+    return p;
+}
 
-/* Fast path for writes covering whole clusters: a run of clusters of one L2
- * table that are either all written in place at contiguous host offsets, or
- * all replaced by fresh clusters, is written with one pwrite (fresh ones
- * allocated contiguously).  Returns the bytes written (a multiple of the
- * cluster size; 0 = not applicable, use write_cluster) or -errno.  Same
- * ordering as write_cluster: data first, then the L2 entries, old
- * references released after the next flush. */
-static int64_t write_run(struct bdev *bs, const uint8_t *buf, uint64_t len, uint64_t off)
+static int comb_direct(struct wctx *w, uint64_t host, const uint8_t *src, uint64_t len)
+{
+    if (len < DIRECT_MIN) {
+        uint8_t *p = comb_bounce(w, host, len);
+        if (!p) return -ENOMEM;
+        memcpy(p, src, len);
+        return 0;
+    }
+    if (w->len && w->direct && host == w->host + w->len && src == w->direct + w->len &&
+        w->len + len <= RUN_MAX_BYTES) {
+        w->len += len;
+        return 0;
+    }
+    int r = comb_flush(w);
+    if (r < 0) return r;
+    w->host = host;
+    w->len = len;
+    w->direct = src;
+    return 0;
+}
+
+/* Host bytes [host, host+len) must read as zeroes. */
+static int comb_zero(struct wctx *w, uint64_t host, uint64_t len)
+{
+    if (w->flen0 == UINT64_MAX) {
+        int64_t fl = bdev_file_length(w->bs->file);       /* once per chunk */
+        if (fl < 0) return (int)fl;
+        w->flen0 = (uint64_t)fl;
+        if (w->flen0 > QS(w->bs)->flen_lb) QS(w->bs)->flen_lb = w->flen0;
+    }
+    if (host + len > w->flen0) {            /* past the file end: a hole */
+        if (host >= w->flen0) return 0;
+        len = w->flen0 - host;
+    }
+    if (len < PUNCH_MIN) {
+        uint8_t *p = comb_bounce(w, host, len);
+        if (!p) return -ENOMEM;
+        memset(p, 0, len);
+        return 0;
+    }
+    int r = comb_flush(w);
+    if (r == 0) r = bdev_file_zero(w->bs->file, len, host);
+    return r;
+}
+
+static bool below_reads_zero(struct bdev *bs, uint64_t off)
+{
+    return !bs->backing || off >= bs->backing->size;
+}
+
+/* Do the guest bytes [g0, g1) of job j's cluster read as zeroes before the
+ * write, without reading anything? */
+static bool gap_is_zero(struct wctx *w, const struct wjob *j, uint64_t g0, uint64_t g1)
+{
+    struct bdev *bs = w->bs;
+    struct qcow2_state *s = QS(bs);
+    uint64_t clen = s->size - j->base < s->cluster_size ? s->size - j->base : s->cluster_size;
+    if (g0 >= clen) return true;
+    if (g1 > clen) g1 = clen;
+    enum qcow2_ctype t = qcow2_entry_type(s, j->e);
+    if (t == QC_COMPRESSED) return false;
+    if (!s->ext_l2) {
+        if (t == QC_ZERO_PLAIN || t == QC_ZERO_ALLOC) return true;
+        return t == QC_UNALLOCATED && below_reads_zero(bs, j->base + g0);
+    }
+    uint32_t alloc = (uint32_t)j->bm, zero = (uint32_t)(j->bm >> 32);
+    for (uint64_t sc = g0 >> s->sc_bits; sc <= (g1 - 1) >> s->sc_bits; sc++) {
+        if ((alloc >> sc) & 1) return false;
+        if ((zero >> sc) & 1) continue;
+        uint64_t from = sc << s->sc_bits > g0 ? sc << s->sc_bits : g0;
+        if (!below_reads_zero(bs, j->base + from)) return false;
+    }
+    return true;
+}
+
+/* Guest bytes [off, off+len) as they are before the write, into p: from the
+ * caller (fill) when it has them, page by page when it has only some,
+ * read from the image otherwise. */
+static int fill_or_read(struct wctx *w, uint8_t *p, uint64_t len, uint64_t off)
+{
+    if (!w->fill)
+        return do_read(w->bs, p, len, off);
+    if (w->fill(w->opaque, p, len, off))
+        return 0;
+    if (len <= FILL_GRAIN)
+        return do_read(w->bs, p, len, off);
+    uint64_t end = off + len, miss = UINT64_MAX;
+    for (uint64_t o = off; o < end; ) {
+        uint64_t n = FILL_GRAIN - o % FILL_GRAIN;
+        if (n > end - o) n = end - o;
+        bool ok = w->fill(w->opaque, p + (o - off), n, o);
+        if (ok && miss != UINT64_MAX) {
+            int r = do_read(w->bs, p + (miss - off), o - miss, miss);
+            if (r < 0) return r;
+            miss = UINT64_MAX;
+        } else if (!ok && miss == UINT64_MAX)
+            miss = o;
+        o += n;
+    }
+    if (miss != UINT64_MAX)
+        return do_read(w->bs, p + (miss - off), end - miss, miss);
+    return 0;
+}
+
+/* Write bytes [x, y) of job j's cluster whole: the pieces, and what the
+ * cluster read before for the rest. */
+static int emit_built(struct wctx *w, const struct wjob *j, const struct wpiece *pc,
+                      uint64_t x, uint64_t y)
+{
+    struct qcow2_state *s = QS(w->bs);
+    uint64_t clen = s->size - j->base < s->cluster_size ? s->size - j->base : s->cluster_size;
+    const struct wpiece *pe = pc + j->np;
+    while (pc < pe && pc->in + pc->len <= x) pc++;
+    /* Without fill, a run that needs old bytes is read whole with one read
+     * and the pieces laid over it (one read instead of one per gap). */
+    if (!w->fill) {
+        bool need_read = false;
+        uint64_t pos = x;
+        for (const struct wpiece *q = pc; pos < y; q++) {
+            uint64_t nx = q < pe && q->in < y ? q->in : y;
+            if (nx > pos && !gap_is_zero(w, j, pos, nx)) { need_read = true; break; }
+            if (q >= pe || q->in >= y) break;
+            pos = q->in + q->len;
+        }
+        if (need_read) {
+            uint8_t *b = comb_bounce(w, j->host + x, y - x);
+            if (!b) return -ENOMEM;
+            uint64_t rl = clen > x ? (clen < y ? clen : y) - x : 0;
+            int r = rl ? do_read(w->bs, b, rl, j->base + x) : 0;
+            if (r < 0) return r;
+            if (rl < y - x) memset(b + rl, 0, y - x - rl);
+            for (const struct wpiece *q = pc; q < pe && q->in < y; q++) {
+                uint64_t a = q->in > x ? q->in : x, e = q->in + q->len < y ? q->in + q->len : y;
+                if (q->src) memcpy(b + (a - x), q->src + (a - q->in), e - a);
+                else memset(b + (a - x), 0, e - a);
+            }
+            return 0;
+        }
+    }
+    uint64_t pos = x;
+    while (pos < y) {
+        int r;
+        if (pc < pe && pc->in <= pos) {
+            uint64_t e = pc->in + pc->len < y ? pc->in + pc->len : y;
+            if (pc->src)
+                r = comb_direct(w, j->host + pos, pc->src + (pos - pc->in), e - pos);
+            else
+                r = comb_zero(w, j->host + pos, e - pos);
+            if (r < 0) return r;
+            pos = e;
+            if (pos == pc->in + pc->len) pc++;
+            continue;
+        }
+        uint64_t g1 = pc < pe && pc->in < y ? pc->in : y;
+        if (gap_is_zero(w, j, pos, g1))
+            r = comb_zero(w, j->host + pos, g1 - pos);
+        else {
+            uint64_t rl = (clen < g1 ? clen : g1) - pos;     /* pos < clen: not all zero */
+            uint8_t *b = comb_bounce(w, j->host + pos, g1 - pos);
+            if (!b) return -ENOMEM;
+            r = fill_or_read(w, b, rl, j->base + pos);
+            if (rl < g1 - pos) memset(b + rl, 0, g1 - pos - rl);
+        }
+        if (r < 0) return r;
+        pos = g1;
+    }
+    return 0;
+}
+
+/* Choose the subclusters job j writes whole and its bitmap afterwards. */
+static void plan_job(struct qcow2_state *s, struct wjob *j, const struct wpiece *pc)
+{
+    unsigned nsc = s->ext_l2 ? QCOW2_SUBCLUSTERS : 1;
+    enum qcow2_ctype t = qcow2_entry_type(s, j->e);
+    uint32_t alloc, zero;
+    if (s->ext_l2) {
+        alloc = (uint32_t)j->bm;
+        zero = (uint32_t)(j->bm >> 32);
+    } else {
+        alloc = !j->fresh && t == QC_NORMAL;
+        zero = 0;
+    }
+    bool owned = !j->fresh;
+    uint32_t wmask = 0;
+    for (uint32_t i = 0; i < j->np; i++) {
+        unsigned sa = (unsigned)(pc[i].in >> s->sc_bits);
+        unsigned sb = (unsigned)((pc[i].in + pc[i].len - 1) >> s->sc_bits);
+        uint32_t rng = sc_range(sa, sb);
+        if (!owned) {
+            /* a new host cluster: like QEMU, copy whatever the old host
+             * cluster has allocated around the write; the whole cluster
+             * without subclusters or when compressed */
+            unsigned lo = sa, hi = sb;
+            if (!s->ext_l2 || t == QC_COMPRESSED) {
+                lo = 0;
+                hi = nsc - 1;
+            } else if ((j->e & L2E_OFFSET_MASK) && alloc) {
+                unsigned first = (unsigned)__builtin_ctz(alloc);
+                unsigned last = 31u - (unsigned)__builtin_clz(alloc);
+                if (first < lo) lo = first;
+                if (last > hi) hi = last;
+            }
+            rng = sc_range(lo, hi);
+            wmask |= rng;
+            owned = true;
+        } else
+            wmask |= rng & ~alloc;       /* complete what is not allocated yet */
+        alloc |= rng;
+        zero &= ~rng;
+    }
+    j->wmask = wmask;
+    j->nbm = ((uint64_t)zero << 32) | alloc;
+}
+
+/* Write job j's bytes: whole subcluster runs of wmask built, pieces in
+ * allocated subclusters as they are. */
+static int emit_job(struct wctx *w, const struct wjob *j, const struct wpiece *pc)
+{
+    struct qcow2_state *s = QS(w->bs);
+    unsigned nsc = s->ext_l2 ? QCOW2_SUBCLUSTERS : 1;
+    const struct wpiece *pe = pc + j->np;
+    unsigned sc = 0;
+    while (sc < nsc) {
+        bool in = (j->wmask >> sc) & 1;
+        unsigned e = sc + 1;
+        while (e < nsc && (((j->wmask >> e) & 1) != 0) == in) e++;
+        uint64_t x = (uint64_t)sc << s->sc_bits, y = (uint64_t)e << s->sc_bits;
+        int r = 0;
+        if (in)
+            r = emit_built(w, j, pc, x, y);
+        else {
+            for (const struct wpiece *q = pc; r == 0 && q < pe; q++) {
+                uint64_t a = q->in > x ? q->in : x, b = q->in + q->len < y ? q->in + q->len : y;
+                if (a >= b) continue;
+                r = q->src ? comb_direct(w, j->host + a, q->src + (a - q->in), b - a)
+                           : comb_zero(w, j->host + a, b - a);
+            }
+        }
+        if (r < 0) return r;
+        sc = e;
+    }
+    return 0;
+}
+
+/* Phase A for the cluster at guest offset base: validate, make the L2 table
+ * writable, classify. */
+static int start_job(struct bdev *bs, struct wjob *j, uint64_t base)
+{
+    struct qcow2_state *s = QS(bs);
+    struct mapping m;
+    int r = get_mapping(bs, base, s->cluster_size, &m);     /* validates the entry */
+    if (r < 0) return r;
+    uint8_t *l2;
+    r = writable_entry(bs, base, &j->l2off, &l2, &j->idx, &j->e);
+    if (r < 0) return r;
+    j->base = base;
+    j->bm = qcow2_l2_get_bitmap(s, l2, j->idx);
+    enum qcow2_ctype t = qcow2_entry_type(s, j->e);
+    bool owned = (j->e & QCOW_OFLAG_COPIED) && (t == QC_NORMAL || t == QC_ZERO_ALLOC);
+    j->fresh = !owned;
+    j->host = owned ? j->e & L2E_OFFSET_MASK : 0;
+    if (owned)
+        return qcow2_check_host_range(bs, j->host, s->cluster_size, "data cluster");
+    return 0;
+}
+
+static int grow_array(void **p, size_t *cap, size_t need, size_t elem)
+{
+    if (need <= *cap) return 0;
+    size_t nc = *cap ? *cap * 2 : 64;
+    while (nc < need) nc *= 2;
+    void *np = realloc(*p, nc * elem);
+    if (!np) return pms_err(ENOMEM, "out of memory");
+    *p = np;
+    *cap = nc;
+    return 0;
+}
+
+/* Phase E: link the written clusters. */
+static int commit_job(struct bdev *bs, const struct wjob *j)
+{
+    struct qcow2_state *s = QS(bs);
+    uint64_t ne = j->host | QCOW_OFLAG_COPIED;
+    bool entry_changes = j->fresh || qcow2_entry_type(s, j->e) == QC_ZERO_ALLOC;
+    if (!entry_changes && (!s->ext_l2 || j->nbm == j->bm))
+        return 0;                         /* written in place, nothing to link */
+    uint8_t *l2;
+    int r = qcow2_cache_get(bs, &s->l2_cache, j->l2off, &l2);
+    if (r < 0) return r;
+    if (entry_changes) qcow2_l2_set(s, l2, j->idx, ne);
+    qcow2_l2_set_bitmap(s, l2, j->idx, j->nbm);
+    qcow2_cache_mark_dirty(&s->l2_cache, l2);
+    return j->fresh ? release_entry(bs, j->e) : 0;
+}
+
+static int write_batch(struct bdev *bs, const struct bdev_wvec *v, size_t n,
+                       bdev_fill_fn fill, void *opaque)
 {
     struct qcow2_state *s = QS(bs);
     uint64_t cs = s->cluster_size;
-    if (qc_off_in_cluster(s, off) || len < 2 * cs)
-        return 0;
-    uint64_t idx0 = (off >> s->cluster_bits) & (s->l2_entries - 1);
-    uint64_t max = len / cs;
-    if (max > s->l2_entries - idx0) max = s->l2_entries - idx0;
-    if (max > RUN_MAX_BYTES / cs) max = RUN_MAX_BYTES / cs;
-    if (max < 2)
-        return 0;
-    /* validate every entry first (nothing is written on a corrupt one) */
-    struct mapping m;
-    for (uint64_t i = 0; i < max; i++) {
-        int r = get_mapping(bs, off + i * cs, cs, &m);
+    size_t ri = 0;                       /* cursor: run ri, byte ro of it */
+    uint64_t ro = 0;
+    while (ri < n && v[ri].len == 0) ri++;
+    while (ri < n) {
+        /* A: plan a chunk of clusters */
+        size_t nj = 0, np = 0;
+        uint64_t nfresh = 0;
+        int r = 0;
+        while (ri < n) {
+            uint64_t off = v[ri].off + ro;
+            uint64_t base = qc_align_down(s, off);
+            struct wjob *j = nj ? &s->bjobs[nj - 1] : NULL;
+            if (!j || j->base != base) {
+                if (nj == CHUNK_MAX_JOBS || nfresh * cs >= CHUNK_MAX_FRESH) break;
+                r = grow_array((void **)&s->bjobs, &s->bjobs_cap, nj + 1, sizeof *s->bjobs);
+                if (r < 0) return r;
+                j = &s->bjobs[nj++];
+                r = start_job(bs, j, base);
+                if (r < 0) return r;
+                j->p0 = (uint32_t)np;
+                j->np = 0;
+                if (j->fresh) nfresh++;
+            }
+            uint64_t in = off - base;
+            uint64_t len = v[ri].len - ro;
+            if (len > cs - in) len = cs - in;
+            r = grow_array((void **)&s->bpieces, &s->bpieces_cap, np + 1, sizeof *s->bpieces);
+            if (r < 0) return r;
+            s->bpieces[np++] = (struct wpiece){ in, len,
+                v[ri].buf ? (const uint8_t *)v[ri].buf + ro : NULL };
+            j->np++;
+            ro += len;
+            if (ro == v[ri].len) {
+                ro = 0;
+                do ri++; while (ri < n && v[ri].len == 0);
+            }
+        }
+        for (size_t k = 0; k < nj; k++)
+            plan_job(s, &s->bjobs[k], s->bpieces + s->bjobs[k].p0);
+        /* B: allocate the new clusters together */
+        struct wctx w = { .bs = bs, .fill = fill, .opaque = opaque, .flen0 = UINT64_MAX };
+        uint64_t need_end = 0;
+        if (nfresh) {
+            int64_t t = qcow2_alloc_clusters(bs, nfresh);
+            if (t < 0) return (int)t;
+            uint64_t k2 = 0;
+            for (size_t k = 0; k < nj; k++)
+                if (s->bjobs[k].fresh)
+                    s->bjobs[k].host = (uint64_t)t + (k2++ << s->cluster_bits);
+            need_end = (uint64_t)t + nfresh * cs;
+        }
+        /* C/D: build and write */
+        for (size_t k = 0; r == 0 && k < nj; k++)
+            r = emit_job(&w, &s->bjobs[k], s->bpieces + s->bjobs[k].p0);
+        if (r == 0) r = comb_flush(&w);
+        if (r < 0) {
+            /* nothing references the new clusters yet: give them back
+             * (QEMU's qcow2_alloc_cluster_abort), else a failed write leaks */
+            if (nfresh)
+                qcow2_free_clusters(bs, need_end - nfresh * cs, nfresh * cs);
+            return r;
+        }
+        if (w.wend > s->flen_lb) s->flen_lb = w.wend;
+        /* the file covers every new cluster (as after a whole-cluster write);
+         * never shrink it: metadata may lie past our clusters */
+        if (need_end > s->flen_lb) {
+            int64_t fl = bdev_file_length(bs->file);
+            if (fl < 0) return (int)fl;
+            if ((uint64_t)fl < need_end) r = bdev_file_truncate(bs->file, need_end);
+            if (r < 0) return r;
+            s->flen_lb = need_end;
+        }
+        /* E: link */
+        for (size_t k = 0; r == 0 && k < nj; k++)
+            r = commit_job(bs, &s->bjobs[k]);
         if (r < 0) return r;
     }
-    uint64_t l2off, idx, e;
-    uint8_t *l2;
-    int r = writable_entry(bs, off, &l2off, &l2, &idx, &e);
-    if (r < 0) return r;
-    /* classify: in place (NORMAL, COPIED, fully allocated) or fresh */
-    bool inplace = qcow2_entry_type(s, e) == QC_NORMAL && (e & QCOW_OFLAG_COPIED) &&
-                   (!s->ext_l2 || (uint32_t)qcow2_l2_get_bitmap(s, l2, idx) == 0xffffffffu);
-    uint64_t host0 = e & L2E_OFFSET_MASK, n = 0;
-    for (; n < max; n++) {
-        uint64_t en = qcow2_l2_get(s, l2, idx + n);
-        enum qcow2_ctype t = qcow2_entry_type(s, en);
-        bool ip = t == QC_NORMAL && (en & QCOW_OFLAG_COPIED) &&
-                  (!s->ext_l2 || (uint32_t)qcow2_l2_get_bitmap(s, l2, idx + n) == 0xffffffffu);
-        if (inplace) {
-            if (!ip || (en & L2E_OFFSET_MASK) != host0 + n * cs) break;
-        } else {
-            /* replaced by a fresh cluster: everything but what write_cluster
-             * reuses in place (owned ZERO_ALLOC, owned extended-L2 NORMAL) */
-            if (ip || ((t == QC_ZERO_ALLOC || t == QC_NORMAL) && (en & QCOW_OFLAG_COPIED)))
-                break;
-        }
-    }
-    if (n < 2)
-        return 0;
-    if (inplace) {
-        r = bdev_file_pwrite(bs->file, buf, n * cs, host0);
-        return r < 0 ? r : (int64_t)(n * cs);
-    }
-    int64_t target = qcow2_alloc_clusters(bs, n);
-    if (target < 0) return target;
-    r = bdev_file_pwrite(bs->file, buf, n * cs, (uint64_t)target);
-    if (r < 0) {
-        qcow2_free_clusters(bs, (uint64_t)target, n * cs);   /* unreferenced: no leak */
-        return r;
-    }
-    r = qcow2_cache_get(bs, &s->l2_cache, l2off, &l2);
-    for (uint64_t i = 0; r == 0 && i < n; i++) {
-        uint64_t old = qcow2_l2_get(s, l2, idx + i);
-        qcow2_l2_set(s, l2, idx + i, ((uint64_t)target + i * cs) | QCOW_OFLAG_COPIED);
-        qcow2_l2_set_bitmap(s, l2, idx + i, 0xffffffffull);
-        qcow2_cache_mark_dirty(&s->l2_cache, l2);
-        r = release_entry(bs, old);
-    }
-    return r < 0 ? r : (int64_t)(n * cs);
+    return 0;
+}
+
+/* Write within one cluster: [off, off+len), buf NULL = zeroes. */
+static int write_cluster(struct bdev *bs, const uint8_t *buf, uint64_t len, uint64_t off)
+{
+    struct bdev_wvec v = { off, len, buf };
+    return write_batch(bs, &v, 1, NULL, NULL);
 }
 
 static int qcow2_pwrite(struct bdev *bs, const void *buf, uint64_t len, uint64_t off)
 {
-    struct qcow2_state *s = QS(bs);
-    const uint8_t *p = buf;
-    while (len) {
-        int64_t done = write_run(bs, p, len, off);
-        if (done < 0) return (int)done;
-        uint64_t n = (uint64_t)done;
-        if (n == 0) {
-            n = s->cluster_size - qc_off_in_cluster(s, off);
-            if (n > len) n = len;
-            int r = write_cluster(bs, p, n, off);
-            if (r < 0) return r;
-        }
-        p += n; off += n; len -= n;
-    }
-    return 0;
+    struct bdev_wvec v = { off, len, buf };
+    return write_batch(bs, &v, 1, NULL, NULL);
+}
+
+static int qcow2_pwrite_batch(struct bdev *bs, const struct bdev_wvec *v, size_t n,
+                              bdev_fill_fn fill, void *opaque)
+{
+    for (size_t i = 0; i < n; i++)
+        if (!v[i].buf && v[i].len)
+            return pms_err(EINVAL, "batch run %zu has no buffer", i);
+    return write_batch(bs, v, n, fill, opaque);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1717,6 +2062,7 @@ static int qcow2_shrink(struct bdev *bs, uint64_t size)
         return 0;
     }
     if (n - 1 < s->free_cluster_index) s->free_cluster_index = n;
+    s->flen_lb = 0;                     /* the file shrinks */
     if (bdev_file_truncate(bs->file, n << s->cluster_bits) < 0)
         pms_err_clear();                /* a longer file is only a leak-free tail */
     return 0;
@@ -1866,6 +2212,7 @@ const struct pms_driver pms_drv_qcow2 = {
     .close = qcow2_close,
     .pread = qcow2_pread,
     .pwrite = qcow2_pwrite,
+    .pwrite_batch = qcow2_pwrite_batch,
     .pwrite_zeroes = qcow2_pwrite_zeroes,
     .pwrite_compressed = qcow2_pwrite_compressed,
     .discard = qcow2_discard,

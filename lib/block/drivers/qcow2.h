@@ -87,6 +87,8 @@ struct qcow2_ext {               /* header extension we preserve verbatim */
 };
 
 struct qcow2_range { uint64_t off, len; };
+struct wjob;
+struct wpiece;
 
 struct qcow2_state {
     /* geometry */
@@ -151,7 +153,17 @@ struct qcow2_state {
     bool header_dirty;           /* cleared on close: dirty bit handling */
     uint8_t *cbuf;               /* cluster-sized scratch for compressed reads */
     uint8_t *zbuf;               /* 2 * cluster_size scratch for decompression input */
-    uint8_t *wbuf;               /* cluster-sized scratch for copy-on-write */
+    /* write engine (qcow2.c write_batch): reused between requests */
+    uint8_t *bbuf;               /* bounce buffer for built clusters */
+    size_t bcap;
+    struct wjob *bjobs;          /* clusters of the chunk being written */
+    size_t bjobs_cap;
+    struct wpiece *bpieces;      /* their pieces */
+    size_t bpieces_cap;
+    /* A length the protocol file is known to reach (it only grows while
+     * open, except through our own shrink, which resets it): host offsets
+     * below it need no fstat to be checked against the end of the file. */
+    uint64_t flen_lb;
     /* references released by the write path, applied after the L2 change
      * that dropped them is durable (drained by flush) */
     struct qcow2_range *pending;
