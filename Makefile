@@ -14,6 +14,8 @@ DEPS = $(BUILD_DEPS) \
        qemu-utils qemu-system-x86 qemu-block-extra fuse3 libfuse3-dev \
        libnbd-dev nbdkit libjson-c-dev liburing-dev clang libclang-rt-14-dev \
        python3 strace
+# pmemsnap serve's tests: PMDK (libpmemobj, pmempool), a small guest (kernel, busybox)
+DEPS += libpmemobj-dev pmdk-tools busybox-static cpio linux-image-amd64
 
 .PHONY: all deps build-deps check check-fast demo bench install clean
 

@@ -3,6 +3,9 @@
 set -u
 [ -e /dev/fuse ] || { echo "SKIP: /dev/fuse is absent"; exit 77; }
 command -v fusermount3 >/dev/null || { echo "SKIP: fusermount3 is not installed"; exit 77; }
+# fusectl lets cleanup abort a dead daemon's connection (nothing hangs on it)
+[ -e /sys/fs/fuse/connections/ ] && ! grep -q " /sys/fs/fuse/connections " /proc/mounts &&
+    mount -t fusectl none /sys/fs/fuse/connections 2>/dev/null
 T=$(mktemp -d "${TMPDIR:-/tmp}/pms-serve.XXXXXX")
 DAEMONS=()
 cleanup() {
