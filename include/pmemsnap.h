@@ -142,7 +142,12 @@ struct pms_snapshot_info {
     uint64_t disk_size;        /* virtual size at snapshot time */
     uint32_t icount_lo, icount_hi; /* instruction count, -1 if unknown */
     int has_icount;
+    int kind;                  /* PMS_SNAP_KIND_INTERNAL or PMS_SNAP_KIND_EXTERNAL */
+    char *file;                /* external: path of its layer file (owned by the list,
+                                  freed by pms_snapshot_list_free); NULL if internal */
 };
+#define PMS_SNAP_KIND_INTERNAL 0   /* inside the image file (qemu-img snapshot) */
+#define PMS_SNAP_KIND_EXTERNAL 1   /* a read-only layer file beside the image */
 
 struct pms_info {
     size_t size;               /* set by caller to sizeof(struct pms_info) */
@@ -196,6 +201,12 @@ int  pms_snapshot_create(pms_dev *dev, const char *name);
 int  pms_snapshot_revert(pms_dev *dev, const char *name);   /* name or id; while mapped:
                                                   EBUSY if its size differs */
 int  pms_snapshot_delete(pms_dev *dev, const char *name);   /* name or id */
+/* Progress of a long operation: done out of total bytes. */
+typedef void (*pms_progress_fn)(void *opaque, uint64_t done, uint64_t total);
+/* Delete with progress (fn may be NULL): deleting an external snapshot
+ * merges its layer's data into the images that read through it.  flags: 0. */
+int  pms_snapshot_delete_ex(pms_dev *dev, const char *name, unsigned flags,
+                            pms_progress_fn fn, void *opaque);
 int  pms_snapshot_list(pms_dev *dev, struct pms_snapshot_info **list, size_t *n);
 void pms_snapshot_list_free(struct pms_snapshot_info *list, size_t n);
 

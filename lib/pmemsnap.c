@@ -10,6 +10,7 @@
 #include "pms-dev.h"
 #include "util/error.h"
 #include "block/drivers/qcow2.h"
+#include "block/extsnap.h"
 
 void pms_open_opts_init(struct pms_open_opts *o)
 {
@@ -264,13 +265,26 @@ static int snap_call(pms_dev *dev, int (*fn)(struct bdev *, const char *), const
 
 static int snapshot_create(pms_dev *dev, const char *name, unsigned flags)
 {
-    return dev->mem ? pms_mem_snapshot_create(dev->mem, name, flags)
-                    : snap_call(dev, dev->bs->drv->snapshot_create, name, true);
+    if (dev->mem)
+        return pms_mem_snapshot_create(dev->mem, name, flags);
+    if (flags & PMS_SNAP_EXTERNAL)
+        return bdev_extsnap_create(dev->bs, name);
+    int e = name ? bdev_extsnap_exists(dev->bs, name) : 0;   /* names unique across kinds */
+    if (e)
+        return e < 0 ? e : pms_err(EEXIST, "an external snapshot called '%s' exists", name);
+    return snap_call(dev, dev->bs->drv->snapshot_create, name, true);
+}
+
+/* An external snapshot called name (and no internal one: QEMU's id/name
+ * lookup keeps working for those). */
+static bool is_external(pms_dev *dev, const char *name)
+{
+    return name && *name && bdev_extsnap_exists(dev->bs, name) > 0;
 }
 
 int pms_snapshot_create_ex(pms_dev *dev, const char *name, unsigned flags)
 {
-    unsigned known = PMS_SNAP_QUIESCED;
+    unsigned known = PMS_SNAP_QUIESCED | PMS_SNAP_EXTERNAL;
     int r = flags & ~known ? pms_err(EINVAL, "unknown flags 0x%x", flags & ~known)
                            : RDLOCKED(snapshot_create(dev, name, flags));
     PMS_API_ERR(r);
@@ -287,16 +301,28 @@ int pms_snapshot_create(pms_dev *dev, const char *name)
 int pms_snapshot_revert(pms_dev *dev, const char *name)
 {
     int r = RDLOCKED(dev->mem ? pms_mem_snapshot_revert(dev->mem, name)
-                              : snap_call(dev, dev->bs->drv->snapshot_goto, name, true));
+                     : is_external(dev, name) ? bdev_extsnap_revert(dev->bs, name)
+                     : snap_call(dev, dev->bs->drv->snapshot_goto, name, true));
+    PMS_API_ERR(r);
+    return r;
+}
+
+int pms_snapshot_delete_ex(pms_dev *dev, const char *name, unsigned flags,
+                           pms_progress_fn fn, void *opaque)
+{
+    int r = flags ? pms_err(EINVAL, "unknown flags 0x%x", flags)
+            : RDLOCKED(is_external(dev, name)
+                       ? (dev->mem ? pms_err(EBUSY, "deleting an external snapshot while "
+                                             "mapped is not supported yet")
+                                   : bdev_extsnap_delete(dev->bs, name, fn, opaque))
+                       : snap_call(dev, dev->bs->drv->snapshot_delete, name, true));
     PMS_API_ERR(r);
     return r;
 }
 
 int pms_snapshot_delete(pms_dev *dev, const char *name)
 {
-    int r = RDLOCKED(snap_call(dev, dev->bs->drv->snapshot_delete, name, true));
-    PMS_API_ERR(r);
-    return r;
+    return pms_snapshot_delete_ex(dev, name, 0, NULL, NULL);
 }
 
 int pms_snapshot_list(pms_dev *dev, struct pms_snapshot_info **list, size_t *n)
@@ -312,14 +338,23 @@ int pms_snapshot_list(pms_dev *dev, struct pms_snapshot_info **list, size_t *n)
         r = bs->drv->snapshot_list(bs, list, n);
         pthread_mutex_unlock(&bs->lock);
     }
+    if (r == 0)
+        r = bdev_extsnap_list(bs, list, n);
+    if (r < 0) {
+        pms_snapshot_list_free(*list, *n);
+        *list = NULL;
+        *n = 0;
+    }
     PMS_API_ERR(r);
     return r;
 }
 
 void pms_snapshot_list_free(struct pms_snapshot_info *list, size_t n)
 {
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; i < n; i++) {
         free(list[i].name);
+        free(list[i].file);
+    }
     free(list);
 }
 

@@ -377,7 +377,8 @@ int cmd_create(int argc, char **argv)
 
 /* ---- info ------------------------------------------------------------------ */
 
-static void snapshot_row(const struct pms_snapshot_info *sn)
+/* One row of qemu-img's snapshot table, without the newline. */
+static void snapshot_row_fmt(const struct pms_snapshot_info *sn, char *buf, size_t cap)
 {
     char size[64], date[64] = "", clk[128], icount[64] = "";
     struct tm tm;
@@ -392,8 +393,15 @@ static void snapshot_row(const struct pms_snapshot_info *sn)
     if (sn->has_icount)
         snprintf(icount, sizeof icount, "%" PRId64,
                  (int64_t)(((uint64_t)sn->icount_hi << 32) | sn->icount_lo));
-    printf("%-9s %-16s %8s%20s%13s%11s\n", sn->id, sn->name ? sn->name : "", size, date,
-           clk, icount);
+    snprintf(buf, cap, "%-9s %-16s %8s%20s%13s%11s", sn->id, sn->name ? sn->name : "", size,
+             date, clk, icount);
+}
+
+static void snapshot_row(const struct pms_snapshot_info *sn)
+{
+    char row[512];
+    snapshot_row_fmt(sn, row, sizeof row);
+    printf("%s\n", row);
 }
 
 static void snapshot_table(const struct pms_snapshot_info *l, size_t n)
@@ -403,6 +411,58 @@ static void snapshot_table(const struct pms_snapshot_info *l, size_t n)
            "ICOUNT");
     for (size_t i = 0; i < n; i++)
         snapshot_row(&l[i]);
+}
+
+/* Drop the external snapshots from a list (freeing them); the new count. */
+static size_t internal_only(struct pms_snapshot_info *l, size_t n)
+{
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (l[i].kind == PMS_SNAP_KIND_EXTERNAL) {
+            free(l[i].name);
+            free(l[i].file);
+        } else
+            l[k++] = l[i];
+    }
+    return k;
+}
+
+/* snapshot -l with external snapshots: qemu-img's columns, then the kind and
+ * the layer file.  Without external snapshots the table is qemu-img's. */
+static void snapshot_table_kinds(const struct pms_snapshot_info *l, size_t n)
+{
+    bool ext = false;
+    for (size_t i = 0; i < n; i++)
+        ext |= l[i].kind == PMS_SNAP_KIND_EXTERNAL;
+    if (!ext) {
+        snapshot_table(l, n);
+        return;
+    }
+    printf("Snapshot list:\n");
+    printf("%-10s%-17s%8s%20s%13s%11s  %-8s  %s\n", "ID", "TAG", "VM SIZE", "DATE",
+           "VM CLOCK", "ICOUNT", "KIND", "LAYER");
+    for (size_t i = 0; i < n; i++) {
+        struct pms_snapshot_info r = l[i];
+        if (r.kind == PMS_SNAP_KIND_EXTERNAL)
+            snprintf(r.id, sizeof r.id, "-");
+        char row[512];
+        snapshot_row_fmt(&r, row, sizeof row);
+        printf("%s  %-8s  %s\n", row, r.kind == PMS_SNAP_KIND_EXTERNAL ? "external" : "internal",
+               r.file ? r.file : "-");
+    }
+}
+
+struct delete_progress { bool on; double last; };
+
+static void delete_progress_cb(void *opaque, uint64_t done, uint64_t total)
+{
+    struct delete_progress *p = opaque;
+    double pct = total ? (double)done * 100.0 / (double)total : 100.0;
+    if (!p->on || (pct - p->last < 1.0 && pct < 100.0))
+        return;
+    p->last = pct;
+    printf("    (%.2f/100%%)\r", pct);
+    fflush(stdout);
 }
 
 /* Print the info of one image (JSON: into arr when chaining).  *next gets
@@ -428,6 +488,7 @@ static int info_one(const char *file, const char *fmt, bool force, bool json,
         pms_close(dev);
         return -1;
     }
+    nsn = internal_only(sn, nsn);      /* info shows what qemu-img info shows */
     int64_t vsize = pms_size(dev);
     int64_t asize = host_allocated(file);
     bool qcow2 = strcmp(info.format, "qcow2") == 0;
@@ -764,14 +825,18 @@ int cmd_snapshot(int argc, char **argv)
     static const struct option lo[] = {
         { "force-share", no_argument, NULL, 'U' },
         { "format", required_argument, NULL, 'f' },
+        { "external", no_argument, NULL, 'E' },
+        { "progress", no_argument, NULL, 'p' },
         { NULL, 0, NULL, 0 },
     };
     const char *fmt = NULL, *name = NULL;
-    int action = 0, force = 0, quiet = 0, ch;
+    int action = 0, force = 0, quiet = 0, ch, external = 0, prog = -1;
     optind = 0;
-    while ((ch = getopt_long(argc, argv, ":la:c:d:f:qU", lo, NULL)) != -1) {
+    while ((ch = getopt_long(argc, argv, ":la:c:d:f:qUp", lo, NULL)) != -1) {
         switch (ch) {
         case 'f': fmt = optarg; break;
+        case 'E': external = 1; break;
+        case 'p': prog = 1; break;
         case 'U': force = 1; break;
         case 'q': quiet = 1; break;
         case 'l': case 'a': case 'c': case 'd':
@@ -794,6 +859,10 @@ int cmd_snapshot(int argc, char **argv)
         errorf("--force-share/-U is only valid with -l");
         return 1;
     }
+    if (external && action != 'c') {
+        errorf("--external is only valid with -c");
+        return 1;
+    }
     pms_dev *dev = open_image(file, fmt, action == 'l', PMS_CACHE_WRITEBACK, true, force);
     if (!dev)
         return 1;
@@ -806,12 +875,12 @@ int cmd_snapshot(int argc, char **argv)
             errorf("%s", libmsg());
             rc = 1;
         } else if (n)
-            snapshot_table(l, n);
+            snapshot_table_kinds(l, n);
         pms_snapshot_list_free(l, n);
         break;
     }
     case 'c':
-        if (pms_snapshot_create(dev, name) < 0) {
+        if (pms_snapshot_create_ex(dev, name, external ? PMS_SNAP_EXTERNAL : 0) < 0) {
             errorf("Could not create snapshot '%s': %s", name, libmsg());
             rc = 1;
         }
@@ -823,10 +892,19 @@ int cmd_snapshot(int argc, char **argv)
         }
         break;
     case 'd':
-        if (pms_snapshot_delete(dev, name) < 0) {
+    {
+        struct delete_progress dp = { prog > 0 || (prog < 0 && isatty(STDOUT_FILENO)), 0 };
+        dp.on = dp.on && !quiet;
+        if (pms_snapshot_delete_ex(dev, name, 0, delete_progress_cb, &dp) < 0) {
+            if (dp.on) printf("\n");
             errorf("Could not delete snapshot '%s': %s", name, libmsg());
             rc = 1;
+        } else if (dp.on) {
+            if (dp.last < 100.0)
+                delete_progress_cb(&dp, 1, 1);
+            printf("\n");
         }
+    }
         break;
     }
     if (close_image(dev) < 0)

@@ -35,7 +35,7 @@ static const struct {
     { "check", cmd_check,
       "check [-q] [-f FMT] [-r leaks|all] [--output=human|json] [-U] FILE" },
     { "snapshot", cmd_snapshot,
-      "snapshot [-q] [-f FMT] [-U] -l | -c NAME | -a NAME | -d NAME FILE" },
+      "snapshot [-q] [-f FMT] [-U] -l | -c NAME [--external] | -a NAME | -d NAME [-p] FILE" },
     { "map", cmd_map,
       "map [-f FMT] [--output=human|json] [--start-offset=OFF] [--max-length=LEN] [-U] FILE" },
     { "resize", cmd_resize,

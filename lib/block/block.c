@@ -16,6 +16,7 @@
 #include <string.h>
 #include <unistd.h>
 #include "block.h"
+#include "extsnap.h"
 #include "../util/error.h"
 
 static const struct pms_driver *format_drivers[] = { &pms_drv_qcow2, &pms_drv_raw };
@@ -39,8 +40,17 @@ static struct bdev *bdev_new(const struct pms_driver *drv, const char *name)
     return bs;
 }
 
+static void drop_chain_map(struct bdev *bs)
+{
+    if (bs->chain_map && bs->chain_map_free)
+        bs->chain_map_free(bs->chain_map);
+    bs->chain_map = NULL;
+    bs->chain_map_free = NULL;
+}
+
 static void bdev_free(struct bdev *bs)
 {
+    drop_chain_map(bs);
     pthread_mutex_destroy(&bs->lock);
     free(bs->filename);
     free(bs->opaque);
@@ -130,8 +140,33 @@ int bdev_open(const char *path, const struct pms_open_opts *o, struct bdev **bsp
         return (int)len;
     }
     bs->size = (uint64_t)len;
+    /* leftovers of an interrupted external snapshot (see extsnap.c) */
+    if (!o->readonly && !o->no_backing && !o->check && drv == &pms_drv_qcow2)
+        bdev_extsnap_recover(bs);
     *bsp = bs;
     return 0;
+}
+
+void bdev_swap_state(struct bdev *a, struct bdev *b)
+{
+#define SWAP(f) do { __typeof__(a->f) t_ = a->f; a->f = b->f; b->f = t_; } while (0)
+    SWAP(drv); SWAP(opaque); SWAP(filename); SWAP(readonly); SWAP(check_only);
+    SWAP(cache_mode); SWAP(file); SWAP(backing); SWAP(size); SWAP(unflushed);
+    SWAP(chain_map); SWAP(chain_map_free);
+#undef SWAP
+}
+
+void bdev_set_backing(struct bdev *bs, struct bdev *b)
+{
+    drop_chain_map(bs);
+    bs->backing = b;
+}
+
+struct bdev *bdev_take_backing(struct bdev *bs)
+{
+    struct bdev *b = bs->backing;
+    bdev_set_backing(bs, NULL);
+    return b;
 }
 
 void bdev_close(struct bdev *bs)

@@ -100,6 +100,12 @@ struct bdev {
     uint64_t size;               /* cached virtual size */
     int unflushed;               /* protocol node: written since the last flush
                                     (atomic; lets redundant flushes be skipped) */
+    /* Format node with a backing node: which layer below first has any
+     * entry for each cluster (see qcow2.c read_backing), built lazily under
+     * lock; valid while backing is unchanged (layers are read-only), so it
+     * is dropped whenever bs->backing changes (bdev_set_backing). */
+    void *chain_map;
+    void (*chain_map_free)(void *);
 };
 
 /* Drivers known to the core. */
@@ -118,6 +124,17 @@ int  bdev_file_busy(const char *path);
 int  bdev_open_protocol(const char *path, const struct pms_open_opts *o, bool readonly,
                         struct bdev **bsp);
 void bdev_close(struct bdev *bs);
+
+/* Graph surgery for external snapshots (lib/block/extsnap.c); the caller
+ * holds the locks of the nodes involved or owns them exclusively. */
+/* Exchange everything but the mutex between a and b (driver and its state,
+ * children, file name, flags, size): the node a stays where it is (pointers
+ * to it stay valid, its lock too) and holds what b held. */
+void bdev_swap_state(struct bdev *a, struct bdev *b);
+/* Replace bs->backing by b (NULL: none) without closing the old one. */
+void bdev_set_backing(struct bdev *bs, struct bdev *b);
+/* Detach and return bs->backing. */
+struct bdev *bdev_take_backing(struct bdev *bs);
 
 /* Checked, locked entry points (top level or child). */
 int  bdev_pread(struct bdev *bs, void *buf, uint64_t len, uint64_t off);

@@ -1,0 +1,759 @@
+/* External snapshots: a chain (a tree, after reverts) of qcow2 layer files.
+ *
+ * Files, for a live image at DIR/IMG:
+ *   DIR/IMG              the live image.  After the first external snapshot
+ *                        it is a qcow2 overlay (version 3, 64 KiB clusters,
+ *                        extended L2: 2 KiB subclusters) whose backing file
+ *                        is the layer of the snapshot it was created on or
+ *                        reverted to.
+ *   DIR/IMG@NAME         the layer of snapshot NAME: the image as it was at
+ *                        the snapshot instant (the live image's former inode,
+ *                        renamed by a hard link, never copied).  Read-only
+ *                        from then on, except that deleting its parent
+ *                        snapshot streams the parent's data into it (its
+ *                        content does not change).  Its backing file, a
+ *                        name relative to DIR, is the previous layer.
+ *   DIR/.IMG.extsnap-tmp a new overlay being prepared (a leftover after a
+ *                        crash; removed by the next writable open).
+ * The external snapshots of DIR/IMG are the regular files DIR/IMG@* (a
+ * directory scan), whatever their place in the tree.  A name must be a
+ * possible file name part: not empty, no '/', not "." or "..", at most
+ * BDEV_EXTSNAP_NAME_MAX bytes and short enough for IMG@NAME to fit in
+ * NAME_MAX.  Names are unique across both kinds (an internal snapshot of the
+ * live image and an external one never share a name).
+ *
+ * Crash rule (kill -9 or power loss at any instant): the live path always
+ * names a complete image holding the old or the new state; a layer file is
+ * never written except by a content-preserving merge; every file is
+ * complete (fsynced) before a directory entry makes it reachable:
+ *   create:  flush the live image; create the overlay at the temporary name
+ *            (fsynced); link(IMG, IMG@NAME); fsync(DIR); rename(tmp, IMG);
+ *            fsync(DIR).  Before the rename the live path is the old image;
+ *            a crash between link and rename leaves IMG@NAME as a second name
+ *            of the live inode, which the next open removes (same inode as
+ *            IMG: the snapshot was not taken).  After it, IMG is the overlay
+ *            and IMG@NAME the complete layer it reads through.
+ *   revert:  create the overlay on IMG@NAME at the temporary name (fsynced);
+ *            rename(tmp, IMG); fsync(DIR).  The old live image is dropped by
+ *            the rename, in one step.
+ *   delete:  for each image C whose backing file is IMG@NAME (other layers,
+ *            the live image): copy every range C does not allocate itself
+ *            but IMG@NAME does (data or zero flags, at C's subcluster
+ *            granularity: a partial cluster is completed from C's own
+ *            backing chain, i.e. with the same bytes) into C, flush, then
+ *            point C's header at IMG@NAME's backing file (one header write,
+ *            flushed).  C reads the same bytes before, during and after.
+ *            Then unlink(IMG@NAME); fsync(DIR).  A crash leaves the
+ *            snapshot in place (and intact) with some children already
+ *            independent of it; deleting it again finishes the job.
+ * The qcow2 writes themselves keep the driver's rule (a crash may leak
+ * clusters, never corrupt), so every layer stays `qemu-img check`-clean
+ * apart from leaks.
+ *
+ * The node switch: pms_dev and the memory device hold the top struct bdev,
+ * so the top node is switched in place (bdev_swap_state: driver state,
+ * children and file name move, the mutex stays).  Everything a switch needs
+ * (the new overlay node, the layer node) is opened before the commit point
+ * (the rename), so after it nothing can fail but the directory fsync.
+ * Layer nodes are opened read-only (QEMU readers can share them).
+ *
+ * Threads: any thread; each entry point takes bs->lock for the whole
+ * operation (the caller holds none), so the node's other users wait.  Nodes
+ * opened here for a moment (children being merged) are private to the call.
+ * Lock order: bs->lock, then the locks of nodes below or opened here.
+ */
+#include <dirent.h>
+#include <endian.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include "extsnap.h"
+#include "drivers/qcow2.h"
+#include "../util/error.h"
+
+#define TMP_SUFFIX ".extsnap-tmp"
+/* The new overlay: what the issue asks for (page-granular copy-on-write). */
+#define OVERLAY_CLUSTER_SIZE 65536
+/* Bytes copied per request while merging: large enough to stream, small
+ * enough that progress and other users of the node are not starved. */
+#define MERGE_CHUNK (1u << 20)
+
+/* ---- names and paths ------------------------------------------------------ */
+
+struct paths {
+    char dir[PATH_MAX];          /* "." when the live path has no '/' */
+    char base[NAME_MAX + 1];     /* file name of the live image */
+    char live[PATH_MAX];
+    char tmp[PATH_MAX];
+};
+
+static int split(const char *live, struct paths *p)
+{
+    const char *sl = strrchr(live, '/');
+    const char *b = sl ? sl + 1 : live;
+    if (!*b || strlen(b) > NAME_MAX)
+        return pms_err(EINVAL, "'%s' is not a usable image file name", live);
+    if (sl == live)
+        snprintf(p->dir, sizeof p->dir, "/");
+    else if (sl)
+        snprintf(p->dir, sizeof p->dir, "%.*s", (int)(sl - live), live);
+    else
+        snprintf(p->dir, sizeof p->dir, ".");
+    snprintf(p->base, sizeof p->base, "%s", b);
+    if (snprintf(p->live, sizeof p->live, "%s", live) >= (int)sizeof p->live ||
+        snprintf(p->tmp, sizeof p->tmp, "%s/.%s" TMP_SUFFIX, p->dir, p->base) >= (int)sizeof p->tmp)
+        return pms_err(ENAMETOOLONG, "path '%s' is too long", live);
+    return 0;
+}
+
+int bdev_extsnap_check_name(const char *live_path, const char *name)
+{
+    if (!name || !*name)
+        return pms_err(EINVAL, "snapshot name is empty");
+    if (strchr(name, '/'))
+        return pms_err(EINVAL, "external snapshot name '%s' contains '/' (it becomes part of "
+                       "a file name)", name);
+    if (!strcmp(name, ".") || !strcmp(name, ".."))
+        return pms_err(EINVAL, "external snapshot name '%s' is not allowed", name);
+    size_t nl = strlen(name);
+    if (nl > BDEV_EXTSNAP_NAME_MAX)
+        return pms_err(EINVAL, "external snapshot name is %zu bytes long (at most %d)", nl,
+                       BDEV_EXTSNAP_NAME_MAX);
+    const char *sl = strrchr(live_path, '/');
+    size_t bl = strlen(sl ? sl + 1 : live_path);
+    if (bl + 1 + nl > NAME_MAX)
+        return pms_err(EINVAL, "external snapshot name '%s' is too long for image '%s' "
+                       "(the layer file name would exceed %d bytes)", name, live_path, NAME_MAX);
+    return 0;
+}
+
+int bdev_extsnap_layer_path(const char *live_path, const char *name, char *buf, size_t cap)
+{
+    struct paths p;
+    int r = split(live_path, &p);
+    if (r < 0) return r;
+    /* as the caller spelt the image's path: "img@A" for "img" */
+    if (snprintf(buf, cap, "%.*s%s@%s", (int)(strlen(live_path) - strlen(p.base)), live_path,
+                 p.base, name) >= (int)cap)
+        return pms_err(ENAMETOOLONG, "layer path for snapshot '%s' is too long", name);
+    return 0;
+}
+
+static int fsync_dir(const char *dir)
+{
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return pms_err(errno, "could not open directory '%s': %s", dir, strerror(errno));
+    int r = fsync(fd) < 0 ? pms_err(errno, "fsync of directory '%s' failed: %s", dir,
+                                    strerror(errno)) : 0;
+    close(fd);
+    return r;
+}
+
+/* ---- checks ------------------------------------------------------------------ */
+
+static int eligible(struct bdev *bs, const char *what)
+{
+    if (bs->drv != &pms_drv_qcow2)
+        return pms_err(ENOTSUP, "external snapshots need a qcow2 image ('%s' is %s)",
+                       bs->filename, bs->drv->name);
+    if (bs->readonly)
+        return pms_err(EROFS, "image '%s' is opened read-only", bs->filename);
+    if (bs->check_only)
+        return pms_err(EPERM, "image '%s' is opened for checking only", bs->filename);
+    struct stat st;
+    if (lstat(bs->filename, &st) < 0)
+        return pms_err(errno, "cannot %s: '%s': %s", what, bs->filename, strerror(errno));
+    if (!S_ISREG(st.st_mode))
+        return pms_err(ENOTSUP, "cannot %s: '%s' is not a regular file (a symbolic link or a "
+                       "device: open the file itself)", what, bs->filename);
+    return 0;
+}
+
+/* 1 if the live image holds an internal snapshot called name. */
+static int internal_exists(struct bdev *bs, const char *name)
+{
+    struct pms_snapshot_info *l = NULL;
+    size_t n = 0;
+    int r = bs->drv->snapshot_list ? bs->drv->snapshot_list(bs, &l, &n) : 0;
+    if (r < 0) return r;
+    int found = 0;
+    for (size_t i = 0; i < n; i++)
+        if (l[i].name && !strcmp(l[i].name, name))
+            found = 1;
+    pms_snapshot_list_free(l, n);
+    return found;
+}
+
+int bdev_extsnap_exists(struct bdev *bs, const char *name)
+{
+    if (!name || !*name || strchr(name, '/') || !strcmp(name, ".") || !strcmp(name, ".."))
+        return 0;
+    char path[PATH_MAX];
+    if (bdev_extsnap_layer_path(bs->filename, name, path, sizeof path) < 0)
+        return 0;
+    struct stat st;
+    if (lstat(path, &st) < 0)
+        return errno == ENOENT || errno == ENAMETOOLONG ? 0
+               : pms_err(errno, "cannot look for '%s': %s", path, strerror(errno));
+    return S_ISREG(st.st_mode);
+}
+
+/* ---- node helpers ------------------------------------------------------------ */
+
+static int open_node(const char *path, bool ro, bool no_backing, int cache_mode,
+                     struct bdev **out)
+{
+    struct pms_open_opts o;
+    pms_open_opts_init(&o);
+    o.readonly = ro;
+    o.no_backing = no_backing;
+    o.cache_mode = cache_mode;
+    o.format = "qcow2";
+    return bdev_open(path, &o, out);
+}
+
+static int create_overlay(const char *path, uint64_t size, const char *backing)
+{
+    struct pms_create_opts co;
+    pms_create_opts_init(&co);
+    co.format = "qcow2";
+    co.cluster_size = OVERLAY_CLUSTER_SIZE;
+    co.extended_l2 = 1;
+    co.backing_file = backing;
+    co.backing_format = "qcow2";
+    co.backing_unchecked = 1;          /* the caller opened (or is) the layer */
+    unlink(path);                      /* a leftover of an earlier crash */
+    return qcow2_create(path, size, &co);
+}
+
+/* The live node's backing file, resolved against its directory (as the
+ * qcow2 driver does), or "" when it has none. */
+static int backing_path(struct bdev *bs, const struct paths *p, char *buf, size_t cap,
+                        const char **fmt)
+{
+    struct qcow2_state *s = QS(bs);
+    *fmt = s->backing_format;
+    if (!s->backing_file) {
+        buf[0] = 0;
+        return 0;
+    }
+    int n = s->backing_file[0] == '/' || !strchr(bs->filename, '/')
+            ? snprintf(buf, cap, "%s", s->backing_file)
+            : snprintf(buf, cap, "%s/%s", p->dir, s->backing_file);
+    return n >= (int)cap ? pms_err(ENAMETOOLONG, "backing file name is too long") : 0;
+}
+
+/* Reopen bs's backing chain after it was closed (bs->lock held). */
+static int reopen_chain(struct bdev *bs, const struct paths *p)
+{
+    char path[PATH_MAX];
+    const char *fmt;
+    int r = backing_path(bs, p, path, sizeof path, &fmt);
+    if (r < 0 || !path[0]) return r;
+    struct pms_open_opts o;
+    pms_open_opts_init(&o);
+    o.readonly = 1;
+    o.format = fmt;
+    o.cache_mode = bs->cache_mode;
+    struct bdev *b;
+    r = bdev_open(path, &o, &b);
+    if (r < 0)
+        return pms_err(-r, "could not reopen backing file '%s': %s", path, pms_err_get());
+    bdev_set_backing(bs, b);
+    return 0;
+}
+
+/* Move the freshly opened overlay nw into bs (whose old state nw then
+ * holds, to be closed by the caller); bs keeps its file name. */
+static void take_over(struct bdev *bs, struct bdev *nw)
+{
+    bdev_swap_state(bs, nw);
+    char *t = bs->filename; bs->filename = nw->filename; nw->filename = t;
+    if (bs->file && nw->file) {
+        t = bs->file->filename; bs->file->filename = nw->file->filename; nw->file->filename = t;
+    }
+}
+
+/* ---- recovery ---------------------------------------------------------------- */
+
+static int recover(struct bdev *bs, const struct paths *p)
+{
+    if (unlink(p->tmp) == 0)
+        fsync_dir(p->dir);
+    struct stat live;
+    if (stat(p->live, &live) < 0)
+        return 0;
+    DIR *d = opendir(p->dir);
+    if (!d) return 0;
+    size_t bl = strlen(p->base);
+    struct dirent *de;
+    int removed = 0;
+    while ((de = readdir(d))) {
+        if (strncmp(de->d_name, p->base, bl) || de->d_name[bl] != '@')
+            continue;
+        char path[PATH_MAX];
+        struct stat st;
+        if (snprintf(path, sizeof path, "%s/%s", p->dir, de->d_name) >= (int)sizeof path ||
+            lstat(path, &st) < 0)
+            continue;
+        /* a second name of the live inode: a create that never got to its
+         * rename (the snapshot was not taken) */
+        if (S_ISREG(st.st_mode) && st.st_dev == live.st_dev && st.st_ino == live.st_ino &&
+            unlink(path) == 0)
+            removed++;
+    }
+    closedir(d);
+    if (removed)
+        fsync_dir(p->dir);
+    (void)bs;
+    return 0;
+}
+
+int bdev_extsnap_recover(struct bdev *bs)
+{
+    struct paths p;
+    if (bs->drv != &pms_drv_qcow2 || bs->readonly || bs->check_only || split(bs->filename, &p) < 0)
+        return 0;
+    return recover(bs, &p);
+}
+
+/* ---- create ------------------------------------------------------------------- */
+
+static int create_locked(struct bdev *bs, const char *name, const struct paths *p,
+                         const char *layer)
+{
+    recover(bs, p);
+    struct stat st;
+    if (lstat(layer, &st) == 0)
+        return pms_err(EEXIST, "snapshot '%s' already exists (layer file '%s')", name, layer);
+    if (errno != ENOENT)
+        return pms_err(errno, "cannot look for '%s': %s", layer, strerror(errno));
+    int r = internal_exists(bs, name);
+    if (r < 0) return r;
+    if (r > 0)
+        return pms_err(EEXIST, "an internal snapshot called '%s' exists", name);
+
+    char bname[NAME_MAX + 2];
+    snprintf(bname, sizeof bname, "%s@%s", p->base, name);
+    r = create_overlay(p->tmp, bs->size, bname);
+    if (r < 0) return r;
+    struct bdev *ov = NULL, *lower = NULL;
+    r = open_node(p->tmp, false, true, bs->cache_mode, &ov);
+    if (r < 0) goto drop_tmp;
+    r = bs->drv->flush(bs);
+    if (r < 0) goto drop_tmp;
+    if (link(p->live, layer) < 0) {
+        r = pms_err(errno, "could not create layer file '%s': %s", layer, strerror(errno));
+        goto drop_tmp;
+    }
+    /* the layer's date is the snapshot instant (the list shows it) */
+    utimensat(AT_FDCWD, layer, NULL, 0);
+    r = fsync_dir(p->dir);
+    if (r == 0)
+        r = open_node(layer, true, true, bs->cache_mode, &lower);
+    if (r < 0)
+        goto drop_layer;
+    /* commit point */
+    if (rename(p->tmp, p->live) < 0) {
+        r = pms_err(errno, "could not switch '%s' to the new overlay: %s", p->live,
+                    strerror(errno));
+        goto drop_layer;
+    }
+    r = fsync_dir(p->dir);
+    bdev_set_backing(lower, bdev_take_backing(bs));
+    take_over(bs, ov);
+    bdev_set_backing(bs, lower);
+    bdev_close(ov);                    /* the old live state, flushed above */
+    return r;
+
+drop_layer:
+    bdev_close(lower);
+    unlink(layer);
+    fsync_dir(p->dir);
+drop_tmp:
+    bdev_close(ov);
+    unlink(p->tmp);
+    return r;
+}
+
+int bdev_extsnap_create(struct bdev *bs, const char *name)
+{
+    int r = eligible(bs, "create an external snapshot");
+    if (r < 0) return r;
+    r = bdev_extsnap_check_name(bs->filename, name);
+    if (r < 0) return r;
+    struct paths p;
+    char layer[PATH_MAX];
+    if ((r = split(bs->filename, &p)) < 0 ||
+        (r = bdev_extsnap_layer_path(bs->filename, name, layer, sizeof layer)) < 0)
+        return r;
+    pthread_mutex_lock(&bs->lock);
+    r = create_locked(bs, name, &p, layer);
+    pthread_mutex_unlock(&bs->lock);
+    return r;
+}
+
+/* ---- revert ------------------------------------------------------------------- */
+
+static int revert_locked(struct bdev *bs, const char *name, const struct paths *p,
+                         const char *layer)
+{
+    recover(bs, p);
+    struct pms_snapshot_info *l = NULL;
+    size_t n = 0;
+    int r = bs->drv->snapshot_list ? bs->drv->snapshot_list(bs, &l, &n) : 0;
+    if (r < 0) return r;
+    pms_snapshot_list_free(l, n);
+    if (n)
+        return pms_err(EBUSY, "the live image '%s' holds %zu internal snapshot%s, which a "
+                       "revert to an external snapshot would discard: delete %s first",
+                       p->live, n, n == 1 ? "" : "s", n == 1 ? "it" : "them");
+    struct bdev *nb = NULL, *ov = NULL;
+    r = open_node(layer, true, false, bs->cache_mode, &nb);
+    if (r < 0)
+        return pms_err(-r, "cannot revert to '%s': %s", name, pms_err_get());
+    char bname[NAME_MAX + 2];
+    snprintf(bname, sizeof bname, "%s@%s", p->base, name);
+    r = create_overlay(p->tmp, nb->size, bname);
+    if (r < 0) goto out;
+    r = open_node(p->tmp, false, true, bs->cache_mode, &ov);
+    if (r < 0) goto out;
+    if (rename(p->tmp, p->live) < 0) {        /* commit point */
+        r = pms_err(errno, "could not switch '%s' to the new overlay: %s", p->live,
+                    strerror(errno));
+        goto out;
+    }
+    r = fsync_dir(p->dir);
+    take_over(bs, ov);
+    bdev_set_backing(bs, nb);
+    nb = NULL;
+    bdev_close(ov);                   /* the discarded live state and its chain */
+    return r;
+out:
+    bdev_close(ov);
+    bdev_close(nb);
+    unlink(p->tmp);
+    return r;
+}
+
+int bdev_extsnap_revert(struct bdev *bs, const char *name)
+{
+    int r = eligible(bs, "revert");
+    if (r < 0) return r;
+    struct paths p;
+    char layer[PATH_MAX];
+    if ((r = split(bs->filename, &p)) < 0)
+        return r;
+    r = bdev_extsnap_exists(bs, name);
+    if (r <= 0)
+        return r < 0 ? r : pms_err(ENOENT, "no external snapshot '%s'", name);
+    if ((r = bdev_extsnap_layer_path(bs->filename, name, layer, sizeof layer)) < 0)
+        return r;
+    pthread_mutex_lock(&bs->lock);
+    r = revert_locked(bs, name, &p, layer);
+    pthread_mutex_unlock(&bs->lock);
+    return r;
+}
+
+/* ---- delete ------------------------------------------------------------------- */
+
+struct merge {
+    bdev_progress_fn fn;
+    void *opaque;
+    uint64_t done, total;
+    uint8_t *buf;
+};
+
+/* Copy into c every range that c reads from its backing file (depth 1)
+ * and that file allocates itself.  locked: the caller holds c->lock, so the
+ * driver is entered directly. */
+static int stream(struct bdev *c, bool locked, struct merge *m)
+{
+    uint64_t size = c->size, off = 0;
+    while (off < size) {
+        struct pms_extent e;
+        uint64_t want = size - off < MERGE_CHUNK ? size - off : MERGE_CHUNK;
+        int r;
+        memset(&e, 0, sizeof e);
+        r = locked ? c->drv->block_status(c, off, want, &e) : bdev_block_status(c, off, want, &e);
+        if (r < 0) return r;
+        if (e.length == 0 || e.length > want)
+            return pms_err(EIO, "bad extent while merging into '%s'", c->filename);
+        if (e.depth == 1 && (e.flags & PMS_BLOCK_ALLOCATED)) {
+            if ((e.flags & PMS_BLOCK_ZERO) && !(e.flags & PMS_BLOCK_DATA))
+                r = locked ? c->drv->pwrite_zeroes(c, e.length, off, 0)
+                           : bdev_pwrite_zeroes(c, e.length, off, 0);
+            else {
+                r = locked ? c->drv->pread(c, m->buf, e.length, off)
+                           : bdev_pread(c, m->buf, e.length, off);
+                if (r == 0)
+                    r = locked ? c->drv->pwrite(c, m->buf, e.length, off)
+                               : bdev_pwrite(c, m->buf, e.length, off);
+            }
+            if (r < 0) return r;
+        }
+        off += e.length;
+        m->done += e.length;
+        if (m->fn) m->fn(m->opaque, m->done, m->total);
+    }
+    return 0;
+}
+
+/* Point c's header at a new backing file (NULL: none); one header write. */
+static int rebase(struct bdev *c, const char *bname, const char *bfmt)
+{
+    struct qcow2_state *s = QS(c);
+    char *nb = bname ? strdup(bname) : NULL, *nf = bname && bfmt ? strdup(bfmt) : NULL;
+    if ((bname && !nb) || (bname && bfmt && !nf)) {
+        free(nb); free(nf);
+        return pms_err(ENOMEM, "out of memory");
+    }
+    char *ob = s->backing_file, *of = s->backing_format;
+    s->backing_file = nb;
+    s->backing_format = nf;
+    int r = qcow2_update_header(c);
+    if (r < 0) {
+        s->backing_file = ob; s->backing_format = of;
+        free(nb); free(nf);
+        return r;
+    }
+    free(ob); free(of);
+    return 0;
+}
+
+/* Does the image at path have the layer (dev/ino) as its backing file? */
+static bool backs(const char *path, const struct paths *p, const struct stat *lst,
+                  char **bname)
+{
+    struct bdev *c;
+    struct pms_open_opts o;
+    pms_open_opts_init(&o);
+    o.readonly = 1;
+    o.no_backing = 1;
+    o.force_share = 1;                 /* reading a header only */
+    if (bdev_open(path, &o, &c) < 0)
+        return false;
+    bool yes = false;
+    struct qcow2_state *s = c->drv == &pms_drv_qcow2 ? QS(c) : NULL;
+    if (s && s->backing_file) {
+        char full[PATH_MAX];
+        struct stat st;
+        int n = s->backing_file[0] == '/' ? snprintf(full, sizeof full, "%s", s->backing_file)
+                : snprintf(full, sizeof full, "%s/%s", p->dir, s->backing_file);
+        yes = n < (int)sizeof full && stat(full, &st) == 0 && st.st_dev == lst->st_dev &&
+              st.st_ino == lst->st_ino;
+        if (yes && bname)
+            *bname = strdup(s->backing_file);
+    }
+    bdev_close(c);
+    return yes;
+}
+
+static int delete_locked(struct bdev *bs, const char *name, const struct paths *p,
+                         const char *layer, struct merge *m)
+{
+    recover(bs, p);
+    struct stat lst;
+    if (stat(layer, &lst) < 0)
+        return pms_err(errno, "cannot delete snapshot '%s': '%s': %s", name, layer,
+                       strerror(errno));
+    /* the layer's own backing file becomes its children's */
+    struct bdev *ln;
+    int r = open_node(layer, true, true, bs->cache_mode, &ln);
+    if (r < 0)
+        return pms_err(-r, "cannot delete snapshot '%s': %s", name, pms_err_get());
+    char *bname = QS(ln)->backing_file ? strdup(QS(ln)->backing_file) : NULL;
+    char *bfmt = QS(ln)->backing_format ? strdup(QS(ln)->backing_format) : NULL;
+    uint64_t lsize = ln->size;
+    bdev_close(ln);
+
+    /* children: other layers, then the live image */
+    size_t nch = 0, cap = 0;
+    char **ch = NULL;
+    DIR *d = opendir(p->dir);
+    if (!d) {
+        r = pms_err(errno, "cannot read directory '%s': %s", p->dir, strerror(errno));
+        goto out;
+    }
+    size_t bl = strlen(p->base);
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        if (strncmp(de->d_name, p->base, bl) || de->d_name[bl] != '@' ||
+            !strcmp(de->d_name + bl + 1, name))
+            continue;
+        char path[PATH_MAX];
+        if (snprintf(path, sizeof path, "%s/%s", p->dir, de->d_name) >= (int)sizeof path ||
+            !backs(path, p, &lst, NULL))
+            continue;
+        if (nch == cap) {
+            char **n2 = realloc(ch, (cap = cap ? 2 * cap : 8) * sizeof *ch);
+            if (!n2) { r = pms_err(ENOMEM, "out of memory"); closedir(d); goto out; }
+            ch = n2;
+        }
+        if (!(ch[nch] = strdup(path))) { r = pms_err(ENOMEM, "out of memory"); closedir(d); goto out; }
+        nch++;
+    }
+    closedir(d);
+    bool live_child = false;
+    {
+        const char *fmt;
+        char bp[PATH_MAX];
+        struct stat st;
+        live_child = backing_path(bs, p, bp, sizeof bp, &fmt) == 0 && bp[0] &&
+                     stat(bp, &st) == 0 && st.st_dev == lst.st_dev && st.st_ino == lst.st_ino;
+    }
+    m->total = (nch + (live_child ? 1 : 0)) * lsize;
+    m->buf = malloc(MERGE_CHUNK);
+    if (!m->buf) { r = pms_err(ENOMEM, "out of memory"); goto out; }
+
+    /* our own read-only nodes of the layers would keep them from being
+     * opened for writing (and their caches would go stale): close them */
+    r = bs->drv->flush(bs);
+    if (r < 0) goto out;
+    bdev_close(bdev_take_backing(bs));
+    for (size_t i = 0; i < nch && r == 0; i++) {
+        struct bdev *c;
+        struct pms_open_opts o;
+        pms_open_opts_init(&o);
+        o.cache_mode = bs->cache_mode;
+        r = bdev_open(ch[i], &o, &c);
+        if (r < 0) {
+            r = pms_err(-r, "cannot merge into '%s': %s", ch[i], pms_err_get());
+            break;
+        }
+        struct stat cst;
+        bool have_time = stat(ch[i], &cst) == 0;
+        r = stream(c, false, m);
+        if (r == 0) r = bdev_flush(c);
+        if (r == 0) {
+            pthread_mutex_lock(&c->lock);
+            r = rebase(c, bname, bfmt);
+            pthread_mutex_unlock(&c->lock);
+        }
+        bdev_close(c);
+        /* a layer's date is its snapshot's instant: keep it */
+        if (have_time) {
+            struct timespec ts[2] = { cst.st_atim, cst.st_mtim };
+            utimensat(AT_FDCWD, ch[i], ts, 0);
+        }
+    }
+    if (r == 0 && live_child) {
+        struct bdev *nb;
+        r = reopen_chain(bs, p);       /* the layer being deleted and below */
+        if (r == 0) {
+            r = stream(bs, true, m);
+            if (r == 0) r = bs->drv->flush(bs);
+            if (r == 0) r = rebase(bs, bname, bfmt);
+            nb = bdev_take_backing(bs);
+            bdev_close(nb);
+        }
+    }
+    if (r == 0) {
+        if (unlink(layer) < 0)
+            r = pms_err(errno, "could not remove '%s': %s", layer, strerror(errno));
+        else
+            r = fsync_dir(p->dir);
+    }
+    if (!bs->backing) {
+        int r2 = reopen_chain(bs, p);
+        if (r == 0) r = r2;
+    }
+out:
+    for (size_t i = 0; i < nch; i++)
+        free(ch[i]);
+    free(ch);
+    free(m->buf);
+    free(bname);
+    free(bfmt);
+    return r;
+}
+
+int bdev_extsnap_delete(struct bdev *bs, const char *name, bdev_progress_fn fn, void *opaque)
+{
+    int r = eligible(bs, "delete");
+    if (r < 0) return r;
+    struct paths p;
+    char layer[PATH_MAX];
+    if ((r = split(bs->filename, &p)) < 0)
+        return r;
+    r = bdev_extsnap_exists(bs, name);
+    if (r <= 0)
+        return r < 0 ? r : pms_err(ENOENT, "no external snapshot '%s'", name);
+    if ((r = bdev_extsnap_layer_path(bs->filename, name, layer, sizeof layer)) < 0)
+        return r;
+    struct merge m = { fn, opaque, 0, 0, NULL };
+    pthread_mutex_lock(&bs->lock);
+    r = delete_locked(bs, name, &p, layer, &m);
+    pthread_mutex_unlock(&bs->lock);
+    return r;
+}
+
+/* ---- list --------------------------------------------------------------------- */
+
+static int cmp_info(const void *a, const void *b)
+{
+    const struct pms_snapshot_info *x = a, *y = b;
+    if (x->date_sec != y->date_sec) return x->date_sec < y->date_sec ? -1 : 1;
+    if (x->date_nsec != y->date_nsec) return x->date_nsec < y->date_nsec ? -1 : 1;
+    return strcmp(x->name, y->name);
+}
+
+int bdev_extsnap_list(struct bdev *bs, struct pms_snapshot_info **list, size_t *n)
+{
+    struct paths p;
+    if (split(bs->filename, &p) < 0)
+        return 0;                      /* not a file: no external snapshots */
+    DIR *d = opendir(p.dir);
+    if (!d)
+        return pms_err(errno, "cannot read directory '%s': %s", p.dir, strerror(errno));
+    size_t bl = strlen(p.base), first = *n;
+    struct dirent *de;
+    int r = 0;
+    while ((de = readdir(d)) && r == 0) {
+        if (strncmp(de->d_name, p.base, bl) || de->d_name[bl] != '@' || !de->d_name[bl + 1])
+            continue;
+        char path[PATH_MAX];
+        struct stat st;
+        if (bdev_extsnap_layer_path(bs->filename, de->d_name + bl + 1, path, sizeof path) < 0 ||
+            lstat(path, &st) < 0 || !S_ISREG(st.st_mode))
+            continue;
+        /* the virtual size from the header; files that are not qcow2 are
+         * not layers */
+        uint8_t h[32];
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) continue;
+        ssize_t got = pread(fd, h, sizeof h, 0);
+        close(fd);
+        if (got != (ssize_t)sizeof h || memcmp(h, "QFI\xfb", 4))
+            continue;
+        uint64_t vsize;
+        memcpy(&vsize, h + 24, 8);
+        struct pms_snapshot_info *l = realloc(*list, (*n + 1) * sizeof *l);
+        if (!l) { r = pms_err(ENOMEM, "out of memory"); break; }
+        *list = l;
+        struct pms_snapshot_info *sn = &l[*n];
+        memset(sn, 0, sizeof *sn);
+        sn->name = strdup(de->d_name + bl + 1);
+        sn->file = strdup(path);
+        if (!sn->name || !sn->file) {
+            free(sn->name); free(sn->file);
+            r = pms_err(ENOMEM, "out of memory");
+            break;
+        }
+        sn->kind = PMS_SNAP_KIND_EXTERNAL;
+        sn->date_sec = (uint32_t)st.st_mtim.tv_sec;
+        sn->date_nsec = (uint32_t)st.st_mtim.tv_nsec;
+        sn->disk_size = be64toh(vsize);
+        (*n)++;
+    }
+    closedir(d);
+    if (*n > first)
+        qsort(*list + first, *n - first, sizeof **list, cmp_info);
+    return r;
+}
