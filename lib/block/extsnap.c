@@ -616,6 +616,7 @@ static int delete_locked(struct bdev *bs, const char *name, const struct paths *
      * opened for writing (and their caches would go stale): close them */
     r = bs->drv->flush(bs);
     if (r < 0) goto out;
+    bool had_chain = bs->backing != NULL;   /* not when opened without it (snapshot -d) */
     bdev_close(bdev_take_backing(bs));
     for (size_t i = 0; i < nch && r == 0; i++) {
         struct bdev *c;
@@ -660,7 +661,7 @@ static int delete_locked(struct bdev *bs, const char *name, const struct paths *
         else
             r = fsync_dir(p->dir);
     }
-    if (!bs->backing) {
+    if (had_chain && !bs->backing) {
         int r2 = reopen_chain(bs, p);
         if (r == 0) r = r2;
     }

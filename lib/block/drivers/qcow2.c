@@ -431,15 +431,24 @@ static void free_state(struct qcow2_state *s)
     free(s->pending); s->pending = NULL;
 }
 
+/* Deepest backing chain we open: every layer holds a descriptor and a few
+ * KiB of stack while the chain opens (recursively), and external snapshots
+ * make one layer per snapshot (100 snapshots: 101 images). */
+#define QCOW2_MAX_CHAIN_DEPTH 256
+
 static int open_backing(struct bdev *bs, const struct pms_open_opts *o)
 {
     struct qcow2_state *s = QS(bs);
-    char path[PATH_MAX];
+    /* the files of the chain being opened by this thread, to name loops */
+    static __thread struct { dev_t dev; ino_t ino; } chain[QCOW2_MAX_CHAIN_DEPTH];
+    static __thread int depth;
+    char *path = malloc(PATH_MAX);
+    if (!path) return pms_err(ENOMEM, "out of memory");
     if (s->backing_file[0] == '/' || !strchr(bs->filename, '/'))
-        snprintf(path, sizeof path, "%s", s->backing_file);
+        snprintf(path, PATH_MAX, "%s", s->backing_file);
     else {
         const char *sl = strrchr(bs->filename, '/');
-        snprintf(path, sizeof path, "%.*s/%s", (int)(sl - bs->filename), bs->filename,
+        snprintf(path, PATH_MAX, "%.*s/%s", (int)(sl - bs->filename), bs->filename,
                  s->backing_file);
     }
     struct pms_open_opts bo;
@@ -447,18 +456,35 @@ static int open_backing(struct bdev *bs, const struct pms_open_opts *o)
     bo.readonly = 1;
     bo.format = s->backing_format;
     bo.cache_mode = o->cache_mode;
+    int r = 0;
+    struct stat st;
     if (bo.format && strcmp(bo.format, "qcow2") && strcmp(bo.format, "raw"))
-        return pms_err(ENOTSUP, "backing file format '%s' is not supported", bo.format);
-    /* loops in the chain: bound the depth */
-    static __thread int depth;
-    if (depth > 16)
-        return pms_err(ELOOP, "backing chain is too deep (loop?)");
-    depth++;
-    int r = bdev_open(path, &bo, &bs->backing);
-    depth--;
-    if (r < 0)
-        return pms_err(-r, "could not open backing file '%s': %s", path, pms_err_get());
-    return 0;
+        r = pms_err(ENOTSUP, "backing file format '%s' is not supported", bo.format);
+    else if (depth >= QCOW2_MAX_CHAIN_DEPTH)
+        r = pms_err(ELOOP, "backing chain is deeper than %d images", QCOW2_MAX_CHAIN_DEPTH);
+    else if (stat(path, &st) == 0) {
+        struct stat me;
+        if (stat(bs->filename, &me) == 0 && me.st_dev == st.st_dev && me.st_ino == st.st_ino)
+            r = pms_err(ELOOP, "'%s' is its own backing file", bs->filename);
+        for (int i = 0; i < depth && r == 0; i++)
+            if (chain[i].dev == st.st_dev && chain[i].ino == st.st_ino)
+                r = pms_err(ELOOP, "backing chain loops back to '%s'", path);
+        chain[depth].dev = st.st_dev;
+        chain[depth].ino = st.st_ino;
+    } else {
+        chain[depth].dev = 0;
+        chain[depth].ino = 0;
+    }
+    if (r == 0) {
+        depth++;
+        r = bdev_open(path, &bo, &bs->backing);
+        depth--;
+        /* one level's message is enough (a deep chain would repeat it) */
+        if (r < 0 && !strstr(pms_err_get(), "could not open backing file"))
+            r = pms_err(-r, "could not open backing file '%s': %s", path, pms_err_get());
+    }
+    free(path);
+    return r;
 }
 
 static int qcow2_open(struct bdev *bs, const char *path, const struct pms_open_opts *o)

@@ -1,0 +1,349 @@
+/* External snapshots through the public API on one open device.
+ *
+ *   extsnap-api switch DIR      create/revert/delete on an open pms_dev while
+ *                               reader threads read it (the node is switched
+ *                               in place under them); every read is checked
+ *                               against a model of the content; the files are
+ *                               left in DIR for the caller's QEMU checks
+ *                               (DIR/ref-NAME.raw: expected content of NAME).
+ *   extsnap-api chain DIR SIZE_MIB LAYERS
+ *                               a fully written image, then LAYERS external
+ *                               snapshots with 16 random 4 KiB writes between
+ *                               them; the same writes applied to a one-layer
+ *                               image; then first-touch reads of the whole
+ *                               image through both (pms_pread in 64 KiB
+ *                               pieces, and through pms_map when userfaultfd
+ *                               works), checked page by page; prints the
+ *                               times.  With PMS_CHAIN_MAX_RATIO=R it fails
+ *                               when the chain is more than R times slower.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include "pmemsnap.h"
+
+#define PG 4096u
+static int fails;
+#define FAIL(...) do { fprintf(stderr, "FAIL: " __VA_ARGS__); fputc('\n', stderr); fails++; } while (0)
+#define CHECK(expr) do { int r_ = (expr); if (r_ < 0) { \
+    fprintf(stderr, "FAIL: %s: %s\n", #expr, pms_errmsg()); exit(1); } } while (0)
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* Page p holding version v: every 8-byte word derives from (p, v). */
+static void fill_page(uint8_t *buf, uint64_t p, uint32_t v)
+{
+    uint64_t x = p * 0x9E3779B97F4A7C15ull ^ ((uint64_t)v << 40 | 0x5555);
+    for (unsigned i = 0; i < PG; i += 8) {
+        x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+        memcpy(buf + i, &x, 8);
+    }
+}
+
+static int check_page(const uint8_t *buf, uint64_t p, uint32_t v)
+{
+    uint8_t want[PG];
+    fill_page(want, p, v);
+    return memcmp(buf, want, PG) == 0;
+}
+
+/* ---- switch: in-place node switch under readers ---------------------------- */
+
+struct model { uint64_t npages; uint32_t *ver; };
+static struct model cur;
+static pms_dev *g_dev;
+static atomic_int stop_readers;
+static atomic_long reads_done;
+
+static void *reader(void *arg)
+{
+    unsigned seed = (unsigned)(uintptr_t)arg;
+    uint8_t *buf = malloc(16 * PG);
+    while (!atomic_load(&stop_readers)) {
+        uint64_t p = (uint64_t)rand_r(&seed) % (cur.npages - 16);
+        unsigned n = 1 + (unsigned)rand_r(&seed) % 16;
+        if (pms_pread(g_dev, buf, (size_t)n * PG, p * PG) < 0) {
+            FAIL("read during a switch: %s", pms_errmsg());
+            break;
+        }
+        for (unsigned i = 0; i < n; i++)
+            if (!check_page(buf + (size_t)i * PG, p + i, cur.ver[p + i])) {
+                FAIL("page %llu read wrong during a switch", (unsigned long long)(p + i));
+                break;
+            }
+        atomic_fetch_add(&reads_done, 1);
+    }
+    free(buf);
+    return NULL;
+}
+
+static void write_pages(unsigned *seed, int n, uint32_t v)
+{
+    uint8_t buf[PG];
+    for (int i = 0; i < n; i++) {
+        uint64_t p = (uint64_t)rand_r(seed) % cur.npages;
+        fill_page(buf, p, v);
+        CHECK(pms_pwrite(g_dev, buf, PG, p * PG));
+        cur.ver[p] = v;
+    }
+}
+
+static void save_ref(const char *dir, const char *name)
+{
+    char path[4096];
+    snprintf(path, sizeof path, "%s/ref-%s.raw", dir, name);
+    FILE *f = fopen(path, "w");
+    uint8_t buf[PG];
+    for (uint64_t p = 0; p < cur.npages; p++) {
+        fill_page(buf, p, cur.ver[p]);
+        fwrite(buf, 1, PG, f);
+    }
+    fclose(f);
+}
+
+static void verify_all(const char *what)
+{
+    uint8_t *buf = malloc(64 * PG);
+    for (uint64_t p = 0; p < cur.npages; p += 64) {
+        unsigned n = cur.npages - p < 64 ? (unsigned)(cur.npages - p) : 64;
+        CHECK(pms_pread(g_dev, buf, (size_t)n * PG, p * PG));
+        for (unsigned i = 0; i < n; i++)
+            if (!check_page(buf + (size_t)i * PG, p + i, cur.ver[p + i])) {
+                FAIL("%s: page %llu wrong", what, (unsigned long long)(p + i));
+                free(buf);
+                return;
+            }
+    }
+    free(buf);
+}
+
+/* run op with two readers checking the (unchanging) content meanwhile */
+static void under_readers(int (*op)(void *), void *arg)
+{
+    pthread_t t[2];
+    atomic_store(&stop_readers, 0);
+    for (int i = 0; i < 2; i++)
+        pthread_create(&t[i], NULL, reader, (void *)(uintptr_t)(i + 1));
+    long before = atomic_load(&reads_done);
+    while (atomic_load(&reads_done) < before + 20)
+        usleep(1000);
+    if (op(arg) < 0)
+        FAIL("operation failed: %s", pms_errmsg());
+    before = atomic_load(&reads_done);
+    while (atomic_load(&reads_done) < before + 20)
+        usleep(1000);
+    atomic_store(&stop_readers, 1);
+    for (int i = 0; i < 2; i++)
+        pthread_join(t[i], NULL);
+}
+
+static int op_create(void *name) { return pms_snapshot_create_ex(g_dev, name, PMS_SNAP_EXTERNAL); }
+static int op_delete(void *name) { return pms_snapshot_delete(g_dev, name); }
+
+static int do_switch(const char *dir)
+{
+    char img[4096];
+    snprintf(img, sizeof img, "%s/img.qcow2", dir);
+    const uint64_t size = 8u << 20;
+    struct pms_create_opts co;
+    pms_create_opts_init(&co);
+    CHECK(pms_create(img, size, &co));
+    CHECK(pms_open(img, NULL, &g_dev));
+    cur.npages = size / PG;
+    cur.ver = calloc(cur.npages, sizeof *cur.ver);
+    uint8_t buf[PG];
+    for (uint64_t p = 0; p < cur.npages; p++) {
+        fill_page(buf, p, 1);
+        CHECK(pms_pwrite(g_dev, buf, PG, p * PG));
+        cur.ver[p] = 1;
+    }
+    unsigned seed = 7;
+    uint32_t *saved[8];
+    const char *names[] = { "a", "b", "c", "d" };
+    for (int i = 0; i < 4; i++) {
+        save_ref(dir, names[i]);
+        saved[i] = malloc(cur.npages * sizeof *cur.ver);
+        memcpy(saved[i], cur.ver, cur.npages * sizeof *cur.ver);
+        under_readers(op_create, (void *)names[i]);
+        verify_all("after create");
+        write_pages(&seed, 300, (uint32_t)(10 + i));
+        verify_all("after writes into the overlay");
+    }
+    /* list: both kinds, with kind and layer file */
+    CHECK(pms_snapshot_create(g_dev, "internal1"));
+    struct pms_snapshot_info *l;
+    size_t n;
+    CHECK(pms_snapshot_list(g_dev, &l, &n));
+    int ext = 0, in = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (l[i].kind == PMS_SNAP_KIND_EXTERNAL && l[i].file && strstr(l[i].file, "img.qcow2@"))
+            ext++;
+        if (l[i].kind == PMS_SNAP_KIND_INTERNAL && !l[i].file && !strcmp(l[i].name, "internal1"))
+            in++;
+    }
+    if (ext != 4 || in != 1 || n != 5)
+        FAIL("list: %zu entries, %d external, %d internal", n, ext, in);
+    pms_snapshot_list_free(l, n);
+    if (pms_snapshot_create_ex(g_dev, "b", PMS_SNAP_EXTERNAL) != -EEXIST)
+        FAIL("a second external 'b' was not refused with EEXIST");
+    if (pms_snapshot_create(g_dev, "c") != -EEXIST)
+        FAIL("an internal 'c' beside an external one was not refused");
+    CHECK(pms_snapshot_delete(g_dev, "internal1"));
+
+    /* revert to b: the content is b's; the same node goes on working */
+    CHECK(pms_snapshot_revert(g_dev, "b"));
+    memcpy(cur.ver, saved[1], cur.npages * sizeof *cur.ver);
+    verify_all("after revert to b");
+    write_pages(&seed, 200, 30);
+    save_ref(dir, "live");
+    /* delete the middle (b: parent of c and of the live image) and the oldest */
+    under_readers(op_delete, "b");
+    verify_all("after delete b");
+    under_readers(op_delete, "a");
+    verify_all("after delete a");
+    CHECK(pms_flush(g_dev));
+    CHECK(pms_close(g_dev));
+    for (int i = 0; i < 4; i++)
+        free(saved[i]);
+    free(cur.ver);
+    printf("switch: %ld checked reads during the switches\n", atomic_load(&reads_done));
+    return fails ? 1 : 0;
+}
+
+/* ---- chain: first-touch reads through a deep chain ------------------------- */
+
+static double read_all(const char *img, const uint32_t *ver, uint64_t npages, int mapped)
+{
+    pms_dev *dev;
+    CHECK(pms_open(img, NULL, &dev));
+    const size_t chunk = 65536;
+    double t0 = now();
+    uint8_t *buf = NULL;
+    void *addr = NULL;
+    size_t len = 0;
+    if (mapped) {
+        struct pms_map_opts mo;
+        pms_map_opts_init(&mo);
+        int r = pms_map(dev, &mo, &addr, &len);
+        if (r < 0) {
+            pms_close(dev);
+            return -1;
+        }
+        t0 = now();
+        volatile uint8_t sink = 0;
+        for (uint64_t off = 0; off < npages * PG; off += PG)
+            sink ^= ((volatile uint8_t *)addr)[off];
+        (void)sink;
+    } else {
+        buf = malloc(chunk);
+        for (uint64_t off = 0; off < npages * PG; off += chunk) {
+            CHECK(pms_pread(dev, buf, chunk, off));
+            for (unsigned i = 0; i < chunk / PG; i++)
+                if (off / PG + i < npages && !check_page(buf + (size_t)i * PG, off / PG + i,
+                                                         ver[off / PG + i])) {
+                    FAIL("%s: page %llu wrong", img, (unsigned long long)(off / PG + i));
+                    break;
+                }
+        }
+    }
+    double t = now() - t0;
+    if (mapped) {
+        for (uint64_t p = 0; p < npages; p++)
+            if (!check_page((uint8_t *)addr + p * PG, p, ver[p])) {
+                FAIL("%s mapped: page %llu wrong", img, (unsigned long long)p);
+                break;
+            }
+        CHECK(pms_unmap(dev));
+    }
+    free(buf);
+    CHECK(pms_close(dev));
+    return t;
+}
+
+static int do_chain(const char *dir, uint64_t mib, int layers)
+{
+    char img[4096], one[4096];
+    snprintf(img, sizeof img, "%s/chain.qcow2", dir);
+    snprintf(one, sizeof one, "%s/one.qcow2", dir);
+    uint64_t size = mib << 20, npages = size / PG;
+    uint32_t *ver = calloc(npages, sizeof *ver);
+    struct pms_create_opts co;
+    pms_create_opts_init(&co);
+    CHECK(pms_create(img, size, &co));
+    CHECK(pms_create(one, size, &co));
+    pms_dev *d, *o;
+    CHECK(pms_open(img, NULL, &d));
+    CHECK(pms_open(one, NULL, &o));
+    const size_t big = 1 << 20;
+    uint8_t *buf = malloc(big);
+    for (uint64_t off = 0; off < size; off += big) {
+        for (unsigned i = 0; i < big / PG; i++)
+            fill_page(buf + (size_t)i * PG, off / PG + i, 1);
+        CHECK(pms_pwrite(d, buf, big, off));
+        CHECK(pms_pwrite(o, buf, big, off));
+    }
+    for (uint64_t p = 0; p < npages; p++)
+        ver[p] = 1;
+    unsigned seed = 3;
+    double tsnap = 0;
+    for (int l = 0; l < layers; l++) {
+        char name[32];
+        snprintf(name, sizeof name, "s%d", l);
+        double t0 = now();
+        CHECK(pms_snapshot_create_ex(d, name, PMS_SNAP_EXTERNAL));
+        tsnap += now() - t0;
+        for (int i = 0; i < 16; i++) {
+            uint64_t p = (uint64_t)rand_r(&seed) % npages;
+            fill_page(buf, p, (uint32_t)(l + 2));
+            CHECK(pms_pwrite(d, buf, PG, p * PG));
+            CHECK(pms_pwrite(o, buf, PG, p * PG));
+            ver[p] = (uint32_t)(l + 2);
+        }
+    }
+    CHECK(pms_close(d));
+    CHECK(pms_close(o));
+    free(buf);
+    printf("chain: %llu MiB, %d layers; snapshot create mean %.2f ms\n",
+           (unsigned long long)mib, layers, layers ? tsnap * 1e3 / layers : 0.0);
+    double ratio_max = getenv("PMS_CHAIN_MAX_RATIO") ? atof(getenv("PMS_CHAIN_MAX_RATIO")) : 0;
+    for (int mapped = 0; mapped < 2; mapped++) {
+        /* one layer first, then the chain, then the one layer again (the
+         * page cache is warm for both: what differs is the chain walk) */
+        double a = read_all(one, ver, npages, mapped);
+        double c = read_all(img, ver, npages, mapped);
+        double a2 = read_all(one, ver, npages, mapped);
+        if (a < 0 || c < 0) {
+            printf("chain: mapped first touch skipped (pms_map: %s)\n", pms_errmsg());
+            continue;
+        }
+        if (a2 < a) a = a2;
+        printf("chain: first-touch read of %llu MiB, %s: one layer %.1f ms, %d layers %.1f ms "
+               "(%.2fx)\n", (unsigned long long)mib, mapped ? "mapped (faults)" : "pms_pread 64 KiB",
+               a * 1e3, layers + 1, c * 1e3, c / a);
+        if (ratio_max > 0 && c / a > ratio_max)
+            FAIL("chain read %.2fx slower than one layer (limit %.2fx)", c / a, ratio_max);
+    }
+    free(ver);
+    return fails ? 1 : 0;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc >= 3 && !strcmp(argv[1], "switch"))
+        return do_switch(argv[2]);
+    if (argc >= 5 && !strcmp(argv[1], "chain"))
+        return do_chain(argv[2], strtoull(argv[3], NULL, 0), atoi(argv[4]));
+    fprintf(stderr, "usage: extsnap-api switch DIR | chain DIR SIZE_MIB LAYERS\n");
+    return 2;
+}

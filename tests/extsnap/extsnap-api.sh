@@ -1,0 +1,20 @@
+#!/bin/bash
+# The in-place switch on an open device (extsnap-api switch), then QEMU
+# checks every file it left: check clean, each snapshot's chain and the live
+# image equal to the expected bytes.
+. "$(dirname "$0")/lib.sh"
+begin switch
+"$EXTSNAP_API" switch "$T" || fail "extsnap-api switch"
+[ -e img.qcow2@a ] && fail "deleted snapshot a still has its layer"
+[ -e img.qcow2@b ] && fail "deleted snapshot b still has its layer"
+for s in c d; do same img.qcow2@$s ref-$s.raw; check_clean img.qcow2@$s; done
+same img.qcow2 ref-live.raw
+check_clean img.qcow2
+ok
+begin chain
+# 100 snapshots: a 101-image chain QEMU opens and reads like ours
+"$EXTSNAP_API" chain "$T" 16 100 || fail "extsnap-api chain"
+[ "$(qemu-img info -U --backing-chain chain.qcow2 | grep -c '^image:')" = 101 ] || fail "chain length"
+qemu-img compare -U chain.qcow2 one.qcow2 >/dev/null || fail "qemu-img compare of the chain and the one-layer image"
+ok
+finish

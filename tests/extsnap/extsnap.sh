@@ -1,0 +1,172 @@
+#!/bin/bash
+# External snapshots through the CLI, with QEMU as the oracle: every layer
+# qemu-img check clean, every snapshot's chain equal (qemu-img compare) to a
+# raw copy QEMU made of the image at that instant, qemu-io and pmemsnap
+# writing into each other's overlays, revert keeping the tree, delete of the
+# oldest, a middle and the newest snapshot, name rules and hostile layers.
+. "$(dirname "$0")/lib.sh"
+SZ=8M
+[ -n "${PMS_SANITIZED:-}" ] && SZ=4M
+
+begin create
+qemu-img create -q -f qcow2 img.qcow2 $SZ
+qemu-io -c "write -P 0x11 0 $SZ" img.qcow2 >/dev/null
+snap_ref S1
+run "$P" snapshot -c S1 --external img.qcow2
+[ "$(qemu-img info img.qcow2 | grep -c 'extended l2: true')" = 1 ] || fail "overlay has no extended L2"
+qemu-img info img.qcow2 | grep -q '^backing file: img.qcow2@S1$' || fail "backing name is not relative: $(qemu-img info img.qcow2 | grep backing)"
+qemu-img info img.qcow2 | grep -q '^backing file format: qcow2$' || fail "no backing format"
+qemu-img info img.qcow2 | grep -q '^cluster_size: 65536$' || fail "cluster size"
+qemu-img info img.qcow2 | grep -q 'compat: 1.1' || fail "compat"
+same img.qcow2@S1 ref-S1.raw
+same img.qcow2 ref-S1.raw
+ok
+
+begin interop
+# qemu-io writes 4 KiB pieces into our overlay (subclusters), we read them back
+qemu-io -c "write -P 0x22 4096 4096" -c "write -P 0x23 70000 3000" img.qcow2 >/dev/null
+run "$P" io -c "read -P 0x22 4096 4096" -c "read -P 0x23 70000 3000" -c "read -P 0x11 0 4096" \
+    -c "read -P 0x11 8192 61808" img.qcow2
+# we write, qemu-io reads
+run "$P" io -c "write -P 0x33 200000 5000" img.qcow2
+qemu-io -c "read -P 0x33 200000 5000" -c "read -P 0x11 205000 1000" -c "read -P 0x22 4096 4096" \
+    img.qcow2 | grep -q "Pattern verification failed" && fail "qemu-io reads a wrong pattern"
+run qemu-io -c "read -P 0x33 200000 5000" img.qcow2
+check_clean img.qcow2
+# QEMU's writes allocated only the touched subclusters (4 KiB + 4 KiB of
+# 2 KiB subclusters); our own writes are the write path's business
+alloc=$(qemu-img map --output=json img.qcow2 | python3 -c '
+import json,sys
+print(sum(e["length"] for e in json.load(sys.stdin)
+          if e["depth"]==0 and e["data"] and e["start"] < 196608))')
+[ "$alloc" = 8192 ] || fail "qemu-io's writes show $alloc bytes allocated in the overlay, not 8192"
+snap_ref S2
+run "$P" snapshot -c S2 --external img.qcow2
+run "$P" io -c "write -P 0x44 1M 1M" img.qcow2
+snap_ref S3
+run "$P" snapshot -c S3 --external img.qcow2
+run "$P" io -c "write -z 0 64k" -c "write -P 0x55 3M 100k" img.qcow2
+snap_ref S4
+run "$P" snapshot -c S4 --external img.qcow2
+run "$P" io -c "write -P 0x66 2M 10k" img.qcow2
+snap_ref live
+qemu-img info --backing-chain img.qcow2 >chain.txt || fail "qemu-img info --backing-chain"
+[ "$(grep -c '^image:' chain.txt)" = 5 ] || fail "chain is not 5 images: $(grep '^image:' chain.txt)"
+for s in S1 S2 S3 S4; do same img.qcow2@$s ref-$s.raw; check_clean img.qcow2@$s; done
+same img.qcow2 ref-live.raw
+ok
+
+begin list
+"$P" snapshot -l img.qcow2 >list.txt || fail "snapshot -l"
+head -n 2 list.txt | tail -n 1 | grep -q 'KIND' || fail "no KIND column: $(cat list.txt)"
+[ "$(grep -c ' external  img.qcow2@S' list.txt)" = 4 ] || fail "list: $(cat list.txt)"
+# info shows what qemu-img info shows (no external snapshots)
+"$P" info img.qcow2 | grep -q "Snapshot list" && fail "info lists external snapshots"
+ok
+
+begin names
+for bad in "" "a/b" "." ".." "$(printf 'x%.0s' $(seq 1 250))"; do
+    refuse "$P" snapshot -c "$bad" --external img.qcow2
+done
+refuse "$P" snapshot -c S2 --external img.qcow2            # exists
+run "$P" snapshot -c I1 img.qcow2                          # internal
+refuse "$P" snapshot -c I1 --external img.qcow2            # unique across kinds
+refuse "$P" snapshot -c S3 img.qcow2
+refuse "$P" snapshot -a nosuch img.qcow2
+refuse "$P" snapshot -d nosuch img.qcow2
+"$P" snapshot -l img.qcow2 | grep -q ' internal  -$' || fail "internal row: $("$P" snapshot -l img.qcow2)"
+# revert to an external snapshot would drop I1: refused
+refuse "$P" snapshot -a S2 img.qcow2
+run "$P" snapshot -d I1 img.qcow2
+same img.qcow2 ref-live.raw
+ok
+
+begin revert
+run "$P" snapshot -a S2 img.qcow2
+same img.qcow2 ref-S2.raw
+for s in S1 S2 S3 S4; do same img.qcow2@$s ref-$s.raw; check_clean img.qcow2@$s; done
+check_clean img.qcow2
+# a branch: S5 on S2
+run "$P" io -c "write -P 0x77 5M 64k" img.qcow2
+qemu-io -c "write -P 0x78 6M 4k" img.qcow2 >/dev/null
+snap_ref S5
+run "$P" snapshot -c S5 --external img.qcow2
+run "$P" io -c "write -P 0x79 7M 4k" img.qcow2
+snap_ref live
+ok
+
+begin delete
+all="S1 S2 S3 S4 S5"
+verify() {
+    for s in $all; do same img.qcow2@$s ref-$s.raw; check_clean img.qcow2@$s; done
+    same img.qcow2 ref-live.raw; check_clean img.qcow2
+}
+# middle of the chain with two children (S3 and S5 both on S2)
+run "$P" snapshot -d S2 img.qcow2
+[ -e img.qcow2@S2 ] && fail "layer of S2 still there"
+all="S1 S3 S4 S5"; verify
+qemu-img info img.qcow2@S3 | grep -q '^backing file: img.qcow2@S1$' || fail "S3 not rebased to S1"
+# oldest (the original image: its data moves into both children)
+run "$P" snapshot -d S1 -p img.qcow2
+all="S3 S4 S5"; verify
+qemu-img info img.qcow2@S3 | grep -q '^backing file' && fail "S3 still has a backing file"
+# newest (the live image's backing file)
+run "$P" snapshot -d S5 img.qcow2
+all="S3 S4"; verify
+# S5 stood on S2, then on S1, then on nothing: the live image is whole now
+qemu-img info img.qcow2 | grep -q '^backing file' && fail "live still has a backing file"
+# a leaf that nothing reads through
+run "$P" snapshot -d S4 img.qcow2
+all="S3"; verify
+"$P" snapshot -l img.qcow2 | grep -c external | grep -qx 1 || fail "list after deletes"
+ok
+
+begin hostile
+# a layer whose backing file lies outside the directory (absolute, and ../)
+mkdir -p sub
+qemu-img create -q -f qcow2 sub/img.qcow2 4M
+qemu-io -c "write -P 0x12 0 4M" sub/img.qcow2 >/dev/null
+run "$P" snapshot -c A --external sub/img.qcow2
+mv sub/img.qcow2@A outside.qcow2
+qemu-img rebase -u -F qcow2 -b ../outside.qcow2 sub/img.qcow2
+qemu-img convert -O raw sub/img.qcow2 ref-out.raw
+run "$P" io -c "write -P 0x13 0 4k" sub/img.qcow2
+qemu-img convert -O raw sub/img.qcow2 ref-out2.raw
+run "$P" snapshot -c B --external sub/img.qcow2
+run "$P" snapshot -c C --external sub/img.qcow2
+run "$P" snapshot -d B sub/img.qcow2          # B's backing (../outside) goes to C
+same sub/img.qcow2@C ref-out2.raw
+same outside.qcow2 ref-out.raw
+qemu-img info sub/img.qcow2@C | grep -q '^backing file: ../outside.qcow2' || fail "C's backing: $(qemu-img info sub/img.qcow2@C | grep backing)"
+# not a layer: a file with a layer's name that is not qcow2 is not listed
+echo junk >sub/img.qcow2@junk
+"$P" snapshot -l sub/img.qcow2 | grep -q junk && fail "a non-qcow2 file is listed"
+refuse "$P" snapshot -c junk --external sub/img.qcow2
+# a missing layer: clear errors, no crash; snapshot -l opens without the
+# chain, as qemu-img snapshot does
+mv sub/img.qcow2@C gone.qcow2
+refuse "$P" io -c "read 0 4k" sub/img.qcow2
+refuse "$P" snapshot -a C sub/img.qcow2
+refuse "$P" snapshot -d C sub/img.qcow2
+run "$P" snapshot -l sub/img.qcow2
+mv gone.qcow2 sub/img.qcow2@C
+run "$P" io -c "read -P 0x13 0 4k" sub/img.qcow2
+# a symbolic link as the live path: refused (the layer would land elsewhere)
+ln -s sub/img.qcow2 link.qcow2
+refuse "$P" snapshot -c E --external link.qcow2
+# raw images cannot have external snapshots
+qemu-img create -q -f raw r.raw 1M
+refuse "$P" snapshot -c A --external r.raw
+ok
+
+begin leftovers
+# an interrupted create: a second name of the live inode and a temp overlay
+qemu-img create -q -f qcow2 lo.qcow2 1M
+ln lo.qcow2 lo.qcow2@half
+qemu-img create -q -f qcow2 .lo.qcow2.extsnap-tmp 1M
+run "$P" io -c "read 0 4k" lo.qcow2
+[ -e lo.qcow2@half ] && fail "a layer that is still the live inode was kept"
+[ -e .lo.qcow2.extsnap-tmp ] && fail "temporary overlay was kept"
+ok
+
+finish
