@@ -16,5 +16,9 @@ begin chain
 "$EXTSNAP_API" chain "$T" 16 100 || fail "extsnap-api chain"
 [ "$(qemu-img info -U --backing-chain chain.qcow2 | grep -c '^image:')" = 101 ] || fail "chain length"
 qemu-img compare -U chain.qcow2 one.qcow2 >/dev/null || fail "qemu-img compare of the chain and the one-layer image"
+# block status through the chain map answers as QEMU's walk does
+qemu-img map -U --output=json chain.qcow2 >q.json
+"$PMEMSNAP" map -U --output=json chain.qcow2 >p.json || fail "our map"
+cmp -s q.json p.json || fail "map of the chain differs from qemu-img's: $(diff q.json p.json | head -n 4)"
 ok
 finish

@@ -159,6 +159,26 @@ qemu-img create -q -f raw r.raw 1M
 refuse "$P" snapshot -c A --external r.raw
 ok
 
+begin sizes
+# layers of different sizes in a chain deep enough for the chain map: our
+# reads and block status equal QEMU's
+qemu-img create -q -f qcow2 sz.qcow2 4M
+qemu-io -c "write -P 0x21 0 4M" sz.qcow2 >/dev/null
+for s in A B C D; do
+    run "$P" snapshot -c $s --external sz.qcow2
+    run "$P" io -c "write -P 0x3$s 1M 4k" sz.qcow2 2>/dev/null || run "$P" io -c "write -P 0x31 1M 4k" sz.qcow2
+done
+qemu-img resize -q --shrink sz.qcow2@B 2M
+qemu-img resize -q sz.qcow2@C 3M
+qemu-img resize -q sz.qcow2 6M
+qemu-img convert -U -O raw sz.qcow2 q.raw
+"$P" convert -O raw sz.qcow2 p.raw || fail "our convert"
+cmp -s q.raw p.raw || fail "a chain with layers of other sizes reads differently from QEMU"
+qemu-img map -U --output=json sz.qcow2 >q.json
+"$P" map -U --output=json sz.qcow2 >p.json
+cmp -s q.json p.json || fail "map differs: $(diff q.json p.json | head -n 4)"
+ok
+
 begin leftovers
 # an interrupted create: a second name of the live inode and a temp overlay
 qemu-img create -q -f qcow2 lo.qcow2 1M

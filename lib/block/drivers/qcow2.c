@@ -907,19 +907,191 @@ static int decompress(struct bdev *bs, const struct mapping *m, uint8_t *out)
     return 0;
 }
 
+/* ---- chain map: reads through deep backing chains --------------------------
+ *
+ * A chain of external snapshots is one image per snapshot.  Reading an
+ * unallocated range through it the plain way asks every layer in turn
+ * (lock, L2 lookup, recurse): 100 layers cost 100 lookups per cluster.  The
+ * chain map of a node X answers, per granule (X's cluster size) of X's
+ * backing chain, the depth of the first layer that has any L2 entry there
+ * (data, zero or compressed, in any of the granule's (sub)clusters), or that
+ * the whole chain has none (zeroes).  A read then goes straight to that
+ * layer, which reads its own entries the normal way (and goes further down
+ * for what it does not have, through its own map).
+ *
+ * Valid because every node below X is read-only (backing nodes are opened
+ * read-only and never written while attached), so their tables never
+ * change; bdev_set_backing drops the map whenever X's chain is replaced.
+ * Built lazily per region of CHAIN_MAP_REGION granules, under X's lock
+ * (reads run under it), taking each layer's lock while scanning its L1/L2
+ * (downward, as any read through the chain does).  A granule reaching past
+ * a layer's end stops the walk there (that layer's read zero-fills), so the
+ * answer is the same as the walk through every layer.
+ */
+#define CHAIN_MAP_REGION 4096u          /* granules per lazily built region */
+#define CHAIN_MIN_DEPTH 3               /* shallower chains read layer by layer */
+enum { CM_UNKNOWN = 0, CM_NONE = 0xffff };
+
+struct chain_map {
+    unsigned gbits;                     /* log2 granule bytes */
+    uint64_t nregions;
+    uint16_t **region;                  /* nregions pointers, NULL until built */
+};
+
+static void chain_map_free(void *p)
+{
+    struct chain_map *m = p;
+    for (uint64_t i = 0; i < m->nregions; i++)
+        free(m->region[i]);
+    free(m->region);
+    free(m);
+}
+
+/* Does layer y have any L2 entry for guest bytes [a, b)?  y->lock held. */
+static int layer_has_entry(struct bdev *y, uint64_t a, uint64_t b, bool *has)
+{
+    struct qcow2_state *s = QS(y);
+    *has = false;
+    for (uint64_t c = a >> s->cluster_bits; c <= (b - 1) >> s->cluster_bits; c++) {
+        uint64_t l1i = c >> s->l2_bits;
+        if (l1i >= s->l1_size) return 0;
+        uint64_t l2off = s->l1[l1i] & L1E_OFFSET_MASK;
+        if (!l2off) {
+            c |= s->l2_entries - 1;            /* skip the rest of this table */
+            continue;
+        }
+        uint8_t *l2;
+        int r = qcow2_cache_get(y, &s->l2_cache, l2off, &l2);
+        if (r < 0) return r;
+        uint64_t idx = c & (s->l2_entries - 1);
+        if (qcow2_l2_get(s, l2, idx) || qcow2_l2_get_bitmap(s, l2, idx)) {
+            *has = true;
+            return 0;
+        }
+    }
+    return 0;
+}
+
+static int chain_map_build(struct bdev *bs, struct chain_map *m, uint64_t ri)
+{
+    uint16_t *reg = calloc(CHAIN_MAP_REGION, sizeof *reg);
+    if (!reg) return pms_err(ENOMEM, "out of memory");
+    uint64_t g0 = ri * CHAIN_MAP_REGION, gsz = 1ull << m->gbits;
+    uint64_t ng = CHAIN_MAP_REGION, left;
+    if ((g0 + ng) << m->gbits > bs->size)
+        ng = ((bs->size + gsz - 1) >> m->gbits) - g0;
+    left = ng;
+    int d = 1, r = 0;
+    for (struct bdev *y = bs->backing; y && left && r == 0; y = y->backing, d++) {
+        bool qcow2 = y->drv == &pms_drv_qcow2;
+        if (qcow2) pthread_mutex_lock(&y->lock);
+        for (uint64_t i = 0; i < ng && r == 0; i++) {
+            if (reg[i] != CM_UNKNOWN) continue;
+            uint64_t a = (g0 + i) << m->gbits, b = a + gsz;
+            if (b > bs->size) b = bs->size;
+            bool stop = !qcow2 || b > y->size;
+            if (!stop) r = layer_has_entry(y, a, b, &stop);
+            if (stop) {
+                reg[i] = (uint16_t)d;
+                left--;
+            }
+        }
+        if (qcow2) pthread_mutex_unlock(&y->lock);
+    }
+    if (r < 0) { free(reg); return r; }
+    for (uint64_t i = 0; i < ng; i++)
+        if (reg[i] == CM_UNKNOWN) reg[i] = CM_NONE;
+    m->region[ri] = reg;
+    return 0;
+}
+
+/* The chain map of bs, built on first use; NULL when the chain is too short
+ * to need one (or allocation failed: the plain walk is always correct). */
+static struct chain_map *chain_map_get(struct bdev *bs)
+{
+    if (bs->chain_map) return bs->chain_map;
+    int depth = 0;
+    for (struct bdev *y = bs->backing; y; y = y->backing) depth++;
+    if (depth < CHAIN_MIN_DEPTH || depth >= CM_NONE) return NULL;
+    struct chain_map *m = calloc(1, sizeof *m);
+    if (!m) return NULL;
+    m->gbits = QS(bs)->cluster_bits;
+    uint64_t ng = (bs->size + (1ull << m->gbits) - 1) >> m->gbits;
+    m->nregions = (ng + CHAIN_MAP_REGION - 1) / CHAIN_MAP_REGION;
+    m->region = calloc(m->nregions ? m->nregions : 1, sizeof *m->region);
+    if (!m->region) { free(m); return NULL; }
+    bs->chain_map = m;
+    bs->chain_map_free = chain_map_free;
+    return m;
+}
+
+/* Read [off, off+len) from node y, zeroes past its end. */
+static int read_layer(struct bdev *y, uint8_t *buf, uint64_t len, uint64_t off)
+{
+    uint64_t ysize = y->size;
+    uint64_t n = off >= ysize ? 0 : (len < ysize - off ? len : ysize - off);
+    if (n) {
+        int r = bdev_pread(y, buf, n, off);
+        if (r < 0) return r;
+    }
+    if (n < len) memset(buf + n, 0, len - n);
+    return 0;
+}
+
+/* Where bytes [off, off+len) that bs does not allocate come from: *y the
+ * layer to read (NULL: nothing in the chain, zeroes), *d its depth below bs
+ * (1 = bs->backing; with *y NULL the depth of the last layer), *n how many
+ * bytes from off share the answer (1..len).  Without a map: the backing
+ * node for all of it. */
+static int chain_target(struct bdev *bs, uint64_t off, uint64_t len, struct bdev **y, int *d,
+                        uint64_t *n)
+{
+    struct chain_map *m = off + len <= bs->size ? chain_map_get(bs) : NULL;
+    if (!m) {
+        *y = bs->backing;
+        *d = 1;
+        *n = len;
+        return 0;
+    }
+    uint64_t g = off >> m->gbits, ri = g / CHAIN_MAP_REGION;
+    if (!m->region[ri]) {
+        int r = chain_map_build(bs, m, ri);
+        if (r < 0) return r;
+    }
+    uint16_t v = m->region[ri][g % CHAIN_MAP_REGION];
+    uint64_t end = (g + 1) << m->gbits;
+    while (end < off + len) {           /* the following granules with the same answer */
+        uint64_t g2 = end >> m->gbits, r2 = g2 / CHAIN_MAP_REGION;
+        if (!m->region[r2] || m->region[r2][g2 % CHAIN_MAP_REGION] != v) break;
+        end += 1ull << m->gbits;
+    }
+    *n = (end < off + len ? end : off + len) - off;
+    struct bdev *t = bs->backing;
+    int k = 1;
+    for (; t->backing && (v == CM_NONE || k < v); t = t->backing) k++;
+    *y = v == CM_NONE ? NULL : t;
+    *d = k;
+    return 0;
+}
+
 static int read_backing(struct bdev *bs, uint8_t *buf, uint64_t len, uint64_t off)
 {
     if (!bs->backing) {
         memset(buf, 0, len);
         return 0;
     }
-    uint64_t bsize = bs->backing->size;
-    uint64_t n = off >= bsize ? 0 : (len < bsize - off ? len : bsize - off);
-    if (n) {
-        int r = bdev_pread(bs->backing, buf, n, off);
+    while (len) {
+        struct bdev *y;
+        int d;
+        uint64_t n;
+        int r = chain_target(bs, off, len, &y, &d, &n);
+        if (r == 0) {
+            if (y) r = read_layer(y, buf, n, off);
+            else memset(buf, 0, n);
+        }
         if (r < 0) return r;
+        buf += n; off += n; len -= n;
     }
-    if (n < len) memset(buf + n, 0, len - n);
     return 0;
 }
 
@@ -934,6 +1106,14 @@ static int do_read(struct bdev *bs, uint8_t *buf, uint64_t len, uint64_t off)
         uint64_t n = m.bytes;
         switch (m.type) {
         case SC_UNALLOCATED:
+            /* one backing read for a run of unallocated clusters */
+            while (n < len) {
+                struct mapping m2;
+                r = get_mapping(bs, off + n, len - n, &m2);
+                if (r < 0) return r;
+                if (m2.type != SC_UNALLOCATED) break;
+                n += m2.bytes;
+            }
             r = read_backing(bs, buf, n, off);
             break;
         case SC_ZERO:
@@ -2153,13 +2333,26 @@ static int qcow2_block_status(struct bdev *bs, uint64_t off, uint64_t len, struc
                 h = m.host;
             } else if (bs->backing && off + done < bs->backing->size) {
                 struct pms_extent be;
+                struct bdev *y;
+                int yd;
                 uint64_t bl = n < bs->backing->size - (off + done) ? n : bs->backing->size - (off + done);
-                r = bdev_block_status(bs->backing, off + done, bl, &be);
+                /* straight to the layer that has something (chain map) */
+                r = chain_target(bs, off + done, bl, &y, &yd, &bl);
                 if (r < 0) return r;
-                f = be.flags;
-                h = be.host_offset;
-                d = be.depth + 1;
-                n = be.length;
+                if (!y) {                       /* no layer has anything */
+                    f = PMS_BLOCK_ZERO; h = 0; d = yd; n = bl;
+                } else if (off + done >= y->size) {
+                    /* past the end of the layer: zeroes at its parent */
+                    f = PMS_BLOCK_ZERO; h = 0; d = yd - 1; n = bl;
+                } else {
+                    if (bl > y->size - (off + done)) bl = y->size - (off + done);
+                    r = bdev_block_status(y, off + done, bl, &be);
+                    if (r < 0) return r;
+                    f = be.flags;
+                    h = be.host_offset;
+                    d = be.depth + yd;
+                    n = be.length;
+                }
             } else {
                 f = PMS_BLOCK_ZERO;     /* beyond the chain: depth 0, like qemu */
             }
