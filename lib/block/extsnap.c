@@ -67,6 +67,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -82,6 +83,16 @@
 /* Bytes copied per request while merging: large enough to stream, small
  * enough that progress and other users of the node are not starved. */
 #define MERGE_CHUNK (1u << 20)
+
+/* Test hook: PMS_EXTSNAP_KILL_AT=<point> kills the process (SIGKILL) when it
+ * gets there, so tests/extsnap/extsnap-kill.sh reaches every step of the
+ * crash rule above deterministically (random kills cover the rest). */
+static void kill_point(const char *point)
+{
+    const char *e = getenv("PMS_EXTSNAP_KILL_AT");
+    if (e && !strcmp(e, point))
+        raise(SIGKILL);
+}
 
 /* ---- names and paths ------------------------------------------------------ */
 
@@ -348,6 +359,7 @@ static int create_locked(struct bdev *bs, const char *name, const struct paths *
     if (r < 0) goto drop_tmp;
     r = bs->drv->flush(bs);
     if (r < 0) goto drop_tmp;
+    kill_point("create-overlay");
     if (link(p->live, layer) < 0) {
         r = pms_err(errno, "could not create layer file '%s': %s", layer, strerror(errno));
         goto drop_tmp;
@@ -359,12 +371,14 @@ static int create_locked(struct bdev *bs, const char *name, const struct paths *
         r = open_node(layer, true, true, bs->cache_mode, &lower);
     if (r < 0)
         goto drop_layer;
+    kill_point("create-link");
     /* commit point */
     if (rename(p->tmp, p->live) < 0) {
         r = pms_err(errno, "could not switch '%s' to the new overlay: %s", p->live,
                     strerror(errno));
         goto drop_layer;
     }
+    kill_point("create-rename");
     r = fsync_dir(p->dir);
     bdev_set_backing(lower, bdev_take_backing(bs));
     take_over(bs, ov);
@@ -424,6 +438,7 @@ static int revert_locked(struct bdev *bs, const char *name, const struct paths *
     if (r < 0) goto out;
     r = open_node(p->tmp, false, true, bs->cache_mode, &ov);
     if (r < 0) goto out;
+    kill_point("revert-overlay");
     if (rename(p->tmp, p->live) < 0) {        /* commit point */
         r = pms_err(errno, "could not switch '%s' to the new overlay: %s", p->live,
                     strerror(errno));
@@ -497,6 +512,7 @@ static int stream(struct bdev *c, bool locked, struct merge *m)
                                : bdev_pwrite(c, m->buf, e.length, off);
             }
             if (r < 0) return r;
+            kill_point("delete-streaming");
         }
         off += e.length;
         m->done += e.length;
@@ -633,9 +649,11 @@ static int delete_locked(struct bdev *bs, const char *name, const struct paths *
         r = stream(c, false, m);
         if (r == 0) r = bdev_flush(c);
         if (r == 0) {
+            kill_point("delete-streamed-layer");
             pthread_mutex_lock(&c->lock);
             r = rebase(c, bname, bfmt);
             pthread_mutex_unlock(&c->lock);
+            kill_point("delete-rebased-layer");
         }
         bdev_close(c);
         /* a layer's date is its snapshot's instant: keep it */
@@ -650,12 +668,14 @@ static int delete_locked(struct bdev *bs, const char *name, const struct paths *
         if (r == 0) {
             r = stream(bs, true, m);
             if (r == 0) r = bs->drv->flush(bs);
+            if (r == 0) kill_point("delete-streamed-live");
             if (r == 0) r = rebase(bs, bname, bfmt);
             nb = bdev_take_backing(bs);
             bdev_close(nb);
         }
     }
     if (r == 0) {
+        kill_point("delete-unlink");
         if (unlink(layer) < 0)
             r = pms_err(errno, "could not remove '%s': %s", layer, strerror(errno));
         else
