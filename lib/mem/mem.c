@@ -150,6 +150,9 @@ struct pms_mem {
                                         (atomic word loads) */
     _Atomic bool no_evict;           /* a failed re-dirty left a written page looking
                                         clean: eviction could drop it, so it stops */
+    uint64_t *since;                 /* pages written to the image since snapshot
+                                        since_name was taken or reverted to (wb_mu) */
+    char *since_name;                /* NULL: `since` means nothing (wb_mu) */
     uint8_t *fbuf, *pbuf;            /* fault / prefetch read buffers */
     struct page_region *vec;         /* PAGEMAP_SCAN output (wb_mu) */
     struct run *runs;                /* writeback and snapshot cut runs (wb_mu) */
@@ -660,6 +663,22 @@ static int write_runs(struct pms_mem *m, const struct run *runs, uint64_t n,
     return 0;
 }
 
+/* Record that [off, off+len) of the image changed since snapshot
+ * since_name.  wb_mu held. */
+static void since_mark(struct pms_mem *m, uint64_t off, uint64_t len)
+{
+    for (uint64_t p = off / PG; p < (off + len + PG - 1) / PG && p < m->npages; p++)
+        bset(m->since, p);
+}
+
+/* Start tracking changes since snapshot name (NULL: stop).  wb_mu held. */
+static void since_reset(struct pms_mem *m, const char *name)
+{
+    free(m->since_name);
+    m->since_name = name ? strdup(name) : NULL;
+    madvise(m->since, (m->npages / 64 + 1) * 8, MADV_DONTNEED);   /* zeroes */
+}
+
 /* Collect the sync-mode dirty runs of [s, e) into m->runs, at most max
  * runs; with rearm, re-protect them and then clear their bits (without, they
  * stay dirty and writable: the snapshot cut).  A run whose re-protect fails
@@ -770,8 +789,11 @@ static int64_t writeback(struct pms_mem *m, uint64_t s, uint64_t e)
                 redirty(m, m->runs[j].off, m->runs[j].len);
             return r;
         }
-        for (int64_t i = 0; i < n; i++)
+        for (int64_t i = 0; i < n; i++) {
             bytes += (int64_t)m->runs[i].len;
+            if (m->since_name)
+                since_mark(m, m->runs[i].off, m->runs[i].len);
+        }
     }
     return bytes;
 }
@@ -1066,6 +1088,8 @@ static void mem_free(struct pms_mem *m)
     if (m->resident) munmap(m->resident, (m->npages / 64 + 1) * 8);
     if (m->dirty) munmap(m->dirty, (m->npages / 64 + 1) * 8);
     if (m->poison) munmap(m->poison, (m->npages / 64 + 1) * 8);
+    if (m->since) munmap(m->since, (m->npages / 64 + 1) * 8);
+    free(m->since_name);
     if (m->vec) munmap(m->vec, SCAN_VEC * sizeof *m->vec);
     if (m->runs) munmap(m->runs, m->nruns_max * sizeof *m->runs);
     if (m->wv) munmap(m->wv, WB_BATCH_RUNS * sizeof *m->wv);
@@ -1235,6 +1259,7 @@ int pms_mem_map(pms_dev *dev, const struct pms_map_opts *o, struct pms_mem **mem
     m->resident = vmalloc(bm);
     m->dirty = vmalloc(bm);
     m->poison = vmalloc(bm);
+    m->since = vmalloc(bm);
     m->vec = vmalloc(SCAN_VEC * sizeof *m->vec);
     m->runs = vmalloc(m->nruns_max * sizeof *m->runs);
     m->wv = vmalloc(WB_BATCH_RUNS * sizeof *m->wv);
@@ -1242,7 +1267,7 @@ int pms_mem_map(pms_dev *dev, const struct pms_map_opts *o, struct pms_mem **mem
     m->fbuf = malloc(RA_MAX > m->chunk ? RA_MAX : m->chunk);
     m->pbuf = malloc(PF_STEP);
     m->evfd = eventfd(0, EFD_CLOEXEC);
-    if (!m->resident || !m->dirty || !m->poison || !m->vec || !m->runs || !m->wv || !m->stage || !m->fbuf ||
+    if (!m->resident || !m->dirty || !m->poison || !m->since || !m->vec || !m->runs || !m->wv || !m->stage || !m->fbuf ||
         !m->pbuf || m->evfd < 0) {
         mem_free(m);
         return pms_err(ENOMEM, "out of memory");
@@ -1511,6 +1536,8 @@ int pms_mem_discard(struct pms_mem *m, size_t len, uint64_t off)
         r = bdev_discard(m->bs, (e < m->size ? e : m->size) - s, s);
     if (r == 0)
         r = drop_range(m, s, e);
+    if (m->since_name)
+        since_mark(m, s, e - s);
     pthread_mutex_unlock(&m->mu);
     pthread_mutex_unlock(&m->wb_mu);
     return r;
@@ -1716,6 +1743,13 @@ int pms_mem_snapshot_create(struct pms_mem *m, const char *name, unsigned flags)
     r = nr < 0 ? (int)nr : commit(m, name, nr, &staged);
     if (nr >= 0)
         stage_trim(m, staged, keep);
+    if (r == 0) {
+        /* the cut's final set stays dirty and is written again: it counts
+         * as changed since this snapshot (conservative) */
+        since_reset(m, name);
+        for (int64_t i = 0; i < nr; i++)
+            since_mark(m, m->runs[i].off, m->runs[i].len);
+    }
     pthread_mutex_unlock(&m->wb_mu);
     if (getenv("PMS_MEM_DEBUG"))
         fprintf(stderr, "snapshot %s: pre-copy %.2f ms (%lld B), pause %.2f ms, "
@@ -1860,7 +1894,16 @@ int pms_mem_snapshot_revert(struct pms_mem *m, const char *name)
     struct drops d = { .m = m };
     pthread_mutex_lock(&m->wb_mu);
     bool whole = !bs->drv->snapshot_changed;
-    if (!whole) {
+    if (m->since_name && !strcmp(m->since_name, name)) {
+        /* the snapshot this mapping took or reverted to last: the pages
+         * written since are known exactly */
+        whole = false;
+        for (uint64_t p = 0; p < m->npages; p++)
+            if (!m->since[p >> 6])
+                p |= 63;
+            else if (bit(m->since, p) && (whole = drops_add(&d, p * PG, PG) < 0))
+                break;
+    } else if (!whole) {
         pthread_mutex_lock(&bs->lock);
         whole = bs->drv->snapshot_changed(bs, name, drops_add, &d) < 0;
         pthread_mutex_unlock(&bs->lock);
@@ -1878,6 +1921,7 @@ int pms_mem_snapshot_revert(struct pms_mem *m, const char *name)
                         "pages (%s): unmap without persisting", name, pms_err_get());
         m->seq_next = UINT64_MAX;
         pthread_mutex_unlock(&m->mu);
+        since_reset(m, r == 0 ? name : NULL);
     }
     pthread_mutex_unlock(&m->wb_mu);
     free(d.v);

@@ -313,6 +313,19 @@ static int t_revert(const char *img, const char *mode)
     stores(p, len, &seed, 100);
     API(pms_snapshot_revert(d, "b"));
     CHECK(memcmp(p, refb, len) == 0, "memory differs from snapshot b after revert");
+    /* again to the snapshot reverted to last: the mapping knows exactly
+     * which pages changed since (written back, dirty, discarded) */
+    stores(p, len, &seed, 200);
+    API(pms_persist(d, p, len));
+    stores(p, len, &seed, 100);
+    API(pms_discard(d, 1 << 20, 2 << 20));
+    API(pms_snapshot_revert(d, "b"));
+    CHECK(memcmp(p, refb, len) == 0, "memory differs from snapshot b after a second revert");
+    API(pms_snapshot_create(d, "c"));
+    stores(p, len, &seed, 300);
+    usleep(100 * 1000);
+    API(pms_snapshot_revert(d, "c"));
+    CHECK(memcmp(p, refb, len) == 0, "memory differs from snapshot c after revert");
     API(pms_close(d));
     free(refa);
     free(refb);
