@@ -914,7 +914,7 @@ int cmd_snapshot(int argc, char **argv)
 
 /* ---- map ------------------------------------------------------------------------ */
 
-#define MAX_CHAIN 64
+#define MAX_CHAIN 256               /* as the qcow2 driver's deepest chain */
 
 struct chain {
     int n;
@@ -972,9 +972,10 @@ static void chain_load(struct chain *c, const char *file, const char *fmt)
         cur = info.backing_file[0] ? path_combine(cur, info.backing_file) : NULL;
         f = info.backing_format[0] ? NULL : NULL;
     }
-    if (cur && c->n < MAX_CHAIN && c->name[c->n] == cur) {
-        free(cur);
-        c->name[c->n] = NULL;
+    if (cur && (c->n >= MAX_CHAIN || c->name[c->n] == cur)) {
+        free(cur);                     /* not opened, or past the deepest chain kept */
+        if (c->n < MAX_CHAIN)
+            c->name[c->n] = NULL;
     }
 }
 

@@ -6,7 +6,7 @@
 # oldest, a middle and the newest snapshot, name rules and hostile layers.
 . "$(dirname "$0")/lib.sh"
 SZ=8M
-[ -n "${PMS_SANITIZED:-}" ] && SZ=4M
+
 
 begin create
 qemu-img create -q -f qcow2 img.qcow2 $SZ
