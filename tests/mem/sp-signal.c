@@ -1,4 +1,5 @@
-/* The safepoint's signal and the application's own signal handlers.
+/* The safepoint's signal and the application's own signal handlers; the
+ * stop failing.
  *
  *   sp-signal CASE IMG       (one case per process: the choice is per process)
  *
@@ -15,9 +16,18 @@
  * replaced  the application installs a handler on the library's signal
  *           after pms_map: the live snapshot fails at once with EBUSY and a
  *           message; PMS_SNAP_QUIESCED still works
+ * procfail  getdents64 fails with EIO in the snapshotting thread (a seccomp
+ *           filter): the live snapshot fails with EIO and says so (it used
+ *           to take the error for "no more threads" and report success),
+ *           the writer thread is left running
  * Exit 0 = pass, 1 = fail, 77 = no dirty tracking.
  */
 #include <errno.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -34,6 +44,7 @@
 #define API(call) do { int r_ = (call); if (r_ < 0) FAIL("%s: %s", #call, pms_errmsg()); } while (0)
 
 static atomic_int g_hits, g_stop;
+static atomic_ulong g_n;                 /* the writer's progress */
 static volatile uint64_t *g_q;
 
 static void app_handler(int sig)
@@ -68,8 +79,10 @@ static int is_lib(int sig)    /* a handler that is neither ours nor default */
 static void *writer(void *arg)
 {
     (void)arg;
-    for (uint64_t n = 1; !atomic_load(&g_stop); n++)
+    for (uint64_t n = 1; !atomic_load(&g_stop); n++) {
         g_q[(n * 512) % (1 << 17)] = n;
+        atomic_store_explicit(&g_n, n, memory_order_relaxed);
+    }
     return NULL;
 }
 
@@ -91,6 +104,23 @@ static int map_it(const char *img)
     }
     g_q = a;
     return r;
+}
+
+/* getdents64 returns EIO in the calling thread from now on */
+static void fail_getdents(void)
+{
+    struct sock_filter f[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_getdents64, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EIO),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog prog = { sizeof f / sizeof f[0], f };
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 ||
+        prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) < 0) {
+        fprintf(stderr, "SKIP: seccomp: %s\n", strerror(errno));
+        exit(77);
+    }
 }
 
 static void snapshots(int n)
@@ -116,7 +146,7 @@ static void unmap_close(void)
 int main(int argc, char **argv)
 {
     if (argc != 3) {
-        fprintf(stderr, "usage: %s own|blocked|env|env-taken|env-bad|replaced IMG\n", argv[0]);
+        fprintf(stderr, "usage: %s own|blocked|env|env-taken|env-bad|replaced|procfail IMG\n", argv[0]);
         return 2;
     }
     const char *c = argv[1], *img = argv[2];
@@ -178,6 +208,27 @@ int main(int argc, char **argv)
               "message: %s", pms_errmsg());
         CHECK(s < 0.5, "took %.2f s to refuse", s);
         printf("replaced refused in %.3f s: %s\n", s, pms_errmsg());
+        API(pms_snapshot_create_ex(g_dev, "quiesced", PMS_SNAP_QUIESCED));
+        unmap_close();
+    } else if (strcmp(c, "procfail") == 0) {
+        API(map_it(img));
+        pthread_t th;
+        CHECK(pthread_create(&th, NULL, writer, NULL) == 0, "pthread_create");
+        usleep(10000);
+        fail_getdents();
+        int r = pms_snapshot_create(g_dev, "live");
+        CHECK(r == -EIO, "snapshot with getdents64 failing returned %d (%s)", r,
+              r < 0 ? pms_errmsg() : "success");
+        CHECK(strstr(pms_errmsg(), "/proc/self/task"), "message: %s", pms_errmsg());
+        uint64_t a = atomic_load(&g_n), b = a;
+        for (int i = 0; i < 1000 && b == a; i++) {
+            usleep(1000);
+            b = atomic_load(&g_n);
+        }
+        CHECK(b != a, "the writer was left stopped after the failed stop");
+        printf("procfail refused: %s\n", pms_errmsg());
+        atomic_store(&g_stop, 1);
+        pthread_join(th, NULL);
         API(pms_snapshot_create_ex(g_dev, "quiesced", PMS_SNAP_QUIESCED));
         unmap_close();
     } else {

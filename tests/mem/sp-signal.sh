@@ -1,6 +1,7 @@
 #!/bin/bash
-# The safepoint's signal versus the application's own handlers (sp-signal.c,
-# one case per process); the snapshots taken are checked with qemu-img.
+# The safepoint's signal versus the application's own handlers, and a stop
+# that fails (sp-signal.c, one case per process); the snapshots taken are
+# checked with qemu-img.
 . "$(dirname "$0")/lib.sh"
 SPSIGNAL=${SPSIGNAL:-$(dirname "$MEMTEST")/sp-signal}
 run() {     # run CASE NSNAP [ENV=VALUE]
@@ -19,4 +20,5 @@ run env 2 PMEMSNAP_SIGNAL=RTMAX-2
 run env-taken 0 PMEMSNAP_SIGNAL=RTMIN+6
 run env-bad 0 PMEMSNAP_SIGNAL=bogus
 run replaced 1
+run procfail 1
 echo ok
