@@ -54,29 +54,8 @@ for o, l, p in out:
 PY
 }
 
-# l2dump IMG: one line per guest cluster: COPIED/compressed flags, whether a
-# host offset is set, and the subcluster bitmap (extended L2).
-l2dump() {
-    $PY - "$1" <<'PY'
-import struct, sys
-f = open(sys.argv[1], 'rb'); h = f.read(112)
-cb = struct.unpack('>I', h[20:24])[0]; cs = 1 << cb
-l1n = struct.unpack('>I', h[36:40])[0]; l1off = struct.unpack('>Q', h[40:48])[0]
-inc = struct.unpack('>Q', h[72:80])[0] if struct.unpack('>I', h[4:8])[0] >= 3 else 0
-es = 16 if inc & 16 else 8
-f.seek(l1off); l1 = struct.unpack('>%dQ' % l1n, f.read(8 * l1n))
-for i, e in enumerate(l1):
-    t = e & 0x00fffffffffffe00
-    if not t:
-        continue
-    f.seek(t); d = f.read(cs)
-    for j in range(cs // es):
-        v = struct.unpack('>Q', d[j * es:j * es + 8])[0]
-        bm = struct.unpack('>Q', d[j * es + 8:j * es + 16])[0] if es == 16 else 0
-        if v or bm:
-            print(i * (cs // es) + j, v >> 62, int(bool(v & 0x00fffffffffffe00)), v & 1, '%016x' % bm)
-PY
-}
+# l2dump IMG: the L2 entries, host offsets aside (see l2dump.py)
+l2dump() { $PY "$SRCDIR_BLOCK/l2dump.py" "$1"; }
 
 # marker_ref REF RUNS CS OUT: the reference with every cluster a run touches
 # set to 0xee first (what fill mode "marker" must produce on shared clusters)

@@ -4,7 +4,9 @@
  * refcount width, extended L2 and an initial qemu snapshot chosen by the
  * seed); we open it through the fault-injecting driver
  * ("seed=S,crash_after=K,mode=drop|tear") and run a random workload of
- * writes, compressed writes (16+-bit refcounts), zero writes, discards,
+ * writes, batched writes (bdev_pwrite_batch with a fill callback answering
+ * from the model, or declining), compressed writes (16+-bit refcounts), zero
+ * writes, discards,
  * snapshot creates/deletes and flushes.  The
  * model remembers the content as of the last successful flush and which
  * bytes were touched after it.  When an operation fails with EIO the device
@@ -34,6 +36,7 @@
 #include <time.h>
 #include <unistd.h>
 #include "pmemsnap.h"
+#include "pms-dev.h"          /* dev->bs, for bdev_pwrite_batch */
 
 static bool verbose, keep;
 static char tmpdir[256];
@@ -200,6 +203,20 @@ static void model_write(struct ctx *x, uint64_t off, uint64_t len, int pat)
 {
     memset(x->cur + off, pat, len);
     memset(x->dirty + off, 1, len);
+}
+
+/* Fill callback of the batched writes: the device's bytes are the model's
+ * (as the memory device's resident pages are); mode 2 declines ranges with
+ * an odd 4 KiB page (partly resident memory). */
+struct bfill { struct ctx *x; int mode; };
+static bool batch_fill(void *opaque, void *buf, uint64_t len, uint64_t off)
+{
+    struct bfill *f = opaque;
+    if (f->mode == 2)
+        for (uint64_t pg = off / 4096; pg <= (off + len - 1) / 4096; pg++)
+            if (pg & 1) return false;
+    memcpy(buf, f->x->cur + off, len);
+    return true;
 }
 
 /* A template image per configuration, made by qemu-img (and qemu-io). */
@@ -615,6 +632,36 @@ static int run_seed(uint64_t seed)
                 memcpy(x->cur + off, buf, len);
                 memset(x->dirty + off, 1, len);
             }
+        } else if (kind >= 38 && kind < 45) {
+            /* a batch of runs, as the memory device writes back: sorted,
+             * some touching, crossing clusters; the bytes of the clusters
+             * they rewrite come from fill (the model) or are read back */
+            struct bdev_wvec v[8];
+            int pats[8], nr = (int)rnd_range(1, 8), k = 0;
+            uint64_t pos = off, prev_end = 0;
+            for (; k < nr && pos < c->size; k++) {
+                uint64_t l = rnd() % 3 == 0 ? rnd_range(1, 600) : rnd_range(1, maxlen / 2 + 1);
+                if (rnd() % 2 && pos - pos % 4096 >= prev_end) {
+                    pos -= pos % 4096;
+                    l = 4096 * rnd_range(1, 3);
+                }
+                if (k == 0) off = pos;
+                if (pos + l > c->size) l = c->size - pos;
+                pats[k] = (int)rnd_range(1, 255);
+                memset(buf + pos, pats[k], l);
+                v[k] = (struct bdev_wvec){ pos, l, buf + pos };
+                prev_end = pos + l;
+                pos += l + (rnd() % 3 == 0 ? 0 : rnd_range(1, 2 * (uint64_t)c->cs));
+            }
+            nr = k;
+            len = v[nr - 1].off + v[nr - 1].len - off;
+            struct bfill bf = { x, (int)(rnd() % 3) };
+            snprintf(opdesc, sizeof opdesc, "batch of %d runs %llu..%llu (fill %s)", nr,
+                     (unsigned long long)off, (unsigned long long)(off + len),
+                     bf.mode == 0 ? "none" : bf.mode == 1 ? "model" : "odd pages declined");
+            r = bdev_pwrite_batch(dev->bs, v, (size_t)nr, bf.mode ? batch_fill : NULL, &bf);
+            if (r == 0)
+                for (k = 0; k < nr; k++) model_write(x, v[k].off, v[k].len, pats[k]);
         } else if (kind < 45) {
             int pat = (int)rnd_range(1, 255);
             snprintf(opdesc, sizeof opdesc, "write -P 0x%02x %llu %llu", pat,

@@ -1351,38 +1351,37 @@ static int comb_flush(struct wctx *w)
     return r;
 }
 
-/* Room for len bytes at host offset host in the bounce buffer, merged with
- * the pending extent when contiguous.  NULL with the error set on failure. */
-static uint8_t *comb_bounce(struct wctx *w, uint64_t host, uint64_t len)
+/* Room *p for len bytes at host offset host in the bounce buffer, merged
+ * with the pending extent when contiguous. */
+static int comb_bounce(struct wctx *w, uint64_t host, uint64_t len, uint8_t **p)
 {
     struct qcow2_state *s = QS(w->bs);
-    if (w->len && (w->direct || host != w->host + w->len || w->len + len > BOUNCE_MAX))
-        if (comb_flush(w) < 0) return NULL;
+    if (w->len && (w->direct || host != w->host + w->len || w->len + len > BOUNCE_MAX)) {
+        int r = comb_flush(w);
+        if (r < 0) return r;
+    }
     if (w->len + len > s->bcap) {
         size_t nc = s->bcap ? s->bcap * 2 : s->cluster_size;
         while (nc < w->len + len) nc *= 2;
         if (nc > BOUNCE_MAX && w->len + len <= BOUNCE_MAX) nc = BOUNCE_MAX;
         uint8_t *nb = realloc(s->bbuf, nc);
-        if (!nb) {
-            pms_err(ENOMEM, "out of memory");
-            return NULL;
-        }
+        if (!nb) return pms_err(ENOMEM, "out of memory");
         s->bbuf = nb;
         s->bcap = nc;
     }
     if (!w->len) w->host = host;
-    uint8_t *p = s->bbuf + w->len;
+    *p = s->bbuf + w->len;
     w->len += len;
-    return p;
+    return 0;
 }
 
 static int comb_direct(struct wctx *w, uint64_t host, const uint8_t *src, uint64_t len)
 {
     if (len < DIRECT_MIN) {
-        uint8_t *p = comb_bounce(w, host, len);
-        if (!p) return -ENOMEM;
-        memcpy(p, src, len);
-        return 0;
+        uint8_t *p;
+        int r = comb_bounce(w, host, len, &p);
+        if (r == 0) memcpy(p, src, len);
+        return r;
     }
     if (w->len && w->direct && host == w->host + w->len && src == w->direct + w->len &&
         w->len + len <= RUN_MAX_BYTES) {
@@ -1411,10 +1410,10 @@ static int comb_zero(struct wctx *w, uint64_t host, uint64_t len)
         len = w->flen0 - host;
     }
     if (len < PUNCH_MIN) {
-        uint8_t *p = comb_bounce(w, host, len);
-        if (!p) return -ENOMEM;
-        memset(p, 0, len);
-        return 0;
+        uint8_t *p;
+        int r = comb_bounce(w, host, len, &p);
+        if (r == 0) memset(p, 0, len);
+        return r;
     }
     int r = comb_flush(w);
     if (r == 0) r = bdev_file_zero(w->bs->file, len, host);
@@ -1501,10 +1500,11 @@ static int emit_built(struct wctx *w, const struct wjob *j, const struct wpiece 
             pos = q->in + q->len;
         }
         if (need_read) {
-            uint8_t *b = comb_bounce(w, j->host + x, y - x);
-            if (!b) return -ENOMEM;
+            uint8_t *b;
+            int r = comb_bounce(w, j->host + x, y - x, &b);
+            if (r < 0) return r;
             uint64_t rl = clen > x ? (clen < y ? clen : y) - x : 0;
-            int r = rl ? do_read(w->bs, b, rl, j->base + x) : 0;
+            if (rl) r = do_read(w->bs, b, rl, j->base + x);
             if (r < 0) return r;
             if (rl < y - x) memset(b + rl, 0, y - x - rl);
             for (const struct wpiece *q = pc; q < pe && q->in < y; q++) {
@@ -1534,10 +1534,10 @@ static int emit_built(struct wctx *w, const struct wjob *j, const struct wpiece 
             r = comb_zero(w, j->host + pos, g1 - pos);
         else {
             uint64_t rl = (clen < g1 ? clen : g1) - pos;     /* pos < clen: not all zero */
-            uint8_t *b = comb_bounce(w, j->host + pos, g1 - pos);
-            if (!b) return -ENOMEM;
-            r = fill_or_read(w, b, rl, j->base + pos);
-            if (rl < g1 - pos) memset(b + rl, 0, g1 - pos - rl);
+            uint8_t *b;
+            r = comb_bounce(w, j->host + pos, g1 - pos, &b);
+            if (r == 0) r = fill_or_read(w, b, rl, j->base + pos);
+            if (r == 0 && rl < g1 - pos) memset(b + rl, 0, g1 - pos - rl);
         }
         if (r < 0) return r;
         pos = g1;
