@@ -336,39 +336,94 @@ int bdev_extsnap_recover(struct bdev *bs)
 
 /* ---- create ------------------------------------------------------------------- */
 
-static int create_locked(struct bdev *bs, const char *name, const struct paths *p,
-                         const char *layer)
+struct bdev_extsnap_prep {
+    struct bdev *bs;
+    struct paths p;
+    char layer[PATH_MAX];
+    char name[BDEV_EXTSNAP_NAME_MAX + 1];
+    struct bdev *ov;                  /* the new overlay at the temporary name */
+    uint64_t size;                    /* bs->size it was made for */
+};
+
+static int prepare_locked(struct bdev_extsnap_prep *x)
 {
+    struct bdev *bs = x->bs;
+    const struct paths *p = &x->p;
     recover(bs, p);
     struct stat st;
-    if (lstat(layer, &st) == 0)
-        return pms_err(EEXIST, "snapshot '%s' already exists (layer file '%s')", name, layer);
+    if (lstat(x->layer, &st) == 0)
+        return pms_err(EEXIST, "snapshot '%s' already exists (layer file '%s')", x->name,
+                       x->layer);
     if (errno != ENOENT)
-        return pms_err(errno, "cannot look for '%s': %s", layer, strerror(errno));
-    int r = internal_exists(bs, name);
+        return pms_err(errno, "cannot look for '%s': %s", x->layer, strerror(errno));
+    int r = internal_exists(bs, x->name);
     if (r < 0) return r;
     if (r > 0)
-        return pms_err(EEXIST, "an internal snapshot called '%s' exists", name);
-
-    char bname[NAME_MAX + 2];
-    snprintf(bname, sizeof bname, "%s@%s", p->base, name);
+        return pms_err(EEXIST, "an internal snapshot called '%s' exists", x->name);
+    char bname[PATH_MAX];             /* "IMG@NAME": checked to fit NAME_MAX */
+    snprintf(bname, sizeof bname, "%s@%s", p->base, x->name);
     r = create_overlay(p->tmp, bs->size, bname);
     if (r < 0) return r;
-    struct bdev *ov = NULL, *lower = NULL;
-    r = open_node(p->tmp, false, true, bs->cache_mode, &ov);
-    if (r < 0) goto drop_tmp;
-    r = bs->drv->flush(bs);
-    if (r < 0) goto drop_tmp;
-    kill_point("create-overlay");
-    if (link(p->live, layer) < 0) {
-        r = pms_err(errno, "could not create layer file '%s': %s", layer, strerror(errno));
-        goto drop_tmp;
+    r = open_node(p->tmp, false, true, bs->cache_mode, &x->ov);
+    if (r < 0) {
+        unlink(p->tmp);
+        return r;
     }
+    x->size = bs->size;
+    return 0;
+}
+
+int bdev_extsnap_prepare(struct bdev *bs, const char *name, struct bdev_extsnap_prep **xp)
+{
+    *xp = NULL;
+    int r = eligible(bs, "create an external snapshot");
+    if (r < 0) return r;
+    r = bdev_extsnap_check_name(bs->filename, name);
+    if (r < 0) return r;
+    struct bdev_extsnap_prep *x = calloc(1, sizeof *x);
+    if (!x) return pms_err(ENOMEM, "out of memory");
+    x->bs = bs;
+    snprintf(x->name, sizeof x->name, "%s", name);
+    if ((r = split(bs->filename, &x->p)) < 0 ||
+        (r = bdev_extsnap_layer_path(bs->filename, name, x->layer, sizeof x->layer)) < 0) {
+        free(x);
+        return r;
+    }
+    pthread_mutex_lock(&bs->lock);
+    r = prepare_locked(x);
+    pthread_mutex_unlock(&bs->lock);
+    if (r < 0) {
+        free(x);
+        return r;
+    }
+    *xp = x;
+    return 0;
+}
+
+void bdev_extsnap_abort(struct bdev_extsnap_prep *x)
+{
+    if (!x) return;
+    bdev_close(x->ov);
+    unlink(x->p.tmp);
+    free(x);
+}
+
+static int commit_locked(struct bdev_extsnap_prep *x)
+{
+    struct bdev *bs = x->bs, *lower = NULL;
+    const struct paths *p = &x->p;
+    if (bs->size != x->size)
+        return pms_err(EBUSY, "the image was resized since the snapshot was prepared");
+    int r = bs->drv->flush(bs);
+    if (r < 0) return r;
+    kill_point("create-overlay");
+    if (link(p->live, x->layer) < 0)
+        return pms_err(errno, "could not create layer file '%s': %s", x->layer, strerror(errno));
     /* the layer's date is the snapshot instant (the list shows it) */
-    utimensat(AT_FDCWD, layer, NULL, 0);
+    utimensat(AT_FDCWD, x->layer, NULL, 0);
     r = fsync_dir(p->dir);
     if (r == 0)
-        r = open_node(layer, true, true, bs->cache_mode, &lower);
+        r = open_node(x->layer, true, true, bs->cache_mode, &lower);
     if (r < 0)
         goto drop_layer;
     kill_point("create-link");
@@ -381,36 +436,37 @@ static int create_locked(struct bdev *bs, const char *name, const struct paths *
     kill_point("create-rename");
     r = fsync_dir(p->dir);
     bdev_set_backing(lower, bdev_take_backing(bs));
-    take_over(bs, ov);
+    take_over(bs, x->ov);
     bdev_set_backing(bs, lower);
-    bdev_close(ov);                    /* the old live state, flushed above */
+    bdev_close(x->ov);                 /* the old live state, flushed above */
+    x->ov = NULL;
     return r;
 
 drop_layer:
     bdev_close(lower);
-    unlink(layer);
+    unlink(x->layer);
     fsync_dir(p->dir);
-drop_tmp:
-    bdev_close(ov);
-    unlink(p->tmp);
+    return r;
+}
+
+int bdev_extsnap_commit(struct bdev_extsnap_prep *x)
+{
+    pthread_mutex_lock(&x->bs->lock);
+    int r = commit_locked(x);
+    pthread_mutex_unlock(&x->bs->lock);
+    if (x->ov) {                       /* not switched: the old state stays */
+        bdev_close(x->ov);
+        unlink(x->p.tmp);
+    }
+    free(x);
     return r;
 }
 
 int bdev_extsnap_create(struct bdev *bs, const char *name)
 {
-    int r = eligible(bs, "create an external snapshot");
-    if (r < 0) return r;
-    r = bdev_extsnap_check_name(bs->filename, name);
-    if (r < 0) return r;
-    struct paths p;
-    char layer[PATH_MAX];
-    if ((r = split(bs->filename, &p)) < 0 ||
-        (r = bdev_extsnap_layer_path(bs->filename, name, layer, sizeof layer)) < 0)
-        return r;
-    pthread_mutex_lock(&bs->lock);
-    r = create_locked(bs, name, &p, layer);
-    pthread_mutex_unlock(&bs->lock);
-    return r;
+    struct bdev_extsnap_prep *x;
+    int r = bdev_extsnap_prepare(bs, name, &x);
+    return r < 0 ? r : bdev_extsnap_commit(x);
 }
 
 /* ---- revert ------------------------------------------------------------------- */
@@ -432,7 +488,7 @@ static int revert_locked(struct bdev *bs, const char *name, const struct paths *
     r = open_node(layer, true, false, bs->cache_mode, &nb);
     if (r < 0)
         return pms_err(-r, "cannot revert to '%s': %s", name, pms_err_get());
-    char bname[NAME_MAX + 2];
+    char bname[PATH_MAX];             /* "IMG@NAME": checked to fit NAME_MAX */
     snprintf(bname, sizeof bname, "%s@%s", p->base, name);
     r = create_overlay(p->tmp, nb->size, bname);
     if (r < 0) goto out;

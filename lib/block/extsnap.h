@@ -49,6 +49,18 @@ int  bdev_extsnap_exists(struct bdev *bs, const char *name);
  * of either kind has that name. */
 int  bdev_extsnap_create(struct bdev *bs, const char *name);
 
+/* The same in two steps, so that a caller with a pause to keep short (the
+ * memory device's cut) does the slow part first.  prepare: checks, the new
+ * overlay created (fsynced) and opened at the temporary name; nothing
+ * visible changes.  commit: flush bs, link the layer, rename the overlay
+ * over the live path, switch bs (cost: the flush, two directory fsyncs, one
+ * read-only open).  commit and abort free x.  One prepared snapshot per
+ * image at a time.  Both take bs->lock; the caller holds none. */
+struct bdev_extsnap_prep;
+int  bdev_extsnap_prepare(struct bdev *bs, const char *name, struct bdev_extsnap_prep **x);
+int  bdev_extsnap_commit(struct bdev_extsnap_prep *x);
+void bdev_extsnap_abort(struct bdev_extsnap_prep *x);
+
 /* Revert to external snapshot name: the live image becomes a new empty
  * overlay on name's layer; the live data since is discarded; every layer
  * is left as it is.  ENOENT if there is no such snapshot. */

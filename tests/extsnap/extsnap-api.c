@@ -6,6 +6,10 @@
  *                               against a model of the content; the files are
  *                               left in DIR for the caller's QEMU checks
  *                               (DIR/ref-NAME.raw: expected content of NAME).
+ *   extsnap-api prep DIR        the block layer's two-step create: prepare
+ *                               changes nothing visible, abort removes the
+ *                               overlay, commit switches the node; the
+ *                               content read through the node never changes.
  *   extsnap-api chain DIR SIZE_MIB LAYERS
  *                               a fully written image, then LAYERS external
  *                               snapshots with 16 random 4 KiB writes between
@@ -27,6 +31,8 @@
 #include <time.h>
 #include <unistd.h>
 #include "pmemsnap.h"
+#include "block/extsnap.h"
+#include <sys/stat.h>
 
 #define PG 4096u
 static int fails;
@@ -338,8 +344,53 @@ static int do_chain(const char *dir, uint64_t mib, int layers)
     return fails ? 1 : 0;
 }
 
+static int do_prep(const char *dir)
+{
+    char img[4096], tmp[4096], layer[4096];
+    snprintf(img, sizeof img, "%s/prep.qcow2", dir);
+    snprintf(tmp, sizeof tmp, "%s/.prep.qcow2.extsnap-tmp", dir);
+    snprintf(layer, sizeof layer, "%s/prep.qcow2@p1", dir);
+    struct pms_create_opts co;
+    pms_create_opts_init(&co);
+    CHECK(pms_create(img, 1 << 20, &co));
+    struct bdev *bs;
+    CHECK(bdev_open(img, NULL, &bs));
+    uint8_t buf[PG], got[PG];
+    fill_page(buf, 3, 1);
+    CHECK(bdev_pwrite(bs, buf, PG, 3 * PG));
+    struct stat st0, st;
+    stat(img, &st0);
+    struct bdev_extsnap_prep *x;
+    CHECK(bdev_extsnap_prepare(bs, "p1", &x));
+    if (stat(tmp, &st) < 0) FAIL("prepare made no overlay");
+    if (stat(layer, &st) == 0) FAIL("prepare made the layer");
+    if (stat(img, &st) < 0 || st.st_ino != st0.st_ino) FAIL("prepare switched the live file");
+    bdev_extsnap_abort(x);
+    if (stat(tmp, &st) == 0) FAIL("abort left the overlay");
+    CHECK(bdev_extsnap_prepare(bs, "p1", &x));
+    struct bdev_extsnap_prep *y;
+    if (bdev_extsnap_prepare(bs, "bad/name", &y) != -EINVAL) FAIL("a bad name was prepared");
+    /* writes between prepare and commit land in the state the snapshot keeps */
+    fill_page(buf, 4, 1);
+    CHECK(bdev_pwrite(bs, buf, PG, 4 * PG));
+    struct bdev *before = bs;
+    CHECK(bdev_extsnap_commit(x));
+    if (bs != before || !bs->backing) FAIL("commit did not switch the node in place");
+    if (stat(layer, &st) < 0 || st.st_ino != st0.st_ino) FAIL("the layer is not the old live file");
+    if (stat(img, &st) < 0 || st.st_ino == st0.st_ino) FAIL("the live path is still the old file");
+    for (uint64_t p = 3; p <= 4; p++) {
+        CHECK(bdev_pread(bs, got, PG, p * PG));
+        if (!check_page(got, p, 1)) FAIL("page %llu wrong after commit", (unsigned long long)p);
+    }
+    bdev_close(bs);
+    printf("prep: prepare, abort and commit as documented\n");
+    return fails ? 1 : 0;
+}
+
 int main(int argc, char **argv)
 {
+    if (argc >= 3 && !strcmp(argv[1], "prep"))
+        return do_prep(argv[2]);
     if (argc >= 3 && !strcmp(argv[1], "switch"))
         return do_switch(argv[2]);
     if (argc >= 5 && !strcmp(argv[1], "chain"))

@@ -11,6 +11,11 @@ for s in c d; do same img.qcow2@$s ref-$s.raw; check_clean img.qcow2@$s; done
 same img.qcow2 ref-live.raw
 check_clean img.qcow2
 ok
+begin prep
+"$EXTSNAP_API" prep "$T" || fail "extsnap-api prep"
+check_clean prep.qcow2; check_clean prep.qcow2@p1
+qemu-io -r -c "read -P 0 0 12k" prep.qcow2@p1 | grep -q "verification failed" && fail "layer content"
+ok
 begin chain
 # 100 snapshots: a 101-image chain QEMU opens and reads like ours
 "$EXTSNAP_API" chain "$T" 16 100 || fail "extsnap-api chain"
