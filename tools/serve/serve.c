@@ -84,7 +84,8 @@ struct srv {
     const char *image, *fuse_path, *sock_path, *qmp_path, *vmstate_node;
     const char *pidfile, *backing_dir, *format, *log;
     uint64_t cache_size;
-    int qmp_timeout_ms;               /* --qmp-timeout: one VM QMP command */
+    int qmp_timeout_ms;
+    unsigned threads;                 /* --threads: FUSE worker threads */               /* --qmp-timeout: one VM QMP command */
     bool foreground, allow_other, wbcache;
     atomic_bool wb_on;                /* the kernel agreed to writeback caching */
     pms_dev *dev;
@@ -362,7 +363,7 @@ static void *fuse_main_thr(void *arg)
 {
     struct srv *s = arg;
     struct fuse_loop_config *cfg = fuse_loop_cfg_create();
-    fuse_loop_cfg_set_max_threads(cfg, SERVE_FUSE_THREADS);
+    fuse_loop_cfg_set_max_threads(cfg, s->threads);
     fuse_loop_cfg_set_idle_threads(cfg, 4);
     fuse_session_loop_mt(s->se, cfg);
     fuse_loop_cfg_destroy(cfg);
@@ -1018,7 +1019,7 @@ static void teardown(struct srv *s)
 static void usage(void)
 {
     printf("Usage: pmemsnap serve IMAGE --fuse FILE --socket SOCK [--qmp VM_QMP_SOCK]\n"
-           "         [--vmstate NODE] [--qmp-timeout MS] [-f FMT] [--cache-size SIZE] [--backing-dir DIR]\n"
+           "         [--vmstate NODE] [--qmp-timeout MS] [--threads N] [-f FMT] [--cache-size SIZE] [--backing-dir DIR]\n"
            "         [--allow-other] [--writeback-cache] [--foreground] [--pidfile F] [--log F]\n"
            "Exports IMAGE as the regular file FILE (FUSE) and answers QMP commands on SOCK.\n"
            "See pmemsnap(1) and docs/serve.md.\n");
@@ -1060,6 +1061,7 @@ int cmd_serve(int argc, char **argv)
         { "log", required_argument, NULL, 'L' },
         { "format", required_argument, NULL, 'f' },
         { "qmp-timeout", required_argument, NULL, 'T' },
+        { "threads", required_argument, NULL, 'N' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
@@ -1067,6 +1069,7 @@ int cmd_serve(int argc, char **argv)
     struct srv *s = &srv;
     s->selffd = -1;
     s->qmp_timeout_ms = VMQMP_TIMEOUT_MS;
+    s->threads = SERVE_FUSE_THREADS;
     int ch;
     optind = 0;
     while ((ch = getopt_long(argc, argv, ":f:h", lo, NULL)) != -1) {
@@ -1091,6 +1094,13 @@ int cmd_serve(int argc, char **argv)
             if (parse_uint(optarg, &v) < 0 || v == 0 || v > 3600000)
                 return usage_error("invalid --qmp-timeout '%s' (milliseconds, 1..3600000)", optarg);
             s->qmp_timeout_ms = (int)v;
+            break;
+        }
+        case 'N': {
+            uint64_t v;
+            if (parse_uint(optarg, &v) < 0 || v == 0 || v > 256)
+                return usage_error("invalid --threads '%s' (1..256)", optarg);
+            s->threads = (unsigned)v;
             break;
         }
         case 'h': usage(); return 0;
