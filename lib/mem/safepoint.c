@@ -24,13 +24,13 @@
  *    mapping during a cut is described in lib/mem/README.md;
  *  - zombies (a thread group leader that called pthread_exit) and threads
  *    that exit meanwhile;
- *  - in a ThreadSanitizer build only, threads that block every signal (its
- *    background thread does).  Under ThreadSanitizer a handler runs at once
+ *  - in a ThreadSanitizer build only, threads that block every signal and
+ *    sleep in nanosleep (its background thread does).  Under ThreadSanitizer a handler runs at once
  *    only in calls it knows to block (poll, nanosleep, futex waits...); a
  *    thread inside another intercepted call (read) parks when it returns.
  * Reading a stat file costs ~12 us (test VM), too much to pay per thread
  * per stop, so it is read lazily: every thread is signalled, and those
- * that have not parked after the spin phase are classified; a thread found
+ * that have not parked SP_GRACE_NS later are classified; a thread found
  * to be a worker or a zombie is remembered (sp.suspect, by thread id) and
  * from the next stop on classified before it would be signalled, so it is
  * signalled at most once in its life (a signal it blocks stays queued and
@@ -38,11 +38,13 @@
  * reused by a new application thread is found ordinary and signalled.
  *
  * Each signal carries (round << 32 | index) as its value
- * (rt_tgsigqueueinfo): the handler marks its own entry of the stop list in
- * O(1) and ignores a signal left over from an earlier stop.  The stop list
- * grows in mmap'd chunks (kept for later stops) up to every possible thread
- * id; a bitmap indexed by thread id (mmap'd, 512 KiB of address space)
- * answers "already listed" in O(1).  The exempt table is a linked list of
+ * (rt_tgsigqueueinfo): the handler acknowledges with one compare-and-swap
+ * on its own entry (round, state, thread id in one word), so it costs O(1)
+ * and a signal left over from an earlier stop changes nothing, even when
+ * its entry was reused.  The stop list grows in mmap'd chunks (kept for
+ * later stops) up to every possible thread id; a bitmap indexed by thread
+ * id (mmap'd, 512 KiB of address space, touched where ids fall) answers
+ * "already listed" in O(1).  The exempt table is a linked list of
  * chunks that grows the same way; registration can only fail for want of
  * memory, and says so; the thread then blocks the signal and every stop
  * fails with ENOMEM while it lives (parked, it could hold a lock the cut
@@ -56,9 +58,9 @@
  *    thread;
  *  - pms_sp_stop/pms_sp_release never call malloc or take a lock a parked
  *    thread could hold (parked threads may sit inside malloc): they use
- *    system calls only (mmap to grow the list); messages are formatted
- *    after the threads are released; the caller must not either, in
- *    between;
+ *    system calls (mmap to grow the list) and string functions that do
+ *    not allocate; messages are formatted after the threads are released;
+ *    the caller must not either, in between;
  *  - one stop at a time per process: sp.mu, a plain mutex taken only by
  *    pms_sp_stop and dropped by pms_sp_release, guards the stop list, the
  *    bitmaps and sp.stuck.  The handler only reads sp.active, sp.round,
@@ -121,10 +123,27 @@
 
 enum { ST_WAIT, ST_PARKED, ST_GONE, ST_WORKER };
 
+/* An entry of the stop list is one word, round << 32 | state << 24 | tid
+ * (thread ids stay below 2^22), so that the handler's acknowledgement is a
+ * compare-and-swap that fails on an entry reused by a later stop. */
 struct sp_ent {
-    _Atomic pid_t tid;
-    _Atomic int state;
+    _Atomic uint64_t w;
 };
+
+static uint64_t ew(uint32_t round, int state, pid_t t)
+{
+    return (uint64_t)round << 32 | (uint64_t)state << 24 | (uint32_t)t;
+}
+static pid_t e_tid(struct sp_ent *e) { return (pid_t)(atomic_load(&e->w) & 0xffffff); }
+static int e_state(struct sp_ent *e) { return (int)(atomic_load(&e->w) >> 24 & 0xff); }
+/* WAIT -> state, unless the thread parked meanwhile */
+static void e_set(struct sp_ent *e, int state)
+{
+    uint64_t w = atomic_load(&e->w);
+    while ((w >> 24 & 0xff) == ST_WAIT &&
+           !atomic_compare_exchange_weak(&e->w, &w, (w & ~0xff000000ull) | (uint64_t)state << 24))
+        ;
+}
 
 struct sp_exchunk {
     _Atomic pid_t tid[SP_EX_CHUNK];
@@ -182,13 +201,13 @@ static void handler(int sig, siginfo_t *si, void *uc)
     uint32_t g = atomic_load(&sp.gen);
     if (si->si_code == SI_QUEUE && si->si_pid == getpid() && atomic_load(&sp.active)) {
         uint64_t v = (uint64_t)(uintptr_t)si->si_value.sival_ptr;
+        uint32_t round = (uint32_t)(v >> 32);
         struct sp_ent *me = ent((uint32_t)v);
-        if ((uint32_t)(v >> 32) == atomic_load(&sp.round) && me &&
-            atomic_load(&me->tid) == my_tid()) {
-            atomic_store(&me->state, ST_PARKED);
+        uint64_t want = ew(round, ST_WAIT, my_tid());
+        if (round == atomic_load(&sp.round) && me &&
+            atomic_compare_exchange_strong(&me->w, &want, ew(round, ST_PARKED, my_tid())))
             while (atomic_load(&sp.gen) == g)
                 syscall(SYS_futex, &sp.gen, FUTEX_WAIT_PRIVATE, g, NULL, NULL, 0);
-        }
     }
     errno = e;
 }
@@ -425,6 +444,25 @@ static int sig_mask(pid_t t, uint64_t *mask)
     return 0;
 }
 
+#ifdef SP_TSAN
+/* the thread sits in nanosleep or clock_nanosleep (/proc/.../syscall) */
+static int in_nanosleep(pid_t t)
+{
+    char path[64], buf[64];
+    snprintf(path, sizeof path, "/proc/self/task/%d/syscall", (int)t);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return 0;
+    buf[n] = '\0';
+    long nr = strtol(buf, NULL, 10);
+    return nr == SYS_nanosleep || nr == SYS_clock_nanosleep;
+}
+#endif
+
 /* ST_WAIT for an application thread, ST_WORKER, ST_GONE (exited or zombie,
  * the latter two remembered in sp.suspect), or -errno. */
 static int classify(int taskfd, pid_t t)
@@ -438,11 +476,13 @@ static int classify(int taskfd, pid_t t)
         return r;
     int worker = (fl & (SP_PF_IO_WORKER | SP_PF_USER_WORKER)) != 0;
 #ifdef SP_TSAN
-    /* ThreadSanitizer's own background thread blocks every signal and
-     * never touches the application's memory; an application thread that
-     * blocks every signal is taken for it in such a build only. */
+    /* ThreadSanitizer's own background thread blocks every signal, sleeps
+     * in nanosleep and never touches the application's memory; in such a
+     * build only, an application thread doing the same is taken for it.
+     * (A thread running our handler blocks every signal too, but is not
+     * in nanosleep before it acknowledges.) */
     uint64_t mask = 0;
-    if (!worker && sig_mask(t, &mask) == 0) {
+    if (!worker && in_nanosleep(t) && sig_mask(t, &mask) == 0) {
         sigset_t all;
         sigfillset(&all);
         int full = 1;
@@ -472,9 +512,7 @@ static int list_add(pid_t t, int state, uint32_t *idx)
             return -ENOMEM;
         atomic_store(&sp.chunk[sp.n / SP_CHUNK], c);
     }
-    struct sp_ent *e = ent(sp.n);
-    atomic_store(&e->tid, t);
-    atomic_store(&e->state, state);
+    atomic_store(&ent(sp.n)->w, ew(atomic_load(&sp.round), state, t));
     *idx = sp.n++;
     return 0;
 }
@@ -551,7 +589,7 @@ static int enumerate(pid_t self, pid_t pid, int *fresh, struct why *w)
             (*fresh)++;
             int sr2 = sp_send(pid, (pid_t)t, idx);
             if (sr2 == -ESRCH)
-                atomic_store(&ent(idx)->state, ST_GONE);
+                e_set(ent(idx), ST_GONE);
             else if (sr2 < 0) {
                 *w = (struct why){ -sr2, sr2 == -EAGAIN ? "cannot signal thread (the queue "
                                    "of pending signals is full, RLIMIT_SIGPENDING)"
@@ -578,9 +616,9 @@ static int sweep(uint32_t lo, int all, struct why *w)
     int r = 0;
     for (uint32_t i = lo; i < sp.n; i++) {
         struct sp_ent *e = ent(i);
-        if (atomic_load(&e->state) != ST_WAIT)
+        if (e_state(e) != ST_WAIT)
             continue;
-        pid_t t = atomic_load(&e->tid);
+        pid_t t = e_tid(e);
         int c = classify(fd, t);
         if (c < 0) {
             *w = (struct why){ -c, "cannot read the stat file of thread", t };
@@ -588,7 +626,7 @@ static int sweep(uint32_t lo, int all, struct why *w)
             break;
         }
         if (c != ST_WAIT)
-            atomic_store(&e->state, c);
+            e_set(e, c);
         if (!all)
             break;
     }
@@ -604,13 +642,13 @@ static int await(pid_t pid, uint64_t deadline, uint32_t *lo, struct why *w)
     for (int spins = 0;; spins++) {
         while (*lo < sp.n) {
             struct sp_ent *e = ent(*lo);
-            if (atomic_load(&e->state) != ST_WAIT) {
+            if (e_state(e) != ST_WAIT) {
                 (*lo)++;
                 continue;
             }
-            pid_t t = atomic_load(&e->tid);
+            pid_t t = e_tid(e);
             if (syscall(SYS_tgkill, pid, t, 0) < 0 && errno == ESRCH) {
-                atomic_store(&e->state, ST_GONE);
+                e_set(e, ST_GONE);
                 continue;
             }
             sp.stuck = t;
@@ -721,7 +759,7 @@ void pms_sp_release(void)
     atomic_fetch_add(&sp.gen, 1);
     syscall(SYS_futex, &sp.gen, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
     for (uint32_t i = 0; i < sp.n; i++)
-        bclr(sp.seen, (uint32_t)atomic_load(&ent(i)->tid));
+        bclr(sp.seen, (uint32_t)e_tid(ent(i)));
     sp.n = 0;
     pthread_mutex_unlock(&sp.mu);
 }
