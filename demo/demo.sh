@@ -28,3 +28,6 @@ if [ "$a" = "$b" ]; then
 else
     echo "RESULT: MISMATCH between the reverted memory and snap-2"; exit 1
 fi
+
+# the VM scene: a guest whose NVDIMM pmemsnap serves (demo/vm.sh)
+bash "$(dirname "$0")/vm.sh" "$BUILD"
