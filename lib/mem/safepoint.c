@@ -161,6 +161,7 @@ struct linux_dirent64 {
 static struct {
     pthread_mutex_t mu;
     int sig;                              /* chosen by pms_sp_init */
+    uid_t uid;                            /* for the signals' siginfo */
     _Atomic int active;
     _Atomic uint32_t gen;                 /* futex word; bumped by release */
     _Atomic uint32_t round;               /* bumped by each stop */
@@ -270,6 +271,7 @@ static void sp_setup(void)
         return;
     }
     sp.suspect = sp.seen + SP_TID_LIMIT / 64;
+    sp.uid = getuid();
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_sigaction = handler;
@@ -524,7 +526,7 @@ static int sp_send(pid_t pid, pid_t t, uint32_t idx)
     si.si_signo = sp.sig;
     si.si_code = SI_QUEUE;
     si.si_pid = pid;
-    si.si_uid = getuid();
+    si.si_uid = sp.uid;
     si.si_value.sival_ptr = (void *)(uintptr_t)((uint64_t)atomic_load(&sp.round) << 32 | idx);
     return syscall(SYS_rt_tgsigqueueinfo, pid, t, sp.sig, &si) < 0 ? -errno : 0;
 }
