@@ -38,7 +38,14 @@ cmp <(head -c 64k "$F") <(head -c 64k /dev/zero) || fail "punched range not zero
 cmp <(dd if="$F" bs=64k skip=2 count=1 status=none) <(head -c 64k /dev/zero) || fail "zero range not zero"
 cmp <(dd if="$F" bs=64k skip=1 count=1 status=none) <(head -c 64k /dev/zero | tr '\0' '\021') ||
     fail "fallocate touched a neighbour"
-ok "fallocate punch-hole / zero-range"
+# a punch reaching past the end zeroes up to the end; a zero-range that would
+# grow the file is refused
+dd if=/dev/urandom of="$F" bs=64k seek=1023 count=1 conv=notrunc status=none
+fallocate -p -o $((64 * 1048576 - 4096)) -l 1M "$F" || fail "punch past the end"
+cmp <(tail -c 4096 "$F") <(head -c 4096 /dev/zero) || fail "punch past the end left data"
+[ "$(stat -c %s "$F")" = 67108864 ] || fail "size changed"
+fallocate -z -o $((64 * 1048576 - 4096)) -l 1M "$F" 2>/dev/null && fail "zero-range growing the file accepted"
+ok "fallocate punch-hole / zero-range (and past the end)"
 
 # SEEK_DATA/SEEK_HOLE equal qemu-img map's data extents of the image
 sync "$F"

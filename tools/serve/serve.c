@@ -284,20 +284,29 @@ static void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, of
                          struct fuse_file_info *fi)
 {
     struct srv *s = fuse_req_userdata(req);
-    if (off < 0 || len <= 0 || (uint64_t)off > s->size || (uint64_t)len > s->size - (uint64_t)off) {
-        fuse_reply_err(req, (mode & FALLOC_FL_KEEP_SIZE) || (mode & FALLOC_FL_PUNCH_HOLE)
-                                ? (off < 0 || len <= 0 ? EINVAL : 0) : EFBIG);
+    if (off < 0 || len <= 0 || len > INT64_MAX - off) {
+        fuse_reply_err(req, EINVAL);
         return;
     }
-    int r;
+    uint64_t start = (uint64_t)off, end = (uint64_t)off + (uint64_t)len;
+    if (end > s->size) {
+        if (!(mode & (FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE))) {
+            fuse_reply_err(req, EFBIG);      /* the size is the image's */
+            return;
+        }
+        end = s->size;                       /* keep-size: up to the end only */
+    }
+    int r = 0;
     if (mode == 0 || mode == FALLOC_FL_KEEP_SIZE)
         r = 0;                               /* space is the image's business */
     else if (mode == (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) ||
              mode == FALLOC_FL_ZERO_RANGE || mode == (FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)) {
-        pthread_rwlock_rdlock(&s->io_lock);
-        r = pms_write_zeroes(s->dev, (size_t)len, (uint64_t)off);
-        pthread_rwlock_unlock(&s->io_lock);
-        s->st.zeroes++;
+        if (start < end) {
+            pthread_rwlock_rdlock(&s->io_lock);
+            r = pms_write_zeroes(s->dev, (size_t)(end - start), start);
+            pthread_rwlock_unlock(&s->io_lock);
+            s->st.zeroes++;
+        }
     } else
         r = -EOPNOTSUPP;
     fuse_reply_err(req, r < 0 ? -r : 0);
