@@ -54,6 +54,12 @@ check: deps all
 	fi; \
 	exit $$rc
 
+# QEMU 7.2's own iotests (fetched once into .cache/), ours as qemu-io vs
+# QEMU's qemu-io: prints the table (tests/iotests/run.sh).
+.PHONY: iotests
+iotests: deps all
+	bash tests/iotests/run.sh $(BUILD)
+
 demo: deps all
 	bash demo/demo.sh $(BUILD)
 

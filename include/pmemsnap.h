@@ -61,6 +61,15 @@ struct pms_open_opts {
      * that a repairing check can clear the flag.  Only pms_check, pms_info
      * and reads make sense on such a handle. */
     int check;
+    /* A writable open of a qcow2 image left dirty (lazy refcounts) repairs
+     * its refcounts first, as QEMU does; each line of that repair's report
+     * (the lines `pmemsnap check -r all` prints) goes here, as QEMU prints
+     * them on stderr.  NULL: the repair is silent. */
+    void (*repair_msg)(void *opaque, const char *msg);
+    void *repair_opaque;
+    /* Format of the backing file, overriding the one the image names
+     * (qemu's backing.driver); NULL: the image's, or probed. */
+    const char *backing_format;
 };
 void pms_open_opts_init(struct pms_open_opts *o);
 

@@ -642,6 +642,15 @@ static int snapshot_overlay(struct io *io, const char *base, const char *fmt,
     return r;
 }
 
+/* The report of the repair an open of a dirty image runs: on stderr, as
+ * QEMU's qcow2 driver prints it. */
+static void repair_line(void *opaque, const char *m)
+{
+    (void)opaque;
+    fflush(stdout);
+    fprintf(stderr, "%s\n", m);
+}
+
 /* Open `name` (NULL: the options name the image) with the options in *extra
  * (taken over), as qemu-io's openfile().  Prints qemu-io's error line. */
 static int io_open_opts(struct io *io, const char *name, struct blkopts *extra)
@@ -681,6 +690,8 @@ static int io_open_opts(struct io *io, const char *name, struct blkopts *extra)
     po.readonly = io->readonly || io->snapshot;
     po.cache_mode = io->cache_mode;
     po.force_share = io->force_share;
+    po.repair_msg = repair_line;
+    po.backing_format = bo_get(&o, "backing.driver");
     const char *bk = bo_get(&o, "backing");
     po.no_backing = bk && (!strcmp(bk, "null") || !*bk);
     if (pms_open(t.filename, &po, &dev) < 0) {

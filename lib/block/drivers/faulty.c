@@ -89,7 +89,7 @@ static int faulty_open(struct bdev *bs, const char *path, const struct pms_open_
     if (r < 0) return r;
     s->fd = open(path, (bs->readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
     if (s->fd < 0)
-        return pms_err(errno, "could not open '%s': %s", path, strerror(errno));
+        return pms_err(errno, "Could not open '%s': %s", path, strerror(errno));
     struct stat st;
     fstat(s->fd, &st);
     s->logical_size = (uint64_t)st.st_size;

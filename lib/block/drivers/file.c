@@ -148,7 +148,7 @@ static int file_open(struct bdev *bs, const char *path, const struct pms_open_op
                        "O_DIRECT (cache mode none/directsync); use cache mode writeback",
                        path);
     if (fd < 0)
-        return pms_err(errno, "could not open '%s': %s", path, strerror(errno));
+        return pms_err(errno, "Could not open '%s': %s", path, strerror(errno));
     struct stat st;
     if (fstat(fd, &st) < 0) {
         int e = errno;

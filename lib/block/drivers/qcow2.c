@@ -454,12 +454,12 @@ static int open_backing(struct bdev *bs, const struct pms_open_opts *o)
     struct pms_open_opts bo;
     pms_open_opts_init(&bo);
     bo.readonly = 1;
-    bo.format = s->backing_format;
+    bo.format = o->backing_format ? o->backing_format : s->backing_format;
     bo.cache_mode = o->cache_mode;
     int r = 0;
     struct stat st;
     if (bo.format && strcmp(bo.format, "qcow2") && strcmp(bo.format, "raw"))
-        r = pms_err(ENOTSUP, "backing file format '%s' is not supported", bo.format);
+        r = pms_err(ENOTSUP, "Could not open backing file: Unknown driver '%s'", bo.format);
     else if (depth >= QCOW2_MAX_CHAIN_DEPTH)
         r = pms_err(ELOOP, "backing chain is deeper than %d images", QCOW2_MAX_CHAIN_DEPTH);
     else if (stat(path, &st) == 0) {
@@ -480,8 +480,8 @@ static int open_backing(struct bdev *bs, const struct pms_open_opts *o)
         r = bdev_open(path, &bo, &bs->backing);
         depth--;
         /* one level's message is enough (a deep chain would repeat it) */
-        if (r < 0 && !strstr(pms_err_get(), "could not open backing file"))
-            r = pms_err(-r, "could not open backing file '%s': %s", path, pms_err_get());
+        if (r < 0 && !strstr(pms_err_get(), "Could not open backing file"))
+            r = pms_err(-r, "Could not open backing file: %s", pms_err_get());
     }
     free(path);
     return r;
@@ -685,7 +685,7 @@ static int qcow2_open(struct bdev *bs, const char *path, const struct pms_open_o
         struct pms_check_result res;
         memset(&res, 0, sizeof res);
         res.size = sizeof res;
-        r = qcow2_check(bs, PMS_CHECK_REPAIR_ALL, &res, NULL, NULL);
+        r = qcow2_check(bs, PMS_CHECK_REPAIR_ALL, &res, o->repair_msg, o->repair_opaque);
         if (r < 0) return r;
         if (s->incompat & QCOW2_INCOMPAT_DIRTY)     /* the check clears it when done */
             return pms_err(EIO, "image has the dirty bit set and its refcounts could not be "
