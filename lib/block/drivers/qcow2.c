@@ -936,6 +936,9 @@ struct chain_map {
     unsigned gbits;                     /* log2 granule bytes */
     uint64_t nregions;
     uint16_t **region;                  /* nregions pointers, NULL until built */
+    int nlayers;
+    struct bdev **layer;                /* layer[d - 1]: the node at depth d */
+    bool bulk;                          /* whole regions at once (see chain_target) */
 };
 
 static void chain_map_free(void *p)
@@ -944,13 +947,22 @@ static void chain_map_free(void *p)
     for (uint64_t i = 0; i < m->nregions; i++)
         free(m->region[i]);
     free(m->region);
+    free(m->layer);
     free(m);
 }
 
-/* Does layer y have any L2 entry for guest bytes [a, b)?  y->lock held. */
-static int layer_has_entry(struct bdev *y, uint64_t a, uint64_t b, bool *has)
+/* One layer's scan: does y have any L2 entry for guest bytes [a, b)?  The
+ * last L2 table is kept between calls (the scan is sequential, and nothing
+ * else uses y's cache meanwhile: y->lock is held). */
+struct layer_scan {
+    struct bdev *y;
+    uint64_t l2off;
+    uint8_t *l2;
+};
+
+static int layer_has_entry(struct layer_scan *ls, uint64_t a, uint64_t b, bool *has)
 {
-    struct qcow2_state *s = QS(y);
+    struct qcow2_state *s = QS(ls->y);
     *has = false;
     for (uint64_t c = a >> s->cluster_bits; c <= (b - 1) >> s->cluster_bits; c++) {
         uint64_t l1i = c >> s->l2_bits;
@@ -960,11 +972,13 @@ static int layer_has_entry(struct bdev *y, uint64_t a, uint64_t b, bool *has)
             c |= s->l2_entries - 1;            /* skip the rest of this table */
             continue;
         }
-        uint8_t *l2;
-        int r = qcow2_cache_get(y, &s->l2_cache, l2off, &l2);
-        if (r < 0) return r;
+        if (l2off != ls->l2off) {
+            int r = qcow2_cache_get(ls->y, &s->l2_cache, l2off, &ls->l2);
+            if (r < 0) return r;
+            ls->l2off = l2off;
+        }
         uint64_t idx = c & (s->l2_entries - 1);
-        if (qcow2_l2_get(s, l2, idx) || qcow2_l2_get_bitmap(s, l2, idx)) {
+        if (qcow2_l2_get(s, ls->l2, idx) || qcow2_l2_get_bitmap(s, ls->l2, idx)) {
             *has = true;
             return 0;
         }
@@ -972,25 +986,56 @@ static int layer_has_entry(struct bdev *y, uint64_t a, uint64_t b, bool *has)
     return 0;
 }
 
+/* The answer for one granule, walking the layers (a layer's own map: it
+ * is asked only about the granules its partial clusters need). */
+static int chain_map_one(struct bdev *bs, struct chain_map *m, uint64_t g, uint16_t *out)
+{
+    uint64_t a = g << m->gbits, b = a + (1ull << m->gbits);
+    if (b > bs->size) b = bs->size;
+    for (int d = 1; d <= m->nlayers; d++) {
+        struct bdev *y = m->layer[d - 1];
+        bool stop = y->drv != &pms_drv_qcow2 || b > y->size;
+        if (!stop) {
+            struct layer_scan ls = { y, 0, NULL };
+            pthread_mutex_lock(&y->lock);
+            int r = layer_has_entry(&ls, a, b, &stop);
+            pthread_mutex_unlock(&y->lock);
+            if (r < 0) return r;
+        }
+        if (stop) {
+            *out = (uint16_t)d;
+            return 0;
+        }
+    }
+    *out = CM_NONE;
+    return 0;
+}
+
 static int chain_map_build(struct bdev *bs, struct chain_map *m, uint64_t ri)
 {
     uint16_t *reg = calloc(CHAIN_MAP_REGION, sizeof *reg);
     if (!reg) return pms_err(ENOMEM, "out of memory");
+    if (!m->bulk) {                     /* granules filled one by one */
+        m->region[ri] = reg;
+        return 0;
+    }
     uint64_t g0 = ri * CHAIN_MAP_REGION, gsz = 1ull << m->gbits;
     uint64_t ng = CHAIN_MAP_REGION, left;
     if ((g0 + ng) << m->gbits > bs->size)
         ng = ((bs->size + gsz - 1) >> m->gbits) - g0;
     left = ng;
-    int d = 1, r = 0;
-    for (struct bdev *y = bs->backing; y && left && r == 0; y = y->backing, d++) {
+    int r = 0;
+    for (int d = 1; d <= m->nlayers && left && r == 0; d++) {
+        struct bdev *y = m->layer[d - 1];
         bool qcow2 = y->drv == &pms_drv_qcow2;
+        struct layer_scan ls = { y, 0, NULL };
         if (qcow2) pthread_mutex_lock(&y->lock);
         for (uint64_t i = 0; i < ng && r == 0; i++) {
             if (reg[i] != CM_UNKNOWN) continue;
             uint64_t a = (g0 + i) << m->gbits, b = a + gsz;
             if (b > bs->size) b = bs->size;
             bool stop = !qcow2 || b > y->size;
-            if (!stop) r = layer_has_entry(y, a, b, &stop);
+            if (!stop) r = layer_has_entry(&ls, a, b, &stop);
             if (stop) {
                 reg[i] = (uint16_t)d;
                 left--;
@@ -1019,7 +1064,16 @@ static struct chain_map *chain_map_get(struct bdev *bs)
     uint64_t ng = (bs->size + (1ull << m->gbits) - 1) >> m->gbits;
     m->nregions = (ng + CHAIN_MAP_REGION - 1) / CHAIN_MAP_REGION;
     m->region = calloc(m->nregions ? m->nregions : 1, sizeof *m->region);
-    if (!m->region) { free(m); return NULL; }
+    m->layer = calloc((size_t)depth, sizeof *m->layer);
+    if (!m->region || !m->layer) { free(m->region); free(m->layer); free(m); return NULL; }
+    m->nlayers = depth;
+    /* The top node reads everything below it once (first touch): whole
+     * regions at once, layer by layer, are cheapest.  A read-only layer is
+     * only asked about the rest of its partly allocated clusters: a region
+     * scan of all the layers below for each would cost layers^2. */
+    m->bulk = !bs->readonly;
+    int d = 0;
+    for (struct bdev *y = bs->backing; y; y = y->backing) m->layer[d++] = y;
     bs->chain_map = m;
     bs->chain_map_free = chain_map_free;
     return m;
@@ -1059,6 +1113,11 @@ static int chain_target(struct bdev *bs, uint64_t off, uint64_t len, struct bdev
         if (r < 0) return r;
     }
     uint16_t v = m->region[ri][g % CHAIN_MAP_REGION];
+    if (v == CM_UNKNOWN) {
+        int r = chain_map_one(bs, m, g, &v);
+        if (r < 0) return r;
+        m->region[ri][g % CHAIN_MAP_REGION] = v;
+    }
     uint64_t end = (g + 1) << m->gbits;
     while (end < off + len) {           /* the following granules with the same answer */
         uint64_t g2 = end >> m->gbits, r2 = g2 / CHAIN_MAP_REGION;
@@ -1066,11 +1125,8 @@ static int chain_target(struct bdev *bs, uint64_t off, uint64_t len, struct bdev
         end += 1ull << m->gbits;
     }
     *n = (end < off + len ? end : off + len) - off;
-    struct bdev *t = bs->backing;
-    int k = 1;
-    for (; t->backing && (v == CM_NONE || k < v); t = t->backing) k++;
-    *y = v == CM_NONE ? NULL : t;
-    *d = k;
+    *d = v == CM_NONE ? m->nlayers : v;
+    *y = v == CM_NONE ? NULL : m->layer[v - 1];
     return 0;
 }
 
