@@ -265,13 +265,14 @@ static int snap_call(pms_dev *dev, int (*fn)(struct bdev *, const char *), const
 
 static int snapshot_create(pms_dev *dev, const char *name, unsigned flags)
 {
+    /* names are unique across kinds (bdev_extsnap_create checks both) */
+    int e = name && *name && !(flags & PMS_SNAP_EXTERNAL) ? bdev_extsnap_exists(dev->bs, name) : 0;
+    if (e)
+        return e < 0 ? e : pms_err(EEXIST, "an external snapshot called '%s' exists", name);
     if (dev->mem)
         return pms_mem_snapshot_create(dev->mem, name, flags);
     if (flags & PMS_SNAP_EXTERNAL)
         return bdev_extsnap_create(dev->bs, name);
-    int e = name ? bdev_extsnap_exists(dev->bs, name) : 0;   /* names unique across kinds */
-    if (e)
-        return e < 0 ? e : pms_err(EEXIST, "an external snapshot called '%s' exists", name);
     return snap_call(dev, dev->bs->drv->snapshot_create, name, true);
 }
 
@@ -307,22 +308,30 @@ int pms_snapshot_revert(pms_dev *dev, const char *name)
     return r;
 }
 
+static int snapshot_delete(pms_dev *dev, const char *name, unsigned flags,
+                           pms_progress_fn fn, void *opaque)
+{
+    return flags ? pms_err(EINVAL, "unknown flags 0x%x", flags)
+           /* while mapped too: the merge preserves every layer's content
+            * and holds the node's lock, so writeback simply waits */
+           : RDLOCKED(is_external(dev, name)
+                      ? bdev_extsnap_delete(dev->bs, name, fn, opaque)
+                      : snap_call(dev, dev->bs->drv->snapshot_delete, name, true));
+}
+
 int pms_snapshot_delete_ex(pms_dev *dev, const char *name, unsigned flags,
                            pms_progress_fn fn, void *opaque)
 {
-    int r = flags ? pms_err(EINVAL, "unknown flags 0x%x", flags)
-            : RDLOCKED(is_external(dev, name)
-                       ? (dev->mem ? pms_err(EBUSY, "deleting an external snapshot while "
-                                             "mapped is not supported yet")
-                                   : bdev_extsnap_delete(dev->bs, name, fn, opaque))
-                       : snap_call(dev, dev->bs->drv->snapshot_delete, name, true));
+    int r = snapshot_delete(dev, name, flags, fn, opaque);
     PMS_API_ERR(r);
     return r;
 }
 
 int pms_snapshot_delete(pms_dev *dev, const char *name)
 {
-    return pms_snapshot_delete_ex(dev, name, 0, NULL, NULL);
+    int r = snapshot_delete(dev, name, 0, NULL, NULL);
+    PMS_API_ERR(r);
+    return r;
 }
 
 int pms_snapshot_list(pms_dev *dev, struct pms_snapshot_info **list, size_t *n)

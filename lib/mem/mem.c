@@ -70,6 +70,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -78,6 +79,7 @@
 #include "util/error.h"
 #include "mem-int.h"
 #include "uffd-compat.h"
+#include "block/extsnap.h"
 
 #define PG          4096ull
 #define RA_MAX      (4ull << 20)      /* sequential read-ahead window */
@@ -180,9 +182,19 @@ static uint64_t now_ns(void)
 }
 
 static bool bit(const uint64_t *b, uint64_t i) { return (b[i >> 6] >> (i & 63)) & 1; }
+/* Bitmaps also read without their lock (resident and poison, by writeback's
+ * fill_mem and write_runs) are changed with atomic operations. */
 static bool abit(const uint64_t *b, uint64_t i)
 {
     return (__atomic_load_n(&b[i >> 6], __ATOMIC_ACQUIRE) >> (i & 63)) & 1;
+}
+static void abset(uint64_t *b, uint64_t i)
+{
+    __atomic_fetch_or(&b[i >> 6], 1ull << (i & 63), __ATOMIC_RELEASE);
+}
+static void abclr(uint64_t *b, uint64_t i)
+{
+    __atomic_fetch_and(&b[i >> 6], ~(1ull << (i & 63)), __ATOMIC_RELEASE);
 }
 static void bset(uint64_t *b, uint64_t i) { b[i >> 6] |= 1ull << (i & 63); }
 static void bclr(uint64_t *b, uint64_t i) { b[i >> 6] &= ~(1ull << (i & 63)); }
@@ -221,7 +233,7 @@ static void mark_resident(struct pms_mem *m, uint64_t off, uint64_t len)
 {
     for (uint64_t p = off / PG; p < (off + len) / PG; p++)
         if (!bit(m->resident, p)) {
-            bset(m->resident, p);
+            abset(m->resident, p);
             atomic_fetch_add(&m->nresident, 1);
         }
 }
@@ -411,7 +423,7 @@ static void serve_missing(struct pms_mem *m, uint64_t addr, unsigned flags, pid_
          * copy below then finds it present: EEXIST, no harm) or the kernel
          * dropped it behind our back; install it again rather than wake
          * the thread into the same fault forever */
-        bclr(m->resident, off / PG);
+        abclr(m->resident, off / PG);
         atomic_fetch_sub(&m->nresident, 1);
     }
     /* install the faulting chunk first, wake, then the read-ahead */
@@ -484,10 +496,24 @@ static void serve_wp(struct pms_mem *m, uint64_t addr)
     pthread_mutex_unlock(&m->wp_mu);
 }
 
+/* Register a library thread with the safepoint; on failure (out of memory)
+ * the thread blocks the signal and every stop fails with ENOMEM while it
+ * lives (safepoint.c), so the error is only recorded here. */
+static void exempt(struct pms_mem *m, int add)
+{
+    int r = pms_sp_exempt(add);
+    if (r < 0 && add) {
+        pthread_mutex_lock(&m->mu);
+        snprintf(m->lasterr, sizeof m->lasterr, "a library thread could not be registered "
+                 "with the safepoint (%s): live snapshots fail until unmap", strerror(-r));
+        pthread_mutex_unlock(&m->mu);
+    }
+}
+
 static void *fault_main(void *arg)
 {
     struct pms_mem *m = arg;
-    pms_sp_exempt(1);
+    exempt(m, 1);
     struct uffd_msg msg[16];
     while (!atomic_load(&m->stop)) {
         struct pollfd pf[2] = { { m->uffd, POLLIN, 0 }, { m->evfd, POLLIN, 0 } };
@@ -516,14 +542,14 @@ static void *fault_main(void *arg)
                 serve_missing(m, a, fl, (pid_t)msg[i].arg.pagefault.feat.ptid);
         }
     }
-    pms_sp_exempt(0);
+    exempt(m, 0);
     return NULL;
 }
 
 static void *prefetch_main(void *arg)
 {
     struct pms_mem *m = arg;
-    pms_sp_exempt(1);
+    exempt(m, 1);
     for (uint64_t off = 0; off < m->maplen && !atomic_load(&m->stop); off += PF_STEP) {
         if (m->limit_pages && used_pages(m) > cap_pct(m, CAP_PREFETCH_PCT))
             break;
@@ -535,7 +561,7 @@ static void *prefetch_main(void *arg)
         if (r < 0)
             pms_err_clear();         /* leave the range to the fault path */
     }
-    pms_sp_exempt(0);
+    exempt(m, 0);
     return NULL;
 }
 
@@ -822,7 +848,7 @@ static void drop_batch(struct pms_mem *m, struct iovec *iov, int n)
         uint64_t p = (uint64_t)((uint8_t *)iov[i].iov_base - m->base) / PG;
         uint64_t q = p + iov[i].iov_len / PG;
         for (uint64_t k = p; k < q; k++)
-            bclr(m->resident, k);
+            abclr(m->resident, k);
         atomic_fetch_sub(&m->nresident, q - p);
         atomic_fetch_add(&m->evicted, q - p);
     }
@@ -923,7 +949,7 @@ static void drop_clean(struct pms_mem *m, struct iovec *iov, int n)
                 continue;
             for (uint64_t p = s0 / PG; p < e0 / PG; p++)
                 if (!bit(still, p - s0 / PG) && bit(m->resident, p)) {
-                    bclr(m->resident, p);
+                    abclr(m->resident, p);
                     dropped++;
                 }
         }
@@ -1004,7 +1030,7 @@ static void evict(struct pms_mem *m)
 static void *wb_main(void *arg)
 {
     struct pms_mem *m = arg;
-    pms_sp_exempt(1);
+    exempt(m, 1);
     /* Every round re-protects what it writes, and each re-protected page
      * costs its next store a fault (tens of µs under nested paging).  A
      * hot set that is dirty again round after round therefore backs the
@@ -1043,7 +1069,7 @@ static void *wb_main(void *arg)
         pthread_cond_broadcast(&m->evict_cond);
         pthread_mutex_unlock(&m->ctl_mu);
     }
-    pms_sp_exempt(0);
+    exempt(m, 0);
     return NULL;
 }
 
@@ -1501,7 +1527,7 @@ static void forget_range(struct pms_mem *m, uint64_t s, uint64_t e)
         uint64_t mask = (n == 64 ? ~0ull : ((1ull << n) - 1)) << sh;
         dropped += (uint64_t)__builtin_popcountll(m->resident[w] & mask);
         undirtied += (uint64_t)__builtin_popcountll(m->dirty[w] & mask);
-        m->resident[w] &= ~mask;
+        __atomic_fetch_and(&m->resident[w], ~mask, __ATOMIC_RELEASE);
         m->dirty[w] &= ~mask;
         __atomic_fetch_and(&m->poison[w], ~mask, __ATOMIC_RELEASE);
         p += n;
@@ -1703,10 +1729,14 @@ static int64_t stop_and_cut(struct pms_mem *m, bool stop, uint64_t *pause)
 }
 
 /* Write the staged runs (the image then holds memory as it was at the cut)
- * and commit the snapshot in the image.  Writeback of anything dirtied
- * after the cut waits for wb_mu, so the snapshot never sees a later byte.
- * wb_mu held.  *staged = bytes written. */
-static int commit(struct pms_mem *m, const char *name, int64_t nr, uint64_t *staged)
+ * and commit the snapshot in the image: internal (the qcow2 snapshot
+ * table), or external (the image as it now is becomes the layer file, the
+ * live image a new overlay on it; the node is switched in place, so m->bs
+ * stays valid).  Writeback of anything dirtied after the cut waits for
+ * wb_mu, so the snapshot never sees a later byte.  wb_mu held.  *staged =
+ * bytes written. */
+static int commit(struct pms_mem *m, const char *name, struct bdev_extsnap_prep *ext,
+                  int64_t nr, uint64_t *staged)
 {
     *staged = 0;
     for (int64_t i = 0; i < nr; i++)
@@ -1716,7 +1746,9 @@ static int commit(struct pms_mem *m, const char *name, int64_t nr, uint64_t *sta
     int r = write_runs(m, m->runs, (uint64_t)nr, m->stage, &failed);
     /* the driver's create is durable on return (it flushes the staged data
      * with its first barrier); no flush of our own after it */
-    if (r == 0)
+    if (ext)
+        r = r == 0 ? bdev_extsnap_commit(ext) : (bdev_extsnap_abort(ext), r);
+    else if (r == 0)
         r = snap_locked(m->bs, m->bs->drv->snapshot_create, name);
     return r;
 }
@@ -1725,6 +1757,12 @@ int pms_mem_snapshot_create(struct pms_mem *m, const char *name, unsigned flags)
 {
     int r = snap_refuse(m, name, m->bs->drv->snapshot_create);
     if (r < 0)
+        return r;
+    /* external: the new overlay is prepared (created, fsynced, opened)
+     * while writers run; the commit after the cut only links, renames and
+     * switches */
+    struct bdev_extsnap_prep *ext = NULL;
+    if ((flags & PMS_SNAP_EXTERNAL) && (r = bdev_extsnap_prepare(m->bs, name, &ext)) < 0)
         return r;
     uint64_t keep = STAGE_KEEP_MAX;
     if (m->limit_pages && keep > m->limit_pages * PG / STAGE_KEEP_CAP_DIV)
@@ -1740,7 +1778,9 @@ int pms_mem_snapshot_create(struct pms_mem *m, const char *name, unsigned flags)
         nr = stop_and_cut(m, stop, &pause);
     }
     uint64_t t2 = now_ns();
-    r = nr < 0 ? (int)nr : commit(m, name, nr, &staged);
+    if (nr < 0 && ext)
+        bdev_extsnap_abort(ext);
+    r = nr < 0 ? (int)nr : commit(m, name, ext, nr, &staged);
     if (nr >= 0)
         stage_trim(m, staged, keep);
     if (r == 0) {
@@ -1878,9 +1918,48 @@ static int drops_apply(struct drops *d)
  * page already holds the snapshot's bytes and stays.  (A driver that cannot
  * tell, or a failure to tell, drops everything.)  A store racing the revert
  * lands either before it (and is dropped) or after it (and stays). */
+/* External snapshot `name`: the ranges allocated above its layer in the
+ * live chain (the overlay and the layers between) are what differs; a
+ * layer on another branch of the tree: unknown (-ENOENT, drop all).
+ * Takes no lock but the node's own.  wb_mu held. */
+static int ext_changed(struct pms_mem *m, const char *name, struct drops *d)
+{
+    char path[4096];
+    int r = bdev_extsnap_layer_path(m->bs->filename, name, path, sizeof path);
+    if (r < 0)
+        return r;
+    struct stat want;
+    if (stat(path, &want) < 0)
+        return -errno;
+    int depth = -1;
+    pthread_mutex_lock(&m->bs->lock);
+    struct bdev *b = m->bs->backing;
+    for (int k = 1; b && depth < 0; k++, b = b->backing) {
+        struct stat st;
+        const char *f = b->file ? b->file->filename : b->filename;
+        if (stat(f, &st) == 0 && st.st_ino == want.st_ino && st.st_dev == want.st_dev)
+            depth = k;
+    }
+    pthread_mutex_unlock(&m->bs->lock);
+    if (depth < 0)
+        return -ENOENT;
+    for (uint64_t off = 0; off < m->size;) {
+        struct pms_extent e;
+        r = bdev_block_status(m->bs, off, m->size - off, &e);
+        if (r < 0)
+            return r;
+        if ((e.flags & PMS_BLOCK_ALLOCATED) && e.depth < depth &&
+            (r = drops_add(d, e.start, e.length)) < 0)
+            return r;
+        off = e.start + e.length;
+    }
+    return 0;
+}
+
 int pms_mem_snapshot_revert(struct pms_mem *m, const char *name)
 {
     struct bdev *bs = m->bs;
+    bool ext = name && *name && bdev_extsnap_exists(bs, name) > 0;
     int r0 = snap_refuse(m, name, bs->drv->snapshot_goto);
     if (r0 < 0)
         return r0;
@@ -1903,13 +1982,16 @@ int pms_mem_snapshot_revert(struct pms_mem *m, const char *name)
                 p |= 63;
             else if (bit(m->since, p) && (whole = drops_add(&d, p * PG, PG) < 0))
                 break;
+    } else if (ext) {
+        whole = ext_changed(m, name, &d) < 0;
+        pms_err_clear();
     } else if (!whole) {
         pthread_mutex_lock(&bs->lock);
         whole = bs->drv->snapshot_changed(bs, name, drops_add, &d) < 0;
         pthread_mutex_unlock(&bs->lock);
         pms_err_clear();
     }
-    int r = snap_locked(bs, bs->drv->snapshot_goto, name);
+    int r = ext ? bdev_extsnap_revert(bs, name) : snap_locked(bs, bs->drv->snapshot_goto, name);
     if (r == 0) {
         pthread_mutex_lock(&m->mu);
         if (!whole && (r = drops_add_dirty(&d)) == 0)
