@@ -18,7 +18,8 @@
  *        then flushes.  MODE says what the fill callback does:
  *          none     no callback
  *          ref      the bytes of REF (a raw file holding the device's
- *                   content, as the memory device holds it)
+ *                   content, mapped and populated: resident memory, as the
+ *                   memory device holds it)
  *          partial  like ref, but only for ranges whose 4 KiB pages all have
  *                   an index not divisible by 3 (partly resident memory)
  *          false    always "not held"
@@ -38,6 +39,8 @@
 #include <string.h>
 #include <unistd.h>
 #include <time.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include "pmemsnap.h"
 #include "util/size.h"
 #include "block/block.h"
@@ -407,6 +410,8 @@ static int cmd_map(int argc, char **argv)
 struct fillctx {
     int mode;                /* 'r' ref, 'p' partial, 'f' false, 'm' marker */
     int ref;                 /* fd of the raw reference */
+    const uint8_t *mem;      /* ... mapped and populated, as resident memory */
+    size_t memlen;
     uint64_t calls, bytes;
 };
 
@@ -423,7 +428,8 @@ static bool batch_fill(void *opaque, void *buf, uint64_t len, uint64_t off)
     if (f->mode == 'p')
         for (uint64_t pg = off / 4096; pg <= (off + len - 1) / 4096; pg++)
             if (pg % 3 == 0) return false;
-    if (pread(f->ref, buf, len, (off_t)off) != (ssize_t)len) return false;
+    if (off + len > f->memlen) return false;
+    memcpy(buf, f->mem + off, len);
     f->bytes += len;
     return true;
 }
@@ -460,6 +466,17 @@ static int cmd_batch(int argc, char **argv)
         (!ref || (fc.ref = open(ref, O_RDONLY)) < 0)) {
         fprintf(stderr, "%s: batch: fill mode %s needs -r REF\n", prog, mode);
         return 1;
+    }
+    if (fc.ref >= 0) {
+        struct stat st;
+        if (fstat(fc.ref, &st) < 0 || st.st_size == 0 ||
+            (fc.mem = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE | MAP_POPULATE,
+                           fc.ref, 0)) == MAP_FAILED) {
+            fprintf(stderr, "%s: batch: cannot map %s\n", prog, ref);
+            close(fc.ref);
+            return 1;
+        }
+        fc.memlen = (size_t)st.st_size;
     }
     FILE *rf = fopen(argv[optind], "r");
     if (!rf) { perror(argv[optind]); return 1; }
@@ -513,6 +530,7 @@ static int cmd_batch(int argc, char **argv)
 out:
     for (size_t i = 0; i < n; i++) free((void *)v[i].buf);
     free(v);
+    if (fc.mem) munmap((void *)fc.mem, fc.memlen);
     if (fc.ref >= 0) close(fc.ref);
     return ret;
 }
