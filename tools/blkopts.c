@@ -279,23 +279,52 @@ static bool is_format(const char *d)
     return strcmp(d, "qcow2") == 0 || strcmp(d, "raw") == 0;
 }
 
-/* A blkdebug config file holding rules would inject errors: refuse. */
-static int blkdebug_config(const char *path, char *err, size_t errlen)
+/* A blkdebug config file: rules for events inside the engine cannot be
+ * honoured, so they are refused; a rule on "cor_write" (copy-on-read
+ * writes, which the tool makes) is taken into *t. */
+static int blkdebug_config(const char *path, struct bo_target *t, char *err, size_t errlen)
 {
     FILE *f = fopen(path, "r");
     if (!f) {
         snprintf(err, errlen, "Could not read blkdebug config file: %s", strerror(errno));
         return -1;
     }
-    char line[256];
+    char line[256], section[64] = "", event[128] = "";
     int r = 0;
-    while (fgets(line, sizeof line, f)) {
-        const char *l = line;
-        while (isspace((unsigned char)*l)) l++;
-        if (*l == '[') {
-            snprintf(err, errlen, "blkdebug error injection is not supported");
-            r = -1;
-            break;
+    int64_t sector = -1;
+    int eno = EIO;
+    bool once = false, any = false;
+    for (bool more = true; more && r == 0;) {
+        more = fgets(line, sizeof line, f) != NULL;
+        char *l = line;
+        while (more && isspace((unsigned char)*l)) l++;
+        if (!more || *l == '[') {       /* end of a section: judge it */
+            if (any && (strcmp(section, "inject-error") || strcmp(event, "cor_write"))) {
+                snprintf(err, errlen, "blkdebug error injection is not supported "
+                         "(only on event cor_write)");
+                r = -1;
+            } else if (any) {
+                t->cor_rule = true;
+                t->cor_sector = sector;
+                t->cor_errno = eno;
+                t->cor_once = once;
+            }
+            if (!more) break;
+            any = true;
+            sscanf(l, "[%63[^]]", section);
+            event[0] = '\0';
+            sector = -1;
+            eno = EIO;
+            once = false;
+            continue;
+        }
+        char key[64], val[128];
+        if (sscanf(l, "%63[^ =] = \"%127[^\"]\"", key, val) == 2 ||
+            sscanf(l, "%63[^ =] = %127s", key, val) == 2) {
+            if (!strcmp(key, "event")) snprintf(event, sizeof event, "%s", val);
+            else if (!strcmp(key, "sector")) sector = strtoll(val, NULL, 0);
+            else if (!strcmp(key, "errno")) eno = atoi(val);
+            else if (!strcmp(key, "once")) once = !strcmp(val, "on");
         }
     }
     fclose(f);
@@ -343,7 +372,7 @@ static int resolve_node(const struct blkopts *o, const char *prefix, struct bo_t
         }
         snprintf(k, sizeof k, "%sconfig", prefix);
         const char *conf = bo_get(o, k);
-        if (conf && *conf && blkdebug_config(conf, err, errlen) < 0)
+        if (conf && *conf && blkdebug_config(conf, t, err, errlen) < 0)
             return -1;
         snprintf(k, sizeof k, "%simage", prefix);
         const char *img = bo_get(o, k);
@@ -353,6 +382,15 @@ static int resolve_node(const struct blkopts *o, const char *prefix, struct bo_t
         snprintf(sub, sizeof sub, "%s", k);
         return resolve_node(o, sub, t, below_format, err, errlen);
     }
+    if (drv && strcmp(drv, "copy-on-read") == 0) {
+        t->cor = true;
+        snprintf(k, sizeof k, "%sfile", prefix);
+        const char *f = bo_get(o, k);
+        if (f) { t->filename = f; return 0; }
+        char sub[256];
+        snprintf(sub, sizeof sub, "%sfile.", prefix);
+        return resolve_node(o, sub, t, below_format, err, errlen);
+    }
     if (drv && strcmp(drv, "file") && strcmp(drv, "host_device") &&
         strcmp(drv, "host_cdrom")) {
         snprintf(err, errlen, "Unknown driver '%s'", drv);
@@ -360,6 +398,8 @@ static int resolve_node(const struct blkopts *o, const char *prefix, struct bo_t
     }
     snprintf(k, sizeof k, "%sfilename", prefix);
     const char *fn = bo_get(o, k);
+    if (!fn)                   /* the name given to the top passes down */
+        fn = bo_get(o, "filename");
     if (drv && fn) {
         struct stat st;
         if (stat(fn, &st) == 0) {
@@ -395,6 +435,8 @@ int bo_resolve(const struct blkopts *o, struct bo_target *t, char *err, size_t e
     err[0] = '\0';
     if (resolve_node(o, "", t, false, err, errlen) < 0)
         return -1;
+    if (!t->filename)          /* a name given to a filter or format passes down */
+        t->filename = bo_get(o, "filename");
     if (!t->filename) {
         snprintf(err, errlen, "A block device must be specified for \"filename\"");
         return -1;

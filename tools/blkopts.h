@@ -6,6 +6,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 struct bo_kv {
     char *key, *val;
@@ -20,6 +21,14 @@ struct bo_target {
     const char *filename;
     const char *format;        /* NULL: probe (or the -f given) */
     bool readonly;             /* in: how the image is opened (error wording) */
+    bool cor;                  /* a copy-on-read filter node is in the graph */
+    /* A blkdebug rule on the one event the tool itself produces, a
+     * copy-on-read write ("cor_write"): its writes fail with cor_errno
+     * when they touch cor_sector (-1: any), once or every time. */
+    bool cor_rule;
+    int64_t cor_sector;
+    int cor_errno;
+    bool cor_once;
 };
 
 int bo_parse_keyval(struct blkopts *o, const char *s, char *err, size_t errlen);

@@ -38,6 +38,9 @@ struct io {
     struct blkopts opts;           /* the options it was opened with (reopen) */
     bool image_opts;               /* --image-opts: the name is key=value,... */
     bool snapshot;                 /* -s: writes go to a temporary overlay */
+    bool cor_flag;                 /* -C: copy-on-read asked on the command line */
+    struct bo_target cor;          /* .cor: reads copy from the backing file;
+                                      .cor_rule: blkdebug's cor_write rule */
     uint64_t zero_align;           /* blkdebug on top with opt-write-zero: parts of a
                                       zero write not covering whole units of this
                                       are written as data (blkdebug refuses them) */
@@ -197,6 +200,54 @@ static uint8_t *io_alloc(size_t n, int pattern)
 
 /* ---- commands -------------------------------------------------------------- */
 
+/* Bytes a copy-on-read step reads and writes at most (QEMU's bounce
+ * buffer, MAX_BOUNCE_BUFFER: 16 MiB). */
+#define COR_CHUNK (16ULL << 20)
+
+/* Copy-on-read as QEMU's block layer: the clusters the read touches that
+ * the top image does not hold are copied up from the backing chain, zeroes
+ * as zero clusters (no unmap), data as data; clusters it holds are not
+ * rewritten. */
+static int cor_fill(struct io *io, uint64_t off, uint64_t len)
+{
+    struct pms_info info = { .size = sizeof info };
+    int r = pms_info(io->dev, &info);
+    if (r < 0) return r;
+    uint64_t cs = info.cluster_size ? info.cluster_size : 512;
+    uint64_t size = (uint64_t)pms_size(io->dev);
+    uint64_t cur = off / cs * cs, end = (off + len + cs - 1) / cs * cs;
+    if (end > size) end = size;
+    uint8_t *b = NULL;
+    while (cur < end && r == 0) {
+        struct pms_extent e;
+        uint64_t n = end - cur < COR_CHUNK ? end - cur : COR_CHUNK;
+        r = pms_block_status(io->dev, cur, n, &e);
+        if (r < 0) break;
+        if (e.length < n) n = e.length;
+        if ((e.flags & PMS_BLOCK_ALLOCATED) && e.depth == 0) {
+            cur += n;
+            continue;
+        }
+        if (io->cor.cor_rule && (io->cor.cor_sector < 0 ||
+            ((uint64_t)io->cor.cor_sector * 512 >= cur &&
+             (uint64_t)io->cor.cor_sector * 512 < cur + n))) {
+            if (io->cor.cor_once) io->cor.cor_rule = false;
+            r = -(io->cor.cor_errno ? io->cor.cor_errno : EIO);
+            break;
+        }
+        if (!b && !(b = malloc(COR_CHUNK))) { r = -ENOMEM; break; }
+        r = pms_pread(io->dev, b, (size_t)n, cur);
+        if (r < 0) break;
+        bool zero = true;
+        for (uint64_t i = 0; i < n && zero; i++) zero = b[i] == 0;
+        r = zero ? pms_write_zeroes_ex(io->dev, (size_t)n, cur, 0)
+                 : pms_pwrite(io->dev, b, (size_t)n, cur);
+        cur += n;
+    }
+    free(b);
+    return r < 0 ? r : 0;
+}
+
 static int do_read(struct io *io, int argc, char **argv)
 {
     bool C = false, q = false, v = false, P = false;
@@ -251,6 +302,8 @@ static int do_read(struct io *io, int argc, char **argv)
     struct timespec t1, t2;
     clock_gettime(CLOCK_MONOTONIC, &t1);
     int r = range_check(io, off, count);
+    if (r == 0 && io->cor.cor && count)
+        r = cor_fill(io, (uint64_t)off, (uint64_t)count);
     if (r == 0)
         r = pms_pread(io->dev, buf, (size_t)count, (uint64_t)off);
     clock_gettime(CLOCK_MONOTONIC, &t2);
@@ -679,6 +732,14 @@ static int io_open_opts(struct io *io, const char *name, struct blkopts *extra)
     t.readonly = io->readonly;
     if (bo_resolve(&o, &t, err, sizeof err) < 0)
         goto fail;
+    if (io->cor_flag && io->readonly) {
+        snprintf(err, sizeof err, "Can't use copy-on-read on read-only device");
+        goto fail;
+    }
+    if (t.cor && io->readonly) {
+        snprintf(err, sizeof err, "Block node is read-only");
+        goto fail;
+    }
     const char *fmt = t.format ? t.format : io->fmt;
     if (fmt && strcmp(fmt, "qcow2") && strcmp(fmt, "raw")) {
         snprintf(err, sizeof err, "Unknown driver '%s'", fmt);
@@ -728,6 +789,8 @@ static int io_open_opts(struct io *io, const char *name, struct blkopts *extra)
             goto fail;
         dev = io->dev;
     }
+    io->cor = t;
+    io->cor.cor = t.cor || io->cor_flag;
     io->zero_align = 0;
     const char *top = bo_get(&o, "driver"), *owz = bo_get(&o, "opt-write-zero");
     uint64_t a = 0, ra = 0;
@@ -784,11 +847,13 @@ static int do_open(struct io *io, int argc, char **argv)
     io->readonly = false;
     io->force_share = false;
     io->snapshot = false;
+    io->cor_flag = false;
     io->fmt = NULL;
     optind = 0;
     while ((ch = getopt(argc, argv, "snCro:kt:d:U")) != -1) {
         switch (ch) {
         case 'r': io->readonly = true; break;
+        case 'C': io->cor_flag = true; break;
         case 's': io->snapshot = true; break;
         case 'n': io->cache_mode = PMS_CACHE_NONE; break;
         case 'U': io->force_share = true; break;
@@ -799,7 +864,7 @@ static int do_open(struct io *io, int argc, char **argv)
                 return -EINVAL;
             }
             break;
-        case 'C': case 'k': case 'd': break;
+        case 'k': case 'd': break;
         case 'o':
             if (bo_parse_keyval(&o, optarg, err, sizeof err) < 0) {
                 fprintf(stderr, "%s: %s\n", progname, err);
@@ -1314,6 +1379,7 @@ int cmd_io(int argc, char **argv)
         { "misalign", no_argument, NULL, 'm' },
         { "snapshot", no_argument, NULL, 's' },
         { "image-opts", no_argument, NULL, 'I' },
+        { "copy-on-read", no_argument, NULL, 'C' },
         { NULL, 0, NULL, 0 },
     };
     struct io io = { .cache_mode = PMS_CACHE_WRITEBACK };
@@ -1324,7 +1390,7 @@ int cmd_io(int argc, char **argv)
         return 1;
     }
     optind = 0;
-    while ((ch = getopt_long(argc, argv, ":c:f:rnt:i:kd:Ums", lo, NULL)) != -1) {
+    while ((ch = getopt_long(argc, argv, ":c:f:rnt:i:kd:UmsC", lo, NULL)) != -1) {
         switch (ch) {
         case 'c': cmds[ncmds++] = optarg; break;
         case 'f': io.fmt = optarg; break;
@@ -1334,6 +1400,7 @@ int cmd_io(int argc, char **argv)
         case 'k': case 'm': break;
         case 's': io.snapshot = true; break;
         case 'I': io.image_opts = true; break;
+        case 'C': io.cor_flag = true; break;
         case 'd':
             if (strcmp(optarg, "ignore") && strcmp(optarg, "off") && strcmp(optarg, "unmap") &&
                 strcmp(optarg, "on")) {
