@@ -123,11 +123,16 @@ oom:
 
 /* ---- json:{...} ---------------------------------------------------------- */
 
+/* Nesting deeper than this is refused (recursion bound; QEMU's parser
+ * stops at 1024, no real block graph is more than a few levels deep). */
+#define JSON_MAX_DEPTH 64
+
 struct jp {
     const char *s;
     struct blkopts *o;
     char *err;
     size_t errlen;
+    int depth;
 };
 
 static void ws(struct jp *p)
@@ -189,9 +194,10 @@ static int jvalue(struct jp *p, const char *key)
     char c = *p->s;
     if (c == '{' || c == '[') {
         bool obj = c == '{';
+        if (++p->depth > JSON_MAX_DEPTH) return jerr(p, "nesting too deep");
         p->s++;
         ws(p);
-        if (*p->s == (obj ? '}' : ']')) { p->s++; return 0; }
+        if (*p->s == (obj ? '}' : ']')) { p->s++; p->depth--; return 0; }
         for (int idx = 0;; idx++) {
             char *k = NULL, *full = NULL, num[16];
             ws(p);
@@ -211,7 +217,7 @@ static int jvalue(struct jp *p, const char *key)
             if (r < 0) return -1;
             ws(p);
             if (*p->s == ',') { p->s++; continue; }
-            if (*p->s == (obj ? '}' : ']')) { p->s++; return 0; }
+            if (*p->s == (obj ? '}' : ']')) { p->s++; p->depth--; return 0; }
             return jerr(p, obj ? "expected ',' or '}'" : "expected ',' or ']'");
         }
     }
@@ -232,7 +238,7 @@ static int jvalue(struct jp *p, const char *key)
 
 int bo_parse_json(struct blkopts *o, const char *s, char *err, size_t errlen)
 {
-    struct jp p = { s, o, err, errlen };
+    struct jp p = { s, o, err, errlen, 0 };
     err[0] = '\0';
     ws(&p);
     if (*p.s != '{') return jerr(&p, "expected an object");
@@ -336,6 +342,10 @@ static int resolve_node(const struct blkopts *o, const char *prefix, struct bo_t
                         bool below_format, char *err, size_t errlen)
 {
     char k[256];
+    if (strlen(prefix) > sizeof k - 32) {    /* keys would not fit: refuse */
+        snprintf(err, errlen, "block graph too deep");
+        return -1;
+    }
     snprintf(k, sizeof k, "%sdriver", prefix);
     const char *drv = bo_get(o, k);
     snprintf(k, sizeof k, "%sfile.", prefix);
@@ -364,8 +374,10 @@ static int resolve_node(const struct blkopts *o, const char *prefix, struct bo_t
     if (drv && strcmp(drv, "blkdebug") == 0) {
         static const char *const bad[] = { "inject-error", "set-state" };
         for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+            char kd[sizeof k + 1];
             snprintf(k, sizeof k, "%s%s", prefix, bad[i]);
-            if (bo_get(o, k) || (strcat(k, "."), bo_has_prefix(o, k))) {
+            snprintf(kd, sizeof kd, "%s.", k);
+            if (bo_get(o, k) || bo_has_prefix(o, kd)) {
                 snprintf(err, errlen, "blkdebug error injection is not supported");
                 return -1;
             }
