@@ -55,8 +55,14 @@ start() {
 stop() {
     local n=$1 pid; pid=$(cat "$T/$n.pid")
     qmp "$T/$n.sock" '{"execute":"quit"}' >/dev/null || fail "quit"
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
-    fail "daemon $n did not exit after quit"
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$pid" 2>/dev/null && fail "daemon $n did not exit after quit"
+    # in the sanitizer build the daemon's reports (leaks at exit too) land in its log
+    if grep -q "Sanitizer\|runtime error" "$T/$n.log"; then
+        cat "$T/$n.log" >&2
+        fail "daemon $n: sanitizer report"
+    fi
+    return 0
 }
 # qmp SOCK JSON...: negotiate, send each command, print each reply (one line each)
 qmp() {

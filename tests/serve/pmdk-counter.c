@@ -80,7 +80,7 @@ int main(int argc, char **argv)
                 if (poll(&p, 1, 0) > 0)
                     break;
             }
-            int fail = 0;
+            volatile int fail = 0;   /* set after the longjmp of an abort */
             TX_BEGIN(pop) {
                 PMEMoid no = pmemobj_tx_alloc(sizeof(struct node), 1);
                 struct node *nd = pmemobj_direct(no);

@@ -843,6 +843,7 @@ static int check_backing(struct srv *s, char *err, size_t errlen)
     char cur[PATH_MAX];
     snprintf(cur, sizeof cur, "%s", imgreal);
     const char *fmt = s->format;
+    char fmtbuf[sizeof ((struct pms_info *)0)->backing_format];
     for (int depth = 0; depth < 64; depth++) {
         struct pms_open_opts o;
         pms_open_opts_init(&o);
@@ -889,7 +890,8 @@ static int check_backing(struct srv *s, char *err, size_t errlen)
             return -1;
         }
         snprintf(cur, sizeof cur, "%s", real);
-        fmt = info.backing_format[0] ? info.backing_format : NULL;
+        snprintf(fmtbuf, sizeof fmtbuf, "%s", info.backing_format);
+        fmt = fmtbuf[0] ? fmtbuf : NULL;
     }
     snprintf(err, errlen, "%s: backing chain longer than 64", s->image);
     return -1;
@@ -984,6 +986,7 @@ static int mount_fuse(struct srv *s, char *err, size_t errlen)
     char *argv[] = { "pmemsnap", "-o", opts, NULL };
     struct fuse_args args = FUSE_ARGS_INIT(3, argv);
     s->se = fuse_session_new(&args, &fuse_ops, sizeof fuse_ops, s);
+    fuse_opt_free_args(&args);               /* libfuse may have copied them */
     if (!s->se) {
         snprintf(err, errlen, "cannot create the FUSE session");
         return -1;
