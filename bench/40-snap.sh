@@ -11,6 +11,8 @@
 #     every changed page and a random sample read back, and the live image
 #     converted by qemu-img and compared page by page; reference: QEMU loadvm
 #  3. first-touch read of 1 GiB through a chain of 100 snapshots vs one layer
+#  (rows "external-unmapped": the stores, snapshots and revert without a
+#  mapping, through pms_pwrite, as the CLI does; SNAPBENCH_UNMAPPED=0 skips)
 #  4. image larger than memory: 64 GiB image, 1 GiB cap, 2 GiB of stores to
 #     random pages vs the same stores into an mmap of a sparse raw file
 # Knobs (environment): SNAPBENCH_QUICK=1 (about 2 minutes: 1 and 2 GiB,
@@ -54,7 +56,7 @@ cleanup() {
 trap cleanup EXIT
 log() { echo "  [$(date -u +%H:%M:%S)] $*"; }
 free_gb() { df -P -BG "$T" | awk 'NR==2 { sub("G", "", $4); print $4 }'; }
-echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (2 shared vCPUs; other builds make these numbers noisy)" | tee "$R/load0"
+echo "$(date -u +%FT%TZ) load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (2 shared vCPUs; other builds make these numbers noisy)" | tee "$R/load0"
 
 # every file of a kind's directory must pass qemu-img check (layers too)
 check_all() {
@@ -85,10 +87,16 @@ done
 log "kinds available:${KINDS:- none}"
 
 # 1 + 2. snapshot call (and revert on the first size)
+# (external-unmapped: the same through pms_pwrite and an unmapped device, as
+# the CLI does; first size only)
+UNMAPPED=; [ "${SNAPBENCH_UNMAPPED:-1}" != 0 ] && UNMAPPED=external-unmapped
 for gb in $SIZES; do
-    for k in internal external; do
+    for k in internal external $UNMAPPED; do
+        [ "$k" = external-unmapped ] && [ "$gb" != "$FIRST" ] && continue
         out=$R/snap-$k-$gb
-        if ! [[ " $KINDS " == *" $k "* ]]; then cp "$R/probe-$k" "$out"; continue; fi
+        if [ "$k" != external-unmapped ] && ! [[ " $KINDS " == *" $k "* ]]; then
+            cp "$R/probe-$k" "$out"; continue
+        fi
         if [ "$(free_gb)" -lt $((gb + gb / 4 + 4)) ]; then
             echo "na skipped: $(free_gb) GiB free in $T, need $((gb + gb / 4 + 4))" >"$out"; continue
         fi
@@ -198,9 +206,11 @@ else
 fi
 
 # 3. first-touch read through a chain of snapshots vs one layer
-for k in internal external; do
+for k in internal external $UNMAPPED; do
     out=$R/chain-$k
-    if ! [[ " $KINDS " == *" $k "* ]]; then cp "$R/probe-$k" "$out"; continue; fi
+    if [ "$k" != external-unmapped ] && ! [[ " $KINDS " == *" $k "* ]]; then
+        cp "$R/probe-$k" "$out"; continue
+    fi
     dir=$T/chain-$k; mkdir -p "$dir"
     qemu-img create -q -f qcow2 "$dir/img.qcow2" "${FIRST}G"
     log "chain $k: $CHAIN snapshots, $CHAIN_KB KiB stored before each"
@@ -225,7 +235,7 @@ else
     "$SB" cap-mmap "$T/cap.raw" "$CAPST" "$CAPSECS" >"$R/cap-mmap" 2>&1 || echo "error exit $?" >>"$R/cap-mmap"
     rm -f "$T/cap.raw"
 fi
-echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)" | tee "$R/load1"
+echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg); $SECONDS s in all" | tee "$R/load1"
 
 SIZES="$SIZES" FIRST="$FIRST" DIRTY="$DIRTY" REPS="$REPS" CHAIN="$CHAIN" CHAIN_KB="$CHAIN_KB" \
 CAPIMG="$CAPIMG" CAP="$CAP" CAPST="$CAPST" python3 "$here/snap-table.py" "$R"

@@ -33,7 +33,9 @@
  *       every page of a raw file (e.g. qemu-img convert of the image) holds
  *       the pattern of the generation recorded in GENFILE.
  *
- * KIND is "internal" or "external" (PMS_SNAP_EXTERNAL).  Page p of
+ * KIND is "internal" or "external" (PMS_SNAP_EXTERNAL); "KIND-unmapped" does
+ * the stores, snapshots and reverts of snap and chain without a mapping
+ * (pms_pwrite/pms_pread; the chain is still read back through a mapping).  Page p of
  * generation g holds the 64-bit word (g << 40 | p) in each of its 512
  * words, so any page read back can be checked.  Random choices come from a
  * fixed seed: the image and the mmap reference see the same offsets.
@@ -98,19 +100,69 @@ static int good(const uint8_t *pg, uint64_t w)
     return 1;
 }
 
+/* KIND-unmapped: the same work without a mapping (pms_pwrite/pms_pread,
+ * as the CLI and block-level callers do). */
+static int unmapped;
+
+/* Page p := word w, through the mapping or (unmapped) with pms_pwrite. */
+static void store(pms_dev *d, uint8_t *map, uint64_t p, uint64_t w)
+{
+    static uint8_t buf[PG] __attribute__((aligned(4096)));
+    if (map) {
+        put(map + p * PG, w);
+        return;
+    }
+    put(buf, w);
+    TRY(pms_pwrite(d, buf, PG, p * PG));
+}
+
+static int check(pms_dev *d, const uint8_t *map, uint64_t p, uint64_t w)
+{
+    static uint8_t buf[PG] __attribute__((aligned(4096)));
+    if (map) return good(map + p * PG, w);
+    TRY(pms_pread(d, buf, PG, p * PG));
+    return good(buf, w);
+}
+
 static unsigned kind_flags(const char *kind)
 {
-    if (!strcmp(kind, "internal")) return 0;
-    if (!strcmp(kind, "external")) return PMS_SNAP_EXTERNAL;
-    fprintf(stderr, "unknown snapshot kind '%s' (internal or external)\n", kind);
+    const char *u = strstr(kind, "-unmapped");
+    unmapped = u && !u[9];
+    size_t n = u ? (size_t)(u - kind) : strlen(kind);
+    if (!strncmp(kind, "internal", n) && n == 8) return 0;
+    if (!strncmp(kind, "external", n) && n == 8) return PMS_SNAP_EXTERNAL;
+    fprintf(stderr, "unknown snapshot kind '%s' (internal or external, optionally -unmapped)\n", kind);
     exit(2);
+}
+
+/* NULL if snapshot name is of the kind flags asked for, else why not. */
+static const char *wrong_kind(pms_dev *d, const char *name, unsigned flags)
+{
+    struct pms_snapshot_info *l;
+    size_t n;
+    int want = flags & PMS_SNAP_EXTERNAL ? PMS_SNAP_KIND_EXTERNAL : PMS_SNAP_KIND_INTERNAL;
+    const char *why = "pms_snapshot_list does not show the new snapshot";
+    if (pms_snapshot_list(d, &l, &n) < 0) return pms_errmsg();
+    for (size_t i = 0; i < n; i++)
+        if (l[i].name && !strcmp(l[i].name, name))
+            why = l[i].kind == want ? NULL
+                  : want == PMS_SNAP_KIND_EXTERNAL
+                      ? "pms_snapshot_create_ex(PMS_SNAP_EXTERNAL) on a mapped image made an internal snapshot"
+                      : "an internal snapshot was asked for, the list shows another kind";
+    pms_snapshot_list_free(l, n);
+    return why;
 }
 
 /* The kind is not available: say why and stop (the caller prints n/a). */
 static void snap_or_na(pms_dev *d, const char *name, unsigned flags)
 {
+    const char *why;
     if (pms_snapshot_create_ex(d, name, flags) < 0) {
         printf("na %s\n", pms_errmsg());
+        exit(0);
+    }
+    if ((why = wrong_kind(d, name, flags))) {
+        printf("na %s\n", why);
         exit(0);
     }
 }
@@ -266,7 +318,7 @@ static int snap(const char *kind, const char *img, size_t dirty_mb, int reps, in
     uint64_t len = (uint64_t)pms_size(d), npages = len / PG;
     fill(d, len);
     size_t maplen;
-    uint8_t *p = map_dev(d, &maplen, 0);
+    uint8_t *p = unmapped ? NULL : map_dev(d, &maplen, 0);
     uint8_t *gen = malloc(npages), *bm = calloc(npages / 8 + 1, 1);
     memset(gen, 1, npages);
     snap_or_na(d, "s0", flags);
@@ -283,7 +335,7 @@ static int snap(const char *kind, const char *img, size_t dirty_mb, int reps, in
         double t0 = now();
         for (size_t i = 0; i < n; i++) {
             gen[pages[i]] = (uint8_t)(r + 2);
-            put(p + pages[i] * PG, word(pages[i], r + 2));
+            store(d, p, pages[i], word(pages[i], r + 2));
         }
         double t1 = now();
         char name[16];
@@ -297,9 +349,9 @@ static int snap(const char *kind, const char *img, size_t dirty_mb, int reps, in
         TRY(pms_stats(d, &st));
         dir_usage(dir, &a1, &d1);
         call[r] = (t3 - t2) * 1e3;
-        lib[r] = st.last_snapshot_ns / 1e6;
-        pause[r] = st.last_snapshot_pause_ns / 1e6;
-        sbytes[r] = st.last_snapshot_bytes;
+        lib[r] = unmapped ? -1 : st.last_snapshot_ns / 1e6;     /* -1: no memory device */
+        pause[r] = unmapped ? -1 : st.last_snapshot_pause_ns / 1e6;
+        sbytes[r] = unmapped ? -1 : (double)st.last_snapshot_bytes;
         fgrow[r] = (double)a1 - a0;
         dgrow[r] = (double)d1 - d0;
         rb[r] = rc1 - rc0;
@@ -319,7 +371,7 @@ static int snap(const char *kind, const char *img, size_t dirty_mb, int reps, in
         uint8_t *want = malloc(npages);
         memcpy(want, gen, npages);
         pick(pages, n, npages, bm);
-        for (size_t i = 0; i < n; i++) put(p + pages[i] * PG, word(pages[i], reps + 2));
+        for (size_t i = 0; i < n; i++) store(d, p, pages[i], word(pages[i], reps + 2));
         char name[16];
         snprintf(name, sizeof name, "s%d", reps);
         double t0 = now();
@@ -327,10 +379,10 @@ static int snap(const char *kind, const char *img, size_t dirty_mb, int reps, in
         double t1 = now();
         uint64_t bad = 0, checked = 0;
         for (size_t i = 0; i < n; i++, checked++)
-            bad += !good(p + pages[i] * PG, word(pages[i], want[pages[i]]));
+            bad += !check(d, p, pages[i], word(pages[i], want[pages[i]]));
         for (int i = 0; i < REVERT_SAMPLE; i++, checked++) {
             uint64_t q = rnd(&rng_state) % npages;
-            bad += !good(p + q * PG, word(q, want[q]));
+            bad += !check(d, p, q, word(q, want[q]));
         }
         double t2 = now();
         printf("revert_ms %.1f\nrefault_check_ms %.1f\nrevert_checked %" PRIu64
@@ -341,7 +393,7 @@ static int snap(const char *kind, const char *img, size_t dirty_mb, int reps, in
         if (!f || fwrite(want, 1, npages, f) != npages || fclose(f)) { perror(gf); return 1; }
         free(want);
     }
-    TRY(pms_unmap(d));
+    if (p) TRY(pms_unmap(d));
     TRY(pms_close(d));
     return 0;
 }
@@ -387,7 +439,7 @@ static int chain(const char *kind, const char *img, int nsnap, size_t dirty_kb)
     printf("onelayer_GBps %.3f\n", read_fresh(img, len));
     TRY(pms_open(img, NULL, &d));
     size_t maplen;
-    uint8_t *p = map_dev(d, &maplen, 0);
+    uint8_t *p = unmapped ? NULL : map_dev(d, &maplen, 0);
     uint8_t *gen = malloc(npages), *bm = calloc(npages / 8 + 1, 1);
     memset(gen, 1, npages);
     size_t n = dirty_kb * 1024 / PG;
@@ -397,7 +449,7 @@ static int chain(const char *kind, const char *img, int nsnap, size_t dirty_kb)
         pick(pages, n, npages, bm);
         for (size_t i = 0; i < n; i++) {
             gen[pages[i]] = (uint8_t)(s % 250 + 2);
-            put(p + pages[i] * PG, word(pages[i], gen[pages[i]]));
+            store(d, p, pages[i], word(pages[i], gen[pages[i]]));
         }
         char name[16];
         snprintf(name, sizeof name, "c%d", s);
@@ -407,7 +459,7 @@ static int chain(const char *kind, const char *img, int nsnap, size_t dirty_kb)
         if (now() - ts > worst) worst = now() - ts;
     }
     printf("chain_build_s %.2f\nchain_snap_max_ms %.1f\n", now() - t0, worst * 1e3);
-    TRY(pms_unmap(d));
+    if (p) TRY(pms_unmap(d));
     TRY(pms_close(d));
     printf("chain_GBps %.3f\n", read_fresh(img, len));
     TRY(pms_open(img, NULL, &d));
@@ -576,6 +628,13 @@ static int scale(const char *kind, const char *path, uint64_t cap_mb, double sec
             continue;
         }
         double c = now() - a;
+        const char *why;
+        if (made == 0 && (why = wrong_kind(d, name, flags))) {
+            atomic_store(&workers_run, 0);
+            for (int i = 0; i < 2; i++) pthread_join(w[i].t, NULL);
+            printf("na %s\n", why);
+            exit(0);
+        }
         csum += c; if (c > cmax) cmax = c;
         made++;
         if (made - deleted > SCALE_KEEP) {
