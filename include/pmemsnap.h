@@ -120,6 +120,16 @@ int  pms_block_status(pms_dev *dev, uint64_t off, uint64_t len, struct pms_exten
 
 /* ---- image creation ----------------------------------------------------- */
 
+/* Preallocation, as qemu-img create -o preallocation=: metadata allocates
+ * every L2 table and data cluster (qcow2 only; the file stays sparse),
+ * falloc also reserves the data with fallocate, full writes it (zeroes). */
+enum pms_prealloc {
+    PMS_PREALLOC_OFF = 0,
+    PMS_PREALLOC_METADATA,
+    PMS_PREALLOC_FALLOC,
+    PMS_PREALLOC_FULL,
+};
+
 struct pms_create_opts {
     size_t size;               /* sizeof(struct pms_create_opts), set by init */
     const char *format;        /* "qcow2" (default) or "raw" */
@@ -129,11 +139,14 @@ struct pms_create_opts {
     int refcount_bits;         /* default (and 0): 16 */
     const char *backing_file;
     const char *backing_format;
-    int lazy_refcounts;        /* accepted; pmemsnap never leaves refcounts stale */
-    int preallocation_metadata;/* accepted for compatibility, currently "off" */
+    int lazy_refcounts;        /* compat bit lazy_refcounts (version 3): the image
+                                  carries the dirty bit while it is written, as
+                                  with QEMU (refcounts are never actually stale) */
+    int preallocation_metadata;/* older callers: same as preallocation = METADATA */
     int backing_unchecked;     /* as qemu-img create -u: the backing file is not
                                   opened (a size must be given) */
     const char *compression_type; /* NULL or "zlib" (default), "zstd" (version 3) */
+    int preallocation;         /* enum pms_prealloc (default off) */
 };
 void pms_create_opts_init(struct pms_create_opts *o);
 /* size may be 0 with a backing file: the backing file's size is used. */

@@ -186,12 +186,19 @@ int pms_create(const char *path, uint64_t size, const struct pms_create_opts *op
         if (opts->backing_file)
             r = pms_err(EINVAL, "raw images cannot have a backing file");
         else {
-            FILE *f = fopen(path, "w");
-            if (!f)
+            int pm = opts->preallocation;
+            FILE *f = NULL;
+            if (pm == PMS_PREALLOC_METADATA || opts->preallocation_metadata)
+                r = pms_err(EINVAL, "Unsupported preallocation mode: metadata");
+            else if (pm < PMS_PREALLOC_OFF || pm > PMS_PREALLOC_FULL)
+                r = pms_err(EINVAL, "unknown preallocation mode %d", pm);
+            else if (!(f = fopen(path, "w")))
                 r = pms_err(errno, "could not create '%s': %s", path, strerror(errno));
             else {
                 if (ftruncate(fileno(f), (off_t)size) < 0)
                     r = pms_err(errno, "could not resize '%s': %s", path, strerror(errno));
+                else if (pm != PMS_PREALLOC_OFF)
+                    r = bdev_fd_prealloc(fileno(f), path, 0, size, pm);
                 fclose(f);
             }
         }

@@ -51,6 +51,7 @@ struct copts {
     uint64_t size;
     const char *compat;          /* as given */
     const char *prealloc;
+    bool bad_prealloc;           /* refused after the "Formatting" line, as qemu-img */
     bool has_lazy, has_ext, has_cs, has_rb;
 };
 
@@ -79,7 +80,8 @@ static void print_create_help(bool raw)
                "  compression_type=<str> - Compression method used for image cluster compression\n"
                "  extended_l2=<bool (on/off)> - Extended L2 tables\n"
                "  lazy_refcounts=<bool (on/off)> - Postpone refcount updates\n");
-    printf("  preallocation=<str>    - Preallocation mode (allowed values: off)\n");
+    printf("  preallocation=<str>    - Preallocation mode (allowed values: %s)\n",
+           raw ? "off, falloc, full" : "off, metadata, falloc, full");
     if (!raw)
         printf("  refcount_bits=<num>    - Width of a reference count entry in bits\n");
     printf("  size=<size>            - Virtual disk size\n");
@@ -123,13 +125,18 @@ static int parse_copts(struct copts *c, char *s, const char *file)
             c->has_size = true;
             c->size = n;
         } else if (strcmp(kv, "preallocation") == 0) {
+            static const char *const modes[] = {
+                [PMS_PREALLOC_OFF] = "off", [PMS_PREALLOC_METADATA] = "metadata",
+                [PMS_PREALLOC_FALLOC] = "falloc", [PMS_PREALLOC_FULL] = "full",
+            };
             qcow_only = false;
-            if (strcmp(v, "off") != 0) {
-                errorf("%s: Preallocation mode '%s' is not supported (only 'off')", file, v);
-                return -1;
-            }
             c->prealloc = v;
-            c->o.preallocation_metadata = 0;
+            c->bad_prealloc = true;
+            for (int m = PMS_PREALLOC_OFF; m <= PMS_PREALLOC_FULL; m++)
+                if (strcmp(v, modes[m]) == 0) {
+                    c->o.preallocation = m;
+                    c->bad_prealloc = false;
+                }
         } else if (c->is_raw) {
             errorf("%s: Invalid parameter '%s'", file, kv);
             return -1;
@@ -368,6 +375,13 @@ int cmd_create(int argc, char **argv)
     if (!quiet)
         print_formatting(file, &c, c.size);
     fflush(stdout);
+    if (c.bad_prealloc) {            /* qemu-img's wording for each format */
+        if (c.is_raw)
+            errorf("%s: invalid parameter value: %s", file, c.prealloc);
+        else
+            errorf("%s: Parameter 'preallocation' does not accept value '%s'", file, c.prealloc);
+        return 1;
+    }
     if (pms_create(file, c.size, &c.o) < 0) {
         errorf("%s: %s", file, libmsg());
         return 1;
@@ -1330,6 +1344,10 @@ int cmd_convert(int argc, char **argv)
     }
     if (check_copts(&c, dst) < 0)
         return 1;
+    if (c.bad_prealloc) {
+        errorf("%s: Parameter 'preallocation' does not accept value '%s'", dst, c.prealloc);
+        return 1;
+    }
     pms_dev *in = open_image(src, fmt, true, scache, false, force);
     if (!in)
         return 1;

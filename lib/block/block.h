@@ -121,6 +121,10 @@ int  bdev_open(const char *path, const struct pms_open_opts *o, struct bdev **bs
 /* 0, or -EBUSY when another process holds QEMU-style locks on the file at
  * path that creating an image there would violate. */
 int  bdev_file_busy(const char *path);
+/* Preallocate [off, off+len) of an open file as qemu-img's preallocation
+ * mode (enum pms_prealloc): FALLOC reserves it (fallocate), FULL writes
+ * zeroes; the file grows to at least off+len in every mode. */
+int  bdev_fd_prealloc(int fd, const char *path, uint64_t off, uint64_t len, int mode);
 int  bdev_open_protocol(const char *path, const struct pms_open_opts *o, bool readonly,
                         struct bdev **bsp);
 void bdev_close(struct bdev *bs);

@@ -93,6 +93,38 @@ int bdev_file_busy(const char *path)
                           "using the image?", path) : 0;
 }
 
+int bdev_fd_prealloc(int fd, const char *path, uint64_t off, uint64_t len, int mode)
+{
+    if (len == 0)
+        return 0;
+    if (mode == PMS_PREALLOC_FALLOC) {
+        int e = posix_fallocate(fd, (off_t)off, (off_t)len);
+        if (e)
+            return pms_err(e, "could not preallocate '%s' (falloc): %s", path, strerror(e));
+        return 0;
+    }
+    if (mode == PMS_PREALLOC_FULL) {
+        static const uint8_t zeroes[1 << 16];
+        while (len) {
+            size_t n = len < sizeof zeroes ? (size_t)len : sizeof zeroes;
+            ssize_t w = pwrite(fd, zeroes, n, (off_t)off);
+            if (w < 0 && errno == EINTR)
+                continue;
+            if (w <= 0)
+                return pms_err(w < 0 ? errno : EIO, "could not preallocate '%s' (full): %s",
+                               path, strerror(w < 0 ? errno : EIO));
+            off += (uint64_t)w; len -= (uint64_t)w;
+        }
+        return 0;
+    }
+    struct stat st;
+    if (fstat(fd, &st) < 0)
+        return pms_err(errno, "could not stat '%s': %s", path, strerror(errno));
+    if ((uint64_t)st.st_size < off + len && ftruncate(fd, (off_t)(off + len)) < 0)
+        return pms_err(errno, "could not extend '%s': %s", path, strerror(errno));
+    return 0;
+}
+
 static int take_locks(struct bdev *bs, int fd, const char *path)
 {
     static const struct { int off; const char *what; } rw_tests[] = {

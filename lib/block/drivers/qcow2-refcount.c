@@ -294,7 +294,9 @@ static int update_one(struct bdev *bs, uint64_t ci, int64_t addend, bool set, ui
 {
     struct qcow2_state *s = QS(bs);
     uint64_t rti = ci >> s->rb_bits;
-    int r = ensure_block(bs, rti);
+    int r = qcow2_lazy_mark_dirty(bs);      /* lazy refcounts: dirty first */
+    if (r < 0) return r;
+    r = ensure_block(bs, rti);
     if (r < 0) return r;
     uint8_t *rb;
     r = get_block(bs, rti, &rb);

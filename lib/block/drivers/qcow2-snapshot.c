@@ -469,6 +469,7 @@ static int set_dirty(struct bdev *bs, bool dirty)
     int r = qcow2_flush_metadata(bs);
     if (r < 0) return r;
     uint64_t v = dirty ? (s->incompat | QCOW2_INCOMPAT_DIRTY) : (s->incompat & ~QCOW2_INCOMPAT_DIRTY);
+    s->lazy_dirty = false;      /* the bracket owns the bit now */
     uint64_t be = htobe64(v);
     r = bdev_file_pwrite(bs->file, &be, 8, 72);
     if (r == 0) r = bdev_file_flush(bs->file);
@@ -537,6 +538,7 @@ static int create_v3(struct bdev *bs, const char *name)
 {
     struct qcow2_state *s = QS(bs);
     uint64_t v = htobe64(s->incompat | QCOW2_INCOMPAT_DIRTY);
+    s->lazy_dirty = false;      /* the bracket owns the bit now */
     int r = bdev_file_pwrite(bs->file, &v, 8, 72);
     if (r == 0) r = bdev_file_flush(bs->file);
     if (r < 0) return r;

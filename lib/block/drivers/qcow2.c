@@ -707,14 +707,56 @@ static int qcow2_pwrite_zeroes(struct bdev *bs, uint64_t len, uint64_t off, unsi
 static int qcow2_block_status(struct bdev *bs, uint64_t off, uint64_t len, struct pms_extent *e);
 static int qcow2_flush(struct bdev *bs);
 
+/* Lazy refcounts (compat bit 0) as QEMU has them: while a writer may have
+ * refcount updates outstanding the image carries the incompatible dirty
+ * bit, so a crash leaves an image every implementation repairs (refcounts
+ * rebuilt) on its next writable open.  pmemsnap never actually defers a
+ * refcount update (its usual ordering stays), so honouring the option
+ * means the bit: written and flushed before the session's first refcount
+ * change (qcow2_lazy_mark_dirty, from the refcount code), cleared at a
+ * clean close once everything is durable.  Entered under the node lock. */
+int qcow2_lazy_mark_dirty(struct bdev *bs)
+{
+    struct qcow2_state *s = QS(bs);
+    if (!(s->compat & QCOW2_COMPAT_LAZY_REFCOUNTS) || (s->incompat & QCOW2_INCOMPAT_DIRTY) ||
+        s->version < 3 || !s->writable)
+        return 0;
+    uint64_t be = htobe64(s->incompat | QCOW2_INCOMPAT_DIRTY);
+    int r = bdev_file_pwrite(bs->file, &be, 8, 72);
+    if (r == 0) r = bdev_file_flush(bs->file);
+    if (r < 0) return r;
+    s->incompat |= QCOW2_INCOMPAT_DIRTY;
+    s->lazy_dirty = true;
+    return 0;
+}
+
+static int lazy_mark_clean(struct bdev *bs)
+{
+    struct qcow2_state *s = QS(bs);
+    int r = bdev_file_flush(bs->file);     /* the refcounts first */
+    if (r < 0) return r;
+    uint64_t be = htobe64(s->incompat & ~QCOW2_INCOMPAT_DIRTY);
+    r = bdev_file_pwrite(bs->file, &be, 8, 72);
+    if (r == 0) r = bdev_file_flush(bs->file);
+    if (r < 0) return r;
+    s->incompat &= ~QCOW2_INCOMPAT_DIRTY;
+    s->lazy_dirty = false;
+    return 0;
+}
+
 static void qcow2_close(struct bdev *bs)
 {
     struct qcow2_state *s = QS(bs);
     if (s->writable && s->l1) {
-        if (qcow2_flush_metadata(bs) == 0 && s->npending) {
-            if (pending_drain(bs) == 0)
-                qcow2_flush_metadata(bs);
+        int r = qcow2_flush_metadata(bs);
+        if (r == 0 && s->npending) {
+            r = pending_drain(bs);
+            if (r == 0)
+                r = qcow2_flush_metadata(bs);
         }
+        /* a failed flush keeps the dirty bit: the next open repairs */
+        if (r == 0 && s->lazy_dirty)
+            lazy_mark_clean(bs);
     }
     free_state(s);
 }
@@ -2507,9 +2549,39 @@ const struct pms_driver pms_drv_qcow2 = {
 /* ------------------------------------------------------------------------ */
 /* create                                                                   */
 
+/* Preallocated layout (preallocation != off), computed up front and written
+ * by qcow2_create together with the rest: header | reftable | refblocks |
+ * L1 | then for metadata each L2 table followed by its data clusters (as
+ * QEMU's preallocate_co allocates them), for falloc/full every L2 table and
+ * then all data clusters contiguous (QEMU's truncate preallocation puts the
+ * data in one run).  Every cluster has refcount 1; L2 entries are NORMAL
+ * with COPIED (extended L2: subclusters left unallocated, as QEMU does). */
+static uint64_t l2_pos(uint64_t p0, uint64_t i, uint64_t cs, uint64_t per_l2, int mode)
+{
+    return mode == PMS_PREALLOC_METADATA ? p0 + i * cs * (1 + per_l2) : p0 + i * cs;
+}
+
+static uint64_t data_pos(uint64_t p0, uint64_t k, uint64_t cs, uint64_t per_l2, uint64_t nl2,
+                         int mode)
+{
+    if (mode == PMS_PREALLOC_METADATA)
+        return l2_pos(p0, k / per_l2, cs, per_l2, mode) + cs * (1 + k % per_l2);
+    return p0 + nl2 * cs + k * cs;
+}
+
 int qcow2_create(const char *path, uint64_t size, const struct pms_create_opts *o)
 {
     uint64_t cs = o->cluster_size ? o->cluster_size : 65536;
+    int pmode = PMS_PREALLOC_OFF;
+    if (o->size >= offsetof(struct pms_create_opts, preallocation) + sizeof(int))
+        pmode = o->preallocation;
+    if (pmode == PMS_PREALLOC_OFF && o->preallocation_metadata)
+        pmode = PMS_PREALLOC_METADATA;
+    if (pmode < PMS_PREALLOC_OFF || pmode > PMS_PREALLOC_FULL)
+        return pms_err(EINVAL, "unknown preallocation mode %d", pmode);
+    if (pmode != PMS_PREALLOC_OFF && o->backing_file && !o->extended_l2)
+        return pms_err(EINVAL, "Backing file and preallocation can only be used at the same "
+                       "time if extended_l2 is on");
     if (cs < 512 || cs > (2u << 20) || (cs & (cs - 1)))
         return pms_err(EINVAL, "cluster size must be a power of two between 512 and 2M");
     unsigned cbits = (unsigned)__builtin_ctzll(cs);
@@ -2598,7 +2670,7 @@ int qcow2_create(const char *path, uint64_t size, const struct pms_create_opts *
     st.incompat = (st.ext_l2 ? QCOW2_INCOMPAT_EXTL2 : 0) |
                   (zstd ? QCOW2_INCOMPAT_COMPRESSION : 0);
     st.compression_type = zstd ? QCOW2_COMPRESSION_ZSTD : QCOW2_COMPRESSION_ZLIB;
-    st.compat = 0;
+    st.compat = o->lazy_refcounts ? QCOW2_COMPAT_LAZY_REFCOUNTS : 0;
     st.backing_file = bf;
     st.backing_format = bfmt;
     /* layout: header | reftable | refblock | L1 ... ; grow reftable if the
@@ -2606,9 +2678,13 @@ int qcow2_create(const char *path, uint64_t size, const struct pms_create_opts *
     uint64_t rb_entries = (cs * 8) >> st.refcount_order;
     uint64_t l1_clusters = (l1n * 8 + cs - 1) / cs;
     if (l1_clusters == 0) l1_clusters = 1;
+    /* preallocation: one L2 table per L1 entry, a cluster per cluster of data */
+    uint64_t per_l2 = 1ull << l2bits;
+    uint64_t nl2 = pmode != PMS_PREALLOC_OFF ? l1n : 0;
+    uint64_t ndata = pmode != PMS_PREALLOC_OFF ? (size + cs - 1) / cs : 0;
     uint64_t rt_clusters = 1, rb_count = 1;
-    for (int i = 0; i < 16; i++) {
-        uint64_t total = 1 + rt_clusters + rb_count + l1_clusters;
+    for (int i = 0; i < 64; i++) {
+        uint64_t total = 1 + rt_clusters + rb_count + l1_clusters + nl2 + ndata;
         uint64_t need_rb = (total + rb_entries - 1) / rb_entries;
         uint64_t need_rt = (need_rb * 8 + cs - 1) / cs;
         if (need_rb == rb_count && need_rt == rt_clusters) break;
@@ -2618,7 +2694,12 @@ int qcow2_create(const char *path, uint64_t size, const struct pms_create_opts *
     st.reftable_clusters = (uint32_t)rt_clusters;
     uint64_t rb_off = cs * (1 + rt_clusters);
     st.l1_offset = rb_off + rb_count * cs;
-    uint64_t total = 1 + rt_clusters + rb_count + l1_clusters;
+    uint64_t total = 1 + rt_clusters + rb_count + l1_clusters + nl2 + ndata;
+    uint64_t p0 = st.l1_offset + l1_clusters * cs;     /* first L2 table */
+    if (st.reftable_clusters * (cs / 8) < rb_count) {
+        free(bf); free(bfmt);
+        return pms_err(EFBIG, "image size too large to preallocate");
+    }
 
     int fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd < 0) {
@@ -2631,6 +2712,11 @@ int qcow2_create(const char *path, uint64_t size, const struct pms_create_opts *
     size_t hlen = 0;
     if (!buf) r = pms_err(ENOMEM, "out of memory");
     if (r == 0) r = build_header(&st, buf, cs, &hlen);
+    /* preallocating, qemu-img rewrites the header as a whole cluster: the
+     * same bytes, the same allocation (its heuristic for metadata
+     * preallocation counts allocated blocks) */
+    if (r == 0 && pmode != PMS_PREALLOC_OFF)
+        hlen = cs;
     if (r == 0 && pwrite(fd, buf, hlen, 0) != (ssize_t)hlen)
         r = pms_err(errno ? errno : EIO, "write to '%s' failed", path);
     /* refcount table */
@@ -2657,6 +2743,39 @@ int qcow2_create(const char *path, uint64_t size, const struct pms_create_opts *
     /* L1 (zeroes): extend the file to cover it */
     if (r == 0 && ftruncate(fd, (off_t)(st.l1_offset + (l1n ? l1n * 8 : 0))) < 0)
         r = pms_err(errno, "could not extend '%s': %s", path, strerror(errno));
+    /* preallocation: L1 entries, L2 tables, then the data clusters' space */
+    if (r == 0 && pmode != PMS_PREALLOC_OFF) {
+        uint64_t *l1 = calloc(l1n ? l1n : 1, 8);
+        if (!l1) r = pms_err(ENOMEM, "out of memory");
+        for (uint64_t i = 0; r == 0 && i < nl2; i++)
+            l1[i] = htobe64(l2_pos(p0, i, cs, per_l2, pmode) | QCOW_OFLAG_COPIED);
+        if (r == 0 && pwrite(fd, l1, l1n * 8, (off_t)st.l1_offset) != (ssize_t)(l1n * 8))
+            r = pms_err(errno ? errno : EIO, "write to '%s' failed", path);
+        free(l1);
+        unsigned esz = st.ext_l2 ? 16 : 8;
+        for (uint64_t i = 0; r == 0 && i < nl2; i++) {
+            memset(buf, 0, cs);
+            for (uint64_t j = 0; j < per_l2 && i * per_l2 + j < ndata; j++) {
+                uint64_t e = htobe64(data_pos(p0, i * per_l2 + j, cs, per_l2, nl2, pmode) |
+                                     QCOW_OFLAG_COPIED);
+                memcpy(buf + j * esz, &e, 8);
+            }
+            if (pwrite(fd, buf, cs, (off_t)l2_pos(p0, i, cs, per_l2, pmode)) != (ssize_t)cs)
+                r = pms_err(errno ? errno : EIO, "write to '%s' failed", path);
+        }
+        /* the data: a sparse file (metadata), reserved (falloc) or zeroes (full) */
+        /* metadata: the file ends with the last data cluster; with extended L2
+         * at the image's last byte (no copy-on-write pads the cluster, as in
+         * QEMU) */
+        if (r == 0 && pmode == PMS_PREALLOC_METADATA && ndata) {
+            uint64_t tail = st.ext_l2 ? size - (ndata - 1) * cs : cs;
+            r = bdev_fd_prealloc(fd, path, data_pos(p0, ndata - 1, cs, per_l2, nl2, pmode),
+                                 tail, pmode);
+        }
+        if (r == 0 && pmode != PMS_PREALLOC_METADATA)
+            r = bdev_fd_prealloc(fd, path, data_pos(p0, 0, cs, per_l2, nl2, pmode), ndata * cs,
+                                 pmode);
+    }
     if (r == 0 && fsync(fd) < 0)
         r = pms_err(errno, "fsync of '%s' failed", path);
     close(fd);

@@ -175,6 +175,11 @@ struct qcow2_state {
     bool relaxed;
     bool prealloc_checked, prealloc;  /* QEMU's metadata-preallocation heuristic */
     bool check_mode;             /* opened for pms_check (pms_open_opts.check) */
+    /* Lazy refcounts (compat bit): the dirty bit was set by
+     * qcow2_lazy_mark_dirty in this session and a clean close clears it.
+     * A snapshot bracket takes the bit over (set_dirty clears this), so a
+     * bracket that failed keeps its bit for the repair. */
+    bool lazy_dirty;
     /* active L1 entries changed in memory, not yet written: [lo, hi) */
     uint32_t l1_dirty_lo, l1_dirty_hi;
 };
@@ -252,6 +257,10 @@ int  qcow2_signal_corruption(struct bdev *bs, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 /* Rewrite header cluster (header, extensions, backing name). */
 int  qcow2_update_header(struct bdev *bs);
+/* Lazy refcounts: before the first refcount change of a writable session
+ * on an image with the lazy-refcounts compat bit, durably set the dirty bit
+ * (as QEMU does before it defers refcount updates).  No-op otherwise. */
+int  qcow2_lazy_mark_dirty(struct bdev *bs);
 /* Note that active L1 entry i changed (written by qcow2_flush_metadata). */
 void qcow2_l1_mark_dirty(struct qcow2_state *s, uint32_t i);
 /* Write the in-memory active L1 entries [first, first+n) to disk. */
