@@ -836,8 +836,8 @@ static int get_mapping(struct bdev *bs, uint64_t off, uint64_t maxlen, struct ma
     uint64_t hoff = e & L2E_OFFSET_MASK;
     switch (qcow2_entry_type(s, e)) {
     case QC_COMPRESSED: {
-        if (s->ext_l2 && qcow2_l2_get_bitmap(s, l2, idx))
-            return qcow2_signal_corruption(bs, "compressed cluster entry with a subcluster bitmap");
+        /* the bitmap of a compressed cluster is unused: QEMU ignores it when
+         * reading and writing (iotest 271), only check reports it */
         qcow2_compressed_range(s, e, &m->host, &m->csize);
         uint64_t cend = m->host + m->csize;      /* may end in the file's last sector */
         if (m->host < s->cluster_size || (cend > 512 && cend - 512 > file_reaches(bs, cend - 512)))
@@ -863,7 +863,9 @@ static int get_mapping(struct bdev *bs, uint64_t off, uint64_t maxlen, struct ma
     case QC_NORMAL:
         break;
     }
-    if (e & (s->ext_l2 || s->version < 3 ? (L2E_STD_RESERVED_MASK | 1) : L2E_STD_RESERVED_MASK))
+    /* bit 0 (the zero flag) is reserved in v2; extended L2 entries do not
+     * use it and QEMU ignores it there (iotest 271) */
+    if (e & (s->version < 3 && !s->ext_l2 ? (L2E_STD_RESERVED_MASK | 1) : L2E_STD_RESERVED_MASK))
         return qcow2_signal_corruption(bs, "L2 entry %llu of table at %llu has reserved bits set",
                                        (unsigned long long)idx, (unsigned long long)l2off);
     if (hoff && (hoff >= file_reaches(bs, hoff + 1) || qc_off_in_cluster(s, hoff)))
