@@ -34,7 +34,10 @@ const char *pms_errmsg(void);
 
 enum pms_cache_mode {
     PMS_CACHE_WRITEBACK = 0,   /* page cache, flush on pms_flush (default) */
-    PMS_CACHE_NONE,            /* O_DIRECT where the file system allows it */
+    PMS_CACHE_NONE,            /* O_DIRECT (unaligned requests through aligned
+                                  bounce buffers); pms_open fails with EINVAL
+                                  where the file system refuses O_DIRECT, as
+                                  QEMU does */
     PMS_CACHE_WRITETHROUGH,    /* every write is flushed before returning */
     PMS_CACHE_UNSAFE,          /* flushes are ignored */
     PMS_CACHE_DIRECTSYNC,      /* O_DIRECT + writethrough */
