@@ -15,6 +15,8 @@
  *                        name relative to DIR, is the previous layer.
  *   DIR/.IMG.extsnap-tmp a new overlay being prepared (a leftover after a
  *                        crash; removed by the next writable open).
+ *   DIR/.IMG@NAME.deleting  snapshot NAME is being deleted by commit (see
+ *                        below); the next writable open finishes it.
  * The external snapshots of DIR/IMG are the regular files DIR/IMG@* (a
  * directory scan), whatever their place in the tree.  A name must be a
  * possible file name part: not empty, no '/', not "." or "..", at most
@@ -46,6 +48,16 @@
  *            Then unlink(IMG@NAME); fsync(DIR).  A crash leaves the
  *            snapshot in place (and intact) with some children already
  *            independent of it; deleting it again finishes the job.
+ *   delete by commit (IMG@NAME has one child, a layer C, smaller on disk
+ *            than IMG@NAME: the oldest snapshot of a chain): write the
+ *            marker DIR/.IMG@NAME.deleting (C's file name; fsynced, then
+ *            fsync(DIR)); copy C's own allocations into IMG@NAME, flush;
+ *            rename(IMG@NAME, C); fsync(DIR); unlink the marker; fsync(DIR).
+ *            C reads the same throughout (only ranges C has itself are
+ *            written below it); IMG@NAME's own content is destroyed, so once
+ *            the marker exists the snapshot is gone for list/revert/delete,
+ *            and the next writable open (or create/revert/delete) repeats the
+ *            copy (idempotent) and the rename.
  * The qcow2 writes themselves keep the driver's rule (a crash may leak
  * clusters, never corrupt), so every layer stays `qemu-img check`-clean
  * apart from leaks.
@@ -166,6 +178,20 @@ static int fsync_dir(const char *dir)
     return r;
 }
 
+/* Marker of a delete-by-commit in progress (see delete below). */
+static int marker_path(const struct paths *p, const char *name, char *buf, size_t cap)
+{
+    return snprintf(buf, cap, "%s/.%s@%s.deleting", p->dir, p->base, name) >= (int)cap
+           ? pms_err(ENAMETOOLONG, "marker path too long") : 0;
+}
+
+static bool marked(const struct paths *p, const char *name)
+{
+    char mk[PATH_MAX];
+    struct stat st;
+    return marker_path(p, name, mk, sizeof mk) == 0 && lstat(mk, &st) == 0;
+}
+
 /* ---- checks ------------------------------------------------------------------ */
 
 static int eligible(struct bdev *bs, const char *what)
@@ -212,6 +238,9 @@ int bdev_extsnap_exists(struct bdev *bs, const char *name)
     if (lstat(path, &st) < 0)
         return errno == ENOENT || errno == ENAMETOOLONG ? 0
                : pms_err(errno, "cannot look for '%s': %s", path, strerror(errno));
+    struct paths p;
+    if (S_ISREG(st.st_mode) && split(bs->filename, &p) == 0 && marked(&p, name))
+        return 0;                      /* being deleted */
     return S_ISREG(st.st_mode);
 }
 
@@ -293,10 +322,39 @@ static void take_over(struct bdev *bs, struct bdev *nw)
 
 /* ---- recovery ---------------------------------------------------------------- */
 
+static int finish_commits(const struct paths *p, int cache_mode);
+static int reopen_chain(struct bdev *bs, const struct paths *p);
+
+/* Is there a marker of an interrupted delete-by-commit? */
+static bool any_marker(const struct paths *p)
+{
+    DIR *d = opendir(p->dir);
+    if (!d) return false;
+    size_t bl = strlen(p->base);
+    struct dirent *de;
+    bool found = false;
+    while (!found && (de = readdir(d))) {
+        size_t nl = strlen(de->d_name);
+        found = de->d_name[0] == '.' && !strncmp(de->d_name + 1, p->base, bl) &&
+                de->d_name[1 + bl] == '@' && nl > 9 && !strcmp(de->d_name + nl - 9, ".deleting");
+    }
+    closedir(d);
+    return found;
+}
+
 static int recover(struct bdev *bs, const struct paths *p)
 {
     if (unlink(p->tmp) == 0)
         fsync_dir(p->dir);
+    if (any_marker(p)) {
+        /* finish interrupted deletes; our read-only nodes of the layers
+         * would keep them from being opened for writing */
+        bool had_chain = bs->backing != NULL;
+        bdev_close(bdev_take_backing(bs));
+        int r = finish_commits(p, bs->cache_mode);
+        int r2 = had_chain ? reopen_chain(bs, p) : 0;
+        if (r < 0 || r2 < 0) return r < 0 ? r : r2;
+    }
     struct stat live;
     if (stat(p->live, &live) < 0)
         return 0;
@@ -627,6 +685,144 @@ static bool backs(const char *path, const struct paths *p, const struct stat *ls
     return yes;
 }
 
+/* ---- delete by commit (a parent with one layer child) -------------------------
+ *
+ * Deleting snapshot N whose only child is layer C (the usual case: the
+ * oldest of a chain) by streaming would copy all of N's data into C; the
+ * other direction copies only C's own data: write C's allocations into N
+ * (QEMU's commit), so N reads as C does, then rename(N, C).  N's own content
+ * is destroyed on the way, so a marker DIR/.IMG@N.deleting (holding C's file
+ * name) is made durable first: a marked snapshot is no longer listed or
+ * usable, and the next writable open (or delete) finishes the job, which
+ * is idempotent (C is intact until the rename replaces it by N, which by
+ * then reads the same).  C reads the same bytes throughout: only ranges C
+ * allocates itself are written into N.
+ */
+static int write_marker(const struct paths *p, const char *marker, const char *child_base)
+{
+    int fd = open(marker, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0)
+        return pms_err(errno, "could not create '%s': %s", marker, strerror(errno));
+    size_t l = strlen(child_base);
+    int r = write(fd, child_base, l) == (ssize_t)l && fsync(fd) == 0 ? 0
+            : pms_err(errno ? errno : EIO, "could not write '%s'", marker);
+    close(fd);
+    if (r == 0) r = fsync_dir(p->dir);
+    return r;
+}
+
+/* Copy child's own allocations into parent (both paths), rename parent over
+ * child, drop the marker.  Our own nodes of both files are closed. */
+static int commit_finish(const struct paths *p, const char *parent, const char *child,
+                         const char *marker, int cache_mode, struct merge *m)
+{
+    struct bdev *par = NULL, *ch = NULL;
+    struct pms_open_opts o;
+    pms_open_opts_init(&o);
+    o.cache_mode = cache_mode;
+    int r = bdev_open(parent, &o, &par);
+    if (r == 0) r = open_node(child, true, true, cache_mode, &ch);
+    if (r < 0) {
+        r = pms_err(-r, "cannot merge into '%s': %s", parent, pms_err_get());
+        goto out;
+    }
+    uint8_t *buf = m->buf;
+    uint64_t size = ch->size < par->size ? ch->size : par->size;
+    m->total += size;
+    for (uint64_t off = 0; off < size && r == 0;) {
+        struct pms_extent e;
+        uint64_t want = size - off < MERGE_CHUNK ? size - off : MERGE_CHUNK;
+        r = bdev_block_status(ch, off, want, &e);
+        if (r < 0) break;
+        if (e.depth == 0 && (e.flags & PMS_BLOCK_ALLOCATED)) {
+            if ((e.flags & PMS_BLOCK_ZERO) && !(e.flags & PMS_BLOCK_DATA))
+                r = bdev_pwrite_zeroes(par, e.length, off, 0);
+            else {
+                r = bdev_pread(ch, buf, e.length, off);
+                if (r == 0) r = bdev_pwrite(par, buf, e.length, off);
+            }
+            if (r == 0) kill_point("delete-committing");
+        }
+        off += e.length;
+        m->done += e.length;
+        if (m->fn) m->fn(m->opaque, m->done, m->total);
+    }
+    if (r == 0) r = bdev_flush(par);
+    if (r == 0 && ch->size != par->size)
+        r = pms_err(ENOTSUP, "cannot merge '%s' into '%s': their sizes differ", child, parent);
+out:
+    bdev_close(ch);
+    bdev_close(par);
+    if (r < 0) return r;
+    kill_point("delete-committed");
+    struct stat cst;
+    bool have_time = stat(child, &cst) == 0;
+    if (rename(parent, child) < 0)
+        return pms_err(errno, "could not rename '%s' to '%s': %s", parent, child, strerror(errno));
+    if (have_time) {                   /* the child's snapshot instant */
+        struct timespec ts[2] = { cst.st_atim, cst.st_mtim };
+        utimensat(AT_FDCWD, child, ts, 0);
+    }
+    r = fsync_dir(p->dir);
+    kill_point("delete-commit-renamed");
+    if (r == 0 && unlink(marker) < 0 && errno != ENOENT)
+        r = pms_err(errno, "could not remove '%s': %s", marker, strerror(errno));
+    if (r == 0) r = fsync_dir(p->dir);
+    return r;
+}
+
+/* Finish every interrupted delete-by-commit of the image (markers). */
+static int finish_commits(const struct paths *p, int cache_mode)
+{
+    DIR *d = opendir(p->dir);
+    if (!d) return 0;
+    size_t bl = strlen(p->base);
+    struct dirent *de;
+    int r = 0;
+    struct merge m = { NULL, NULL, 0, 0, NULL };
+    while ((de = readdir(d)) && r == 0) {
+        size_t nl = strlen(de->d_name);
+        if (de->d_name[0] != '.' || strncmp(de->d_name + 1, p->base, bl) ||
+            de->d_name[1 + bl] != '@' || nl < bl + 11 || strcmp(de->d_name + nl - 9, ".deleting"))
+            continue;
+        char marker[PATH_MAX], parent[PATH_MAX], child[PATH_MAX], cb[NAME_MAX + 1];
+        if (snprintf(marker, sizeof marker, "%s/%s", p->dir, de->d_name) >= (int)sizeof marker ||
+            snprintf(parent, sizeof parent, "%s/%.*s", p->dir, (int)(nl - 10), de->d_name + 1)
+                >= (int)sizeof parent)
+            continue;
+        int fd = open(marker, O_RDONLY | O_CLOEXEC);
+        ssize_t n = fd < 0 ? -1 : read(fd, cb, sizeof cb - 1);
+        if (fd >= 0) close(fd);
+        struct stat st;
+        if (n <= 0 || memchr(cb, '/', (size_t)n) || stat(parent, &st) < 0) {
+            /* nothing to finish (renamed already) or a marker we did not
+             * finish writing (then nothing was merged yet) */
+            unlink(marker);
+            fsync_dir(p->dir);
+            continue;
+        }
+        cb[n] = 0;
+        if (snprintf(child, sizeof child, "%s/%s", p->dir, cb) >= (int)sizeof child)
+            continue;
+        if (!m.buf && !(m.buf = malloc(MERGE_CHUNK))) { r = pms_err(ENOMEM, "out of memory"); break; }
+        if (stat(child, &st) < 0) {
+            unlink(marker);
+            continue;
+        }
+        r = commit_finish(p, parent, child, marker, cache_mode, &m);
+    }
+    closedir(d);
+    free(m.buf);
+    return r;
+}
+
+/* Bytes a file occupies on disk (0 if unknown). */
+static uint64_t disk_bytes(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0 ? (uint64_t)st.st_blocks * 512 : 0;
+}
+
 static int delete_locked(struct bdev *bs, const char *name, const struct paths *p,
                          const char *layer, struct merge *m)
 {
@@ -680,9 +876,12 @@ static int delete_locked(struct bdev *bs, const char *name, const struct paths *
         live_child = backing_path(bs, p, bp, sizeof bp, &fmt) == 0 && bp[0] &&
                      stat(bp, &st) == 0 && st.st_dev == lst.st_dev && st.st_ino == lst.st_ino;
     }
-    m->total = (nch + (live_child ? 1 : 0)) * lsize;
     m->buf = malloc(MERGE_CHUNK);
     if (!m->buf) { r = pms_err(ENOMEM, "out of memory"); goto out; }
+    /* one layer child holding less than the snapshot: commit it into the
+     * snapshot's file instead of streaming the snapshot into it */
+    bool commit = nch == 1 && !live_child && disk_bytes(ch[0]) < disk_bytes(layer);
+    m->total = commit ? 0 : (nch + (live_child ? 1 : 0)) * lsize;
 
     /* our own read-only nodes of the layers would keep them from being
      * opened for writing (and their caches would go stale): close them */
@@ -690,6 +889,19 @@ static int delete_locked(struct bdev *bs, const char *name, const struct paths *
     if (r < 0) goto out;
     bool had_chain = bs->backing != NULL;   /* not when opened without it (snapshot -d) */
     bdev_close(bdev_take_backing(bs));
+    if (commit) {
+        char marker[PATH_MAX];
+        const char *cb = strrchr(ch[0], '/');
+        r = marker_path(p, name, marker, sizeof marker);
+        if (r == 0) r = write_marker(p, marker, cb ? cb + 1 : ch[0]);
+        kill_point("delete-commit-marker");
+        if (r == 0) r = commit_finish(p, layer, ch[0], marker, bs->cache_mode, m);
+        if (had_chain) {
+            int r2 = reopen_chain(bs, p);
+            if (r == 0) r = r2;
+        }
+        goto out;
+    }
     for (size_t i = 0; i < nch && r == 0; i++) {
         struct bdev *c;
         struct pms_open_opts o;
@@ -798,7 +1010,7 @@ int bdev_extsnap_list(struct bdev *bs, struct pms_snapshot_info **list, size_t *
         char path[PATH_MAX];
         struct stat st;
         if (bdev_extsnap_layer_path(bs->filename, de->d_name + bl + 1, path, sizeof path) < 0 ||
-            lstat(path, &st) < 0 || !S_ISREG(st.st_mode))
+            lstat(path, &st) < 0 || !S_ISREG(st.st_mode) || marked(&p, de->d_name + bl + 1))
             continue;
         /* the virtual size from the header; files that are not qcow2 are
          * not layers */

@@ -31,8 +31,18 @@ kill_run() {
     wait $pid 2>/dev/null
 }
 
+# an interrupted delete-by-commit leaves a marker: the next writable open
+# finishes the delete
+finish_marked() {
+    if ls -a | grep -q '^\.img\.qcow2@.*\.deleting$'; then
+        run "$P" io -c "read 0 512" img.qcow2
+        ls -a | grep -q '\.deleting$' && fail "delete marker left after an open"
+    fi
+}
+
 verify() {
     local what=$1 f
+    finish_marked
     if ! qemu-img info img.qcow2 >/dev/null 2>&1; then fail "$what: live image does not open"; return; fi
     check_clean img.qcow2
     for f in img.qcow2@*; do
@@ -78,6 +88,7 @@ do_op() {
         fi ;;
     2)  if [ -n "$point" ]; then "${env[@]}" "$P" snapshot -d $s img.qcow2 >/dev/null 2>kill-err.txt; KILLED=$(( $? == 137 ))
         else kill_run 80000 "$P" snapshot -d $s img.qcow2; fi
+        finish_marked
         [ -e img.qcow2@$s ] || unset "HAVE[$s]"
         same img.qcow2 live.raw ;;
     esac
@@ -111,6 +122,17 @@ for point in delete-streaming delete-streamed-layer delete-rebased-layer delete-
 done
 do_op 2 s1 none
 [ -e img.qcow2@s1 ] && fail "s1 still there after a full delete"
+# delete by commit: a parent whose only child is a smaller layer
+for point in delete-commit-marker delete-committing delete-committed delete-commit-renamed none; do
+    run "$P" io -c "write -P 9 0 3M" img.qcow2; qemu-img convert -O raw img.qcow2 live.raw
+    n=$((n + 1)); par=s$n; do_op 0 $par none
+    store $n; n=$((n + 1)); chd=s$n; do_op 0 $chd none
+    ino=$(stat -c %i img.qcow2@$par)
+    do_op 2 $par $point
+    [ "$point" = none ] || [ "$KILLED" = 1 ] || fail "no kill at $point: $(cat kill-err.txt)"
+    [ -e img.qcow2@$par ] && fail "$par still there after the delete was finished"
+    [ "$(stat -c %i img.qcow2@$chd)" = "$ino" ] || fail "$point: not deleted by commit (the child's file is not the parent's)"
+done
 
 kills=0
 for ((round = 1; round <= ROUNDS; round++)); do

@@ -121,6 +121,28 @@ all="S3"; verify
 "$P" snapshot -l img.qcow2 | grep -c external | grep -qx 1 || fail "list after deletes"
 ok
 
+begin commit
+# the oldest snapshot with one smaller layer child: deleted by committing the
+# child into it (the child's file becomes the parent's), not by copying the
+# whole image into the child
+qemu-img create -q -f qcow2 cm.qcow2 8M
+qemu-io -c "write -P 0x61 0 8M" cm.qcow2 >/dev/null
+run "$P" snapshot -c A --external cm.qcow2
+run "$P" io -c "write -P 0x62 1M 8k" -c "write -z 2M 64k" cm.qcow2
+qemu-img convert -O raw cm.qcow2 ref-cmB.raw
+run "$P" snapshot -c B --external cm.qcow2
+run "$P" io -c "write -P 0x63 3M 4k" cm.qcow2
+qemu-img convert -O raw cm.qcow2 ref-cmlive.raw
+ino=$(stat -c %i cm.qcow2@A)
+run "$P" snapshot -d A cm.qcow2
+[ -e cm.qcow2@A ] && fail "A still there"
+[ "$(stat -c %i cm.qcow2@B)" = "$ino" ] || fail "B's file is not A's: not deleted by commit"
+same cm.qcow2@B ref-cmB.raw; check_clean cm.qcow2@B
+same cm.qcow2 ref-cmlive.raw; check_clean cm.qcow2
+qemu-img info cm.qcow2@B | grep -q '^backing file' && fail "B still has a backing file"
+"$P" snapshot -l cm.qcow2 | grep -c external | grep -qx 1 || fail "list after the commit"
+ok
+
 begin hostile
 # a layer whose backing file lies outside the directory (absolute, and ../)
 mkdir -p sub
