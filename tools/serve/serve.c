@@ -229,9 +229,11 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
         fuse_reply_err(req, ENOMEM);
         return;
     }
+    uint64_t t0 = now_us();
     pthread_rwlock_rdlock(&s->io_lock);
     int r = pms_pread(s->dev, buf, size, (uint64_t)off);
     pthread_rwlock_unlock(&s->io_lock);
+    s->st.read_us += now_us() - t0;
     if (r < 0) {
         fuse_reply_err(req, -r);
         return;
@@ -253,9 +255,11 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
         fuse_reply_write(req, size);
         return;
     }
+    uint64_t t0 = now_us();
     pthread_rwlock_rdlock(&s->io_lock);
     int r = s->discard_writes ? 0 : pms_pwrite(s->dev, buf, size, (uint64_t)off);
     pthread_rwlock_unlock(&s->io_lock);
+    s->st.write_us += now_us() - t0;
     if (r < 0) {
         fuse_reply_err(req, -r);
         return;
@@ -268,9 +272,11 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
 static void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)
 {
     struct srv *s = fuse_req_userdata(req);
+    uint64_t t0 = now_us();
     pthread_rwlock_rdlock(&s->io_lock);
     int r = pms_flush(s->dev);
     pthread_rwlock_unlock(&s->io_lock);
+    s->st.flush_us += now_us() - t0;
     s->st.flushes++;
     fuse_reply_err(req, r < 0 ? -r : 0);
 }
@@ -789,6 +795,9 @@ json_object *srv_query_stats(struct srv *s)
     ADD("bytes-read", s->st.bytes_read);
     ADD("bytes-written", s->st.bytes_written);
     ADD("flushes", s->st.flushes);
+    ADD("read-us", s->st.read_us);
+    ADD("write-us", s->st.write_us);
+    ADD("flush-us", s->st.flush_us);
     ADD("zero-ranges", s->st.zeroes);
     ADD("snapshots", s->st.snapshots);
     ADD("reverts", s->st.reverts);
@@ -908,9 +917,14 @@ static void tune_bdi(struct srv *s)
         return;
     }
     char p[128];
-    const char *knobs[][2] = { { "strict_limit", "0" }, { "max_ratio", "100" } };
+    /* read_ahead_kb: the kernel caps a FUSE mount's readahead (and a mapping's
+     * fault read-around) at its 128 KiB default whatever max_readahead says */
+    char ra[32];
+    snprintf(ra, sizeof ra, "%u", SERVE_MAX_IO / 1024);
+    const char *knobs[][2] = { { "strict_limit", "0" }, { "max_ratio", "100" },
+                               { "read_ahead_kb", ra } };
     int ok = 0;
-    for (int i = 0; i < 2; i++) {
+    for (int i = 0; i < 3; i++) {
         snprintf(p, sizeof p, "/sys/class/bdi/%u:%u/%s", major(st.st_dev), minor(st.st_dev),
                  knobs[i][0]);
         int fd = open(p, O_WRONLY | O_CLOEXEC);
@@ -919,9 +933,9 @@ static void tune_bdi(struct srv *s)
         if (fd >= 0)
             close(fd);
     }
-    snprintf(s->bdi_note, sizeof s->bdi_note, ok == 2
-             ? "bdi %u:%u: strict_limit=0 max_ratio=100 (lifted)"
-             : "bdi %u:%u: could not lift strict_limit/max_ratio (needs root): "
+    snprintf(s->bdi_note, sizeof s->bdi_note, ok == 3
+             ? "bdi %u:%u: strict_limit=0 max_ratio=100 read_ahead_kb=1024 (lifted)"
+             : "bdi %u:%u: could not lift strict_limit/max_ratio/read_ahead_kb (needs root): "
                "mapped writers are throttled to 1%% of the dirty budget",
              major(st.st_dev), minor(st.st_dev));
 }

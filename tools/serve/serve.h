@@ -36,6 +36,7 @@
 
 struct srv_stats {
     atomic_uint_fast64_t reads, writes, bytes_read, bytes_written, flushes, zeroes;
+    atomic_uint_fast64_t read_us, write_us, flush_us;   /* time inside the image calls */
     atomic_uint_fast64_t snapshots, reverts;
     atomic_uint_fast64_t last_snapshot_us, last_precopy_us, last_final_us,
                          last_commit_us, last_vm_paused_us, last_vm_state_us;
