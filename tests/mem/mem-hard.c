@@ -33,6 +33,7 @@
 #include <time.h>
 #include <unistd.h>
 #include "pmemsnap.h"
+#include "kfeat.h"
 
 #define PG 4096
 #define FAIL(...) do { fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
@@ -51,19 +52,16 @@ static pms_dev *open_img(const char *path, const char *fault)
     return d;
 }
 
-/* Map, or exit 77 when the kernel lacks userfaultfd write protection (the
- * only reason pms_map gives ENOTSUP). */
+/* Map, or exit 77 when the kernel probe (kfeat.h) says the kernel lacks
+ * userfaultfd write protection; any error from pms_map fails. */
 static uint8_t *map(pms_dev *d, unsigned interval_ms, size_t *len)
 {
     struct pms_map_opts mo;
     pms_map_opts_init(&mo);
     mo.writeback_interval_ms = interval_ms;
     void *a;
+    kfeat_need("auto");
     int r = pms_map(d, &mo, &a, len);
-    if (r == -ENOTSUP && strstr(pms_errmsg(), "kernel lacks")) {
-        fprintf(stderr, "SKIP: %s\n", pms_errmsg());
-        exit(77);
-    }
     API(r);
     return a;
 }
@@ -220,11 +218,8 @@ static int t_eintr(const char *img)
     mo.mem_limit = 16 << 20;
     void *a;
     size_t len;
+    kfeat_need("auto");
     int r = pms_map(d, &mo, &a, &len);
-    if (r == -ENOTSUP && strstr(pms_errmsg(), "kernel lacks")) {
-        fprintf(stderr, "SKIP: %s\n", pms_errmsg());
-        exit(77);
-    }
     API(r);
     struct pms_stats st = { .size = sizeof st };
     API(pms_stats(d, &st));
@@ -282,11 +277,8 @@ static int t_revert(const char *img, const char *mode)
     mo.writeback_interval_ms = 30;
     void *a;
     size_t len;
+    kfeat_need(!strcmp(mode, "sync") ? "sync" : "auto");
     int r = pms_map(d, &mo, &a, &len);
-    if (r == -ENOTSUP && strstr(pms_errmsg(), "kernel lacks")) {
-        fprintf(stderr, "SKIP: %s\n", pms_errmsg());
-        exit(77);
-    }
     API(r);
     uint8_t *p = a, *refa = malloc(len), *refb = malloc(len);
     uint64_t seed = 7;
