@@ -77,6 +77,26 @@ ok "whole-VM snapshot ($ms ms), overwrite, revert: the guest's RAM and NVDIMM ar
 qemu-img convert -U -f qcow2 -O raw -l snapshot.name=vm1 "$nv" "$T/vm1.raw"
 cmp <(head -c 262144 "$T/vm1.raw") <(head -c 262144 /dev/zero | tr '\0' A) || fail "vm1 snapshot bytes"
 
+# --qmp without --vm: the guest is paused around the final flush and commit,
+# QEMU's state is not saved
+"$P" snapshot -c nvonly --socket "$S" || fail "NVDIMM-only snapshot"
+paused=$("$P" stats --socket "$S" | awk '$1 == "last-vm-paused-us:" { print $2 }')
+[ "$paused" -gt 0 ] || fail "the guest was not paused for the NVDIMM-only snapshot"
+qemu-img snapshot -U -l "$vms" | grep -q " nvonly " && fail "nvonly saved QEMU's state"
+ok "NVDIMM-only snapshot with --qmp: guest paused $paused us, no QEMU state saved"
+
+# a QMP failure (QEMU refuses snapshot-save: the tag exists on its disk)
+# leaves the VM running and the image unchanged
+python3 "$SRCDIR/serve/qmp-send.py" "$T/vm.qmp" \
+    '{"execute":"human-monitor-command","arguments":{"command-line":"savevm dup"}}' >/dev/null
+"$P" snapshot -c dup --vm --socket "$S" 2>"$T/dup.err" && fail "snapshot over an existing QEMU tag succeeded"
+grep -q "snapshot-save" "$T/dup.err" || fail "error: $(cat "$T/dup.err")"
+"$P" snapshot -l --socket "$S" | grep -q " dup " && fail "the image got a snapshot though QEMU failed"
+python3 "$SRCDIR/serve/qmp-send.py" "$T/vm.qmp" '{"execute":"query-status"}' | grep -q '"running": true' ||
+    fail "VM not running after the failed snapshot"
+G "echo alive" | grep -q alive || fail "guest does not answer after the failed snapshot"
+ok "QEMU refusing snapshot-save: error reported ($(cut -c1-120 "$T/dup.err")), VM running, image unchanged"
+
 # the plain path: write, power off, the data is in the image
 G "printf 'C%.0s' \$(seq 4096) > /tmp/c && dd if=/tmp/c of=/dev/pmem0 bs=4k seek=1024 2>/dev/null" || fail "guest write C"
 G "poweroff -f" 2>/dev/null
