@@ -124,6 +124,23 @@ start "$T/ov/ov.qcow2" ov --backing-dir "$T/other"
 stop ov
 ok "backing chain outside the directory refused ($(cat "$T/bk.err")), allowed with --backing-dir"
 
+# access: only the daemon's user, unless --allow-other (then the file's mode
+# 0660 decides: another user outside the group is still refused, the group
+# gets in)
+chmod 711 "$T"
+as() { setpriv --reuid="$1" --regid="$2" --clear-groups "${@:3}"; }
+start "$img" acc
+as 65534 65534 head -c 1 "$T/acc.file" >/dev/null 2>&1 && fail "another user read the file"
+as 65534 65534 stat "$T/acc.file" >/dev/null 2>&1 && fail "another user could stat the file"
+stop acc
+start "$img" acc --allow-other
+[ "$(stat -c %a "$T/acc.file")" = 660 ] || fail "--allow-other mode $(stat -c %a "$T/acc.file")"
+as 65534 65534 head -c 1 "$T/acc.file" >/dev/null 2>&1 && fail "--allow-other: a user outside the group read the file"
+as 65534 0 head -c 1 "$T/acc.file" >/dev/null 2>&1 || fail "--allow-other: the group cannot read the file"
+stop acc
+chmod 700 "$T"
+ok "access: the daemon's user only; --allow-other lets the group in (mode 0660)"
+
 # usage errors
 "$P" serve "$img" --socket "$T/x.sock" 2>/dev/null && fail "no --fuse accepted"
 "$P" serve "$T/missing.qcow2" --fuse "$T/x.file" --socket "$T/x.sock" 2>"$T/miss.err" && fail "missing image"
