@@ -102,6 +102,12 @@ int  pms_write_zeroes_ex(pms_dev *dev, size_t len, uint64_t off, unsigned flags)
  * existing cluster is replaced.  EBUSY while the device is mapped. */
 int  pms_pwrite_compressed(pms_dev *dev, const void *buf, size_t len, uint64_t off);
 int  pms_discard(pms_dev *dev, size_t len, uint64_t off);
+/* The VM state area of a qcow2 image (qemu-io `read -b`/`write -b`,
+ * QEMU's savevm data): bytes [pos, pos+len) of a region past the disk,
+ * stored in the image's clusters like the disk's.  ENOTSUP for raw, EBUSY
+ * while mapped. */
+int  pms_vmstate_pread(pms_dev *dev, void *buf, size_t len, uint64_t pos);
+int  pms_vmstate_pwrite(pms_dev *dev, const void *buf, size_t len, uint64_t pos);
 int  pms_flush(pms_dev *dev);                 /* durable on return */
 int  pms_truncate(pms_dev *dev, uint64_t new_size);  /* grow or shrink; EBUSY while mapped */
 

@@ -116,6 +116,24 @@ int pms_write_zeroes(pms_dev *dev, size_t len, uint64_t off)
           bdev_pwrite_zeroes(dev->bs, len, off, BDEV_ZERO_MAY_UNMAP));
 }
 
+int pms_vmstate_pread(pms_dev *dev, void *buf, size_t len, uint64_t pos)
+{
+    int r = !buf && len ? pms_err(EINVAL, "buf is NULL") :
+            RDLOCKED(dev->mem ? pms_err(EBUSY, "device is mapped")
+                              : bdev_vmstate_rw(dev->bs, buf, len, pos, false));
+    PMS_API_ERR(r);
+    return r;
+}
+
+int pms_vmstate_pwrite(pms_dev *dev, const void *buf, size_t len, uint64_t pos)
+{
+    int r = !buf && len ? pms_err(EINVAL, "buf is NULL") :
+            RDLOCKED(dev->mem ? pms_err(EBUSY, "device is mapped")
+                              : bdev_vmstate_rw(dev->bs, (void *)buf, len, pos, true));
+    PMS_API_ERR(r);
+    return r;
+}
+
 int pms_write_zeroes_ex(pms_dev *dev, size_t len, uint64_t off, unsigned flags)
 {
     if (flags & ~(unsigned)PMS_ZERO_MAY_UNMAP) {

@@ -250,15 +250,13 @@ static int cor_fill(struct io *io, uint64_t off, uint64_t len)
 
 static int do_read(struct io *io, int argc, char **argv)
 {
-    bool C = false, q = false, v = false, P = false;
+    bool C = false, q = false, v = false, P = false, vm = false;
     int pattern = 0, ch;
     int64_t poff = 0, pcount = -1;
     optind = 0;
     while ((ch = getopt(argc, argv, "bCl:pP:qs:v")) != -1) {
         switch (ch) {
-        case 'b':
-            printf("reading the VM state (-b) is not supported\n");
-            return -ENOTSUP;
+        case 'b': vm = true; break;
         case 'C': C = true; break;
         case 'p': break;
         case 'q': q = true; break;
@@ -301,11 +299,12 @@ static int do_read(struct io *io, int argc, char **argv)
     }
     struct timespec t1, t2;
     clock_gettime(CLOCK_MONOTONIC, &t1);
-    int r = range_check(io, off, count);
-    if (r == 0 && io->cor.cor && count)
+    int r = vm ? 0 : range_check(io, off, count);
+    if (r == 0 && !vm && io->cor.cor && count)
         r = cor_fill(io, (uint64_t)off, (uint64_t)count);
     if (r == 0)
-        r = pms_pread(io->dev, buf, (size_t)count, (uint64_t)off);
+        r = vm ? pms_vmstate_pread(io->dev, buf, (size_t)count, (uint64_t)off)
+               : pms_pread(io->dev, buf, (size_t)count, (uint64_t)off);
     clock_gettime(CLOCK_MONOTONIC, &t2);
     if (r < 0) {
         printf("%s failed: %s\n", fail_read, strerror(-r));
@@ -363,15 +362,13 @@ static int zero_write(struct io *io, uint64_t len, uint64_t off, bool unmap)
 static int do_write(struct io *io, int argc, char **argv)
 {
     bool C = false, q = false, z = false, P = false, fua = false, unmap = false;
-    bool nofallback = false, compress = false;
+    bool nofallback = false, compress = false, vm = false;
     const char *src = NULL;
     int pattern = 0xcd, ch;
     optind = 0;
     while ((ch = getopt(argc, argv, "bcCfnpP:qs:uz")) != -1) {
         switch (ch) {
-        case 'b':
-            printf("writing the VM state (-b) is not supported\n");
-            return -ENOTSUP;
+        case 'b': vm = true; break;
         case 'c': compress = true; break;
         case 'C': C = true; break;
         case 'f': fua = true; break;
@@ -437,8 +434,11 @@ static int do_write(struct io *io, int argc, char **argv)
     }
     struct timespec t1, t2;
     clock_gettime(CLOCK_MONOTONIC, &t1);
-    int r = range_check(io, off, count);
-    if (r == 0)
+    int r = vm ? 0 : range_check(io, off, count);
+    if (r == 0 && vm)
+        r = z || compress ? -ENOTSUP : pms_vmstate_pwrite(io->dev, buf, (size_t)count,
+                                                          (uint64_t)off);
+    else if (r == 0)
         r = z ? zero_write(io, (uint64_t)count, (uint64_t)off, unmap)
               : compress ? pms_pwrite_compressed(io->dev, buf, (size_t)count, (uint64_t)off)
               : pms_pwrite(io->dev, buf, (size_t)count, (uint64_t)off);

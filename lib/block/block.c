@@ -195,6 +195,11 @@ static int check_req(struct bdev *bs, uint64_t len, uint64_t off, bool write)
     return 0;
 }
 
+/* Largest end of a VM state request: 2^56 bytes keeps base + pos inside
+ * qcow2's 2^62 guest space for any disk size qcow2 accepts (QEMU bounds it
+ * by its own request limits). */
+#define VMSTATE_MAX (1ull << 56)
+
 #define LOCKED(bs, expr) ({ pthread_mutex_lock(&(bs)->lock); int r_ = (expr); \
                             pthread_mutex_unlock(&(bs)->lock); r_; })
 
@@ -249,6 +254,24 @@ int bdev_pwrite_zeroes(struct bdev *bs, uint64_t len, uint64_t off, unsigned fla
     if (r < 0 || len == 0)
         return r;
     return LOCKED(bs, bs->drv->pwrite_zeroes(bs, len, off, flags));
+}
+
+int bdev_vmstate_rw(struct bdev *bs, void *buf, uint64_t len, uint64_t pos, bool write)
+{
+    if (!bs->drv->vmstate_offset)
+        return pms_err(ENOTSUP, "the %s format has no VM state area", bs->drv->name);
+    if (write && bs->readonly)
+        return pms_err(EROFS, "image '%s' is opened read-only", bs->filename);
+    if (write && bs->check_only)
+        return pms_err(EPERM, "image '%s' is opened for checking only", bs->filename);
+    uint64_t base = bs->drv->vmstate_offset(bs);
+    if (pos > VMSTATE_MAX || len > VMSTATE_MAX - pos)
+        return pms_err(EINVAL, "VM state request [%llu, +%llu) is too large",
+                       (unsigned long long)pos, (unsigned long long)len);
+    if (len == 0)
+        return 0;
+    return LOCKED(bs, write ? bs->drv->pwrite(bs, buf, len, base + pos)
+                            : bs->drv->pread(bs, buf, len, base + pos));
 }
 
 int bdev_pwrite_compressed(struct bdev *bs, const void *buf, uint64_t len, uint64_t off)

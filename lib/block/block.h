@@ -73,6 +73,10 @@ struct pms_driver {
                          struct pms_extent *ext);
     /* Format information; optional. */
     int  (*info)(struct bdev *bs, struct pms_info *info);
+    /* Guest offset where the VM state area begins (QEMU's vm state offset:
+     * past the last L2 table's coverage of the disk); reads and writes at
+     * it and beyond go through pread/pwrite.  Optional (ENOTSUP). */
+    uint64_t (*vmstate_offset)(struct bdev *bs);
     int  (*check)(struct bdev *bs, unsigned flags, struct pms_check_result *res,
                   pms_check_msg_fn fn, void *opaque);
     /* Internal snapshots; optional (ENOTSUP). */
@@ -153,6 +157,8 @@ int  bdev_pwrite_zeroes(struct bdev *bs, uint64_t len, uint64_t off, unsigned fl
 /* Compressed write (qcow2 only): off cluster aligned, len a multiple of the
  * cluster size or ending at the end of the image. */
 int  bdev_pwrite_compressed(struct bdev *bs, const void *buf, uint64_t len, uint64_t off);
+/* The VM state area (qemu-io read/write -b): bytes [pos, pos+len) of it. */
+int  bdev_vmstate_rw(struct bdev *bs, void *buf, uint64_t len, uint64_t pos, bool write);
 int  bdev_discard(struct bdev *bs, uint64_t len, uint64_t off);
 int  bdev_flush(struct bdev *bs);
 int64_t bdev_getlength(struct bdev *bs);

@@ -2523,6 +2523,14 @@ static int qcow2_info(struct bdev *bs, struct pms_info *info)
     return 0;
 }
 
+/* QEMU's qcow2_vm_state_offset: the first L1 index past the disk. */
+static uint64_t qcow2_vmstate_offset(struct bdev *bs)
+{
+    struct qcow2_state *s = QS(bs);
+    unsigned cov = s->cluster_bits + s->l2_bits;
+    return ((s->size + (1ull << cov) - 1) >> cov) << cov;
+}
+
 const struct pms_driver pms_drv_qcow2 = {
     .name = "qcow2",
     .state_size = sizeof(struct qcow2_state),
@@ -2540,6 +2548,7 @@ const struct pms_driver pms_drv_qcow2 = {
     .truncate = qcow2_truncate,
     .block_status = qcow2_block_status,
     .info = qcow2_info,
+    .vmstate_offset = qcow2_vmstate_offset,
     .check = qcow2_check,
     .snapshot_create = qcow2_snapshot_create,
     .snapshot_goto = qcow2_snapshot_goto,
