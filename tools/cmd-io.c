@@ -1,20 +1,30 @@
 /* `pmemsnap io`: a qemu-io work-alike, so QEMU iotests-style scripts run
- * unchanged against pmemsnap's engine.
+ * unchanged against pmemsnap's engine (QEMU 7.2's own iotests run with it
+ * as $QEMU_IO_PROG: tests/iotests, `make iotests`).
  *
  * Command line: io [-f FMT] [-r] [-n] [-t CACHE] [-i AIO] [-U] [-k] [-d MODE]
- * [-c CMD]... [FILE].  The -c commands run in order; without -c, lines are
- * read from stdin with a "qemu-io> " prompt, as qemu-io does.  A failing
- * command does not stop the following ones; the exit status is 1 if any
- * command failed (qemu-io 7.2 behaviour), and `quit` stops early.
+ * [-s] [-C] [--image-opts] [-c CMD]... [FILE].  The -c commands run in
+ * order; without -c, lines are read from stdin with a "qemu-io> " prompt,
+ * as qemu-io does.  A failing command does not stop the following ones; the
+ * exit status is 1 if any command failed (qemu-io 7.2 behaviour), and
+ * `quit` stops early.
  *
- * Commands: read, write, discard, flush (aio_flush), map, length, open,
- * close, sleep, help, quit.  Each parses its arguments with getopt (argv[0]
- * = command name, so getopt's messages match qemu-io's), and prints
- * qemu-io's lines: the "wrote N/N bytes at offset O" report and its timing
- * line, "Pattern verification failed at offset O, N bytes", hexdumps (-v),
- * "Parsing error: ..." and the usage line on bad arguments.  What qemu-io
- * prints on stdout we print on stdout, what it prints on stderr (with its
- * program name) we print on stderr with "pmemsnap: ".
+ * Images are named as QEMU names them (blkopts.c): a path, `json:{...}`,
+ * `blkdebug:[CONF]:FILE`, key=value lists (`open -o`, `--image-opts`);
+ * -s writes to a temporary overlay, -C copies up from the backing file on
+ * reads (cor_fill), `reopen` changes options with QEMU's checks.
+ *
+ * Commands: read, write (-b: the VM state area, -z [-u]: zero writes with or
+ * without unmap), readv, writev, discard, flush (aio_flush), map, alloc,
+ * length, info, truncate, open, reopen, close, sigraise, abort, sleep, help,
+ * quit.  Each parses its arguments with getopt (argv[0] = command name, so
+ * getopt's messages match qemu-io's), and prints qemu-io's lines: the
+ * "wrote N/N bytes at offset O" report and its timing line, "Pattern
+ * verification failed at offset O, N bytes", hexdumps (-v), "Parsing
+ * error: ..." and the usage line on bad arguments.  What qemu-io prints on
+ * stdout we print on stdout, what it prints on stderr we print on stderr
+ * with the program name ("pmemsnap: ", or "qemu-io: " when run through a
+ * link of that name).  Single threaded.
  */
 #include <ctype.h>
 #include <errno.h>
@@ -886,6 +896,37 @@ static int do_open(struct io *io, int argc, char **argv)
     return io_open_opts(io, optind < argc ? argv[optind] : NULL, &o);
 }
 
+/* The options after a reopen: the old ones QEMU keeps (qcow2_join_options:
+ * new overlap-check options replace all old ones, a new cache-size the old
+ * partial sizes), then the new ones. */
+static int join_opts(struct blkopts *dst, const struct blkopts *old, const struct blkopts *nw,
+                     bool drop_filename)
+{
+    bool new_ov = bo_get(nw, "overlap-check") || bo_get(nw, "overlap-check.template");
+    bool new_cs = bo_get(nw, "cache-size") != NULL;
+    for (size_t i = 0; i < old->n; i++) {
+        const char *k = old->v[i].key;
+        if ((drop_filename && !strcmp(k, "filename")) ||
+            (new_ov && !strncmp(k, "overlap-check", 13)) ||
+            (new_cs && (!strcmp(k, "l2-cache-size") || !strcmp(k, "refcount-cache-size"))))
+            continue;
+        if (bo_set(dst, k, old->v[i].val) < 0) return -1;
+    }
+    for (size_t i = 0; i < nw->n; i++)
+        if (bo_set(dst, nw->v[i].key, nw->v[i].val) < 0) return -1;
+    if (!new_cs && bo_get(dst, "cache-size") && bo_get(dst, "l2-cache-size") &&
+        bo_get(dst, "refcount-cache-size")) {
+        /* all three set after the merge: the old total gives way */
+        struct blkopts t = { 0 };
+        for (size_t i = 0; i < dst->n; i++)
+            if (strcmp(dst->v[i].key, "cache-size") &&
+                bo_set(&t, dst->v[i].key, dst->v[i].val) < 0) { bo_free(&t); return -1; }
+        bo_free(dst);
+        *dst = t;
+    }
+    return 0;
+}
+
 /* reopen [-d] [-r|-w] [-c cache] [-o options]: the image again with changed
  * options; what cannot change is refused with QEMU's messages and the image
  * stays open as it was. */
@@ -938,16 +979,21 @@ static int do_reopen(struct io *io, int argc, char **argv)
         snprintf(err, sizeof err, "Cannot set both -c and the cache options");
         goto fail;
     }
-    static const char *const fixed[] = { "node-name", "driver", "file.node-name",
-                                         "file.driver", "backing.node-name",
-                                         "backing.driver" };
+    struct pms_info cur = { .size = sizeof cur };
+    pms_info(io->dev, &cur);
+    /* what each node is when no option named it */
+    const char *fixed[][2] = {
+        { "node-name", NULL }, { "driver", cur.format },
+        { "file.node-name", NULL }, { "file.driver", "file" },
+        { "backing.node-name", NULL },
+        { "backing.driver", cur.backing_format[0] ? cur.backing_format : "qcow2" },
+    };
     for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++) {
-        const char *nv = bo_get(&o, fixed[i]), *ov = bo_get(&io->opts, fixed[i]);
-        if (nv && (!ov || strcmp(nv, ov)) &&
-            !(strstr(fixed[i], "driver") && !ov && !strcmp(nv, i == 1 ? (io->raw ? "raw" :
-                                                                          "qcow2") : "file"))) {
+        const char *nv = bo_get(&o, fixed[i][0]), *ov = bo_get(&io->opts, fixed[i][0]);
+        if (!ov) ov = fixed[i][1];
+        if (nv && (!ov || strcmp(nv, ov))) {
             snprintf(err, sizeof err, "Cannot change the option '%s'",
-                     strchr(fixed[i], '.') ? strchr(fixed[i], '.') + 1 : fixed[i]);
+                     strchr(fixed[i][0], '.') ? strchr(fixed[i][0], '.') + 1 : fixed[i][0]);
             goto fail;
         }
     }
@@ -958,10 +1004,7 @@ static int do_reopen(struct io *io, int argc, char **argv)
     pms_info(io->dev, &info);
     /* the options in force after the reopen: the old ones, then the new */
     struct blkopts merged = { 0 };
-    for (size_t i = 0; i < io->opts.n; i++)
-        if (bo_set(&merged, io->opts.v[i].key, io->opts.v[i].val) < 0) goto oom;
-    for (size_t i = 0; i < o.n; i++)
-        if (bo_set(&merged, o.v[i].key, o.v[i].val) < 0) goto oom;
+    if (join_opts(&merged, &io->opts, &o, false) < 0) goto oom;
     if (info.qcow2_version && qcow2_opts(&merged, &info, NULL, err, sizeof err) < 0) {
         bo_free(&merged);
         goto fail;
@@ -981,11 +1024,7 @@ static int do_reopen(struct io *io, int argc, char **argv)
         return 0;
     }
     struct blkopts keep = { 0 };
-    for (size_t i = 0; i < io->opts.n; i++)
-        if (strcmp(io->opts.v[i].key, "filename") && bo_set(&keep, io->opts.v[i].key,
-                                                             io->opts.v[i].val) < 0) goto oom2;
-    for (size_t i = 0; i < o.n; i++)
-        if (bo_set(&keep, o.v[i].key, o.v[i].val) < 0) goto oom2;
+    if (join_opts(&keep, &io->opts, &o, true) < 0) goto oom2;
     if (bo_get(&keep, "read-only"))
         bo_set(&keep, "read-only", readonly ? "on" : "off");
     struct blkopts fallback = { 0 };
