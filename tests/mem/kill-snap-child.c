@@ -44,6 +44,13 @@
 #include <time.h>
 #include <unistd.h>
 #include "pmemsnap.h"
+
+/* KILL_SNAP_KIND=external: the snapshots are external (layer files). */
+static unsigned snap_flags(void)
+{
+    const char *k = getenv("KILL_SNAP_KIND");
+    return k && !strcmp(k, "external") ? PMS_SNAP_EXTERNAL : 0;
+}
 #include "kfeat.h"
 
 #define NW      256
@@ -238,7 +245,7 @@ static int run(const char *img, uint64_t round, uint64_t seed, const char *mode,
             pos += (size_t)sprintf(lobuf + pos, " %" PRIu64,
                                    atomic_load_explicit(&g_done[s], memory_order_acquire));
         logline("sc %s", name);
-        r = pms_snapshot_create(g_dev, name);
+        r = pms_snapshot_create_ex(g_dev, name, snap_flags());
         uint64_t hi = atomic_load(&g_started);
         if (r == 0) {
             logline("sn %s %" PRIu64 "%s", name, hi, lobuf);
