@@ -8,6 +8,9 @@
  * cluster whose refcount increment is not durable.  Data clusters are written
  * straight to the file before their L2 entry is updated in the cache, and the
  * same file flush makes them durable first.
+ * Evicting a dirty L2 table writes back every dirty table behind the one
+ * ordering flush it needs, so a working set larger than the cache costs one
+ * flush per cache-full of dirty tables, not one per eviction.
  * Entries' buffers are allocated on first use, so a cache sized for a large
  * image costs memory only as tables are touched; a hash of the table offset
  * finds an entry without scanning (a miss scans for the LRU victim).
@@ -136,7 +139,13 @@ static int lookup(struct bdev *bs, struct qcow2_cache *c, uint64_t off, bool rea
                 victim = i;
     }
     struct qcow2_cache_entry *e = &c->e[victim];
-    int r = write_entry(bs, c, e, false);
+    /* A dirty L2 victim costs an ordering flush: write every dirty table
+     * behind that one flush, so the next evictions find clean tables (a
+     * random workload spanning more tables than the cache holds flushed
+     * once per eviction: 4 KiB clusters, 2,531 pages over 512 tables of a
+     * 1 GiB image with a snapshot made 251 fdatasyncs) */
+    int r = e->dirty && !c->is_refcount ? qcow2_cache_writeback(bs, c)
+                                        : write_entry(bs, c, e, false);
     if (r < 0)
         return r;
     e->offset = 0;

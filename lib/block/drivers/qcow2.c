@@ -1404,6 +1404,10 @@ static int writable_entry(struct bdev *bs, uint64_t off, uint64_t *l2off, uint8_
                                         supply a whole gap (partly resident memory) */
 #define CHUNK_MAX_JOBS 4096u         /* clusters planned per chunk */
 #define CHUNK_MAX_FRESH (256ull << 20) /* new cluster bytes per chunk (bounds a crash's leak) */
+#define CHUNK_L2_SHARE 4u            /* a chunk touches at most 1/4 of the L2 cache's tables:
+                                        its tables stay cached from planning to linking
+                                        (4 KiB clusters, 1 GiB with a snapshot: 1401 -> 772
+                                        metadata reads for 2,531 pages) */
 
 struct wpiece {
     uint64_t in, len;            /* bytes [in, in+len) of the cluster */
@@ -1782,14 +1786,22 @@ static int write_batch(struct bdev *bs, const struct bdev_wvec *v, size_t n,
     while (ri < n) {
         /* A: plan a chunk of clusters */
         size_t nj = 0, np = 0;
-        uint64_t nfresh = 0;
+        uint64_t nfresh = 0, ntables = 0, table = UINT64_MAX;
+        uint64_t max_tables = (uint64_t)s->l2_cache.n / CHUNK_L2_SHARE;
         int r = 0;
         while (ri < n) {
             uint64_t off = v[ri].off + ro;
             uint64_t base = qc_align_down(s, off);
             struct wjob *j = nj ? &s->bjobs[nj - 1] : NULL;
             if (!j || j->base != base) {
-                if (nj == CHUNK_MAX_JOBS || nfresh * cs >= CHUNK_MAX_FRESH) break;
+                uint64_t t = base >> (s->cluster_bits + s->l2_bits);
+                if (nj == CHUNK_MAX_JOBS || nfresh * cs >= CHUNK_MAX_FRESH ||
+                    (t != table && ntables >= (max_tables ? max_tables : 1)))
+                    break;
+                if (t != table) {
+                    table = t;
+                    ntables++;
+                }
                 r = grow_array((void **)&s->bjobs, &s->bjobs_cap, nj + 1, sizeof *s->bjobs);
                 if (r < 0) return r;
                 j = &s->bjobs[nj++];
