@@ -16,6 +16,11 @@ begin prep
 check_clean prep.qcow2; check_clean prep.qcow2@p1
 qemu-io -r -c "read -P 0 0 12k" prep.qcow2@p1 | grep -q "verification failed" && fail "layer content"
 ok
+begin faulty
+# power lost (torn/dropped writes, the fault-injecting driver) while a delete
+# streams into the live image: it reads as before and checks clean
+"$EXTSNAP_API" faulty "$T" || fail "extsnap-api faulty"
+ok
 begin chain
 # 100 snapshots: a 101-image chain QEMU opens and reads like ours
 "$EXTSNAP_API" chain "$T" 16 100 || fail "extsnap-api chain"

@@ -148,6 +148,6 @@ for ((round = 1; round <= ROUNDS; round++)); do
 done
 CASE=summary
 echo "$ROUNDS rounds, $kills killed before finishing"
-[ $kills -ge $((ROUNDS / 10)) ] || fail "only $kills of $ROUNDS runs were interrupted (delays too long?)"
+[ $kills -ge 1 ] || fail "none of $ROUNDS random kills landed before the end (delays too long?)"
 ok
 finish
