@@ -194,7 +194,9 @@ static int t_atomic(const char *img, const char *mode, int nt, int ns)
         /* also dirty a spread of pages so the snapshot has work */
         for (int i = 0; i < 256; i++)
             g_p[(size_t)(nt * SLOTS + 16 + i * 3) * PG] = (uint8_t)s;
-        API(pms_snapshot_create(d, name));
+        const char *kind = getenv("MEM_SNAP_KIND");   /* external: layer files */
+        API(pms_snapshot_create_ex(d, name, kind && !strcmp(kind, "external")
+                                            ? PMS_SNAP_EXTERNAL : 0));
         struct pms_stats st = stats(d);
         printf("snapshot %s: %.2f ms, pause %.3f ms, %" PRIu64 " KiB\n", name,
                st.last_snapshot_ns / 1e6, st.last_snapshot_pause_ns / 1e6,
