@@ -18,6 +18,7 @@
  * can use it as $QEMU_IO_PROG.  To add a command, add a row to `cmds`; to
  * add a link name, a row to `applets`.
  */
+#include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
 #include "cli.h"
@@ -43,7 +44,7 @@ static const struct {
     { "convert", cmd_convert,
       "convert [-c] [-p] [-q] [-n] [-f FMT] [-O qcow2|raw] [-o OPTIONS] [-t CACHE] [-T CACHE] [-U] SRC DST" },
     { "io", cmd_io,
-      "io [-f FMT] [-r] [-n] [-t CACHE] [-i AIO] [-U] [-c CMD]... FILE" },
+      "io [-f FMT] [-r] [-n] [-s] [-C] [-t CACHE] [-i AIO] [-U] [--image-opts] [-c CMD]... [FILE]" },
     { "serve", cmd_serve,
       "serve IMAGE --fuse FILE --socket SOCK [--qmp VM_SOCK] [--foreground] [--pidfile F] ...  (or snapshot ... --socket SOCK [--vm])" },
     { "stats", cmd_stats, "stats --socket SOCK [--output=human|json]" },
@@ -59,11 +60,15 @@ static const struct {
     { "qemu-io", "io" },
 };
 
-static int run_cmd(size_t i, int argc, char **argv)
+static int run_cmd(size_t i, int argc, char **argv, bool applet)
 {
     for (int k = 1; k < argc; k++)
         if (strcmp(argv[k], "--help") == 0 || strcmp(argv[k], "-h") == 0) {
-            printf("Usage: %s %s\n", progname, cmds[i].synopsis);
+            /* as an applet the command word is the program's name */
+            const char *syn = cmds[i].synopsis;
+            if (applet && strncmp(syn, cmds[i].name, strlen(cmds[i].name)) == 0)
+                syn += strlen(cmds[i].name) + (syn[strlen(cmds[i].name)] == ' ');
+            printf("Usage: %s %s\n", progname, syn);
             return 0;
         }
     if (cmds[i].fn == cmd_snapshot)    /* a running daemon's snapshots */
@@ -100,7 +105,7 @@ int main(int argc, char **argv)
     for (size_t i = 0; i < sizeof applets / sizeof applets[0]; i++)
         if (strcmp(base, applets[i].link) == 0) {
             progname = applets[i].link;
-            return run_cmd((size_t)find(applets[i].cmd), argc, argv);
+            return run_cmd((size_t)find(applets[i].cmd), argc, argv, true);
         }
     if (argc < 2)
         return usage_error("missing command");
@@ -116,6 +121,6 @@ int main(int argc, char **argv)
     }
     int i = find(c);
     if (i >= 0)
-        return run_cmd((size_t)i, argc - 1, argv + 1);
+        return run_cmd((size_t)i, argc - 1, argv + 1, false);
     return usage_error("unknown command '%s'", c);
 }
