@@ -83,6 +83,7 @@ int pms_close(pms_dev *dev)
     if (r == 0)
         r = r2;
     bdev_close(dev->bs);
+    bdev_close_wait();
     pthread_rwlock_destroy(&dev->lock);
     free(dev);
     PMS_API_ERR(r);

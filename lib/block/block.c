@@ -182,6 +182,46 @@ void bdev_close(struct bdev *bs)
     bdev_free(bs);
 }
 
+/* Closes handed to background threads (bdev_close_later), so that the
+ * last handle's owner can wait for them (bdev_close_wait). */
+static pthread_mutex_t later_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t later_cond = PTHREAD_COND_INITIALIZER;
+static int later_pending;
+
+static void *close_later_main(void *arg)
+{
+    bdev_close(arg);
+    pthread_mutex_lock(&later_mu);
+    later_pending--;
+    pthread_cond_broadcast(&later_cond);
+    pthread_mutex_unlock(&later_mu);
+    return NULL;
+}
+
+void bdev_close_later(struct bdev *bs)
+{
+    if (!bs)
+        return;
+    pthread_attr_t a;
+    pthread_t t;
+    pthread_attr_init(&a);
+    pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+    pthread_mutex_lock(&later_mu);
+    later_pending++;
+    pthread_mutex_unlock(&later_mu);
+    if (pthread_create(&t, &a, close_later_main, bs) != 0)
+        close_later_main(bs);           /* no thread: close here */
+    pthread_attr_destroy(&a);
+}
+
+void bdev_close_wait(void)
+{
+    pthread_mutex_lock(&later_mu);
+    while (later_pending)
+        pthread_cond_wait(&later_cond, &later_mu);
+    pthread_mutex_unlock(&later_mu);
+}
+
 static int check_req(struct bdev *bs, uint64_t len, uint64_t off, bool write)
 {
     if (write && bs->readonly)

@@ -132,6 +132,13 @@ int  bdev_fd_prealloc(int fd, const char *path, uint64_t off, uint64_t len, int 
 int  bdev_open_protocol(const char *path, const struct pms_open_opts *o, bool readonly,
                         struct bdev **bsp);
 void bdev_close(struct bdev *bs);
+/* Close bs from a background thread.  For a node nobody needs any more whose
+ * file was just replaced (a revert's discarded live image): the kernel frees
+ * an unlinked file's blocks and page cache at its last close, which took
+ * seconds on a loaded machine, and no caller must wait for that.
+ * bdev_close_wait() waits for every such close (pms_close calls it). */
+void bdev_close_later(struct bdev *bs);
+void bdev_close_wait(void);
 
 /* Graph surgery for external snapshots (lib/block/extsnap.c); the caller
  * holds the locks of the nodes involved or owns them exclusively. */

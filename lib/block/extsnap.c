@@ -562,7 +562,7 @@ static int revert_locked(struct bdev *bs, const char *name, const struct paths *
     take_over(bs, ov);
     bdev_set_backing(bs, nb);
     nb = NULL;
-    bdev_close(ov);                   /* the discarded live state and its chain */
+    bdev_close_later(ov);             /* the discarded live state and its chain */
     return r;
 out:
     bdev_close(ov);
