@@ -63,22 +63,27 @@ run() {   # run ours|qsd OUTFILE
     "$SB" write "$T/x.file" "$MB" >>"$out"
     ${who}_down
     if [ -x "$PC" ] && command -v pmempool >/dev/null; then
-        # up to 3 tries: on qemu-storage-daemon's export the pool created by
-        # one process sometimes reads back as zeroes in the next
-        # ("invalid major version (0)"), which we note instead of a number
-        local try
-        for try in 1 2 3; do
+        # the best of 3 runs (this machine is shared: single runs swing 3x);
+        # on qemu-storage-daemon's export the pool created by one process
+        # sometimes reads back as zeroes in the next ("invalid major version
+        # (0)"): such a try is noted and another made, up to 6 tries
+        local try good=0 best=0 tx
+        for try in 1 2 3 4 5 6; do
             qemu-img create -q -f qcow2 "$T/pool.qcow2" 64M
             ${who}_up "$T/pool.qcow2"
-            "$PC" create "$T/x.file" && "$PC" run "$T/x.file" 300 "$T/progress" >"$T/pmdk.out" 2>&1
+            ("$PC" create "$T/x.file" && "$PC" run "$T/x.file" 300 "$T/progress") >"$T/pmdk.out" 2>&1
             local rc=$?
             ${who}_down
             if [ $rc = 0 ]; then
-                sed "s/^counter [0-9]* tx\/s /pmdk-tx /" "$T/pmdk.out" >>"$out"
-                break
+                tx=$(sed -n 's/^counter [0-9]* tx\/s //p' "$T/pmdk.out")
+                [ "$tx" -gt "$best" ] && best=$tx
+                good=$((good + 1))
+                [ $good = 3 ] && break
+            else
+                echo "pmdk-failed $who try $try: $(tail -1 "$T/pmdk.out")" >>"$out"
             fi
-            echo "pmdk-failed $try $(tail -1 "$T/pmdk.out")" >>"$out"
         done
+        [ $good -gt 0 ] && echo "pmdk-tx $best" >>"$out"
     fi
     rm -f "$T"/*.qcow2
 }
