@@ -2426,9 +2426,23 @@ static int qcow2_block_status(struct bdev *bs, uint64_t off, uint64_t len, struc
     uint64_t host = 0;
     int depth = 0;
     /* merge consecutive clusters with the same state (and contiguous host) */
+    struct qcow2_state *s = QS(bs);
+    const uint64_t l2range = s->cluster_size << s->l2_bits;
     while (done < len) {
-        r = get_mapping(bs, off + done, len - done, &m);
-        if (r < 0) return r;
+        uint64_t l2off;
+        uint32_t l1i;
+        l2_for(bs, off + done, &l2off, &l1i);
+        if (!l2off) {
+            /* no L2 table: the rest of its range is unallocated in one go
+             * (a sparse 1 TiB image has 2^24 clusters) */
+            memset(&m, 0, sizeof m);
+            m.type = SC_UNALLOCATED;
+            m.bytes = l2range - (off + done) % l2range;
+            if (m.bytes > len - done) m.bytes = len - done;
+        } else {
+            r = get_mapping(bs, off + done, len - done, &m);
+            if (r < 0) return r;
+        }
         unsigned f;
         uint64_t h = 0;
         int d = 0;
