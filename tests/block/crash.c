@@ -566,9 +566,10 @@ static int run_seed(uint64_t seed)
     struct cfg *c = &x->c;
     pick_cfg(seed, c);
     snprintf(x->desc, sizeof x->desc,
-             "crash_after=%llu mode=%s cluster_size=%u compat=%s refcount_bits=%d extended_l2=%s qemu-snapshot=%s",
+             "crash_after=%llu mode=%s cluster_size=%u compat=%s refcount_bits=%d extended_l2=%s qemu-snapshot=%s%s",
              (unsigned long long)c->crash_after, c->tear ? "tear" : "drop", c->cs,
-             c->v2 ? "0.10" : "1.1", c->rb, c->ext_l2 ? "on" : "off", c->qsnap ? "yes" : "no");
+             c->v2 ? "0.10" : "1.1", c->rb, c->ext_l2 ? "on" : "off", c->qsnap ? "yes" : "no",
+             seed % 3 == 0 ? " small-caches" : "");
     snprintf(x->img, sizeof x->img, "%s/img-%llu.qcow2", tmpdir, (unsigned long long)seed);
     x->cur = malloc(c->size);
     x->stable = malloc(c->size);
@@ -591,6 +592,12 @@ static int run_seed(uint64_t seed)
     pms_open_opts_init(&o);
     o.format = "qcow2";
     o.fault_spec = spec;
+    if (seed % 3 == 0) {
+        /* the smallest caches (16 L2 tables, 8 refcount blocks): tables are
+         * evicted, and written back, in the middle of the workload */
+        o.l2_cache_size = 1;
+        o.refcount_cache_size = 1;
+    }
     pms_dev *dev;
     int r = pms_open(x->img, &o, &dev);
     if (r < 0) {
