@@ -363,6 +363,19 @@ static int do_chain(const char *dir, uint64_t mib, int layers)
         if (ratio_max > 0 && c / a > ratio_max)
             FAIL("chain read %.2fx slower than one layer (limit %.2fx)", c / a, ratio_max);
     }
+    /* grow the live image after the chain map was built: the old range still
+     * reads through the chain, the new range reads zeroes */
+    CHECK(pms_open(img, NULL, &d));
+    uint8_t *b2 = malloc(2 * PG);
+    CHECK(pms_pread(d, b2, PG, 0));
+    CHECK(pms_truncate(d, size + (1 << 20)));
+    CHECK(pms_pread(d, b2, 2 * PG, size - PG));
+    uint8_t zero[PG];
+    memset(zero, 0, sizeof zero);
+    if (!check_page(b2, npages - 1, ver[npages - 1]) || memcmp(b2 + PG, zero, PG))
+        FAIL("read across the old end after growing the top of the chain");
+    free(b2);
+    CHECK(pms_close(d));
     free(ver);
     return fails ? 1 : 0;
 }

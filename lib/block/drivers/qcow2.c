@@ -983,6 +983,9 @@ struct chain_map {
     int nlayers;
     struct bdev **layer;                /* layer[d - 1]: the node at depth d */
     bool bulk;                          /* whole regions at once (see chain_target) */
+    uint64_t size;                      /* bytes covered: the node's size when built
+                                           (a resize of the node leaves the layers, and
+                                           so the answers, as they are) */
 };
 
 static void chain_map_free(void *p)
@@ -1035,7 +1038,7 @@ static int layer_has_entry(struct layer_scan *ls, uint64_t a, uint64_t b, bool *
 static int chain_map_one(struct bdev *bs, struct chain_map *m, uint64_t g, uint16_t *out)
 {
     uint64_t a = g << m->gbits, b = a + (1ull << m->gbits);
-    if (b > bs->size) b = bs->size;
+    if (b > m->size) b = m->size;
     for (int d = 1; d <= m->nlayers; d++) {
         struct bdev *y = m->layer[d - 1];
         bool stop = y->drv != &pms_drv_qcow2 || b > y->size;
@@ -1065,8 +1068,8 @@ static int chain_map_build(struct bdev *bs, struct chain_map *m, uint64_t ri)
     }
     uint64_t g0 = ri * CHAIN_MAP_REGION, gsz = 1ull << m->gbits;
     uint64_t ng = CHAIN_MAP_REGION, left;
-    if ((g0 + ng) << m->gbits > bs->size)
-        ng = ((bs->size + gsz - 1) >> m->gbits) - g0;
+    if ((g0 + ng) << m->gbits > m->size)
+        ng = ((m->size + gsz - 1) >> m->gbits) - g0;
     left = ng;
     int r = 0;
     for (int d = 1; d <= m->nlayers && left && r == 0; d++) {
@@ -1077,7 +1080,7 @@ static int chain_map_build(struct bdev *bs, struct chain_map *m, uint64_t ri)
         for (uint64_t i = 0; i < ng && r == 0; i++) {
             if (reg[i] != CM_UNKNOWN) continue;
             uint64_t a = (g0 + i) << m->gbits, b = a + gsz;
-            if (b > bs->size) b = bs->size;
+            if (b > m->size) b = m->size;
             bool stop = !qcow2 || b > y->size;
             if (!stop) r = layer_has_entry(&ls, a, b, &stop);
             if (stop) {
@@ -1105,7 +1108,8 @@ static struct chain_map *chain_map_get(struct bdev *bs)
     struct chain_map *m = calloc(1, sizeof *m);
     if (!m) return NULL;
     m->gbits = QS(bs)->cluster_bits;
-    uint64_t ng = (bs->size + (1ull << m->gbits) - 1) >> m->gbits;
+    m->size = bs->size;
+    uint64_t ng = (m->size + (1ull << m->gbits) - 1) >> m->gbits;
     m->nregions = (ng + CHAIN_MAP_REGION - 1) / CHAIN_MAP_REGION;
     m->region = calloc(m->nregions ? m->nregions : 1, sizeof *m->region);
     m->layer = calloc((size_t)depth, sizeof *m->layer);
@@ -1145,6 +1149,7 @@ static int chain_target(struct bdev *bs, uint64_t off, uint64_t len, struct bdev
                         uint64_t *n)
 {
     struct chain_map *m = off + len <= bs->size ? chain_map_get(bs) : NULL;
+    if (m && off + len > m->size) m = NULL;   /* grown since: the plain walk */
     if (!m) {
         *y = bs->backing;
         *d = 1;
