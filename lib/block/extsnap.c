@@ -394,6 +394,46 @@ int bdev_extsnap_recover(struct bdev *bs)
 
 /* ---- create ------------------------------------------------------------------- */
 
+/* Backing files below bs: its open chain, or (opened without it, as
+ * snapshot -c is) its headers, followed up to one past the limit. */
+static int chain_depth(struct bdev *bs, const struct paths *p)
+{
+    int n = 0;
+    if (bs->backing) {
+        for (struct bdev *y = bs->backing; y; y = y->backing) n++;
+        return n;
+    }
+    char path[PATH_MAX];
+    const char *fmt;
+    if (backing_path(bs, p, path, sizeof path, &fmt) < 0 || !path[0])
+        return 0;
+    while (path[0] && n <= QCOW2_MAX_CHAIN_DEPTH) {
+        n++;
+        struct bdev *y;
+        struct pms_open_opts o;
+        pms_open_opts_init(&o);
+        o.readonly = 1;
+        o.no_backing = 1;
+        o.force_share = 1;
+        if (bdev_open(path, &o, &y) < 0) {
+            pms_err_clear();
+            break;
+        }
+        struct qcow2_state *ys = y->drv == &pms_drv_qcow2 ? QS(y) : NULL;
+        char next[PATH_MAX] = "";
+        if (ys && ys->backing_file) {
+            const char *sl = strrchr(path, '/');
+            if (ys->backing_file[0] == '/' || !sl)
+                snprintf(next, sizeof next, "%s", ys->backing_file);
+            else
+                snprintf(next, sizeof next, "%.*s/%s", (int)(sl - path), path, ys->backing_file);
+        }
+        bdev_close(y);
+        memcpy(path, next, sizeof path);
+    }
+    return n;
+}
+
 struct bdev_extsnap_prep {
     struct bdev *bs;
     struct paths p;
@@ -418,7 +458,11 @@ static int prepare_locked(struct bdev_extsnap_prep *x)
     if (r < 0) return r;
     if (r > 0)
         return pms_err(EEXIST, "an internal snapshot called '%s' exists", x->name);
-    char bname[PATH_MAX];             /* "IMG@NAME": checked to fit NAME_MAX */
+    char bname[PATH_MAX]; 
+    int depth = chain_depth(bs, p);
+    if (depth + 1 > QCOW2_MAX_CHAIN_DEPTH)
+        return pms_err(EMLINK, "the image already reads through %d layers (at most %d can be "
+                       "opened): delete old snapshots first", depth, QCOW2_MAX_CHAIN_DEPTH);            /* "IMG@NAME": checked to fit NAME_MAX */
     snprintf(bname, sizeof bname, "%s@%s", p->base, x->name);
     r = create_overlay(p->tmp, bs->size, bname);
     if (r < 0) return r;

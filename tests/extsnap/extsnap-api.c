@@ -17,6 +17,9 @@
  *                               K; reopened, the live image must read as
  *                               before and be qemu-img check clean (leaks
  *                               allowed), and the snapshot still be there.
+ *   extsnap-api limit DIR       external snapshots until the chain limit: the
+ *                               one past it is refused (EMLINK), the image
+ *                               still opens with its whole chain.
  *   extsnap-api chain DIR SIZE_MIB LAYERS
  *                               a fully written image, then LAYERS external
  *                               snapshots with 16 random 4 KiB writes between
@@ -499,8 +502,41 @@ static int do_faulty(const char *dir)
     return fails ? 1 : 0;
 }
 
+static int do_limit(const char *dir)
+{
+    char img[1024];
+    if (strlen(dir) > 900) return 2;
+    snprintf(img, sizeof img, "%s/lim.qcow2", dir);
+    struct pms_create_opts co;
+    pms_create_opts_init(&co);
+    CHECK(pms_create(img, 1 << 20, &co));
+    pms_dev *d;
+    CHECK(pms_open(img, NULL, &d));
+    int i, r = 0;
+    for (i = 0; i < 400; i++) {
+        char name[16];
+        snprintf(name, sizeof name, "l%d", i);
+        uint8_t b = (uint8_t)i;
+        CHECK(pms_pwrite(d, &b, 1, (uint64_t)i * 512));
+        if ((r = pms_snapshot_create_ex(d, name, PMS_SNAP_EXTERNAL)) < 0)
+            break;
+    }
+    if (r != -EMLINK) FAIL("snapshot %d: %d (%s), not EMLINK at the chain limit", i, r, pms_errmsg());
+    else printf("limit: %d external snapshots, the next refused: %s\n", i, pms_errmsg());
+    CHECK(pms_close(d));
+    CHECK(pms_open(img, NULL, &d));            /* the whole chain still opens */
+    uint8_t got[512 * 8];
+    CHECK(pms_pread(d, got, sizeof got, 0));
+    for (int k = 0; k < 8; k++)
+        if (got[k * 512] != (uint8_t)k) FAIL("byte %d through the chain", k * 512);
+    CHECK(pms_close(d));
+    return fails ? 1 : 0;
+}
+
 int main(int argc, char **argv)
 {
+    if (argc >= 3 && !strcmp(argv[1], "limit"))
+        return do_limit(argv[2]);
     if (argc >= 3 && !strcmp(argv[1], "faulty"))
         return do_faulty(argv[2]);
     if (argc >= 3 && !strcmp(argv[1], "prep"))

@@ -21,6 +21,11 @@ begin faulty
 # streams into the live image: it reads as before and checks clean
 "$EXTSNAP_API" faulty "$T" || fail "extsnap-api faulty"
 ok
+begin limit
+"$EXTSNAP_API" limit "$T" || fail "extsnap-api limit"
+# the CLI opens without the chain: the limit holds there too
+refuse "$PMEMSNAP" snapshot -c more --external lim.qcow2
+ok
 begin chain
 # 100 snapshots: a 101-image chain QEMU opens and reads like ours
 "$EXTSNAP_API" chain "$T" 16 100 || fail "extsnap-api chain"

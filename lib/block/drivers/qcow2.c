@@ -431,11 +431,6 @@ static void free_state(struct qcow2_state *s)
     free(s->pending); s->pending = NULL;
 }
 
-/* Deepest backing chain we open: every layer holds a descriptor and a few
- * KiB of stack while the chain opens (recursively), and external snapshots
- * make one layer per snapshot (100 snapshots: 101 images). */
-#define QCOW2_MAX_CHAIN_DEPTH 256
-
 static int open_backing(struct bdev *bs, const struct pms_open_opts *o)
 {
     struct qcow2_state *s = QS(bs);

@@ -292,5 +292,10 @@ int  qcow2_check(struct bdev *bs, unsigned flags, struct pms_check_result *res,
 
 /* ---- create (qcow2.c) --------------------------------------------------- */
 int  qcow2_create(const char *path, uint64_t size, const struct pms_create_opts *o);
+/* Deepest backing chain we open (backing files below the top image): every
+ * layer holds a descriptor and a few KiB of stack while the chain opens
+ * (recursively), and external snapshots make one layer per snapshot (100
+ * snapshots: 101 images); lib/block/extsnap.c refuses to go deeper. */
+#define QCOW2_MAX_CHAIN_DEPTH 256
 
 #endif
