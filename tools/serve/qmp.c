@@ -36,7 +36,7 @@
 struct client {
     int fd;
     bool negotiated;
-    bool dead;
+    atomic_bool dead;            /* set by any sender (under wlock), read by the reader */
     pthread_mutex_t wlock;
     struct client *next;
 };
