@@ -954,6 +954,12 @@ static int delete_locked(struct bdev *bs, const char *name, const struct paths *
         char marker[PATH_MAX];
         const char *cb = strrchr(ch[0], '/');
         r = marker_path(p, name, marker, sizeof marker);
+        /* the snapshot's file must open for writing (no QEMU reader on it)
+         * before the marker hides it */
+        struct bdev *t = NULL;
+        if (r == 0 && (r = open_node(layer, false, true, bs->cache_mode, &t)) < 0)
+            r = pms_err(-r, "cannot delete snapshot '%s': %s", name, pms_err_get());
+        bdev_close(t);
         if (r == 0) r = write_marker(p, marker, cb ? cb + 1 : ch[0]);
         kill_point("delete-commit-marker");
         if (r == 0) r = commit_finish(p, layer, ch[0], marker, bs->cache_mode, m);

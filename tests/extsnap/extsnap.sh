@@ -134,6 +134,14 @@ run "$P" snapshot -c B --external cm.qcow2
 run "$P" io -c "write -P 0x63 3M 4k" cm.qcow2
 qemu-img convert -O raw cm.qcow2 ref-cmlive.raw
 ino=$(stat -c %i cm.qcow2@A)
+# a QEMU reader holds A: the delete is refused cleanly, A stays listed
+qemu-io -r cm.qcow2@A -c "sleep 1500" >/dev/null 2>&1 &
+qpid=$!
+sleep 0.5
+refuse "$P" snapshot -d A cm.qcow2
+wait $qpid
+ls -a | grep -q deleting && fail "a marker was left by the refused delete"
+"$P" snapshot -l cm.qcow2 | grep -q ' A ' || fail "A not listed after the refused delete"
 run "$P" snapshot -d A cm.qcow2
 [ -e cm.qcow2@A ] && fail "A still there"
 [ "$(stat -c %i cm.qcow2@B)" = "$ino" ] || fail "B's file is not A's: not deleted by commit"
