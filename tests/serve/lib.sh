@@ -37,6 +37,13 @@ qio() {
     out=$(qemu-io -f qcow2 "${args[@]}" "$img" 2>&1) || fail "qemu-io: $out"
     if grep -q -i "fail\|error\|mismatch" <<<"$out"; then fail "qemu-io $img: $out"; fi
 }
+qio_ro() {   # the same, read-only and shared (an image a daemon has open)
+    local img=$1; shift
+    local args=() c out
+    for c in "$@"; do args+=(-c "$c"); done
+    out=$(qemu-io -r -U -f qcow2 "${args[@]}" "$img" 2>&1) || fail "qemu-io: $out"
+    if grep -q -i "fail\|error\|mismatch" <<<"$out"; then fail "qemu-io $img: $out"; fi
+}
 check_img() {   # exit 0 only: after a clean shutdown nothing may leak either
     local rc=0
     qemu-img check "$1" >"$T/check.out" 2>&1 || rc=$?

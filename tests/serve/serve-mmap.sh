@@ -64,6 +64,33 @@ exec 7>&- 8<&-
 [ "$seen" = "0x11 whole" ] || fail "mapped reader sees '$seen' after the revert, expected 0x11"
 ok "revert: a reader with the page mapped sees the snapshot's bytes"
 
+# 4. external snapshots (--kind external): the layer file beside the image
+#    holds the unsynced mapped stores; revert shows the layer to a mapped reader
+ei=$T/e.qcow2
+qemu-img create -q -f qcow2 "$ei" 16M
+start "$ei" e
+"$SERVETEST" fill "$T/e.file" 0 64k 0x44 || fail "fill 0x44"
+"$P" snapshot -c x1 --kind external --socket "$T/e.sock" || fail "external snapshot"
+"$SERVETEST" fill "$T/e.file" 0 64k 0x55 || fail "fill 0x55"
+qio_ro "$ei@x1" "read -P 0x44 0 64k"
+"$P" snapshot -l --socket "$T/e.sock" | grep -q " x1 .*external" || fail "list: $("$P" snapshot -l --socket "$T/e.sock")"
+mkfifo "$T/e.in" "$T/e.out"
+"$SERVETEST" reader "$T/e.file" 0 0x55 <"$T/e.in" >"$T/e.out" &
+rpid=$!
+exec 7>"$T/e.in" 8<"$T/e.out"
+read -r -u 8 line && [ "$line" = mapped ] || fail "reader: $line"
+"$P" snapshot -a x1 --socket "$T/e.sock" || fail "external revert"
+echo go >&7
+read -r -u 8 seen || fail "reader died"
+wait "$rpid" || fail "reader failed"
+exec 7>&- 8<&-
+[ "$seen" = "0x44 whole" ] || fail "after the external revert the reader sees '$seen'"
+stop e
+check_img "$ei"
+check_img "$ei@x1"
+qio "$ei" "read -P 0x44 0 64k"
+ok "external snapshot of unsynced mapped stores; external revert seen by a mapped reader"
+
 stop m
 check_img "$img"
 qio "$img" "read -P 0x11 32M 4k" "read -P 0 33M 1M"

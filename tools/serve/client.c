@@ -36,8 +36,14 @@ static int64_t geti(json_object *o, const char *k)
 
 static void print_table(json_object *l)
 {
+    bool ext = false;                        /* KIND and LAYER columns, as snapshot -l */
+    for (size_t i = 0; i < json_object_array_length(l); i++) {
+        json_object *v;
+        ext |= json_object_object_get_ex(json_object_array_get_idx(l, i), "file", &v);
+    }
     printf("Snapshot list:\n");
-    printf("%-10s%-17s%8s%20s%13s%11s\n", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT");
+    printf("%-10s%-17s%8s%20s%13s%11s", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT");
+    printf(ext ? "  %-9s%s\n" : "\n", "KIND", "LAYER");
     for (size_t i = 0; i < json_object_array_length(l); i++) {
         json_object *o = json_object_array_get_idx(l, i), *v;
         char size[64], date[64] = "", clk[128];
@@ -50,10 +56,16 @@ static void print_table(json_object *l)
                  (int)((secs / 60) % 60), (int)(secs % 60),
                  (int)((geti(o, "vm-clock-nsec") / 1000000) % 1000));
         size_to_str((uint64_t)geti(o, "vm-state-size"), size, sizeof size);
-        printf("%-9s %-16s %8s%20s%13s%11s\n",
+        printf("%-9s %-16s %8s%20s%13s%11s",
                json_object_object_get_ex(o, "id", &v) ? json_object_get_string(v) : "",
                json_object_object_get_ex(o, "name", &v) ? json_object_get_string(v) : "",
                size, date, clk, "");
+        if (ext) {
+            json_object *k, *f;
+            printf("  %-9s%s", json_object_object_get_ex(o, "kind", &k) ? json_object_get_string(k) : "",
+                   json_object_object_get_ex(o, "file", &f) ? json_object_get_string(f) : "");
+        }
+        printf("\n");
     }
 }
 

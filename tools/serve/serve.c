@@ -767,6 +767,10 @@ int srv_snapshot_list(struct srv *s, json_object **out, struct srv_err *e)
         json_object_object_add(o, "vm-clock-nsec",
                                json_object_new_int64((int64_t)(l[i].vm_clock_nsec % 1000000000)));
         json_object_object_add(o, "disk-size", json_object_new_int64((int64_t)l[i].disk_size));
+        json_object_object_add(o, "kind", json_object_new_string(
+                                   l[i].kind == PMS_SNAP_KIND_EXTERNAL ? "external" : "internal"));
+        if (l[i].file)
+            json_object_object_add(o, "file", json_object_new_string(l[i].file));
         json_object_array_add(a, o);
     }
     pms_snapshot_list_free(l, n);
@@ -1142,9 +1146,9 @@ int cmd_serve(int argc, char **argv)
     if (!s->sock_path)
         return usage_error("serve: --socket SOCK is required");
     /* daemonizing chdir()s to /: keep every path we use later absolute */
-    static char abs_paths[3][PATH_MAX];
-    const char **rel[3] = { &s->fuse_path, &s->sock_path, &s->pidfile };
-    for (int i = 0; i < 3; i++) {
+    static char abs_paths[4][PATH_MAX];
+    const char **rel[4] = { &s->fuse_path, &s->sock_path, &s->pidfile, &s->image };
+    for (int i = 0; i < 4; i++) {
         const char *p = *rel[i];
         if (!p || p[0] == '/')
             continue;
