@@ -195,6 +195,60 @@ bcase extl2-32k-backing-false $SZ  cluster_size=32k,extended_l2=on       full   
 bcase extl2-1m-backing-partial 16M cluster_size=1M,extended_l2=on        full   no   yes     partial 0   21   $N
 bcase extl2-1m-sparse-snap-ref 16M cluster_size=1M,extended_l2=on        sparse yes  no      ref     0   22   $N
 
+# Write order with L2 tables evicted mid-batch (512-byte clusters: 128
+# tables, a 16-table cache): every write of an L2 table must come after an
+# fdatasync that follows the last data write (data and refcounts durable
+# before any table can link them), judged on the system calls.
+begin order-with-evictions
+if ! command -v strace >/dev/null; then
+    echo "skip [order-with-evictions]: no strace"
+elif [ -n "${PMS_SANITIZED:-}" ]; then
+    echo "skip [order-with-evictions]: sanitizer build (no ptrace)"
+else
+    rm -f img.qcow2
+    run qemu-img create -q -f qcow2 -o cluster_size=512 img.qcow2 4M
+    genruns 4194304 512 77 300 > runs.txt
+    if ! out=$(strace -f -e trace=openat,pwrite64,fdatasync,fsync -o trace.txt \
+                 "$TT" batch -L 1 runs.txt img.qcow2 2>&1); then
+        fail "batch: $out"
+    elif ! out=$($PY - trace.txt img.qcow2 <<'PY'
+import re, struct, sys
+trace, img = sys.argv[1], sys.argv[2]
+f = open(img, 'rb'); h = f.read(112)
+cs = 1 << struct.unpack('>I', h[20:24])[0]
+l1n, l1off = struct.unpack('>I', h[36:40])[0], struct.unpack('>Q', h[40:48])[0]
+rto, rtc = struct.unpack('>Q', h[48:56])[0], struct.unpack('>I', h[56:60])[0]
+f.seek(l1off); l2s = {e & 0x00fffffffffffe00 for e in struct.unpack('>%dQ' % l1n, f.read(8 * l1n))} - {0}
+f.seek(rto); rbs = {e & ~511 for e in struct.unpack('>%dQ' % (rtc * cs // 8), f.read(rtc * cs))} - {0}
+meta = set(range(0, cs)) and None
+fd = None; data_since_sync = False; tables = 0; bad = []
+for line in open(trace):
+    m = re.search(r'openat\(AT_FDCWD, "([^"]*)".*= (\d+)$', line)
+    if m and m.group(1) == img: fd = m.group(2); continue
+    if fd is None: continue
+    if re.search(r'(fdatasync|fsync)\(%s\)' % fd, line): data_since_sync = False; continue
+    m = re.search(r'pwrite64\(%s, .*, (\d+), (\d+)\) = ' % fd, line)
+    if not m: continue
+    ln, off = int(m.group(1)), int(m.group(2))
+    c = off - off % cs
+    if c in l2s and off % cs == 0 and ln == cs:
+        tables += 1
+        if data_since_sync: bad.append(off)
+    elif c in rbs or off < cs or l1off <= off < l1off + 8 * l1n or rto <= off < rto + rtc * cs:
+        pass
+    else:
+        data_since_sync = True
+if tables < 20: print("only %d L2 table writes: no evictions exercised" % tables); sys.exit(1)
+if bad: print("%d L2 table writes after data without an fdatasync between (first at %d)" % (len(bad), bad[0])); sys.exit(1)
+print("%d L2 table writes, each after the data was flushed" % tables)
+PY
+    ); then
+        fail "$out"
+    else
+        qcheck img.qcow2 && ok "$out"
+    fi
+fi
+
 # A batch whose runs are not sorted is refused before anything is written.
 begin unsorted
 printf '65536 10 1\n0 10 2\n' > bad-runs.txt

@@ -12,7 +12,7 @@
  *   info [--output=json] FILE
  *   check [-r leaks|all] FILE           (exit 0 clean, 2 corrupt, 3 leaks, 1 error)
  *   map [--output=json] FILE
- *   batch [-f fmt] [-m MODE] [-r REF] [-b N] [-t] RUNS FILE
+ *   batch [-f fmt] [-m MODE] [-r REF] [-b N] [-t] [-L L2_CACHE_BYTES] RUNS FILE
  *        writes the runs listed in RUNS (lines "OFF LEN PATTERN", sorted,
  *        not overlapping) with bdev_pwrite_batch, N runs per batch (all),
  *        then flushes.  MODE says what the fill callback does:
@@ -441,8 +441,10 @@ static int cmd_batch(int argc, char **argv)
     bool timing = false;
     int c;
     optind = 1;
-    while ((c = getopt(argc, argv, "f:m:r:b:t")) != -1) {
+    uint64_t l2cache = 0;
+    while ((c = getopt(argc, argv, "f:m:r:b:tL:")) != -1) {
         switch (c) {
+        case 'L': l2cache = strtoull(optarg, NULL, 0); break;
         case 'f': fmt = optarg; break;
         case 'm': mode = optarg; break;
         case 'r': ref = optarg; break;
@@ -499,6 +501,7 @@ static int cmd_batch(int argc, char **argv)
     struct pms_open_opts oo;
     pms_open_opts_init(&oo);
     oo.format = fmt;
+    oo.l2_cache_size = l2cache;
     struct bdev *bs;
     int ret = 0;
     if (bdev_open(argv[optind + 1], &oo, &bs) < 0) {
