@@ -18,6 +18,10 @@
 #include <unistd.h>
 #include "cli.h"
 
+/* Deepest backing chain followed (as the qcow2 driver's QCOW2_MAX_CHAIN_DEPTH:
+ * external snapshots make one layer each). */
+#define MAX_CHAIN 257               /* images: the top one and 256 backing files */
+
 enum { OPT_OUTPUT = 256, OPT_START, OPT_MAXLEN, OPT_IMAGE_OPTS, OPT_CHAIN };
 
 static int one_file(int argc, int optind_, const char **file)
@@ -660,7 +664,7 @@ int cmd_info(int argc, char **argv)
         char *next = NULL;
         if (n++ && !json)
             printf("\n");
-        if (n > 64) {
+        if (n > MAX_CHAIN) {
             errorf("backing chain too long (loop?)");
             rc = 1;
             break;
@@ -928,7 +932,6 @@ int cmd_snapshot(int argc, char **argv)
 
 /* ---- map ------------------------------------------------------------------------ */
 
-#define MAX_CHAIN 256               /* as the qcow2 driver's deepest chain */
 
 struct chain {
     int n;

@@ -30,6 +30,10 @@ begin chain
 # 100 snapshots: a 101-image chain QEMU opens and reads like ours
 "$EXTSNAP_API" chain "$T" 16 100 || fail "extsnap-api chain"
 [ "$(qemu-img info -U --backing-chain chain.qcow2 | grep -c '^image:')" = 101 ] || fail "chain length"
+[ "$("$PMEMSNAP" info -U --backing-chain chain.qcow2 | grep -c '^image:')" = 101 ] || fail "our info --backing-chain"
+"$PMEMSNAP" convert -O raw chain.qcow2 c.raw || fail "our convert of the chain"
+qemu-img compare -q -F raw chain.qcow2 c.raw || fail "our convert of the chain differs"
+rm -f c.raw
 qemu-img compare -U chain.qcow2 one.qcow2 >/dev/null || fail "qemu-img compare of the chain and the one-layer image"
 # block status through the chain map answers as QEMU's walk does
 qemu-img map -U --output=json chain.qcow2 >q.json
