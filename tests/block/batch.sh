@@ -220,7 +220,6 @@ l1n, l1off = struct.unpack('>I', h[36:40])[0], struct.unpack('>Q', h[40:48])[0]
 rto, rtc = struct.unpack('>Q', h[48:56])[0], struct.unpack('>I', h[56:60])[0]
 f.seek(l1off); l2s = {e & 0x00fffffffffffe00 for e in struct.unpack('>%dQ' % l1n, f.read(8 * l1n))} - {0}
 f.seek(rto); rbs = {e & ~511 for e in struct.unpack('>%dQ' % (rtc * cs // 8), f.read(rtc * cs))} - {0}
-meta = set(range(0, cs)) and None
 fd = None; data_since_sync = False; tables = 0; bad = []
 for line in open(trace):
     m = re.search(r'openat\(AT_FDCWD, "([^"]*)".*= (\d+)$', line)
