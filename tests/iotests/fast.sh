@@ -10,7 +10,7 @@ for p in qemu-img qemu-io; do
     command -v $p >/dev/null || { echo "SKIP: $p not installed"; exit 77; }
 done
 src=$(iot_fetch) || { echo "SKIP: cannot fetch the QEMU 7.2 source package"; exit 77; }
-w=$(mktemp -d "${TMPDIR:-/tmp}/iotests-fast.XXXXXX")
+w=$(mktemp -d "${TMPDIR:-/tmp}/iotests-fast-XXXXXX")   # no '.': see run.sh
 trap 'rm -rf "$w"' EXIT
 fail=0 n=0
 while read -r t st; do
