@@ -84,8 +84,8 @@ struct srv {
     const char *image, *fuse_path, *sock_path, *qmp_path, *vmstate_node;
     const char *pidfile, *backing_dir, *format, *log;
     uint64_t cache_size;
-    int qmp_timeout_ms;
-    unsigned threads;                 /* --threads: FUSE worker threads */               /* --qmp-timeout: one VM QMP command */
+    int qmp_timeout_ms;               /* --qmp-timeout: one VM QMP command */
+    unsigned threads;                 /* --threads: FUSE worker threads */
     bool foreground, allow_other, wbcache;
     atomic_bool wb_on;                /* the kernel agreed to writeback caching */
     pms_dev *dev;
