@@ -16,6 +16,10 @@ for round in 1 2; do
     kill -9 "$PID_d"
     for _ in $(seq 50); do [ -e "/proc/$PID_d" ] || break; sleep 0.1; done
     [ -e "/proc/$PID_d" ] && fail "the daemon did not die from kill -9"
+    if [ $round = 1 ]; then   # the dead mount: a new daemon says what to do
+        "$P" serve "$img" --fuse "$F" --socket "$T/d2.sock" 2>"$T/dead.err" && fail "served over a dead mount"
+        grep -q "umount -l" "$T/dead.err" || fail "dead mount: $(cat "$T/dead.err")"
+    fi
     unmount_ours
     check_img "$img" leaks-ok
     qio "$img" "read -P 0x$b 1M 4M" "read -P 0x$(printf '%02x' $((0x60 + round))) 16M 1M"

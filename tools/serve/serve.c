@@ -986,6 +986,11 @@ static int listen_socket(const char *path, char *err, size_t errlen)
 static int mount_fuse(struct srv *s, char *err, size_t errlen)
 {
     struct stat st;
+    if (stat(s->fuse_path, &st) < 0 && errno == ENOTCONN) {
+        snprintf(err, errlen, "%.300s: a dead FUSE mount is still there (a killed daemon's?); "
+                 "unmount it first: umount -l %.300s", s->fuse_path, s->fuse_path);
+        return -1;
+    }
     if (stat(s->fuse_path, &st) < 0) {
         int fd = open(s->fuse_path, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0600);
         if (fd < 0) {
