@@ -1000,6 +1000,26 @@ static int do_reopen(struct io *io, int argc, char **argv)
     for (size_t i = 0; i < sizeof bool_keys / sizeof bool_keys[0]; i++)
         if (bool_opt(&o, bool_keys[i], 0, err, sizeof err) < 0)
             goto fail;
+    /* options no node can change at runtime: QEMU refuses a new value */
+    static const char *const runtime[] = {
+        "read-only", "auto-read-only", "cache.direct", "cache.no-flush", "force-share",
+        "discard", "detect-zeroes", "lazy-refcounts", "pass-discard-request",
+        "pass-discard-snapshot", "pass-discard-other", "discard-no-unref", "cache-size",
+        "l2-cache-size", "l2-cache-entry-size", "refcount-cache-size",
+        "cache-clean-interval", "overlap-check", "filename",
+    };
+    for (size_t i = 0; i < o.n; i++) {
+        const char *k = o.v[i].key, *ov = bo_get(&io->opts, k);
+        bool known = !strncmp(k, "overlap-check.", 14);
+        for (size_t j = 0; j < sizeof fixed / sizeof fixed[0] && !known; j++)
+            known = !strcmp(k, fixed[j][0]);
+        for (size_t j = 0; j < sizeof runtime / sizeof runtime[0] && !known; j++)
+            known = !strcmp(k, runtime[j]);
+        if (!known && (!ov || strcmp(ov, o.v[i].val))) {
+            snprintf(err, sizeof err, "Cannot change the option '%s'", k);
+            goto fail;
+        }
+    }
     struct pms_info info = { .size = sizeof info };
     pms_info(io->dev, &info);
     /* the options in force after the reopen: the old ones, then the new */
@@ -1312,7 +1332,7 @@ static const struct iocmd iocmds[] = {
       "prints the allocated areas of a file", NULL },
     { "length", "l", do_length, 0, 0, true, false, "",
       "gets the length of the current file", NULL },
-    { "open", "o", do_open, 0, -1, false, false,
+    { "open", "o", do_open, 1, -1, false, false,
       "[-rsCnkU] [-t cache] [-d discard] [-o options] [path]", "open the file specified by path",
       NULL },
     { "close", "c", do_close, 0, 0, true, false, "", "close the current open file", NULL },
@@ -1475,7 +1495,7 @@ int cmd_io(int argc, char **argv)
     }
     if (io.image_opts && io.fmt) {
         free(cmds);
-        errorf("--image-opts and --format are mutually exclusive");
+        errorf("--image-opts and -f are mutually exclusive");
         return 1;
     }
 
