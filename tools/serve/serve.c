@@ -1244,7 +1244,10 @@ int cmd_serve(int argc, char **argv)
         return fail("%s", err);
     }
     /* With writeback caching the kernel keeps its own i_size of a regular
-     * file and ignores ours (the root inode starts at 0): set it once. */
+     * file and ignores ours (the root inode starts at 0): set it once.  The
+     * stat waits for the kernel's INIT, which decides wb_on. */
+    struct stat wst;
+    stat(s->fuse_path, &wst);
     if (s->wb_on && truncate(s->fuse_path, (off_t)s->size) < 0) {
         int e = errno;
         teardown(s);
