@@ -97,6 +97,22 @@ python3 "$SRCDIR/serve/qmp-send.py" "$T/vm.qmp" '{"execute":"query-status"}' | g
 G "echo alive" | grep -q alive || fail "guest does not answer after the failed snapshot"
 ok "QEMU refusing snapshot-save: error reported ($(cut -c1-120 "$T/dup.err")), VM running, image unchanged"
 
+# a whole-VM revert QEMU cannot do (nvonly has no QEMU state): error, the VM
+# runs on, the NVDIMM unchanged
+G "printf 'D%.0s' \$(seq 4096) > /tmp/d && dd if=/tmp/d of=/dev/pmem0 bs=4k seek=2048 2>/dev/null" || fail "guest write D"
+"$P" snapshot -a nvonly --vm --socket "$S" 2>"$T/load.err" && fail "revert without QEMU state succeeded"
+grep -q "snapshot-load" "$T/load.err" || fail "error: $(cat "$T/load.err")"
+out=$(G "head -c 4096 /dev/pmem0 | tail -c 1; dd if=/dev/pmem0 bs=4k skip=2048 count=1 2>/dev/null | tr -d D | wc -c") ||
+    fail "guest after the failed revert"
+[ "$(echo $out)" = "A0" ] || fail "after the failed revert the guest sees '$(echo $out)'"
+ok "whole-VM revert QEMU refuses: error ($(cut -c1-100 "$T/load.err")), the guest runs on, NVDIMM unchanged"
+
+# a whole-VM delete removes both halves
+"$P" snapshot -d vm1 --vm --socket "$S" || fail "whole-VM delete"
+qemu-img snapshot -U -l "$vms" | grep -q " vm1 " && fail "QEMU's vm1 still there"
+"$P" snapshot -l --socket "$S" | grep -q " vm1 " && fail "our vm1 still there"
+ok "whole-VM delete: QEMU's state and the NVDIMM's snapshot gone"
+
 # the plain path: write, power off, the data is in the image
 G "printf 'C%.0s' \$(seq 4096) > /tmp/c && dd if=/tmp/c of=/dev/pmem0 bs=4k seek=1024 2>/dev/null" || fail "guest write C"
 G "poweroff -f" 2>/dev/null
@@ -106,6 +122,6 @@ stop nv
 check_img "$nv"
 check_img "$vms"
 qio "$nv" "read -P 0x41 0 256k" "read -P 0x43 4M 4k"
-qemu-img snapshot -l "$nv" | grep -q " vm1 " || fail "vm1 missing in the NVDIMM image"
+qemu-img snapshot -l "$nv" | grep -q " nvonly " || fail "nvonly missing in the NVDIMM image"
 ok "guest powered off: qemu-io finds its writes, both images clean"
 echo "serve-vm: all passed"
