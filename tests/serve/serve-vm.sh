@@ -113,6 +113,20 @@ qemu-img snapshot -U -l "$vms" | grep -q " vm1 " && fail "QEMU's vm1 still there
 "$P" snapshot -l --socket "$S" | grep -q " vm1 " && fail "our vm1 still there"
 ok "whole-VM delete: QEMU's state and the NVDIMM's snapshot gone"
 
+# our half of a whole-VM revert failing after QEMU loaded its state (an
+# external snapshot cannot be reverted to while the live image holds an
+# internal one): error, and the VM is left paused, not run half-reverted
+"$P" snapshot -c ex --kind external --vm --socket "$S" || fail "external whole-VM snapshot"
+[ -f "$nv@ex" ] || fail "no layer file $nv@ex"
+"$P" snapshot -c in2 --socket "$S" || fail "internal snapshot on the new overlay"
+"$P" snapshot -a ex --vm --socket "$S" 2>"$T/half.err" && fail "half revert succeeded"
+grep -q "left paused" "$T/half.err" || fail "error: $(cat "$T/half.err")"
+python3 "$SRCDIR/serve/qmp-send.py" "$T/vm.qmp" '{"execute":"query-status"}' | grep -q '"running": false' ||
+    fail "VM running after a half revert"
+python3 "$SRCDIR/serve/qmp-send.py" "$T/vm.qmp" '{"execute":"cont"}' >/dev/null
+G "echo alive" | grep -q alive || fail "guest after cont"
+ok "our revert refused after QEMU's load: VM left paused ($(cut -c1-90 "$T/half.err")...)"
+
 # the plain path: write, power off, the data is in the image
 G "printf 'C%.0s' \$(seq 4096) > /tmp/c && dd if=/tmp/c of=/dev/pmem0 bs=4k seek=1024 2>/dev/null" || fail "guest write C"
 G "poweroff -f" 2>/dev/null
@@ -122,6 +136,8 @@ stop nv
 check_img "$nv"
 check_img "$vms"
 qio "$nv" "read -P 0x41 0 256k" "read -P 0x43 4M 4k"
-qemu-img snapshot -l "$nv" | grep -q " nvonly " || fail "nvonly missing in the NVDIMM image"
+qemu-img snapshot -l "$nv" | grep -q " in2 " || fail "in2 missing in the NVDIMM image"
+qemu-img snapshot -l "$nv@ex" | grep -q " nvonly " || fail "nvonly missing in the layer"
+check_img "$nv@ex"
 ok "guest powered off: qemu-io finds its writes, both images clean"
 echo "serve-vm: all passed"

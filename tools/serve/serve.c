@@ -669,18 +669,36 @@ int srv_snapshot_revert(struct srv *s, const char *name, bool vm, struct srv_err
         goto resume;
     if (vm && (r = vm_job(q, "snapshot-load", name, vmstate, devs, e)) < 0)
         goto resume;
-    s->discard_writes = true;
+    /* From here until the cached pages are dropped, FUSE writes are
+     * discarded: a page the kernel still writes back predates the revert.
+     * Set under the exclusive lock, so no write is in flight. */
     pthread_rwlock_wrlock(&s->io_lock);
+    s->discard_writes = true;
     r = pms_snapshot_revert(s->dev, name);
-    if (r == 0)
+    bool reverted = r == 0;
+    if (!reverted)
+        s->discard_writes = false;       /* nothing changed: keep every write */
+    else
         r = pms_flush(s->dev);
     pthread_rwlock_unlock(&s->io_lock);
     if (r < 0)
         seterr(e, "%s", pms_errmsg());
-    /* Drop every cached page: dirty ones the kernel writes back first are
-     * discarded (they predate the revert), mapped ones are unmapped. */
-    int ri = fuse_lowlevel_notify_inval_inode(s->se, FUSE_ROOT_ID, 0, 0);
-    s->discard_writes = false;
+    if (!reverted && vm) {
+        /* QEMU already loaded its state: running the guest now would pair
+         * the snapshot's RAM with the current NVDIMM.  Leave it paused. */
+        size_t n = strlen(e->msg);
+        snprintf(e->msg + n, sizeof e->msg - n, "; the VM is left paused: its RAM and devices "
+                 "are at the snapshot but its NVDIMM is not (revert again, or load another state)");
+        was_running = 0;
+        goto out;
+    }
+    int ri = 0;
+    if (reverted) {
+        /* Drop every cached page: dirty ones the kernel writes back first
+         * are discarded, mapped ones are unmapped and refault. */
+        ri = fuse_lowlevel_notify_inval_inode(s->se, FUSE_ROOT_ID, 0, 0);
+        s->discard_writes = false;
+    }
     if (ri < 0 && ri != -ENOENT && r == 0) {
         seterr(e, "invalidating the kernel's cached pages: %s", strerror(-ri));
         r = ri;
