@@ -637,56 +637,61 @@ static bool fill_mem(void *opaque, void *buf, uint64_t len, uint64_t off)
  * that are poisoned are left out (their bytes are unknown; reading them
  * would raise SIGBUS here); the image's size clips the last run.  On an
  * error *failed = the first run that may not be written.  wb_mu held. */
+/* One pending bdev_pwrite_batch. */
+struct wbatch {
+    struct pms_mem *m;
+    const uint8_t *stage;           /* see write_runs */
+    size_t k;                       /* runs in m->wv */
+    uint64_t bytes;
+};
+
+static int wbatch_flush(struct wbatch *b)
+{
+    if (!b->k)
+        return 0;
+    int r = bdev_pwrite_batch(b->m->bs, b->m->wv, b->k, b->stage ? NULL : fill_mem, b->m);
+    if (r == 0)
+        atomic_fetch_add(&b->m->bytes_out, b->bytes);
+    b->k = 0;
+    b->bytes = 0;
+    return r;
+}
+
 static int write_runs(struct pms_mem *m, const struct run *runs, uint64_t n,
                       const uint8_t *stage, uint64_t *failed)
 {
-    struct bdev_wvec *v = m->wv;
-    size_t k = 0;
-    uint64_t bytes = 0, first = 0;
-    for (uint64_t i = 0; i <= n; i++) {
-        bool last = i == n;
-        if (k && (last || k + 2 > WB_BATCH_RUNS || bytes >= WB_BATCH_BYTES)) {
-            int r = bdev_pwrite_batch(m->bs, v, k, stage ? NULL : fill_mem, m);
-            if (r < 0) {
-                *failed = first;
-                return r;
-            }
-            atomic_fetch_add(&m->bytes_out, bytes);
-            k = 0;
-            bytes = 0;
-            first = i;
+    struct wbatch b = { m, stage, 0, 0 };
+    uint64_t first = 0;             /* first run of the pending batch */
+    int r = 0;
+    for (uint64_t i = 0; i < n && r == 0; i++) {
+        if (b.k + 2 > WB_BATCH_RUNS || b.bytes >= WB_BATCH_BYTES) {
+            r = wbatch_flush(&b);
+            first = r < 0 ? first : i;
         }
-        if (last)
-            break;
         uint64_t off = runs[i].off, end = off + runs[i].len;
         const uint8_t *src = stage ? stage + runs[i].stage : m->base + off;
         if (end > m->size)
             end = m->size;
-        for (uint64_t p = off; p < end;) {
+        for (uint64_t p = off; p < end && r == 0;) {
             while (p < end && abit(m->poison, p / PG))
                 p = (p / PG + 1) * PG;
             uint64_t q = p;
             while (q < end && !abit(m->poison, q / PG))
                 q = (q / PG + 1) * PG < end ? (q / PG + 1) * PG : end;
-            if (q > p) {
-                if (k == WB_BATCH_RUNS) {       /* a run split by many poisoned pages */
-                    int r = bdev_pwrite_batch(m->bs, v, k, stage ? NULL : fill_mem, m);
-                    if (r < 0) {
-                        *failed = first;
-                        return r;
-                    }
-                    atomic_fetch_add(&m->bytes_out, bytes);
-                    k = 0;
-                    bytes = 0;
-                    first = i;
-                }
-                v[k++] = (struct bdev_wvec){ p, q - p, src + (p - off) };
-                bytes += q - p;
+            if (q > p && b.k == WB_BATCH_RUNS)      /* a run split by many poisoned pages */
+                r = wbatch_flush(&b);
+            if (q > p && r == 0) {
+                m->wv[b.k++] = (struct bdev_wvec){ p, q - p, src + (p - off) };
+                b.bytes += q - p;
             }
             p = q;
         }
     }
-    return 0;
+    if (r == 0)
+        r = wbatch_flush(&b);
+    if (r < 0)
+        *failed = first;
+    return r;
 }
 
 /* Record that [off, off+len) of the image changed since snapshot
