@@ -217,7 +217,7 @@ def scale_table():
             print('  %s: n/a: %s' % (k, d['na']))
             continue
         s = num(d, 'stores_per_s')
-        rows.append([k, f(s, '%.0f'), f(s / rs, '%.2fx') if rs else '-',
+        rows.append([k, f(s, '%.0f'), f(s / rs, '%.3fx') if rs else '-',
                      '%s (%s failed)' % (d.get('snapshots', '-'), d.get('snap_failed', '0')),
                      f(num(d, 'snap_mean_ms')), f(num(d, 'snap_max_ms')), f(num(d, 'delete_mean_ms')),
                      f(num(d, 'rss_max_MiB')), d.get('du_MiB', '-'), check(d)])
@@ -230,13 +230,13 @@ def scale_table():
     else:
         rows.append(['mmap of 1 TiB sparse raw', f(rs, '%.0f'), '1.00x', '-', '-', '-', '-',
                      f(num(ref, 'rss_max_MiB')), ref.get('du_MiB', '-'),
-                     'final msync: ' + ref.get('persist_error', 'ok')])
+                     'final msync: ' + ref.get('persist_error', f(num(ref, 'final_persist_s'), '%.0f s'))])
     table(head, rows)
     capmb = float(E['CAP'])
     d = load('scale-external')
     if 'na' not in d and rs:
         s, m, rss = num(d, 'stores_per_s'), num(d, 'snap_mean_ms'), num(d, 'rss_max_MiB')
-        print('  targets (external): stores/s >= 0.8x mmap: %.2fx %s; snapshot mean <= 200 ms: %s %s;'
+        print('  targets (external): stores/s >= 0.8x mmap: %.3fx %s; snapshot mean <= 200 ms: %s %s;'
               ' RSS <= cap + 10%%: %s' % (s / rs, mark(s / rs >= 0.8), f(m), mark(m <= 200),
                                           mark(rss <= capmb * 1.1)))
 
