@@ -36,9 +36,9 @@
  *
  * KIND is "internal" or "external" (PMS_SNAP_EXTERNAL); "KIND-unmapped" does
  * the stores, snapshots and reverts of snap and chain without a mapping
- * (pms_pwrite/pms_pread; the chain is still read back through a mapping).  Page p of
- * generation g holds the 64-bit word (g << 40 | p) in each of its 512
- * words, so any page read back can be checked.  Random choices come from a
+ * (pms_pwrite/pms_pread; the chain is still read back through a mapping).
+ * Page p of generation g holds the 64-bit word (g << 40 | p) in each of its
+ * 512 words, so any page read back can be checked.  Random choices come from a
  * fixed seed: the image and the mmap reference see the same offsets.
  *
  * Threads: the store threads of cap/scale touch the mapping only; the main
