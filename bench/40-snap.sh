@@ -15,7 +15,7 @@
 #  mapping, through pms_pwrite, as the CLI does; SNAPBENCH_UNMAPPED=0 skips)
 #  4. image larger than memory: 64 GiB image, 1 GiB cap, 2 GiB of stores to
 #     random pages vs the same stores into an mmap of a sparse raw file
-# Knobs (environment): SNAPBENCH_QUICK=1 (about 2 minutes: 1 and 2 GiB,
+# Knobs (environment): SNAPBENCH_QUICK=1 (1.5-3 minutes: 1 and 2 GiB,
 # 3 repetitions, 20 snapshots, 8 GiB image under a 256 MiB cap),
 # SNAPBENCH_SIZES_GB, SNAPBENCH_REPS, SNAPBENCH_DIRTY_MB, SNAPBENCH_CHAIN,
 # SNAPBENCH_CHAIN_DIRTY_KB, SNAPBENCH_CAP_IMAGE_GB, SNAPBENCH_CAP_MB,
