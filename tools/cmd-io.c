@@ -62,6 +62,22 @@ struct io {
     bool quit;
 };
 
+/* A failed operation that found the image corrupt: the qcow2 driver words
+ * it as QEMU does ("qcow2: Marking image as corrupt: ..."), printed on
+ * stderr before the operation's own line as qemu-io prints it.  The driver
+ * signals once per open image; the copy keeps a stale message from being
+ * printed again by a later failure that set none. */
+static void corrupt_note(void)
+{
+    static char last[600];
+    const char *m = libmsg();
+    if (strncmp(m, "qcow2: ", 7) != 0 || strncmp(m, last, sizeof last) == 0)
+        return;
+    snprintf(last, sizeof last, "%s", m);
+    fflush(stdout);
+    fprintf(stderr, "%s\n", m);
+}
+
 /* The name in "<name> failed: ..." lines: readv/writev run read/write. */
 static const char *fail_read = "read", *fail_write = "write";
 
@@ -317,6 +333,7 @@ static int do_read(struct io *io, int argc, char **argv)
                : pms_pread(io->dev, buf, (size_t)count, (uint64_t)off);
     clock_gettime(CLOCK_MONOTONIC, &t2);
     if (r < 0) {
+        corrupt_note();
         printf("%s failed: %s\n", fail_read, strerror(-r));
         free(buf);
         return r;
@@ -457,6 +474,7 @@ static int do_write(struct io *io, int argc, char **argv)
     clock_gettime(CLOCK_MONOTONIC, &t2);
     free(buf);
     if (r < 0) {
+        corrupt_note();
         printf("%s failed: %s\n", fail_write, strerror(-r));
         return r;
     }
@@ -492,6 +510,7 @@ static int do_discard(struct io *io, int argc, char **argv)
         r = pms_discard(io->dev, (size_t)count, (uint64_t)off);
     clock_gettime(CLOCK_MONOTONIC, &t2);
     if (r < 0) {
+        corrupt_note();
         printf("discard failed: %s\n", strerror(-r));
         return r;
     }

@@ -11,6 +11,10 @@
  *  - a grown refcount table is written complete (with the blocks describing
  *    itself) before the header switches to it with one 12-byte write;
  *  - no cluster below free_cluster_index is free (allocation hint).
+ * Placement is QEMU's, so images match theirs cluster for cluster: the
+ * lowest free run; a missing refcount block goes to the first free cluster
+ * after the run it is needed for; clusters released since the last flush
+ * are taken (after that flush) before the file grows.
  * Threads: called with bs->lock held.
  */
 #include <endian.h>
@@ -67,9 +71,13 @@ int qcow2_refcount_init(struct bdev *bs)
         if (s->reftable[i] & ~REFT_OFFSET_MASK & ~0ull & 0x1ff)
             return pms_err(EINVAL, "refcount table entry %llu has reserved bits set",
                            (unsigned long long)i);
-        if (off && (qc_off_in_cluster(s, off) || off >= (uint64_t)flen))
+        /* an unaligned entry fails the first use of its block, as QEMU's
+         * (get_block), so the rest of the image stays usable */
+        if (off && qc_off_in_cluster(s, off))
+            continue;
+        if (off && off >= (uint64_t)flen)
             return pms_err(EINVAL, "refcount block %llu at offset %llu is invalid "
-                           "(unaligned or beyond the end of the file)",
+                           "(beyond the end of the file)",
                            (unsigned long long)i, (unsigned long long)off);
         if (off) {
             r = qcow2_check_host_range(bs, off, s->cluster_size, "refcount block");
@@ -83,6 +91,10 @@ static int get_block(struct bdev *bs, uint64_t rti, uint8_t **rb)
 {
     struct qcow2_state *s = QS(bs);
     uint64_t off = s->reftable[rti] & REFT_OFFSET_MASK;
+    if (qc_off_in_cluster(s, off))
+        return qcow2_signal_corruption(bs, "Refblock offset %#llx unaligned (reftable index: "
+                                       "%#llx)", (unsigned long long)off,
+                                       (unsigned long long)rti);
     return qcow2_cache_get(bs, &s->rb_cache, off, rb);
 }
 
@@ -347,21 +359,47 @@ int qcow2_set_refcount(struct bdev *bs, uint64_t ci, uint64_t rc)
     return update_one(bs, ci, 0, true, rc);
 }
 
-int64_t qcow2_alloc_clusters(struct bdev *bs, uint64_t n)
+/* at0: QEMU's wording when the allocation landed on the header cluster
+ * (a damaged refcount block says it is free), NULL for the generic check */
+static int64_t alloc_clusters(struct bdev *bs, uint64_t n, const char *at0)
 {
     struct qcow2_state *s = QS(bs);
+    bool drained = false;
     for (int guard = 0; guard < 1000; guard++) {
         uint64_t start;
         int r = find_free(bs, n, &start);
         if (r < 0) return r;
+        if (s->npending && !drained) {
+            /* Clusters released since the last flush (discard, COW) are
+             * free for QEMU at once; ours wait for the flush that makes
+             * their L2 change durable.  Rather than grow the file past them,
+             * flush now and take them, so the image is laid out as QEMU
+             * lays it out (one flush per discard-then-grow cycle). */
+            int64_t flen = bdev_file_length(bs->file);
+            if (flen < 0) return (int)flen;
+            if (start + n > qc_size_to_clusters(s, (uint64_t)flen)) {
+                drained = true;
+                r = qcow2_drain_pending(bs);
+                if (r < 0) return r;
+                continue;
+            }
+        }
         int64_t off = (int64_t)(start << s->cluster_bits);
         bool again = false;
-        for (uint64_t b = start >> s->rb_bits; b <= (start + n - 1) >> s->rb_bits; b++) {
+        for (uint64_t b = start >> s->rb_bits; !again && b <= (start + n - 1) >> s->rb_bits; b++) {
+            /* As QEMU's alloc_refcount_block: a missing block goes to the
+             * first free cluster after the range just found, and the search
+             * restarts (finding that range again, now described). */
+            uint64_t hint = s->free_cluster_index;
+            s->free_cluster_index = start + n;
             r = ensure_block(bs, b);
+            if (hint < s->free_cluster_index) s->free_cluster_index = hint;
             if (r < 0) return r;
             if (r > 0) again = true;
         }
         if (again) continue;
+        if (off == 0 && at0)
+            return qcow2_signal_corruption(bs, "%s", at0);
         r = qcow2_check_host_range(bs, (uint64_t)off, n << s->cluster_bits, "new cluster");
         if (r < 0) return r;
         r = qcow2_update_refcount(bs, (uint64_t)off, n << s->cluster_bits, 1);
@@ -370,6 +408,16 @@ int64_t qcow2_alloc_clusters(struct bdev *bs, uint64_t n)
         return off;
     }
     return pms_err(EIO, "cluster allocation did not converge");
+}
+
+int64_t qcow2_alloc_clusters(struct bdev *bs, uint64_t n)
+{
+    return alloc_clusters(bs, n, NULL);
+}
+
+int64_t qcow2_alloc_l2(struct bdev *bs)
+{
+    return alloc_clusters(bs, 1, "Preventing invalid allocation of L2 table at offset 0");
 }
 
 int64_t qcow2_alloc_bytes(struct bdev *bs, uint64_t size)

@@ -92,16 +92,36 @@ void qcow2_compressed_range(struct qcow2_state *s, uint64_t e, uint64_t *coff, u
     *csize = nsec * 512 - (off & 511);
 }
 
+/* Corruption found in an image.  During the open it only fails the open.
+ * Found by an operation on an open image, it is signalled as QEMU does, once
+ * per open image: a writable image gets the on-disk corrupt bit (a later
+ * writable open is refused until `check -r all`), and the message is
+ * QEMU's "qcow2: Marking image as corrupt: ...; further corruption events
+ * will be suppressed" (read-only: "qcow2: Image is corrupt: ...; further
+ * non-fatal corruption events will be suppressed"), which front ends
+ * (`io`) print as qemu-io does; later events carry a plain message. */
 int qcow2_signal_corruption(struct bdev *bs, const char *fmt, ...)
 {
+    struct qcow2_state *s = QS(bs);
     char m[512];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(m, sizeof m, fmt, ap);
     va_end(ap);
-    /* We do not set the on-disk corrupt bit: an image we refuse is never
-     * written.  The user runs `check -r all`. */
-    return pms_err(EIO, "image '%s' is corrupt: %s", bs->filename, m);
+    if (!s->opened || s->check_mode || s->signalled)
+        return pms_err(EIO, "image '%s' is corrupt: %s", bs->filename, m);
+    s->signalled = true;
+    bool fatal = s->writable;
+    if (fatal && !(s->incompat & QCOW2_INCOMPAT_CORRUPT) && s->version >= 3) {
+        uint64_t be = htobe64(s->incompat | QCOW2_INCOMPAT_CORRUPT);
+        if (bdev_file_pwrite(bs->file, &be, 8, 72) == 0 && bdev_file_flush(bs->file) == 0)
+            s->incompat |= QCOW2_INCOMPAT_CORRUPT;
+    }
+    if (fatal)
+        return pms_err(EIO, "qcow2: Marking image as corrupt: %s; further corruption events "
+                       "will be suppressed", m);
+    return pms_err(EIO, "qcow2: Image is corrupt: %s; further non-fatal corruption events "
+                   "will be suppressed", m);
 }
 
 static bool ranges_overlap(uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
@@ -694,6 +714,7 @@ static int qcow2_open(struct bdev *bs, const char *path, const struct pms_open_o
         r = qcow2_update_header(bs);
         if (r < 0) return r;
     }
+    s->opened = true;
     return 0;
 }
 
@@ -1328,7 +1349,7 @@ static int get_l2_writable(struct bdev *bs, uint64_t off, uint64_t *l2offp)
         /* entries stay as they are: the data clusters are still shared, so
          * their COPIED flags are already clear */
     }
-    int64_t noff = qcow2_alloc_clusters(bs, 1);
+    int64_t noff = qcow2_alloc_l2(bs);
     if (noff < 0) { free(copy); return (int)noff; }
     uint8_t *t;
     r = qcow2_cache_get_empty(bs, &s->l2_cache, (uint64_t)noff, &t);
@@ -2510,7 +2531,12 @@ static bool prealloc_detect(struct bdev *bs, uint64_t actual)
     uint64_t threshold = real * 10 / 9 > real + 2 ? real * 10 / 9 : real + 2;
     uint64_t n = qc_size_to_clusters(s, (uint64_t)flen), used = 0;
     for (uint64_t i = 0; i < n; i++) {
-        uint64_t rc;
+        uint64_t rc, rti = i >> s->rb_bits;
+        /* a damaged refcount table entry is for a write to find (and mark
+         * the image corrupt), not for this heuristic */
+        if (rti < s->reftable_entries &&
+            qc_off_in_cluster(s, s->reftable[rti] & REFT_OFFSET_MASK))
+            return false;
         if (qcow2_get_refcount(bs, i, &rc) < 0) {
             pms_err_clear();
             return false;

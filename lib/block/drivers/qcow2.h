@@ -180,6 +180,9 @@ struct qcow2_state {
      * A snapshot bracket takes the bit over (set_dirty clears this), so a
      * bracket that failed keeps its bit for the repair. */
     bool lazy_dirty;
+    /* qcow2_open completed: from then on corruption found by an operation is
+     * signalled as QEMU does (qcow2_signal_corruption); signalled: once. */
+    bool opened, signalled;
     /* active L1 entries changed in memory, not yet written: [lo, hi) */
     uint32_t l1_dirty_lo, l1_dirty_hi;
 };
@@ -229,6 +232,7 @@ int  qcow2_update_refcount(struct bdev *bs, uint64_t off, uint64_t len, int64_t 
 int  qcow2_set_refcount(struct bdev *bs, uint64_t cluster_index, uint64_t rc);
 /* Allocate n contiguous clusters with refcount 1; returns host offset or -errno. */
 int64_t qcow2_alloc_clusters(struct bdev *bs, uint64_t n);
+int64_t qcow2_alloc_l2(struct bdev *bs);     /* one cluster for an L2 table */
 /* Allocate size (1..cluster_size) bytes for compressed data, packed after
  * the previous compressed allocation as QEMU's qcow2_alloc_bytes does: every
  * host cluster the range touches gets +1 refcount; the range only runs into
