@@ -73,6 +73,11 @@ struct pms_open_opts {
     /* Format of the backing file, overriding the one the image names
      * (qemu's backing.driver); NULL: the image's, or probed. */
     const char *backing_format;
+    /* Lazy refcounts for this open (qemu's lazy-refcounts option): 0 = as
+     * the image's compat bit says, > 0 = on (a version 3 qcow2 image: the
+     * dirty bit is set while refcount updates are held back in memory, a
+     * clean close writes them and clears it), < 0 = off. */
+    int lazy_refcounts;
 };
 void pms_open_opts_init(struct pms_open_opts *o);
 

@@ -690,6 +690,7 @@ static int qcow2_opts(const struct blkopts *o, const struct pms_info *info,
     if (po) {
         po->l2_cache_size = l2_set ? l2 : 0;
         po->refcount_cache_size = rc_set ? rc : 0;
+        po->lazy_refcounts = bo_get(o, "lazy-refcounts") ? (lazy ? 1 : -1) : 0;
     }
     return 0;
 }
@@ -794,8 +795,8 @@ static int io_open_opts(struct io *io, const char *name, struct blkopts *extra)
         struct pms_open_opts po2 = po;
         if (qcow2_opts(&o, &info, &po2, err, sizeof err) < 0)
             goto fail;
-        if (po2.l2_cache_size || po2.refcount_cache_size) {
-            /* reopen with the caches asked for */
+        if (po2.l2_cache_size || po2.refcount_cache_size || po2.lazy_refcounts) {
+            /* reopen with the caches (lazy refcounts) asked for */
             pms_close(dev);
             dev = NULL;
             po = po2;

@@ -62,7 +62,7 @@ void qcow2_cache_destroy(struct qcow2_cache *c)
 static int order_before_l2(struct bdev *bs)
 {
     struct qcow2_state *s = QS(bs);
-    int r = qcow2_cache_writeback(bs, &s->rb_cache);
+    int r = qcow2_defer_refcounts(s) ? 0 : qcow2_cache_writeback(bs, &s->rb_cache);
     if (r == 0) r = qcow2_barrier(bs);
     return r;
 }
@@ -203,7 +203,7 @@ void qcow2_cache_discard(struct qcow2_cache *c, uint64_t off)
 int qcow2_flush_metadata(struct bdev *bs)
 {
     struct qcow2_state *s = QS(bs);
-    int r = qcow2_cache_writeback(bs, &s->rb_cache);
+    int r = qcow2_defer_refcounts(s) ? 0 : qcow2_cache_writeback(bs, &s->rb_cache);
     if (r < 0) return r;
     r = qcow2_cache_writeback(bs, &s->l2_cache);
     if (r < 0) return r;

@@ -24,9 +24,9 @@
  *
  * Repair: PMS_CHECK_REPAIR_LEAKS sets leaked refcounts down to the computed
  * value; PMS_CHECK_REPAIR_ALL additionally raises refcounts that are too low
- * (in place where the refcount block covering the cluster exists and is
- * sound; otherwise, as QEMU, by rebuilding the whole refcount structure
- * after the end of the file), fixes COPIED flags and turns unaligned
+ * (in place, as QEMU, unless a stored refcount is 0 or the refcount
+ * structure itself is damaged: then, as QEMU, the whole structure is rebuilt
+ * and placed where QEMU places it), fixes COPIED flags and turns unaligned
  * preallocated zero clusters into plain zero clusters.  Stored refcounts are
  * read straight from the refcount blocks after the metadata caches have been
  * flushed; repairs go through qcow2_set_refcount() and the caches.
@@ -722,66 +722,147 @@ static int grow_rc(struct ck *c, uint64_t n)
     return 0;
 }
 
-/* Replace the refcount structure by one built from the computed refcounts:
- * new refcount blocks and a new refcount table are written after the last
- * cluster of the file (nothing in use can be there), flushed, and only then
- * does the header point at them (one 12-byte write, as QEMU does).  The old
- * table and blocks become leaks, which the caller repairs. */
+/* QEMU's alloc_clusters_imrt: the first run of n clusters free in the
+ * computed refcounts at or after *first_free (which moves to the first gap
+ * seen), the array growing past the end of the image when there is none;
+ * the run is marked used.  Returns its offset or -errno. */
+static int64_t imrt_alloc(struct ck *c, uint64_t n, uint64_t *first_free)
+{
+    uint64_t k = *first_free, run = 0;
+    bool first_gap = true;
+    for (; k < c->nb && run < n; k++) {
+        if (!c->rc[k]) {
+            run++;
+            if (first_gap) {
+                *first_free = k;
+                first_gap = false;
+            }
+        } else
+            run = 0;
+    }
+    if (run < n) {
+        uint64_t need = k + n - run;
+        int r = grow_rc(c, need + 1);
+        if (r < 0)
+            return r;
+        if (need > c->nb)
+            c->nb = need;
+    }
+    k -= run;
+    for (uint64_t i = 0; i < n; i++)
+        c->rc[k + i] = 1;
+    return (int64_t)(k << c->s->cluster_bits);
+}
+
+/* QEMU's rebuild_refcounts_write_refblocks: every refcount block describing
+ * a used cluster of [first, end) gets a place (imrt_alloc, never below the
+ * block being written) and is written from the computed refcounts.
+ * Returns 1 when the table (*rt, *entries, host order) had to grow, 0 if
+ * not, or -errno. */
+static int write_refblocks(struct ck *c, uint64_t first, uint64_t end, uint64_t **rt,
+                           uint64_t *entries)
+{
+    struct qcow2_state *s = c->s;
+    uint64_t cs = s->cluster_size, per_rb = 1ull << s->rb_bits, ff = 0;
+    int grown = 0;
+    for (uint64_t k = first; k < end; k++) {
+        if (k >= c->nb || !c->rc[k])
+            continue;
+        uint64_t idx = k >> s->rb_bits, start = idx << s->rb_bits, off;
+        if (idx < *entries && (*rt)[idx])
+            off = (*rt)[idx];
+        else {
+            if (ff < start)
+                ff = start;
+            int64_t o = imrt_alloc(c, 1, &ff);
+            if (o < 0)
+                return (int)o;
+            off = (uint64_t)o;
+            if ((off >> s->cluster_bits) >= end)
+                end = (off >> s->cluster_bits) + 1;
+            if (*entries <= idx) {
+                uint64_t ne = ((idx + 1) * 8 + cs - 1) / cs * cs / 8;
+                if (ne * 8 > QCOW2_MAX_REFTABLE_BYTES)
+                    return pms_err(EFBIG, "qcow2 check: rebuilt refcount table would be "
+                                   "too large");
+                uint64_t *p = realloc(*rt, ne * 8);
+                if (!p)
+                    return pms_err(ENOMEM, "qcow2 check: out of memory");
+                memset(p + *entries, 0, (ne - *entries) * 8);
+                *rt = p;
+                *entries = ne;
+                grown = 1;
+            }
+            (*rt)[idx] = off;
+        }
+        memset(c->rb, 0, cs);
+        for (uint64_t i = 0; i < per_rb && start + i < c->nb; i++)
+            if (c->rc[start + i])
+                qcow2_rb_set(s, c->rb, i, c->rc[start + i]);
+        int r = bdev_file_pwrite(c->bs->file, c->rb, cs, off);
+        if (r < 0)
+            return r;
+        k = start + per_rb - 1;         /* this block is done */
+    }
+    return grown;
+}
+
+/* Replace the refcount structure by one built from the computed refcounts,
+ * placed as QEMU's rebuild_refcount_structure places it (so the image
+ * matches theirs): refcount blocks in the first clusters the computed
+ * refcounts leave free, then the table, repeated until the table stops
+ * growing.  Clusters in use (old structure included: it is counted) are
+ * never overwritten; everything is flushed before the header points at the
+ * new table (one 12-byte write).  The old table and blocks become leaks,
+ * which the caller repairs. */
 static int rebuild_refcounts(struct ck *c)
 {
     struct qcow2_state *s = c->s;
-    uint64_t cs = s->cluster_size, per_rb = 1ull << s->rb_bits;
-    uint64_t first = c->nb, nrb = 0, nrt = 0;
-    if (qc_size_to_clusters(s, c->file_len) > first)
-        first = qc_size_to_clusters(s, c->file_len);
-    for (;;) {
-        uint64_t total = first + nrb + nrt;
-        uint64_t need_rb = (total + per_rb - 1) / per_rb;
-        uint64_t need_rt = (need_rb * 8 + cs - 1) / cs;
-        if (need_rb == nrb && need_rt == nrt)
+    uint64_t cs = s->cluster_size;
+    if (qc_size_to_clusters(s, c->file_len) > c->nb) {
+        uint64_t fc = qc_size_to_clusters(s, c->file_len);
+        int r = grow_rc(c, fc + 1);
+        if (r < 0)
+            return r;
+        c->nb = fc;
+    }
+    uint64_t *rt = NULL, entries = 0, nrt = 0;
+    int64_t rt_off = -1;
+    int r = write_refblocks(c, 0, c->nb, &rt, &entries);
+    while (r > 0) {
+        nrt = (entries * 8 + cs - 1) / cs;
+        uint64_t ff = 0;
+        rt_off = imrt_alloc(c, nrt, &ff);
+        if (rt_off < 0) {
+            r = (int)rt_off;
             break;
-        nrb = need_rb;
-        nrt = need_rt;
-    }
-    if (nrt * cs > QCOW2_MAX_REFTABLE_BYTES || nrt > UINT32_MAX)
-        return pms_err(EFBIG, "qcow2 check: rebuilt refcount table would be too large");
-    uint64_t end = first + nrb + nrt;
-    int r = grow_rc(c, end);
-    if (r < 0)
-        return r;
-    for (uint64_t k = first; k < end; k++)
-        c->rc[k] = 1;
-    c->nb = end;
-
-    uint64_t rt_entries = nrt * cs / 8;
-    uint64_t *rt = calloc(rt_entries, 8);
-    uint64_t *rt_host = calloc(rt_entries, 8);
-    if (!rt || !rt_host) {
-        free(rt);
-        free(rt_host);
-        return pms_err(ENOMEM, "qcow2 check: out of memory");
-    }
-    for (uint64_t j = 0; j < nrb && r == 0; j++) {
-        memset(c->rb, 0, cs);
-        for (uint64_t i = 0; i < per_rb; i++) {
-            uint64_t k = j * per_rb + i;
-            if (k < c->nb && c->rc[k])
-                qcow2_rb_set(s, c->rb, i, c->rc[k]);
         }
-        uint64_t off = (first + j) << s->cluster_bits;
-        rt_host[j] = off;
-        rt[j] = htobe64(off);
-        r = bdev_file_pwrite(c->bs->file, c->rb, cs, off);
+        uint64_t rs = (uint64_t)rt_off >> s->cluster_bits;
+        r = write_refblocks(c, rs, rs + nrt, &rt, &entries);
     }
     c->rb_index = UINT64_MAX;
-    uint64_t rt_off = (first + nrb) << s->cluster_bits;
-    if (r == 0)
-        r = bdev_file_pwrite(c->bs->file, rt, nrt * cs, rt_off);
+    if (r == 0 && rt_off < 0)
+        r = pms_err(EIO, "qcow2 check: nothing to rebuild a refcount table for");
+    if (r < 0 || nrt > UINT32_MAX) {
+        free(rt);
+        return r < 0 ? r : pms_err(EFBIG, "qcow2 check: rebuilt refcount table would be "
+                                   "too large");
+    }
+    uint64_t rt_entries = nrt * cs / 8;      /* == entries: whole clusters */
+    uint64_t *be = calloc(rt_entries, 8);
+    if (!be) {
+        free(rt);
+        return pms_err(ENOMEM, "qcow2 check: out of memory");
+    }
+    for (uint64_t i = 0; i < entries && i < rt_entries; i++)
+        be[i] = htobe64(rt[i]);
+    r = bdev_file_pwrite(c->bs->file, be, nrt * cs, (uint64_t)rt_off);
+    free(be);
     if (r == 0)
         r = bdev_file_flush(c->bs->file);
     if (r == 0) {
         uint8_t hdr[12];
-        uint64_t be_off = htobe64(rt_off);
+        uint64_t be_off = htobe64((uint64_t)rt_off);
         uint32_t be_n = htobe32((uint32_t)nrt);
         memcpy(hdr, &be_off, 8);
         memcpy(hdr + 8, &be_n, 4);
@@ -789,10 +870,18 @@ static int rebuild_refcounts(struct ck *c)
         if (r == 0)
             r = bdev_file_flush(c->bs->file);
     }
-    free(rt);
     if (r < 0) {
-        free(rt_host);
+        free(rt);
         return r;
+    }
+    uint64_t *rt_host = rt;
+    if (entries < rt_entries) {
+        rt_host = realloc(rt, rt_entries * 8);
+        if (!rt_host) {
+            free(rt);
+            return pms_err(ENOMEM, "qcow2 check: out of memory");
+        }
+        memset(rt_host + entries, 0, (rt_entries - entries) * 8);
     }
     /* the driver now works on the new structure */
     for (int i = 0; i < s->rb_cache.n; i++)
@@ -800,7 +889,7 @@ static int rebuild_refcounts(struct ck *c)
             qcow2_cache_discard(&s->rb_cache, s->rb_cache.e[i].offset);
     free(s->reftable);
     s->reftable = rt_host;
-    s->reftable_offset = rt_off;
+    s->reftable_offset = (uint64_t)rt_off;
     s->reftable_clusters = (uint32_t)nrt;
     s->reftable_entries = rt_entries;
     s->free_cluster_index = 0;
@@ -833,6 +922,9 @@ int qcow2_check(struct bdev *bs, unsigned flags, struct pms_check_result *res,
     if (flags && (!s->writable || bs->readonly))
         return pms_err(EROFS, "cannot repair a read-only image");
     if (s->writable) {
+        /* the stored refcounts are read from the file: none held back
+         * (lazy refcounts) from here on */
+        s->accurate_refcounts = true;
         /* reference releases still pending would read as leaks */
         r = qcow2_drain_pending(bs);
         if (r == 0)
@@ -887,7 +979,7 @@ int qcow2_check(struct bdev *bs, unsigned flags, struct pms_check_result *res,
     uint64_t highest;
     struct pms_check_result pre = *res;
     compare_refcounts(&c, 0, &highest, &changed);
-    if (flags && c.rebuild && c.rebuild_hard && (flags & FIX_ERRORS)) {
+    if (flags && c.rebuild && (flags & FIX_ERRORS)) {
         /* as QEMU: rebuild, then count again; the old structure's clusters
          * are now leaks, repaired right away */
         struct pms_check_result old = *res;

@@ -417,7 +417,14 @@ int64_t qcow2_alloc_clusters(struct bdev *bs, uint64_t n)
 
 int64_t qcow2_alloc_l2(struct bdev *bs)
 {
-    return alloc_clusters(bs, 1, "Preventing invalid allocation of L2 table at offset 0");
+    int64_t off = alloc_clusters(bs, 1, "Preventing invalid allocation of L2 table at offset 0");
+    if (off >= 0 && qcow2_defer_refcounts(QS(bs))) {
+        /* as QEMU's l2_allocate: a new table's refcount is written even
+         * with lazy refcounts */
+        int r = qcow2_cache_writeback(bs, &QS(bs)->rb_cache);
+        if (r < 0) return r;
+    }
+    return off;
 }
 
 int64_t qcow2_alloc_bytes(struct bdev *bs, uint64_t size)

@@ -691,6 +691,9 @@ static int qcow2_open(struct bdev *bs, const char *path, const struct pms_open_o
     if (!s->cbuf || !s->zbuf) return pms_err(ENOMEM, "out of memory");
     s->free_cluster_index = 0;
     s->writable = !bs->readonly;
+    s->use_lazy = s->version >= 3 && (o->lazy_refcounts > 0 ||
+                                      (o->lazy_refcounts == 0 &&
+                                       (s->compat & QCOW2_COMPAT_LAZY_REFCOUNTS)));
     if (s->backing_file && !o->no_backing) {
         r = open_backing(bs, o);
         if (r < 0) return r;
@@ -723,18 +726,20 @@ static int qcow2_pwrite_zeroes(struct bdev *bs, uint64_t len, uint64_t off, unsi
 static int qcow2_block_status(struct bdev *bs, uint64_t off, uint64_t len, struct pms_extent *e);
 static int qcow2_flush(struct bdev *bs);
 
-/* Lazy refcounts (compat bit 0) as QEMU has them: while a writer may have
- * refcount updates outstanding the image carries the incompatible dirty
- * bit, so a crash leaves an image every implementation repairs (refcounts
- * rebuilt) on its next writable open.  pmemsnap never actually defers a
- * refcount update (its usual ordering stays), so honouring the option
- * means the bit: written and flushed before the session's first refcount
- * change (qcow2_lazy_mark_dirty, from the refcount code), cleared at a
- * clean close once everything is durable.  Entered under the node lock. */
+/* Lazy refcounts (compat bit 0, or the open option) as QEMU has them: while
+ * a writer may have refcount updates outstanding the image carries the
+ * incompatible dirty bit, so a crash leaves an image every implementation
+ * repairs (refcounts rebuilt) on its next writable open.  The bit is
+ * written and flushed before the session's first refcount change
+ * (qcow2_lazy_mark_dirty, from the refcount code); from then on flushes do
+ * not write refcount blocks (qcow2_defer_refcounts): a new L2 table's and a
+ * new refcount block's refcounts still are, as QEMU writes them, data
+ * clusters' wait for eviction or the clean close, which writes them and
+ * clears the bit.  Entered under the node lock. */
 int qcow2_lazy_mark_dirty(struct bdev *bs)
 {
     struct qcow2_state *s = QS(bs);
-    if (!(s->compat & QCOW2_COMPAT_LAZY_REFCOUNTS) || (s->incompat & QCOW2_INCOMPAT_DIRTY) ||
+    if (!s->use_lazy || (s->incompat & QCOW2_INCOMPAT_DIRTY) ||
         s->version < 3 || !s->writable)
         return 0;
     uint64_t be = htobe64(s->incompat | QCOW2_INCOMPAT_DIRTY);
@@ -749,7 +754,8 @@ int qcow2_lazy_mark_dirty(struct bdev *bs)
 static int lazy_mark_clean(struct bdev *bs)
 {
     struct qcow2_state *s = QS(bs);
-    int r = bdev_file_flush(bs->file);     /* the refcounts first */
+    int r = qcow2_cache_writeback(bs, &s->rb_cache);   /* the refcounts first */
+    if (r == 0) r = bdev_file_flush(bs->file);
     if (r < 0) return r;
     uint64_t be = htobe64(s->incompat & ~QCOW2_INCOMPAT_DIRTY);
     r = bdev_file_pwrite(bs->file, &be, 8, 72);

@@ -180,6 +180,11 @@ struct qcow2_state {
      * A snapshot bracket takes the bit over (set_dirty clears this), so a
      * bracket that failed keeps its bit for the repair. */
     bool lazy_dirty;
+    /* lazy refcounts in use for this open (compat bit or the open option) */
+    bool use_lazy;
+    /* a check ran in this session: refcounts are written at every flush
+     * again (qcow2_defer_refcounts) */
+    bool accurate_refcounts;
     /* qcow2_open completed: from then on corruption found by an operation is
      * signalled as QEMU does (qcow2_signal_corruption); signalled: once. */
     bool opened, signalled;
@@ -265,6 +270,14 @@ int  qcow2_update_header(struct bdev *bs);
  * on an image with the lazy-refcounts compat bit, durably set the dirty bit
  * (as QEMU does before it defers refcount updates).  No-op otherwise. */
 int  qcow2_lazy_mark_dirty(struct bdev *bs);
+/* While the lazy dirty bit is set, refcount blocks are written only when
+ * evicted, when a new L2 table or refcount block needs them, and at the
+ * clean close (QEMU's qcow2_need_accurate_refcounts() false): a flush
+ * writes L2 tables and data, not refcounts. */
+static inline bool qcow2_defer_refcounts(const struct qcow2_state *s)
+{
+    return s->lazy_dirty && !s->accurate_refcounts;
+}
 /* Note that active L1 entry i changed (written by qcow2_flush_metadata). */
 void qcow2_l1_mark_dirty(struct qcow2_state *s, uint32_t i);
 /* Write the in-memory active L1 entries [first, first+n) to disk. */
