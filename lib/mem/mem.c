@@ -588,7 +588,14 @@ static int scan_pages(struct pms_mem *m, uint64_t *start, uint64_t end, bool wri
     int n = ioctl(m->pagemap_fd, PAGEMAP_SCAN, &a);
     if (n < 0)
         return -errno;
-    *start = a.walk_end - (uint64_t)(uintptr_t)m->base;
+    /* Continue after what was reported: on a large sparse region (1 TiB
+     * here) the kernel has returned a walk_end below the end of regions it
+     * had already reported, and the next call reported them again (the
+     * cut then staged them twice, out of order). */
+    uint64_t wend = a.walk_end;
+    if (n > 0 && vec[n - 1].end > wend)
+        wend = vec[n - 1].end;
+    *start = wend - (uint64_t)(uintptr_t)m->base;
     for (int i = 0; i < n; i++) {
         vec[i].start -= (uint64_t)(uintptr_t)m->base;
         vec[i].end -= (uint64_t)(uintptr_t)m->base;
