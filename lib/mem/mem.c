@@ -164,6 +164,7 @@ struct pms_mem {
     uint64_t stage_warm;             /* stage bytes touched from user space and kept (wb_mu) */
     _Atomic uint64_t stage_pages;    /* staging pages in memory, counted against the cap */
     uint64_t seq_next, ra, hand;
+    uint64_t zero_focus;             /* see serve_missing (mu; UINT64_MAX: none) */
 
     pthread_t fault_th, wb_th, pf_th;
     bool have_wb, have_pf, have_fault;
@@ -312,7 +313,16 @@ static int fill_run(struct pms_mem *m, uint8_t *buf, uint64_t off, uint64_t len)
             if (off + n > end)
                 n = end - off;
         }
-        if (zero && m->wp) {
+        if (zero && m->zero_focus != UINT64_MAX) {
+            /* install only the focus page of a zero extent, if it lies here */
+            uint64_t f = m->zero_focus;
+            if (f >= off && f < off + n) {
+                memset(buf, 0, PG);
+                int r = m->wp ? install(m, f, PG, buf) : install(m, f, PG, NULL);
+                if (r < 0)
+                    return pms_err(-r, "installing a zero page failed: %s", strerror(-r));
+            }
+        } else if (zero && m->wp) {
             /* a write-protected zero page does not stay protected (the
              * kernel drops uffd-wp on the shared zero pfn): install real
              * zero-filled pages instead; still no I/O */
@@ -404,7 +414,8 @@ static void serve_missing(struct pms_mem *m, uint64_t addr, unsigned flags, pid_
 {
     uint64_t off = (addr - (uint64_t)(uintptr_t)m->base) & ~(PG - 1);
     uint64_t c0 = off & ~(m->chunk - 1);
-    if (c0 == m->seq_next || off == m->seq_next)
+    bool seq = c0 == m->seq_next || off == m->seq_next;
+    if (seq)
         m->ra = m->ra * 2 > RA_MAX ? RA_MAX : m->ra * 2;
     else
         m->ra = m->chunk;
@@ -412,7 +423,15 @@ static void serve_missing(struct pms_mem *m, uint64_t addr, unsigned flags, pid_
     if (m->limit_pages && win / PG > cap_pct(m, CAP_RA_PCT))
         win = m->chunk;
     uint64_t c1 = c0 + win < m->maplen ? c0 + win : m->maplen;
-    m->seq_next = c1;
+    /* A fault that does not continue a sequential run installs only its own
+     * page where the image reads as zeroes (no I/O to save by installing
+     * the chunk, and under a memory cap sixteen zero pages per random store
+     * filled the cap sixteen times faster than the data); data extents are
+     * installed whole, since they were read anyway.  The next page then
+     * counts as sequential, so a scan gets the whole window from its second
+     * fault on. */
+    m->zero_focus = seq ? UINT64_MAX : off;
+    m->seq_next = seq ? c1 : off + PG;
     wait_cap(m, (c1 - c0) / PG);
     atomic_fetch_add(&m->faults, 1);
 
@@ -429,6 +448,7 @@ static void serve_missing(struct pms_mem *m, uint64_t addr, unsigned flags, pid_
     /* install the faulting chunk first, wake, then the read-ahead */
     uint64_t f1 = c0 + m->chunk < c1 ? c0 + m->chunk : c1;
     int r = fill(m, m->fbuf, c0, f1);
+    m->zero_focus = UINT64_MAX;
     if (r < 0 && !bit(m->resident, off / PG)) {
         /* retry the faulting page alone: the error may be elsewhere */
         pms_err_clear();
@@ -1219,6 +1239,7 @@ int pms_mem_map(pms_dev *dev, const struct pms_map_opts *o, struct pms_mem **mem
         m->chunk = info.cluster_size;
     m->ra = m->chunk;
     m->seq_next = UINT64_MAX;
+    m->zero_focus = UINT64_MAX;
     m->interval_ms = o->writeback_interval_ms ? o->writeback_interval_ms : WB_INTERVAL_MS;
     m->limit_pages = o->mem_limit / PG;
     if (o->mem_limit && m->limit_pages < 4 * (m->chunk / PG)) {
