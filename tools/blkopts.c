@@ -394,6 +394,18 @@ static int resolve_node(const struct blkopts *o, const char *prefix, struct bo_t
         snprintf(sub, sizeof sub, "%s", k);
         return resolve_node(o, sub, t, below_format, err, errlen);
     }
+    if (drv && strcmp(drv, "compress") == 0) {
+        /* QEMU's compress filter: over a format node, whose writes it makes
+         * compressed (cluster aligned: the tool reads and merges the rest) */
+        t->compress = true;
+        char sub[256];
+        snprintf(sub, sizeof sub, "%sfile.", prefix);
+        if (!bo_has_prefix(o, sub)) {
+            snprintf(err, errlen, "The compress filter needs a format node below it");
+            return -1;
+        }
+        return resolve_node(o, sub, t, below_format, err, errlen);
+    }
     if (drv && strcmp(drv, "copy-on-read") == 0) {
         t->cor = true;
         snprintf(k, sizeof k, "%sfile", prefix);

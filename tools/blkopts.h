@@ -22,6 +22,7 @@ struct bo_target {
     const char *format;        /* NULL: probe (or the -f given) */
     bool readonly;             /* in: how the image is opened (error wording) */
     bool cor;                  /* a copy-on-read filter node is in the graph */
+    bool compress;             /* a compress filter node: every write is compressed */
     /* A blkdebug rule on the one event the tool itself produces, a
      * copy-on-read write ("cor_write"): its writes fail with cor_errno
      * when they touch cor_sector (-1: any), once or every time. */

@@ -62,6 +62,36 @@ struct io {
     bool quit;
 };
 
+/* A write through QEMU's compress filter: the filter's requests are cluster
+ * aligned, so the clusters the range touches are read, merged with the new
+ * bytes and written compressed (the image's last cluster may be partial). */
+static int filter_compressed(struct io *io, const uint8_t *buf, uint64_t len, uint64_t off)
+{
+    struct pms_info info = { .size = sizeof info };
+    int r = pms_info(io->dev, &info);
+    if (r < 0) return r;
+    uint64_t cs = info.cluster_size;
+    int64_t size = pms_size(io->dev);
+    if (!cs || size < 0) return -ENOTSUP;
+    if (!len) return 0;
+    uint64_t a = off / cs * cs, e = (off + len + cs - 1) / cs * cs;
+    if (e > (uint64_t)size) e = (uint64_t)size;
+    uint8_t *b = malloc(e - a);
+    if (!b) return -ENOMEM;
+    r = 0;
+    if (off > a)
+        r = pms_pread(io->dev, b, (size_t)(e - a < cs ? e - a : cs), a);
+    uint64_t last = (e - 1) / cs * cs;
+    if (r == 0 && off + len < e && (last > a || off == a))
+        r = pms_pread(io->dev, b + (last - a), (size_t)(e - last), last);
+    if (r == 0) {
+        memcpy(b + (off - a), buf, (size_t)len);
+        r = pms_pwrite_compressed(io->dev, b, (size_t)(e - a), a);
+    }
+    free(b);
+    return r;
+}
+
 /* A failed operation that found the image corrupt: the qcow2 driver words
  * it as QEMU does ("qcow2: Marking image as corrupt: ..."), printed on
  * stderr before the operation's own line as qemu-io prints it.  The driver
@@ -468,6 +498,7 @@ static int do_write(struct io *io, int argc, char **argv)
     else if (r == 0)
         r = z ? zero_write(io, (uint64_t)count, (uint64_t)off, unmap)
               : compress ? pms_pwrite_compressed(io->dev, buf, (size_t)count, (uint64_t)off)
+              : io->cor.compress ? filter_compressed(io, buf, (uint64_t)count, (uint64_t)off)
               : pms_pwrite(io->dev, buf, (size_t)count, (uint64_t)off);
     if (r >= 0 && fua)
         r = pms_flush(io->dev);

@@ -861,8 +861,11 @@ static int get_mapping(struct bdev *bs, uint64_t off, uint64_t maxlen, struct ma
         /* the bitmap of a compressed cluster is unused: QEMU ignores it when
          * reading and writing (iotest 271), only check reports it */
         qcow2_compressed_range(s, e, &m->host, &m->csize);
-        uint64_t cend = m->host + m->csize;      /* may end in the file's last sector */
-        if (m->host < s->cluster_size || (cend > 512 && cend - 512 > file_reaches(bs, cend - 512)))
+        /* A range running past the end of the file is read as far as the
+         * file goes, the rest as zeroes (QEMU's reads past the end): the
+         * data decompresses when it is all there (iotest 214: a corrupted
+         * size field), fails to decompress otherwise. */
+        if (m->host < s->cluster_size)
             return qcow2_signal_corruption(bs, "compressed cluster at %llu is outside the file",
                                            (unsigned long long)m->host);
         m->type = SC_COMPRESSED;
@@ -951,8 +954,9 @@ static int decompress(struct bdev *bs, const struct mapping *m, uint8_t *out)
         uint64_t got = s->cluster_size - z.avail_out;
         inflateEnd(&z);
         if ((zr != Z_STREAM_END && zr != Z_BUF_ERROR) || got != s->cluster_size)
-            return qcow2_signal_corruption(bs, "compressed cluster at %llu does not decompress",
-                                           (unsigned long long)m->host);
+            /* a read error, as QEMU's: the image is not marked corrupt */
+            return pms_err(EIO, "image '%s': compressed cluster at %llu does not decompress",
+                           bs->filename, (unsigned long long)m->host);
         return 0;
     }
     ZSTD_DCtx *dc = ZSTD_createDCtx();
@@ -968,8 +972,8 @@ static int decompress(struct bdev *bs, const struct mapping *m, uint8_t *out)
     }
     ZSTD_freeDCtx(dc);
     if (ZSTD_isError(zr) || ob.pos != s->cluster_size)
-        return qcow2_signal_corruption(bs, "zstd-compressed cluster at %llu does not decompress",
-                                       (unsigned long long)m->host);
+        return pms_err(EIO, "image '%s': zstd-compressed cluster at %llu does not decompress",
+                       bs->filename, (unsigned long long)m->host);
     return 0;
 }
 
