@@ -48,3 +48,13 @@ finish() {
     [ "$NRAN" -gt 0 ] || { echo "SKIP: no dirty-tracking mode available on this kernel"; exit 77; }
     echo ok
 }
+# host_offset IMG OFF: the file offset holding guest offset OFF of a qcow2
+# image (where the fault-injecting driver must put its errors)
+host_offset() {
+    qemu-img map --output=json -f qcow2 "$1" | python3 -c '
+import json,sys
+off = int(sys.argv[1])
+for e in json.load(sys.stdin):
+    if e["start"] <= off < e["start"] + e["length"] and e.get("offset") is not None:
+        print(e["offset"] + off - e["start"]); break' "$2"
+}

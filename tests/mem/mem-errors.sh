@@ -7,11 +7,7 @@ img=$T/e.qcow2
 qemu-img create -q -f qcow2 "$img" 16M || fail "qemu-img create"
 qio "$img" "write -P 0x5a 0 8M"
 # host offset of guest offset 2M (injected errors are on the file)
-host=$(qemu-img map --output=json -f qcow2 "$img" | python3 -c '
-import json,sys
-for e in json.load(sys.stdin):
-    if e["start"] <= 2097152 < e["start"] + e["length"] and e.get("offset") is not None:
-        print(e["offset"] + 2097152 - e["start"]); break')
+host=$(host_offset "$img" 2097152)
 [ -n "$host" ] || fail "no host offset"
 "$MEMTEST" sigbus "$img" 2097152 "$host" || fail "sigbus (exit $?)"
 

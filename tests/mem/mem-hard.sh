@@ -44,11 +44,7 @@ run_eio() {
     qemu-img create -q -f qcow2 "$img" 16M
     qemu-io -f qcow2 -c "write -P 0x5a 0 8M" "$img" >/dev/null
     local host
-    host=$(qemu-img map --output=json -f qcow2 "$img" | python3 -c '
-import json,sys
-for e in json.load(sys.stdin):
-    if e["start"] <= 2097152 < e["start"] + e["length"] and e.get("offset") is not None:
-        print(e["offset"] + 2097152 - e["start"]); break')
+    host=$(host_offset "$img" 2097152)
     [ -n "$host" ] || fail "no host offset"
     "$HARD" eio "$img" 2097152 "$host" || fail "eio scenario"
     qio "$img" "read -P 0x5a 0 2M" "read -P 0x5a 2101248 1044480" "read -P 0x61 3145728 1" \
