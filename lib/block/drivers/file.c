@@ -380,11 +380,24 @@ static int rmw_write(struct bdev *bs, const uint8_t *buf, uint64_t len, uint64_t
     return r;
 }
 
+/* A buffered write at least this large starts its write-out at once
+ * (sync_file_range, no wait): the qcow2 engine writes whole clusters and
+ * host-contiguous runs of them, and overlapping their write-out with the rest
+ * of a batch shortened the flush that follows (an internal snapshot after
+ * 10 MiB of random stores: 186-197 ms -> 106-129 ms here).  Smaller writes
+ * (scattered subclusters) are left for the flush to merge: starting each
+ * at once made the same external snapshot slower (61-85 -> 90-130 ms). */
+#define WRITEOUT_MIN_BYTES (64u << 10)
+
 static int file_pwrite(struct bdev *bs, const void *buf, uint64_t len, uint64_t off)
 {
     struct file_state *s = bs->opaque;
-    if (!s->direct)
-        return raw_write(bs, buf, len, off);
+    if (!s->direct) {
+        int r = raw_write(bs, buf, len, off);
+        if (r == 0 && len >= WRITEOUT_MIN_BYTES && !s->is_blk)
+            (void)sync_file_range(s->fd, (off_t)off, (off_t)len, SYNC_FILE_RANGE_WRITE);
+        return r;
+    }
     int r;
     if (aligned(s, buf, len, off) || ((len | off) & (s->align - 1)) == 0) {
         pthread_rwlock_rdlock(&s->dio_lock);
