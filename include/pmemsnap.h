@@ -78,6 +78,11 @@ struct pms_open_opts {
      * dirty bit is set while refcount updates are held back in memory, a
      * clean close writes them and clears it), < 0 = off. */
     int lazy_refcounts;
+    /* Fault injection for tests (qemu-io's blkdebug rule on event
+     * l2_update): writing a changed L2 table back to the file fails with
+     * this errno (positive), as each L2 write-back is QEMU's l2_update
+     * event.  0 in normal use. */
+    int inject_l2_update;
 };
 void pms_open_opts_init(struct pms_open_opts *o);
 

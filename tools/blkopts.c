@@ -305,9 +305,12 @@ static int blkdebug_config(const char *path, struct bo_target *t, char *err, siz
         char *l = line;
         while (more && isspace((unsigned char)*l)) l++;
         if (!more || *l == '[') {       /* end of a section: judge it */
-            if (any && (strcmp(section, "inject-error") || strcmp(event, "cor_write"))) {
+            if (any && !strcmp(section, "inject-error") && !strcmp(event, "l2_update") &&
+                !once && sector < 0) {
+                t->l2_update_errno = eno;      /* the qcow2 driver's L2 write-back */
+            } else if (any && (strcmp(section, "inject-error") || strcmp(event, "cor_write"))) {
                 snprintf(err, errlen, "blkdebug error injection is not supported "
-                         "(only on event cor_write)");
+                         "(only on events cor_write and l2_update)");
                 r = -1;
             } else if (any) {
                 t->cor_rule = true;

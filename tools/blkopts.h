@@ -30,6 +30,8 @@ struct bo_target {
     int64_t cor_sector;
     int cor_errno;
     bool cor_once;
+    /* a blkdebug rule on event l2_update (every time): errno, 0 = none */
+    int l2_update_errno;
 };
 
 int bo_parse_keyval(struct blkopts *o, const char *s, char *err, size_t errlen);

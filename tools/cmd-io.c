@@ -814,6 +814,7 @@ static int io_open_opts(struct io *io, const char *name, struct blkopts *extra)
     po.force_share = io->force_share;
     po.repair_msg = repair_line;
     po.backing_format = bo_get(&o, "backing.driver");
+    po.inject_l2_update = t.l2_update_errno;
     const char *bk = bo_get(&o, "backing");
     po.no_backing = bk && (!strcmp(bk, "null") || !*bk);
     if (pms_open(t.filename, &po, &dev) < 0) {

@@ -4,7 +4,7 @@
 # when the QEMU source package cannot be fetched or QEMU's tools are absent.
 set -u
 . "$(dirname "$0")/lib.sh"
-FAST=(001 004 029 033 039 052 069 098 103 114 137 154 187 214 226 250 268 305 313)
+FAST=(001 004 029 033 039 052 069 098 103 114 137 154 179 187 214 226 250 268 305 313)
 pms=${PMEMSNAP:?PMEMSNAP must name the pmemsnap binary}
 for p in qemu-img qemu-io; do
     command -v $p >/dev/null || { echo "SKIP: $p not installed"; exit 77; }

@@ -77,6 +77,8 @@ static int write_entry(struct bdev *bs, struct qcow2_cache *c, struct qcow2_cach
         int r = order_before_l2(bs);
         if (r < 0) return r;
     }
+    if (!c->is_refcount && s->inject_l2_update)   /* QEMU's l2_update event (tests) */
+        return pms_err(s->inject_l2_update, "injected error on an L2 table update");
     int r = bdev_file_pwrite(bs->file, e->data, s->cluster_size, e->offset);
     if (r < 0)
         return r;

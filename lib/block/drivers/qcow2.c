@@ -691,6 +691,7 @@ static int qcow2_open(struct bdev *bs, const char *path, const struct pms_open_o
     if (!s->cbuf || !s->zbuf) return pms_err(ENOMEM, "out of memory");
     s->free_cluster_index = 0;
     s->writable = !bs->readonly;
+    s->inject_l2_update = o->inject_l2_update > 0 ? o->inject_l2_update : 0;
     s->use_lazy = s->version >= 3 && (o->lazy_refcounts > 0 ||
                                       (o->lazy_refcounts == 0 &&
                                        (s->compat & QCOW2_COMPAT_LAZY_REFCOUNTS)));

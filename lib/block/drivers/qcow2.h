@@ -182,6 +182,7 @@ struct qcow2_state {
     bool lazy_dirty;
     /* lazy refcounts in use for this open (compat bit or the open option) */
     bool use_lazy;
+    int inject_l2_update;        /* pms_open_opts.inject_l2_update (tests) */
     /* a check ran in this session: refcounts are written at every flush
      * again (qcow2_defer_refcounts) */
     bool accurate_refcounts;
