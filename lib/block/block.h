@@ -102,6 +102,9 @@ struct bdev {
     struct bdev *backing;        /* backing image, or NULL */
     pthread_mutex_t lock;        /* see header comment */
     uint64_t size;               /* cached virtual size */
+    bool eager_writeout;         /* protocol node: start the write-out of large writes
+                                    at once (set by the memory device, whose writeback
+                                    is always followed by a flush; see file.c) */
     int unflushed;               /* protocol node: written since the last flush
                                     (atomic; lets redundant flushes be skipped) */
     /* Format node with a backing node: which layer below first has any

@@ -378,6 +378,15 @@ static void record_error(struct pms_mem *m, uint64_t off, const char *msg)
              (unsigned long long)off, msg);
 }
 
+/* Let the image's file start the write-out of large writes at once (see
+ * file.c): every writeback here is followed by a flush soon.  Again after
+ * an external snapshot's switch, which brings a new file node. */
+static void mark_eager(struct pms_mem *m, bool on)
+{
+    if (m->bs->file)
+        __atomic_store_n(&m->bs->file->eager_writeout, on, __ATOMIC_RELAXED);
+}
+
 /* Pages counted against the memory cap: the mapping's resident pages and
  * the snapshot staging area's. */
 static uint64_t used_pages(struct pms_mem *m)
@@ -1346,6 +1355,7 @@ int pms_mem_map(pms_dev *dev, const struct pms_map_opts *o, struct pms_mem **mem
     }
     if (o->prefetch && pthread_create(&m->pf_th, NULL, prefetch_main, m) == 0)
         m->have_pf = true;
+    mark_eager(m, true);
     *memp = m;
     *addrp = m->base;
     if (lenp)
@@ -1365,6 +1375,7 @@ int pms_mem_unmap(struct pms_mem *m, bool force)
     if (r < 0 && !force)
         return r;           /* still mapped, nothing lost: the caller may retry */
     stop_threads(m);
+    mark_eager(m, false);
     mem_free(m);
     return r;
 }
@@ -1779,8 +1790,10 @@ static int commit(struct pms_mem *m, const char *name, struct bdev_extsnap_prep 
     int r = write_runs(m, m->runs, (uint64_t)nr, m->stage, &failed);
     /* the driver's create is durable on return (it flushes the staged data
      * with its first barrier); no flush of our own after it */
-    if (ext)
+    if (ext) {
         r = r == 0 ? bdev_extsnap_commit(ext) : (bdev_extsnap_abort(ext), r);
+        mark_eager(m, true);
+    }
     else if (r == 0)
         r = snap_locked(m->bs, m->bs->drv->snapshot_create, name);
     return r;
@@ -2025,6 +2038,7 @@ int pms_mem_snapshot_revert(struct pms_mem *m, const char *name)
         pms_err_clear();
     }
     int r = ext ? bdev_extsnap_revert(bs, name) : snap_locked(bs, bs->drv->snapshot_goto, name);
+    mark_eager(m, true);
     if (r == 0) {
         pthread_mutex_lock(&m->mu);
         if (!whole && (r = drops_add_dirty(&d)) == 0)
