@@ -615,18 +615,27 @@ out:
     return r;
 }
 
-int bdev_extsnap_revert(struct bdev *bs, const char *name)
+/* What revert and delete check first: the node is eligible for op, snapshot
+ * name exists; its paths and layer file name (PATH_MAX bytes). */
+static int locate(struct bdev *bs, const char *op, const char *name, struct paths *p,
+                  char *layer)
 {
-    int r = eligible(bs, "revert");
+    int r = eligible(bs, op);
     if (r < 0) return r;
-    struct paths p;
-    char layer[PATH_MAX];
-    if ((r = split(bs->filename, &p)) < 0)
+    if ((r = split(bs->filename, p)) < 0)
         return r;
     r = bdev_extsnap_exists(bs, name);
     if (r <= 0)
         return r < 0 ? r : pms_err(ENOENT, "no external snapshot '%s'", name);
-    if ((r = bdev_extsnap_layer_path(bs->filename, name, layer, sizeof layer)) < 0)
+    return bdev_extsnap_layer_path(bs->filename, name, layer, PATH_MAX);
+}
+
+int bdev_extsnap_revert(struct bdev *bs, const char *name)
+{
+    struct paths p;
+    char layer[PATH_MAX];
+    int r = locate(bs, "revert", name, &p, layer);
+    if (r < 0)
         return r;
     pthread_mutex_lock(&bs->lock);
     r = revert_locked(bs, name, &p, layer);
@@ -1033,16 +1042,10 @@ out:
 
 int bdev_extsnap_delete(struct bdev *bs, const char *name, bdev_progress_fn fn, void *opaque)
 {
-    int r = eligible(bs, "delete");
-    if (r < 0) return r;
     struct paths p;
     char layer[PATH_MAX];
-    if ((r = split(bs->filename, &p)) < 0)
-        return r;
-    r = bdev_extsnap_exists(bs, name);
-    if (r <= 0)
-        return r < 0 ? r : pms_err(ENOENT, "no external snapshot '%s'", name);
-    if ((r = bdev_extsnap_layer_path(bs->filename, name, layer, sizeof layer)) < 0)
+    int r = locate(bs, "delete", name, &p, layer);
+    if (r < 0)
         return r;
     struct merge m = { .fn = fn, .opaque = opaque };
     pthread_mutex_lock(&bs->lock);

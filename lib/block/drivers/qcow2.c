@@ -2149,22 +2149,34 @@ static int reads_zero(struct bdev *bs, uint64_t off, uint64_t len)
     return 1;
 }
 
+/* The L2 entry (and extended-L2 bitmap) of the cluster at off: l2off 0 and
+ * e = bm = 0 where no L2 table covers it. */
+static int entry_at(struct bdev *bs, uint64_t off, uint64_t *l2off, uint64_t *idx,
+                    uint64_t *e, uint64_t *bm)
+{
+    struct qcow2_state *s = QS(bs);
+    uint32_t l1i;
+    uint8_t *l2;
+    l2_for(bs, off, l2off, &l1i);
+    *idx = (off >> s->cluster_bits) & (s->l2_entries - 1);
+    *e = *bm = 0;
+    if (!*l2off)
+        return 0;
+    int r = qcow2_cache_get(bs, &s->l2_cache, *l2off, &l2);
+    if (r < 0) return r;
+    *e = qcow2_l2_get(s, l2, *idx);
+    *bm = qcow2_l2_get_bitmap(s, l2, *idx);
+    return 0;
+}
+
 /* Make one whole cluster read as zeroes without data (v3). */
 static int zero_whole_cluster(struct bdev *bs, uint64_t off, bool unmap)
 {
     struct qcow2_state *s = QS(bs);
-    uint64_t l2off, idx, e = 0, bm = 0;
-    uint32_t l1i;
+    uint64_t l2off, idx, e, bm;
     uint8_t *l2;
-    int r;
-    l2_for(bs, off, &l2off, &l1i);
-    idx = (off >> s->cluster_bits) & (s->l2_entries - 1);
-    if (l2off) {
-        r = qcow2_cache_get(bs, &s->l2_cache, l2off, &l2);
-        if (r < 0) return r;
-        e = qcow2_l2_get(s, l2, idx);
-        bm = qcow2_l2_get_bitmap(s, l2, idx);
-    }
+    int r = entry_at(bs, off, &l2off, &idx, &e, &bm);
+    if (r < 0) return r;
     enum qcow2_ctype t = qcow2_entry_type(s, e);
     bool owned = (t == QC_NORMAL || t == QC_ZERO_ALLOC) && (e & QCOW_OFLAG_COPIED);
     bool drop = t == QC_COMPRESSED ||
@@ -2192,18 +2204,10 @@ static int zero_whole_cluster(struct bdev *bs, uint64_t off, bool unmap)
 static int zero_subclusters(struct bdev *bs, uint64_t off, unsigned first, unsigned n)
 {
     struct qcow2_state *s = QS(bs);
-    uint64_t l2off, idx, e = 0, bm = 0;
-    uint32_t l1i;
+    uint64_t l2off, idx, e, bm;
     uint8_t *l2;
-    int r;
-    l2_for(bs, off, &l2off, &l1i);
-    idx = (off >> s->cluster_bits) & (s->l2_entries - 1);
-    if (l2off) {
-        r = qcow2_cache_get(bs, &s->l2_cache, l2off, &l2);
-        if (r < 0) return r;
-        e = qcow2_l2_get(s, l2, idx);
-        bm = qcow2_l2_get_bitmap(s, l2, idx);
-    }
+    int r = entry_at(bs, off, &l2off, &idx, &e, &bm);
+    if (r < 0) return r;
     if (qcow2_entry_type(s, e) == QC_COMPRESSED)
         return 0;
     uint64_t range = (n >= 32 ? 0xffffffffull : ((1ull << n) - 1)) << first;
