@@ -389,6 +389,43 @@ int bdev_block_status(struct bdev *bs, uint64_t off, uint64_t len, struct pms_ex
     return r;
 }
 
+static int walk_locked(struct bdev *bs, uint64_t off, uint64_t len, bdev_extent_fn fn,
+                       void *opaque)
+{
+    uint64_t end = off + len;
+    while (off < end) {
+        struct pms_extent e;
+        memset(&e, 0, sizeof e);
+        if (!bs->drv->block_status) {
+            e.start = off;
+            e.length = end - off;
+            e.flags = PMS_BLOCK_DATA | PMS_BLOCK_ALLOCATED;
+        } else {
+            int r = bs->drv->block_status(bs, off, end - off, &e);
+            if (r < 0)
+                return r;
+            if (e.length == 0 || e.length > end - off)
+                return pms_err(EIO, "driver %s returned a bad extent", bs->drv->name);
+        }
+        int r = fn(opaque, &e);
+        if (r < 0)
+            return r;
+        off = e.start + e.length;
+    }
+    return 0;
+}
+
+int bdev_block_status_walk(struct bdev *bs, uint64_t off, uint64_t len, bdev_extent_fn fn,
+                           void *opaque)
+{
+    int r = check_req(bs, len, off, false);
+    if (r < 0)
+        return r;
+    if (len == 0)
+        return pms_err(EINVAL, "empty range");
+    return LOCKED(bs, walk_locked(bs, off, len, fn, opaque));
+}
+
 /* ---- protocol child access (no lock: protocol drivers are stateless) ---- */
 
 int bdev_file_pread(struct bdev *file, void *buf, uint64_t len, uint64_t off)

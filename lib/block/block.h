@@ -174,6 +174,14 @@ int  bdev_flush(struct bdev *bs);
 int64_t bdev_getlength(struct bdev *bs);
 int  bdev_truncate(struct bdev *bs, uint64_t size);
 int  bdev_block_status(struct bdev *bs, uint64_t off, uint64_t len, struct pms_extent *ext);
+/* Every extent of [off, off+len), in order, under one hold of the node's
+ * lock (a scan that takes the lock per extent queues behind every other
+ * request once per extent).  fn runs with the lock held: it must not call
+ * into this node.  A negative return from fn stops the walk and is
+ * returned. */
+typedef int (*bdev_extent_fn)(void *opaque, const struct pms_extent *e);
+int  bdev_block_status_walk(struct bdev *bs, uint64_t off, uint64_t len, bdev_extent_fn fn,
+                            void *opaque);
 
 /* Unchecked-lock variants for protocol children: the child is stateless, so
  * the parent calls these with its own lock held.  Writes past the end of a

@@ -53,7 +53,8 @@
  * Locks, in order: wb_mu (one writer of memory contents to the image at a
  * time; held across a snapshot so nothing dirtied after the cut reaches the
  * image before the commit; the cut leaves the final set DIRTY, so the
- * first writeback after the commit writes it again) -> mu (residency bitmap, installs and drops) ->
+ * first writeback after the commit writes it again) -> mu (residency bitmap, installs and drops,
+ * the known-zero map) ->
  * wp_mu (sync-mode dirty bitmap; never held across I/O or malloc) ->
  * bs->lock (taken inside bdev_*).  Counters are atomics, read lock-free.
  */
@@ -121,6 +122,14 @@
 #define STAGE_KEEP_MAX     (32ull << 20)
 #define STAGE_KEEP_CAP_DIV 8
 
+/* Known-zero map (see zero_known): one bit per ZGRAIN bytes of the image,
+ * filled a ZREGION at a time.  ZGRAIN: the default cluster, so a random
+ * store's neighbours share its bit; ZREGION: what one L2 table of 64 KiB
+ * clusters with extended L2 maps (256 MiB), so filling a region reads at
+ * most one L2 table per layer, and a 1 TiB image has 4096 regions. */
+#define ZGRAIN      (64ull << 10)
+#define ZREGION     (256ull << 20)
+
 struct run { uint64_t off, len, stage; };
 
 /* Bytes per piece of a pms_pread/pms_pwrite while mapped: the piece is
@@ -163,6 +172,14 @@ struct pms_mem {
     uint8_t *stage;                  /* snapshot staging (wb_mu) */
     uint64_t stage_warm;             /* stage bytes touched from user space and kept (wb_mu) */
     _Atomic uint64_t stage_pages;    /* staging pages in memory, counted against the cap */
+    /* zknown: bit g set = the image (its whole chain) reads as zeroes over
+     * granule g and nothing was written there since the bit was set;
+     * zscanned: region bits, set once zknown was filled for the region.
+     * Set under mu from block status taken under mu; cleared under mu
+     * after every write of the granule (write_runs) and wholesale by
+     * revert; read under mu by the fault path. */
+    uint64_t *zknown, *zscanned;
+    uint64_t nzgrain, nzregion;
     uint64_t seq_next, ra, hand;
     uint64_t zero_focus;             /* see serve_missing (mu; UINT64_MAX: none) */
 
@@ -282,6 +299,80 @@ static int install(struct pms_mem *m, uint64_t off, uint64_t len, const uint8_t 
     return 0;
 }
 
+/* ---- known-zero map ------------------------------------------------------
+ * A fault that lands where the image reads as zeroes needs no I/O, but its
+ * block-status query takes the node's lock, which a writeback batch holds
+ * across its writes: random first stores over a sparse image waited for
+ * writeback round after round (2,000-9,000 stores/s on a 1 TiB image
+ * against 33,000 without writeback).  So the fault path answers "zero"
+ * from zknown, which is filled a region at a time with one hold of the
+ * node's lock, and falls back to block status for granules not known zero.
+ * Why a bit stays true: only this device writes the image while it is
+ * mapped, every write goes through write_runs, which clears the bits of
+ * what it wrote under mu once the write returned, and a fill holds mu from
+ * its block status to setting the bits, so a bit set from a status taken
+ * before a write is cleared after it; a page whose write is in flight is
+ * resident and cannot be dropped (and refault) before write_runs returns.
+ * Other pages of that granule still read as zeroes in the image.  A revert
+ * changes the image behind the map: it clears both maps. */
+
+struct zfill { struct pms_mem *m; uint64_t end; };
+
+static int zfill_extent(void *opaque, const struct pms_extent *e)
+{
+    struct zfill *z = opaque;
+    if (!(e->flags & PMS_BLOCK_ZERO))
+        return 0;
+    uint64_t s = e->start, t = e->start + e->length;
+    /* whole granules only; the last one may end at the image's end */
+    uint64_t g0 = (s + ZGRAIN - 1) / ZGRAIN;
+    uint64_t g1 = t >= z->m->size ? (t + ZGRAIN - 1) / ZGRAIN : t / ZGRAIN;
+    for (uint64_t g = g0; g < g1; g++)
+        abset(z->m->zknown, g);
+    return 0;
+}
+
+/* Fill zknown for region ri (mu held).  A failure leaves it unfilled: the
+ * fault path then asks block status per fault, as without the map. */
+static void zfill_region(struct pms_mem *m, uint64_t ri)
+{
+    uint64_t s = ri * ZREGION, e = s + ZREGION < m->size ? s + ZREGION : m->size;
+    struct zfill z = { m, e };
+    if (bdev_block_status_walk(m->bs, s, e - s, zfill_extent, &z) < 0) {
+        pms_err_clear();
+        return;
+    }
+    bset(m->zscanned, ri);
+}
+
+/* Bytes from off (page aligned, < end <= m->size) up to end that are known
+ * to read as zeroes; 0 if off's granule is not.  mu held. */
+static uint64_t zero_known(struct pms_mem *m, uint64_t off, uint64_t end)
+{
+    uint64_t ri = off / ZREGION;
+    if (!bit(m->zscanned, ri))
+        zfill_region(m, ri);
+    uint64_t g = off / ZGRAIN;
+    while (g * ZGRAIN < end && abit(m->zknown, g))
+        g++;
+    uint64_t t = g * ZGRAIN < end ? g * ZGRAIN : end;
+    return t > off ? t - off : 0;
+}
+
+/* Forget what zknown says about [off, off+len) (mu held). */
+static void zknown_clear(struct pms_mem *m, uint64_t off, uint64_t len)
+{
+    for (uint64_t g = off / ZGRAIN; g * ZGRAIN < off + len && g < m->nzgrain; g++)
+        abclr(m->zknown, g);
+}
+
+/* Forget everything (mu held): the image changed behind the mapping. */
+static void zknown_reset(struct pms_mem *m)
+{
+    memset(m->zscanned, 0, (m->nzregion / 64 + 1) * 8);
+    madvise(m->zknown, (m->nzgrain / 64 + 1) * 8, MADV_DONTNEED);   /* zeroes */
+}
+
 /* Read [off, off+len) of the image into buf and install it; off, len page
  * aligned, inside the mapping.  mu held. */
 static int fill_run(struct pms_mem *m, uint8_t *buf, uint64_t off, uint64_t len)
@@ -298,7 +389,11 @@ static int fill_run(struct pms_mem *m, uint8_t *buf, uint64_t off, uint64_t len)
             /* raw over the fault injector has no block status: read it all */
             bool bst = !(m->bs->file && !m->bs->file->drv->block_status &&
                          strcmp(m->bs->drv->name, "raw") == 0);
-            if (bst && bdev_block_status(m->bs, off, dl, &e) == 0) {
+            uint64_t zn = bst ? zero_known(m, off, off + dl) : 0;
+            if (zn) {
+                zero = true;
+                n = zn;
+            } else if (bst && bdev_block_status(m->bs, off, dl, &e) == 0) {
                 zero = (e.flags & PMS_BLOCK_ZERO) != 0;
                 n = e.length;
             } else
@@ -686,6 +781,11 @@ static int wbatch_flush(struct wbatch *b)
     if (!b->k)
         return 0;
     int r = bdev_pwrite_batch(b->m->bs, b->m->wv, b->k, b->stage ? NULL : fill_mem, b->m);
+    /* after the write, failed or not (see zero_known) */
+    pthread_mutex_lock(&b->m->mu);
+    for (size_t i = 0; i < b->k; i++)
+        zknown_clear(b->m, b->m->wv[i].off, b->m->wv[i].len);
+    pthread_mutex_unlock(&b->m->mu);
     if (r == 0)
         atomic_fetch_add(&b->m->bytes_out, b->bytes);
     b->k = 0;
@@ -1156,6 +1256,8 @@ static void mem_free(struct pms_mem *m)
     if (m->dirty) munmap(m->dirty, (m->npages / 64 + 1) * 8);
     if (m->poison) munmap(m->poison, (m->npages / 64 + 1) * 8);
     if (m->since) munmap(m->since, (m->npages / 64 + 1) * 8);
+    if (m->zknown) munmap(m->zknown, (m->nzgrain / 64 + 1) * 8);
+    if (m->zscanned) munmap(m->zscanned, (m->nzregion / 64 + 1) * 8);
     free(m->since_name);
     if (m->vec) munmap(m->vec, SCAN_VEC * sizeof *m->vec);
     if (m->runs) munmap(m->runs, m->nruns_max * sizeof *m->runs);
@@ -1328,6 +1430,10 @@ int pms_mem_map(pms_dev *dev, const struct pms_map_opts *o, struct pms_mem **mem
     m->dirty = vmalloc(bm);
     m->poison = vmalloc(bm);
     m->since = vmalloc(bm);
+    m->nzgrain = (m->size + ZGRAIN - 1) / ZGRAIN;
+    m->nzregion = (m->size + ZREGION - 1) / ZREGION;
+    m->zknown = vmalloc((m->nzgrain / 64 + 1) * 8);
+    m->zscanned = vmalloc((m->nzregion / 64 + 1) * 8);
     m->vec = vmalloc(SCAN_VEC * sizeof *m->vec);
     m->runs = vmalloc(m->nruns_max * sizeof *m->runs);
     m->wv = vmalloc(WB_BATCH_RUNS * sizeof *m->wv);
@@ -1335,7 +1441,8 @@ int pms_mem_map(pms_dev *dev, const struct pms_map_opts *o, struct pms_mem **mem
     m->fbuf = malloc(RA_MAX > m->chunk ? RA_MAX : m->chunk);
     m->pbuf = malloc(PF_STEP);
     m->evfd = eventfd(0, EFD_CLOEXEC);
-    if (!m->resident || !m->dirty || !m->poison || !m->since || !m->vec || !m->runs || !m->wv || !m->stage || !m->fbuf ||
+    if (!m->resident || !m->dirty || !m->poison || !m->since || !m->zknown ||
+        !m->zscanned || !m->vec || !m->runs || !m->wv || !m->stage || !m->fbuf ||
         !m->pbuf || m->evfd < 0) {
         mem_free(m);
         return pms_err(ENOMEM, "out of memory");
@@ -2048,6 +2155,7 @@ int pms_mem_snapshot_revert(struct pms_mem *m, const char *name)
         if (r < 0)
             r = pms_err(-r, "reverted the image to '%s' but could not drop the mapping's "
                         "pages (%s): unmap without persisting", name, pms_err_get());
+        zknown_reset(m);
         m->seq_next = UINT64_MAX;
         pthread_mutex_unlock(&m->mu);
         since_reset(m, r == 0 ? name : NULL);
