@@ -331,7 +331,9 @@ static int update_one(struct bdev *bs, uint64_t ci, int64_t addend, bool set, ui
     if (nv > s->refcount_max)
         return pms_err(ERANGE, "refcount %llu too large", (unsigned long long)nv);
     qcow2_rb_set(s, rb, idx, nv);
-    qcow2_cache_mark_dirty(&s->rb_cache, rb);
+    /* the entry's bytes (refcount_bits may be below 8: its byte) */
+    qcow2_cache_mark_dirty_range(&s->rb_cache, rb, idx * s->refcount_bits / 8,
+                                 s->refcount_bits >= 8 ? s->refcount_bits / 8 : 1);
     if (nv == 0) {
         if (ci < s->free_cluster_index) s->free_cluster_index = ci;
         if (s->free_byte_offset >> s->cluster_bits == ci)

@@ -84,6 +84,12 @@ void qcow2_l2_set_bitmap(struct qcow2_state *s, uint8_t *l2, uint64_t i, uint64_
     memcpy(l2 + i * s->l2_entry_size + 8, &v, 8);
 }
 
+/* Entry i of a cached L2 table changed: only its slice is written back. */
+static void l2_entry_dirty(struct qcow2_state *s, const uint8_t *l2, uint64_t i)
+{
+    qcow2_cache_mark_dirty_range(&s->l2_cache, l2, i * s->l2_entry_size, s->l2_entry_size);
+}
+
 void qcow2_compressed_range(struct qcow2_state *s, uint64_t e, uint64_t *coff, uint64_t *csize)
 {
     uint64_t off = e & s->coffset_mask;
@@ -1363,11 +1369,21 @@ static int get_l2_writable(struct bdev *bs, uint64_t off, uint64_t *l2offp)
     int64_t noff = qcow2_alloc_l2(bs);
     if (noff < 0) { free(copy); return (int)noff; }
     uint8_t *t;
+    /* Where the new table lies past the end of the file, the file reads
+     * zeroes there: a fresh table then needs only its last slice written
+     * (the file then covers the whole table) and the slices its entries
+     * change; a table anywhere else (a reused cluster) is written whole. */
+    int64_t flen = copy ? 0 : bdev_file_length(bs->file);
+    if (flen < 0) pms_err_clear();
     r = qcow2_cache_get_empty(bs, &s->l2_cache, (uint64_t)noff, &t);
     if (r < 0) { free(copy); return r; }
     if (copy) memcpy(t, copy, s->cluster_size);
     free(copy);
-    qcow2_cache_mark_dirty(&s->l2_cache, t);
+    if (flen > 0 && (uint64_t)noff >= (uint64_t)flen)
+        qcow2_cache_mark_dirty_range(&s->l2_cache, t, s->cluster_size - s->l2_entry_size,
+                                     s->l2_entry_size);
+    else
+        qcow2_cache_mark_dirty(&s->l2_cache, t);
     /* The on-disk L1 entry is written by the next metadata flush, after the
      * refcount and the new table are durable (qcow2_flush_metadata); until
      * then the in-memory L1 serves lookups. */
@@ -1803,7 +1819,7 @@ static int commit_job(struct bdev *bs, const struct wjob *j)
     if (r < 0) return r;
     if (entry_changes) qcow2_l2_set(s, l2, j->idx, ne);
     qcow2_l2_set_bitmap(s, l2, j->idx, j->nbm);
-    qcow2_cache_mark_dirty(&s->l2_cache, l2);
+    l2_entry_dirty(s, l2, j->idx);
     return j->fresh ? release_entry(bs, j->e) : 0;
 }
 
@@ -1994,7 +2010,7 @@ static int write_compressed_cluster(struct bdev *bs, const uint8_t *z, uint64_t 
     /* compressed entries never carry COPIED; with extended L2 the bitmap is 0 */
     qcow2_l2_set(s, l2, idx, c | QCOW_OFLAG_COMPRESSED | (nsec << s->csize_shift));
     qcow2_l2_set_bitmap(s, l2, idx, 0);
-    qcow2_cache_mark_dirty(&s->l2_cache, l2);
+    l2_entry_dirty(s, l2, idx);
     return release_entry(bs, e);
 }
 
@@ -2194,7 +2210,7 @@ static int zero_whole_cluster(struct bdev *bs, uint64_t off, bool unmap)
     qcow2_l2_set(s, l2, idx, ne);
     if (s->ext_l2)
         qcow2_l2_set_bitmap(s, l2, idx, nb);
-    qcow2_cache_mark_dirty(&s->l2_cache, l2);
+    l2_entry_dirty(s, l2, idx);
     return drop ? release_entry(bs, e) : 0;
 }
 
@@ -2217,7 +2233,7 @@ static int zero_subclusters(struct bdev *bs, uint64_t off, unsigned first, unsig
     r = writable_entry(bs, off, &l2off, &l2, &idx, &e);
     if (r < 0) return r;
     qcow2_l2_set_bitmap(s, l2, idx, nb);
-    qcow2_cache_mark_dirty(&s->l2_cache, l2);
+    l2_entry_dirty(s, l2, idx);
     return 1;
 }
 
@@ -2337,7 +2353,7 @@ static int discard_range(struct bdev *bs, uint64_t len, uint64_t off, bool full)
             qcow2_l2_set_bitmap(s, l2, idx, 0xffffffffull << 32);
         } else
             qcow2_l2_set(s, l2, idx, s->version >= 3 ? QCOW_OFLAG_ZERO : 0);
-        qcow2_cache_mark_dirty(&s->l2_cache, l2);
+        l2_entry_dirty(s, l2, idx);
         r = release_entry(bs, e);
         if (r < 0) return r;
     }

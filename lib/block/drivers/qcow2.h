@@ -51,7 +51,8 @@ struct qcow2_cache_entry {
     uint64_t offset;             /* host offset of the table, 0 = free slot */
     uint8_t *data;               /* cluster_size bytes */
     uint64_t lru;                /* last use tick */
-    bool dirty;
+    uint64_t dirty;              /* slices newer than the file (bit i: bytes
+                                    [i * slice, (i + 1) * slice)); 0 = clean */
 };
 
 struct qcow2_cache {
@@ -63,6 +64,8 @@ struct qcow2_cache {
     int *slot;                   /* nslot hints: table offset hash -> entry index */
     unsigned nslot;              /* power of two >= 2n */
     int last;                    /* entry returned last (mark_dirty's first guess) */
+    uint64_t slice;              /* bytes per dirty bit (see qcow2-cache.c) */
+    uint64_t all_slices;         /* mask of every slice of a table */
 };
 
 struct qcow2_snapshot {
@@ -220,7 +223,12 @@ void qcow2_cache_destroy(struct qcow2_cache *c);
 int  qcow2_cache_get(struct bdev *bs, struct qcow2_cache *c, uint64_t off, uint8_t **table);
 /* Like get, but without reading: the caller fills a fresh table (zeroed). */
 int  qcow2_cache_get_empty(struct bdev *bs, struct qcow2_cache *c, uint64_t off, uint8_t **table);
+/* The whole table changed (every slice is written back). */
 void qcow2_cache_mark_dirty(struct qcow2_cache *c, const uint8_t *table);
+/* Bytes [off, off+len) of the table changed: only their slices are written
+ * back. */
+void qcow2_cache_mark_dirty_range(struct qcow2_cache *c, const uint8_t *table, uint64_t off,
+                                  uint64_t len);
 /* Write back every dirty entry (refcount cache first, with a file flush
  * between, when c is the L2 cache). */
 int  qcow2_cache_writeback(struct bdev *bs, struct qcow2_cache *c);
