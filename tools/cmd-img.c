@@ -17,6 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 #include "cli.h"
+#include "util/buf.h"
 
 /* Deepest backing chain followed (as the qcow2 driver's QCOW2_MAX_CHAIN_DEPTH:
  * external snapshots make one layer each). */
@@ -1181,11 +1182,6 @@ static void progress_print(struct progress *p, double pct, bool force)
     fflush(stdout);
 }
 
-static bool all_zero(const uint8_t *b, size_t n)
-{
-    return n == 0 || (b[0] == 0 && memcmp(b, b + 1, n - 1) == 0);
-}
-
 /* Write the non-zero 4 KiB granules of buf at off (sparse target). */
 static int write_sparse(pms_dev *dst, const uint8_t *buf, size_t n, uint64_t off, bool zero_fill)
 {
@@ -1193,11 +1189,11 @@ static int write_sparse(pms_dev *dst, const uint8_t *buf, size_t n, uint64_t off
     size_t i = 0;
     while (i < n) {
         size_t l = n - i < g ? n - i : g;
-        bool z = all_zero(buf + i, l);
+        bool z = pms_buf_is_zero(buf + i, l);
         size_t j = i + l;
         while (j < n) {
             size_t l2 = n - j < g ? n - j : g;
-            if (all_zero(buf + j, l2) != z) break;
+            if (pms_buf_is_zero(buf + j, l2) != z) break;
             j += l2;
         }
         int r = z ? (zero_fill ? pms_write_zeroes(dst, j - i, off + i) : 0)
@@ -1254,11 +1250,11 @@ static int convert_compressed(pms_dev *in, pms_dev *out, uint8_t *buf, size_t ch
         for (uint64_t o = off; o < end;) {
             /* a run of non-zero clusters goes in one call */
             uint64_t n = end - o < cs ? end - o : cs;
-            bool z = all_zero(buf + (o - off), n);
+            bool z = pms_buf_is_zero(buf + (o - off), n);
             uint64_t e = o + n;
             while (e < end) {
                 uint64_t n2 = end - e < cs ? end - e : cs;
-                if (all_zero(buf + (e - off), n2) != z) break;
+                if (pms_buf_is_zero(buf + (e - off), n2) != z) break;
                 e += n2;
             }
             int r = z ? (zero_fill ? pms_write_zeroes(out, e - o, o) : 0)

@@ -87,6 +87,7 @@
 #include <unistd.h>
 #include "extsnap.h"
 #include "drivers/qcow2.h"
+#include "../util/buf.h"
 #include "../util/error.h"
 
 #define TMP_SUFFIX ".extsnap-tmp"
@@ -95,6 +96,14 @@
 /* Bytes copied per request while merging: large enough to stream, small
  * enough that progress and other users of the node are not starved. */
 #define MERGE_CHUNK (1u << 20)
+/* Bytes gathered into one batched write while merging (bdev_pwrite_batch):
+ * a merge of random 4 KiB pages then allocates and writes its clusters
+ * together and updates metadata once per batch instead of once per page. */
+#define MERGE_BATCH_BYTES (8u << 20)
+/* Granule of the zero-page test while streaming (skip_zero_pages). */
+#define MERGE_PAGE 4096u
+/* Runs per batched write: 8 MiB of single pages. */
+#define MERGE_BATCH_RUNS (MERGE_BATCH_BYTES / MERGE_PAGE)
 
 /* Test hook: PMS_EXTSNAP_KILL_AT=<point> kills the process (SIGKILL) when it
  * gets there, so tests/extsnap/extsnap-kill.sh reaches every step of the
@@ -656,6 +665,15 @@ struct merge {
      * node's lock is released. */
     int late_fd[4];
     int nlate;
+    /* the batch being gathered: runs read into buf (MERGE_BATCH_BYTES) */
+    struct bdev_wvec *v;
+    size_t nv;
+    uint64_t used;
+    /* streaming out of a layer with no backing file: a range the target
+     * does not allocate will read as zeroes once rebased, so the layer's
+     * all-zero pages need not be copied (a layer without subclusters holds
+     * a random 4 KiB store as a whole 64 KiB cluster, mostly zeroes) */
+    bool skip_zero_pages;
 };
 
 /* Keep path's inode open until the delete has released the lock. */
@@ -665,6 +683,72 @@ static void hold_until_unlock(struct merge *m, const char *path)
         int fd = open(path, O_RDONLY | O_CLOEXEC);
         if (fd >= 0) m->late_fd[m->nlate++] = fd;
     }
+}
+
+static int merge_alloc(struct merge *m)
+{
+    if (!m->buf) m->buf = malloc(MERGE_BATCH_BYTES);
+    if (!m->v) m->v = malloc(MERGE_BATCH_RUNS * sizeof *m->v);
+    return m->buf && m->v ? 0 : pms_err(ENOMEM, "out of memory");
+}
+
+static void merge_free(struct merge *m)
+{
+    free(m->buf);
+    free(m->v);
+    m->buf = NULL;
+    m->v = NULL;
+}
+
+/* Write the gathered runs into dst as one batch.  locked: the caller holds
+ * dst->lock. */
+static int merge_write(struct bdev *dst, bool locked, struct merge *m)
+{
+    int r = 0;
+    if (m->nv)
+        r = locked ? (dst->drv->pwrite_batch ? dst->drv->pwrite_batch(dst, m->v, m->nv, NULL, NULL)
+                                             : pms_err(ENOTSUP, "no batched writes"))
+                   : bdev_pwrite_batch(dst, m->v, m->nv, NULL, NULL);
+    m->nv = 0;
+    m->used = 0;
+    return r;
+}
+
+/* Copy [off, off+len) (len <= MERGE_CHUNK) from src into dst: zeroes at
+ * once, data gathered into the batch (written when it is full). */
+static int merge_copy(struct bdev *src, struct bdev *dst, bool locked, bool zero,
+                      uint64_t off, uint64_t len, struct merge *m)
+{
+    int r;
+    if (zero)
+        return locked ? dst->drv->pwrite_zeroes(dst, len, off, 0)
+                      : bdev_pwrite_zeroes(dst, len, off, 0);
+    if (m->nv + len / MERGE_PAGE + 2 > MERGE_BATCH_RUNS || m->used + len > MERGE_BATCH_BYTES) {
+        r = merge_write(dst, locked, m);
+        if (r < 0) return r;
+    }
+    uint8_t *p = m->buf + m->used;
+    r = locked ? src->drv->pread(src, p, len, off) : bdev_pread(src, p, len, off);
+    if (r < 0) return r;
+    for (uint64_t at = 0; at < len;) {
+        uint64_t n = len - at < MERGE_PAGE ? len - at : MERGE_PAGE;
+        if (m->skip_zero_pages && n == MERGE_PAGE && (off + at) % MERGE_PAGE == 0 &&
+            pms_buf_is_zero(p + at, n)) {
+            at += n;
+            continue;
+        }
+        struct bdev_wvec *last = m->nv ? &m->v[m->nv - 1] : NULL;
+        if (last && last->off + last->len == off + at &&
+            (const uint8_t *)last->buf + last->len == p + at)
+            last->len += n;                    /* contiguous with the last run */
+        else if (m->nv == MERGE_BATCH_RUNS)
+            return pms_err(EIO, "merge batch overflow");   /* cannot happen: checked above */
+        else
+            m->v[m->nv++] = (struct bdev_wvec){ off + at, n, p + at };
+        at += n;
+    }
+    m->used += len;
+    return 0;
 }
 
 /* Copy into c every range that c reads from its backing file (depth 1)
@@ -684,16 +768,8 @@ static int stream(struct bdev *c, bool locked, struct merge *m)
             return pms_err(EIO, "bad extent while merging into '%s'", c->filename);
         if (e.depth == 1 && (e.flags & PMS_BLOCK_ALLOCATED)) {
             if (e.length > MERGE_CHUNK) e.length = MERGE_CHUNK;   /* copies go by chunks */
-            if ((e.flags & PMS_BLOCK_ZERO) && !(e.flags & PMS_BLOCK_DATA))
-                r = locked ? c->drv->pwrite_zeroes(c, e.length, off, 0)
-                           : bdev_pwrite_zeroes(c, e.length, off, 0);
-            else {
-                r = locked ? c->drv->pread(c, m->buf, e.length, off)
-                           : bdev_pread(c, m->buf, e.length, off);
-                if (r == 0)
-                    r = locked ? c->drv->pwrite(c, m->buf, e.length, off)
-                               : bdev_pwrite(c, m->buf, e.length, off);
-            }
+            r = merge_copy(c, c, locked, (e.flags & PMS_BLOCK_ZERO) && !(e.flags & PMS_BLOCK_DATA),
+                           off, e.length, m);
             if (r < 0) return r;
             kill_point("delete-streaming");
         }
@@ -701,7 +777,7 @@ static int stream(struct bdev *c, bool locked, struct merge *m)
         m->done += e.length;
         if (m->fn) m->fn(m->opaque, m->done, m->total);
     }
-    return 0;
+    return merge_write(c, locked, m);
 }
 
 /* Point c's header at a new backing file (NULL: none); one header write. */
@@ -795,7 +871,6 @@ static int commit_finish(const struct paths *p, const char *parent, const char *
         r = pms_err(-r, "cannot merge into '%s': %s", parent, pms_err_get());
         goto out;
     }
-    uint8_t *buf = m->buf;
     uint64_t size = ch->size < par->size ? ch->size : par->size;
     m->total += size;
     for (uint64_t off = 0; off < size && r == 0;) {
@@ -804,18 +879,18 @@ static int commit_finish(const struct paths *p, const char *parent, const char *
         if (r < 0) break;
         if (e.depth == 0 && (e.flags & PMS_BLOCK_ALLOCATED)) {
             if (e.length > MERGE_CHUNK) e.length = MERGE_CHUNK;   /* copies go by chunks */
-            if ((e.flags & PMS_BLOCK_ZERO) && !(e.flags & PMS_BLOCK_DATA))
-                r = bdev_pwrite_zeroes(par, e.length, off, 0);
-            else {
-                r = bdev_pread(ch, buf, e.length, off);
-                if (r == 0) r = bdev_pwrite(par, buf, e.length, off);
-            }
+            r = merge_copy(ch, par, false,
+                           (e.flags & PMS_BLOCK_ZERO) && !(e.flags & PMS_BLOCK_DATA),
+                           off, e.length, m);
             if (r == 0) kill_point("delete-committing");
         }
         off += e.length;
         m->done += e.length;
         if (m->fn) m->fn(m->opaque, m->done, m->total);
     }
+    if (r == 0) r = merge_write(par, false, m);
+    m->nv = 0;
+    m->used = 0;
     if (r == 0) r = bdev_flush(par);
     if (r == 0 && ch->size != par->size)
         r = pms_err(ENOTSUP, "cannot merge '%s' into '%s': their sizes differ", child, parent);
@@ -874,7 +949,7 @@ static int finish_commits(const struct paths *p, int cache_mode)
         cb[n] = 0;
         if (snprintf(child, sizeof child, "%s/%s", p->dir, cb) >= (int)sizeof child)
             continue;
-        if (!m.buf && !(m.buf = malloc(MERGE_CHUNK))) { r = pms_err(ENOMEM, "out of memory"); break; }
+        if ((r = merge_alloc(&m)) < 0) break;
         if (stat(child, &st) < 0) {
             unlink(marker);
             continue;
@@ -882,7 +957,7 @@ static int finish_commits(const struct paths *p, int cache_mode)
         r = commit_finish(p, parent, child, marker, cache_mode, &m);
     }
     closedir(d);
-    free(m.buf);
+    merge_free(&m);
     return r;
 }
 
@@ -946,8 +1021,7 @@ static int delete_locked(struct bdev *bs, const char *name, const struct paths *
         live_child = backing_path(bs, p, bp, sizeof bp, &fmt) == 0 && bp[0] &&
                      stat(bp, &st) == 0 && st.st_dev == lst.st_dev && st.st_ino == lst.st_ino;
     }
-    m->buf = malloc(MERGE_CHUNK);
-    if (!m->buf) { r = pms_err(ENOMEM, "out of memory"); goto out; }
+    if ((r = merge_alloc(m)) < 0) goto out;
     /* one layer child holding less than the snapshot: commit it into the
      * snapshot's file instead of streaming the snapshot into it */
     bool commit = nch == 1 && !live_child && disk_bytes(ch[0]) < disk_bytes(layer);
@@ -978,6 +1052,7 @@ static int delete_locked(struct bdev *bs, const char *name, const struct paths *
         }
         goto out;
     }
+    m->skip_zero_pages = bname == NULL;
     for (size_t i = 0; i < nch && r == 0; i++) {
         struct bdev *c;
         struct pms_open_opts o;
@@ -1034,7 +1109,7 @@ out:
     for (size_t i = 0; i < nch; i++)
         free(ch[i]);
     free(ch);
-    free(m->buf);
+    merge_free(m);
     free(bname);
     free(bfmt);
     return r;

@@ -121,6 +121,32 @@ all="S3"; verify
 "$P" snapshot -l img.qcow2 | grep -c external | grep -qx 1 || fail "list after deletes"
 ok
 
+begin zero-pages
+# deleting the bottom layer streams its data into the live image; pages that
+# hold zeroes there (a layer without subclusters keeps a 4 KiB store as a
+# whole cluster) are not copied: the live image reads zeroes for them once
+# it has no backing file.  A page that is zero in the layer but not in the
+# live image must keep the live image's bytes.
+qemu-img create -q -f qcow2 zp.qcow2 4M
+qemu-io -c "write -P 0x21 0 4M" -c "write -P 0 64k 60k" -c "write -P 0 1M 4k" \
+    -c "write -P 0 2M 6k" zp.qcow2 >/dev/null
+run "$P" snapshot -c Z --external zp.qcow2
+run "$P" io -c "write -P 0x22 68k 4k" -c "write -P 0x23 3M 4k" zp.qcow2
+qemu-img convert -U -O raw zp.qcow2 zp-ref.raw
+run "$P" snapshot -d Z zp.qcow2
+[ -e zp.qcow2@Z ] && fail "layer of Z still there"
+qemu-img info zp.qcow2 | grep -q '^backing file' && fail "zp still has a backing file"
+same zp.qcow2 zp-ref.raw
+check_clean zp.qcow2
+run qemu-io -c "read -P 0 64k 4k" -c "read -P 0x22 68k 4k" -c "read -P 0 72k 52k" \
+    -c "read -P 0x21 124k 4k" -c "read -P 0 1M 4k" -c "read -P 0 2M 6k" zp.qcow2
+# the all-zero pages were not written: less than the 4 MiB of the layer
+zalloc=$(qemu-img map --output=json zp.qcow2 | python3 -c '
+import json,sys
+print(sum(e["length"] for e in json.load(sys.stdin) if e["data"] and e["depth"]==0))')
+[ "$zalloc" -le $((4096*1024 - 16*4096)) ] || fail "zero pages were copied: $zalloc bytes allocated"
+ok
+
 begin commit
 # the oldest snapshot with one smaller layer child: deleted by committing the
 # child into it (the child's file becomes the parent's), not by copying the
