@@ -87,6 +87,10 @@
 #define PF_STEP     (1ull << 20)      /* prefetch unit */
 #define SCAN_VEC    65536             /* PAGEMAP_SCAN output entries */
 #define EVICT_STEP  (2ull << 20)
+/* Span of one page-table page (x86-64: 512 PTEs).  A lazily freed page
+ * leaves its page table behind; random stores over a 1 TiB mapping grew
+ * VmPTE to 1 GB under a 1 GiB cap before eviction reclaimed them. */
+#define PT_SPAN     (2ull << 20)
 #define CHUNK_MAX   (64ull << 20)             /* largest fault-in unit */
 
 /* Memory-cap policy, in percent of mem_limit.  Writeback evicts above
@@ -1044,6 +1048,44 @@ static void touch_reported(struct pms_mem *m, uint64_t off, uint64_t len, bool w
     }
 }
 
+/* Free the page tables of the PT_SPAN blocks that ranges of iov touch and
+ * that hold no resident and no poisoned page any more: MADV_DONTNEED of a
+ * whole empty block lets the kernel free its table (CONFIG_PT_RECLAIM).  No
+ * page can appear in such a block meanwhile: installs take mu, held here,
+ * and a page not resident is not present.  mu held. */
+static void reclaim_tables(struct pms_mem *m, const struct iovec *iov, int n)
+{
+    struct iovec v[64];
+    int k = 0;
+    uintptr_t base = (uintptr_t)m->base, last = 0;
+    for (int i = 0; i < n; i++) {
+        uintptr_t a = (uintptr_t)iov[i].iov_base, e = a + iov[i].iov_len;
+        for (uintptr_t b = a & ~(uintptr_t)(PT_SPAN - 1); b < e; b += PT_SPAN) {
+            if (b < base || b + PT_SPAN > base + m->maplen || b == last)
+                continue;            /* partial block at an end of the mapping */
+            last = b;
+            uint64_t p0 = (b - base) / PG, p1 = p0 + PT_SPAN / PG, p;
+            for (p = p0; p < p1; p += 64) {
+                uint64_t w = p % 64 == 0 && p + 64 <= p1
+                             ? __atomic_load_n(&m->resident[p / 64], __ATOMIC_RELAXED) |
+                               __atomic_load_n(&m->poison[p / 64], __ATOMIC_RELAXED)
+                             : 1;    /* unaligned: keep it simple, keep the table */
+                if (w)
+                    break;
+            }
+            if (p < p1)
+                continue;
+            v[k++] = (struct iovec){ (void *)b, PT_SPAN };
+            if (k == (int)(sizeof v / sizeof *v)) {
+                madvise_batch(m, v, k, MADV_DONTNEED);
+                k = 0;
+            }
+        }
+    }
+    if (k)
+        madvise_batch(m, v, k, MADV_DONTNEED);
+}
+
 /* Drop a batch of clean ranges from memory.  Sync mode and read-only
  * mappings: no store can reach a page while we hold wp_mu (sync stores fault
  * to serve_wp, which waits on it; read-only has none), so MADV_DONTNEED is
@@ -1097,6 +1139,8 @@ static void drop_clean(struct pms_mem *m, struct iovec *iov, int n)
         atomic_fetch_sub(&m->nresident, dropped);
         atomic_fetch_add(&m->evicted, dropped);
     }
+    if (r >= 0)
+        reclaim_tables(m, iov, n);
 }
 
 /* Drop clean resident pages until residency is at 3/4 of the cap.
