@@ -1110,6 +1110,7 @@ static void drop_clean(struct pms_mem *m, struct iovec *iov, int n)
         return;
     if (!m->async) {
         drop_batch(m, iov, n);
+        reclaim_tables(m, iov, n);
         return;
     }
     if (madvise_batch(m, iov, n, MADV_FREE) < 0)

@@ -387,7 +387,8 @@ static int t_cap(const char *img, const char *mode, uint64_t limit_mb, uint64_t 
     /* Page tables: at most one per resident 64 KiB block, so a cap's worth
      * of blocks needs limit/16 of tables; without reclaim every 2 MiB block
      * ever touched keeps its table. */
-    uint64_t pte = maxpte > base_pte ? maxpte - base_pte : 0, pte_cap = (limit_mb << 10) / 16 + 4096;
+    uint64_t pte = maxpte > base_pte ? maxpte - base_pte : 0,
+             pte_cap = (limit_mb << 10) / 16 + (slack << 10) / 16;   /* sanitizers map shadow too */
     printf("peak VmPTE growth %" PRIu64 " KiB (bound %" PRIu64 " KiB)%s\n", pte, pte_cap,
            pt_reclaim ? "" : "; not checked: this kernel does not free empty page tables "
                              "on MADV_DONTNEED (CONFIG_PT_RECLAIM)");
