@@ -723,7 +723,8 @@ static int merge_copy(struct bdev *src, struct bdev *dst, bool locked, bool zero
     if (zero)
         return locked ? dst->drv->pwrite_zeroes(dst, len, off, 0)
                       : bdev_pwrite_zeroes(dst, len, off, 0);
-    if (m->nv + len / MERGE_PAGE + 2 > MERGE_BATCH_RUNS || m->used + len > MERGE_BATCH_BYTES) {
+    /* len adds at most len / MERGE_PAGE + 1 runs */
+    if (m->nv + len / MERGE_PAGE + 1 > MERGE_BATCH_RUNS || m->used + len > MERGE_BATCH_BYTES) {
         r = merge_write(dst, locked, m);
         if (r < 0) return r;
     }
@@ -741,9 +742,7 @@ static int merge_copy(struct bdev *src, struct bdev *dst, bool locked, bool zero
         if (last && last->off + last->len == off + at &&
             (const uint8_t *)last->buf + last->len == p + at)
             last->len += n;                    /* contiguous with the last run */
-        else if (m->nv == MERGE_BATCH_RUNS)
-            return pms_err(EIO, "merge batch overflow");   /* cannot happen: checked above */
-        else
+        else                                   /* room: checked above */
             m->v[m->nv++] = (struct bdev_wvec){ off + at, n, p + at };
         at += n;
     }

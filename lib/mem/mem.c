@@ -1065,14 +1065,12 @@ static void reclaim_tables(struct pms_mem *m, const struct iovec *iov, int n)
                 continue;            /* partial block at an end of the mapping */
             last = b;
             uint64_t p0 = (b - base) / PG, p1 = p0 + PT_SPAN / PG, p;
-            for (p = p0; p < p1; p += 64) {
-                uint64_t w = p % 64 == 0 && p + 64 <= p1
-                             ? __atomic_load_n(&m->resident[p / 64], __ATOMIC_RELAXED) |
-                               __atomic_load_n(&m->poison[p / 64], __ATOMIC_RELAXED)
-                             : 1;    /* unaligned: keep it simple, keep the table */
-                if (w)
+            if (p0 % 64)
+                continue;            /* block not word-aligned in the bitmaps: keep it */
+            for (p = p0; p < p1; p += 64)
+                if (__atomic_load_n(&m->resident[p / 64], __ATOMIC_RELAXED) |
+                    __atomic_load_n(&m->poison[p / 64], __ATOMIC_RELAXED))
                     break;
-            }
             if (p < p1)
                 continue;
             v[k++] = (struct iovec){ (void *)b, PT_SPAN };
