@@ -339,7 +339,8 @@ static int snapshot_delete(pms_dev *dev, const char *name, unsigned flags,
 {
     return flags ? pms_err(EINVAL, "unknown flags 0x%x", flags)
            /* while mapped too: the merge preserves every layer's content
-            * and holds the node's lock, so writeback simply waits */
+            * and runs beside the live chain (see extsnap.c), so writeback
+            * and faults go on */
            : RDLOCKED(is_external(dev, name)
                       ? bdev_extsnap_delete(dev->bs, name, fn, opaque)
                       : snap_call(dev, dev->bs->drv->snapshot_delete, name, true));

@@ -37,6 +37,11 @@ static struct bdev *bdev_new(const struct pms_driver *drv, const char *name)
         return NULL;
     }
     pthread_mutex_init(&bs->lock, NULL);
+    pthread_mutexattr_t a;
+    pthread_mutexattr_init(&a);
+    pthread_mutexattr_settype(&a, PTHREAD_MUTEX_RECURSIVE);
+    pthread_mutex_init(&bs->snap_lock, &a);
+    pthread_mutexattr_destroy(&a);
     return bs;
 }
 
@@ -52,6 +57,7 @@ static void bdev_free(struct bdev *bs)
 {
     drop_chain_map(bs);
     pthread_mutex_destroy(&bs->lock);
+    pthread_mutex_destroy(&bs->snap_lock);
     free(bs->filename);
     free(bs->opaque);
     free(bs);
@@ -188,9 +194,18 @@ static pthread_mutex_t later_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t later_cond = PTHREAD_COND_INITIALIZER;
 static int later_pending;
 
+/* One close handed over: a node, or a plain descriptor (bs NULL). */
+struct later {
+    struct bdev *bs;
+    int fd;
+};
+
 static void *close_later_main(void *arg)
 {
-    bdev_close(arg);
+    struct later *l = arg;
+    if (l->bs) bdev_close(l->bs);
+    else close(l->fd);
+    free(l);
     pthread_mutex_lock(&later_mu);
     later_pending--;
     pthread_cond_broadcast(&later_cond);
@@ -198,10 +213,15 @@ static void *close_later_main(void *arg)
     return NULL;
 }
 
-void bdev_close_later(struct bdev *bs)
+static void close_later(struct bdev *bs, int fd)
 {
-    if (!bs)
+    struct later *l = malloc(sizeof *l);
+    if (!l) {                           /* close here */
+        if (bs) bdev_close(bs);
+        else close(fd);
         return;
+    }
+    *l = (struct later){ bs, fd };
     pthread_attr_t a;
     pthread_t t;
     pthread_attr_init(&a);
@@ -209,9 +229,26 @@ void bdev_close_later(struct bdev *bs)
     pthread_mutex_lock(&later_mu);
     later_pending++;
     pthread_mutex_unlock(&later_mu);
-    if (pthread_create(&t, &a, close_later_main, bs) != 0)
-        close_later_main(bs);           /* no thread: close here */
+    if (pthread_create(&t, &a, close_later_main, l) != 0)
+        close_later_main(l);            /* no thread: close here */
     pthread_attr_destroy(&a);
+}
+
+void bdev_close_later(struct bdev *bs)
+{
+    if (!bs)
+        return;
+    /* nobody uses the graph any more: its image locks go now, so that the
+     * files can be opened for writing before the close is done */
+    for (struct bdev *y = bs; y; y = y->backing)
+        bdev_file_unlock(y->file ? y->file : y);
+    close_later(bs, -1);
+}
+
+void bdev_fd_close_later(int fd)
+{
+    if (fd >= 0)
+        close_later(NULL, fd);
 }
 
 void bdev_close_wait(void)

@@ -101,6 +101,12 @@ struct bdev {
     struct bdev *file;           /* protocol child of a format node, or NULL */
     struct bdev *backing;        /* backing image, or NULL */
     pthread_mutex_t lock;        /* see header comment */
+    /* Serialises external-snapshot operations on a top node (create from
+     * prepare to commit or abort, revert, delete; lib/block/extsnap.c),
+     * which may run long stretches without `lock`.  Recursive: a caller
+     * may hold it around an operation (bdev_extsnap_lock).  Taken before
+     * `lock`, never while holding it.  Not moved by bdev_swap_state. */
+    pthread_mutex_t snap_lock;
     uint64_t size;               /* cached virtual size */
     bool eager_writeout;         /* protocol node: start the write-out of large writes
                                     at once (set by the memory device, whose writeback
@@ -138,9 +144,13 @@ void bdev_close(struct bdev *bs);
 /* Close bs from a background thread.  For a node nobody needs any more whose
  * file was just replaced (a revert's discarded live image): the kernel frees
  * an unlinked file's blocks and page cache at its last close, which took
- * seconds on a loaded machine, and no caller must wait for that.
- * bdev_close_wait() waits for every such close (pms_close calls it). */
+ * seconds on a loaded machine, and no caller must wait for that.  The
+ * graph's image locks are dropped at once (its files may be opened for
+ * writing next).  bdev_close_wait() waits for every such close (pms_close
+ * calls it). */
 void bdev_close_later(struct bdev *bs);
+/* The same for a plain descriptor (one held to a removed file). */
+void bdev_fd_close_later(int fd);
 void bdev_close_wait(void);
 
 /* Graph surgery for external snapshots (lib/block/extsnap.c); the caller
@@ -153,6 +163,10 @@ void bdev_swap_state(struct bdev *a, struct bdev *b);
 void bdev_set_backing(struct bdev *bs, struct bdev *b);
 /* Detach and return bs->backing. */
 struct bdev *bdev_take_backing(struct bdev *bs);
+/* Give up the image locks of a protocol node (file), keeping it open: for a
+ * read-only node whose file an external-snapshot merge opens for writing
+ * (which takes the locks itself); no-op for other drivers. */
+void bdev_file_unlock(struct bdev *file);
 
 /* Checked, locked entry points (top level or child). */
 int  bdev_pread(struct bdev *bs, void *buf, uint64_t len, uint64_t off);

@@ -69,10 +69,34 @@
  * (the rename), so after it nothing can fail but the directory fsync.
  * Layer nodes are opened read-only (QEMU readers can share them).
  *
- * Threads: any thread; each entry point takes bs->lock for the whole
- * operation (the caller holds none), so the node's other users wait.  Nodes
- * opened here for a moment (children being merged) are private to the call.
- * Lock order: bs->lock, then the locks of nodes below or opened here.
+ * Threads: any thread.  bs->snap_lock (recursive) serialises the
+ * operations on one live image: create (prepare to commit/abort), revert,
+ * delete.  bs->lock guards bs and its open chain (the chain's structure,
+ * the nodes in it): create and revert hold it for their whole switch;
+ * delete holds it only to look (survey), to stream into the live image
+ * (section by section) and to swap in the new chain at the end, so writeback
+ * and faults of a mapped image go on while layers merge.
+ *
+ * Merging beside the live chain: a delete writes layer files that our own
+ * read-only nodes in the live chain keep reading (the commit target, the
+ * layer children being streamed into), through separate writable nodes.
+ * That is safe because (1) only ranges the reading node never reads are
+ * written: a commit writes into the snapshot's file only what its child
+ * allocates, which every reader above finds in the child first; a stream
+ * writes into a child only ranges the child does not allocate, with the
+ * bytes the reader there already gets from below; (2) the writer releases
+ * no cluster until it closes (qcow2_hold_frees), so no cluster a reader's
+ * cached table points at is reused for other data; (3) a reader's stale
+ * cached L1/L2 entries are stale only for the written ranges, which it
+ * never consults (and the chain maps of the nodes above answer them with
+ * a layer above).  The read-only node hands its image locks to the writer
+ * (bdev_file_unlock), so QEMU writers stay refused throughout.  When the
+ * merge is done, restore_chain opens the chain the headers now name and
+ * swaps it in under bs->lock.
+ *
+ * Nodes opened here for a moment (children being merged) are private to
+ * the call.  Lock order: snap_lock, bs->lock, then the locks of nodes below
+ * or opened here.
  */
 #include <dirent.h>
 #include <endian.h>
@@ -104,6 +128,11 @@
 #define MERGE_PAGE 4096u
 /* Runs per batched write: 8 MiB of single pages. */
 #define MERGE_BATCH_RUNS (MERGE_BATCH_BYTES / MERGE_PAGE)
+/* Extents looked at per hold of a node's lock while streaming into it
+ * (stream_section): with a batch of at most MERGE_BATCH_BYTES, what a fault
+ * or writeback of the live image waits behind is bounded (1,024 lookups
+ * take about a millisecond). */
+#define STREAM_SECTION_EXTENTS 1024u
 
 /* Test hook: PMS_EXTSNAP_KILL_AT=<point> kills the process (SIGKILL) when it
  * gets there, so tests/extsnap/extsnap-kill.sh reaches every step of the
@@ -500,10 +529,12 @@ int bdev_extsnap_prepare(struct bdev *bs, const char *name, struct bdev_extsnap_
         free(x);
         return r;
     }
+    pthread_mutex_lock(&bs->snap_lock);   /* held until commit or abort */
     pthread_mutex_lock(&bs->lock);
     r = prepare_locked(x);
     pthread_mutex_unlock(&bs->lock);
     if (r < 0) {
+        pthread_mutex_unlock(&bs->snap_lock);
         free(x);
         return r;
     }
@@ -516,6 +547,7 @@ void bdev_extsnap_abort(struct bdev_extsnap_prep *x)
     if (!x) return;
     bdev_close(x->ov);
     unlink(x->p.tmp);
+    pthread_mutex_unlock(&x->bs->snap_lock);
     free(x);
 }
 
@@ -569,6 +601,7 @@ int bdev_extsnap_commit(struct bdev_extsnap_prep *x)
         bdev_close(x->ov);
         unlink(x->p.tmp);
     }
+    pthread_mutex_unlock(&x->bs->snap_lock);
     free(x);
     return r;
 }
@@ -578,6 +611,16 @@ int bdev_extsnap_create(struct bdev *bs, const char *name)
     struct bdev_extsnap_prep *x;
     int r = bdev_extsnap_prepare(bs, name, &x);
     return r < 0 ? r : bdev_extsnap_commit(x);
+}
+
+void bdev_extsnap_lock(struct bdev *bs)
+{
+    pthread_mutex_lock(&bs->snap_lock);
+}
+
+void bdev_extsnap_unlock(struct bdev *bs)
+{
+    pthread_mutex_unlock(&bs->snap_lock);
 }
 
 /* ---- revert ------------------------------------------------------------------- */
@@ -646,9 +689,11 @@ int bdev_extsnap_revert(struct bdev *bs, const char *name)
     int r = locate(bs, "revert", name, &p, layer);
     if (r < 0)
         return r;
+    pthread_mutex_lock(&bs->snap_lock);
     pthread_mutex_lock(&bs->lock);
     r = revert_locked(bs, name, &p, layer);
     pthread_mutex_unlock(&bs->lock);
+    pthread_mutex_unlock(&bs->snap_lock);
     return r;
 }
 
@@ -661,8 +706,8 @@ struct merge {
     uint8_t *buf;
     /* Descriptors of files this delete removed: the file system frees a
      * removed file's blocks when its last descriptor closes, which for a
-     * large sparse layer takes long (1 s seen on ext4): closed after the
-     * node's lock is released. */
+     * large sparse layer takes long (1 s seen on ext4): closed by a
+     * background thread once the delete is done (bdev_fd_close_later). */
     int late_fd[4];
     int nlate;
     /* the batch being gathered: runs read into buf (MERGE_BATCH_BYTES) */
@@ -676,7 +721,8 @@ struct merge {
     bool skip_zero_pages;
 };
 
-/* Keep path's inode open until the delete has released the lock. */
+/* Keep path's inode open until the delete is done (then closed in the
+ * background). */
 static void hold_until_unlock(struct merge *m, const char *path)
 {
     if (m->nlate < (int)(sizeof m->late_fd / sizeof *m->late_fd)) {
@@ -750,33 +796,55 @@ static int merge_copy(struct bdev *src, struct bdev *dst, bool locked, bool zero
     return 0;
 }
 
-/* Copy into c every range that c reads from its backing file (depth 1)
- * and that file allocates itself.  locked: the caller holds c->lock, so the
- * driver is entered directly. */
-static int stream(struct bdev *c, bool locked, struct merge *m)
+/* One stretch of stream() under c->lock: from *offp, until the batch is
+ * nearly full or STREAM_SECTION_EXTENTS extents were looked at. */
+static int stream_section(struct bdev *c, uint64_t *offp, struct merge *m)
 {
-    uint64_t size = c->size, off = 0;
-    while (off < size) {
+    uint64_t size = c->size, off = *offp;
+    for (unsigned k = 0; off < size && k < STREAM_SECTION_EXTENTS &&
+                         m->used + MERGE_CHUNK <= MERGE_BATCH_BYTES; k++) {
         struct pms_extent e;
         uint64_t want = size - off;       /* one query covers a whole unallocated run */
-        int r;
         memset(&e, 0, sizeof e);
-        r = locked ? c->drv->block_status(c, off, want, &e) : bdev_block_status(c, off, want, &e);
+        int r = c->drv->block_status(c, off, want, &e);
         if (r < 0) return r;
         if (e.length == 0 || e.length > want)
             return pms_err(EIO, "bad extent while merging into '%s'", c->filename);
         if (e.depth == 1 && (e.flags & PMS_BLOCK_ALLOCATED)) {
             if (e.length > MERGE_CHUNK) e.length = MERGE_CHUNK;   /* copies go by chunks */
-            r = merge_copy(c, c, locked, (e.flags & PMS_BLOCK_ZERO) && !(e.flags & PMS_BLOCK_DATA),
+            r = merge_copy(c, c, true, (e.flags & PMS_BLOCK_ZERO) && !(e.flags & PMS_BLOCK_DATA),
                            off, e.length, m);
             if (r < 0) return r;
             kill_point("delete-streaming");
         }
         off += e.length;
         m->done += e.length;
-        if (m->fn) m->fn(m->opaque, m->done, m->total);
     }
-    return merge_write(c, locked, m);
+    *offp = off;
+    return 0;
+}
+
+/* Copy into c every range that c reads from its backing file (depth 1)
+ * and that file allocates itself.  c->lock is taken per section (a look
+ * at the allocation and the batch it leads to are one step under it), so
+ * other users of c (the live image's writeback and faults) wait at most
+ * one section: what they write meanwhile c then allocates itself, and the
+ * next section leaves it alone. */
+static int stream(struct bdev *c, struct merge *m)
+{
+    int r = 0;
+    for (uint64_t off = 0; r == 0;) {
+        pthread_mutex_lock(&c->lock);
+        bool more = off < c->size;
+        if (more) r = stream_section(c, &off, m);
+        if (more && r == 0) r = merge_write(c, true, m);
+        m->nv = 0;
+        m->used = 0;
+        pthread_mutex_unlock(&c->lock);
+        if (!more) break;
+        if (m->fn) m->fn(m->opaque, m->done, m->total);   /* outside the lock */
+    }
+    return r;
 }
 
 /* Point c's header at a new backing file (NULL: none); one header write. */
@@ -855,21 +923,36 @@ static int write_marker(const struct paths *p, const char *marker, const char *c
     return r;
 }
 
-/* Copy child's own allocations into parent (both paths), rename parent over
- * child, drop the marker.  Our own nodes of both files are closed. */
-static int commit_finish(const struct paths *p, const char *parent, const char *child,
-                         const char *marker, int cache_mode, struct merge *m)
+/* Open parent for a commit into it (writable, with its backing chain):
+ * read-only nodes of the same file may go on reading it meanwhile, so the
+ * clusters the merge releases stay allocated until it closes. */
+static int open_commit_target(const char *parent, int cache_mode, struct bdev **par)
 {
-    struct bdev *par = NULL, *ch = NULL;
     struct pms_open_opts o;
     pms_open_opts_init(&o);
     o.cache_mode = cache_mode;
-    int r = bdev_open(parent, &o, &par);
-    if (r == 0) r = open_node(child, true, true, cache_mode, &ch);
-    if (r < 0) {
-        r = pms_err(-r, "cannot merge into '%s': %s", parent, pms_err_get());
+    int r = bdev_open(parent, &o, par);
+    if (r < 0)
+        return pms_err(-r, "cannot merge into '%s': %s", parent, pms_err_get());
+    qcow2_hold_frees(*par);
+    return 0;
+}
+
+/* Copy child's own allocations into parent (both paths; par: parent opened
+ * by open_commit_target, or NULL to open it here; closed in any case),
+ * rename parent over child, drop the marker.  No node of the live image is
+ * involved, nor its lock: the live chain's nodes of both files read the
+ * same bytes throughout. */
+static int commit_finish(const struct paths *p, struct bdev *par, const char *parent,
+                         const char *child, const char *marker, int cache_mode,
+                         struct merge *m)
+{
+    struct bdev *ch = NULL;
+    int r = par ? 0 : open_commit_target(parent, cache_mode, &par);
+    if (r == 0 && (r = open_node(child, true, true, cache_mode, &ch)) < 0)
+        r = pms_err(-r, "cannot merge '%s': %s", child, pms_err_get());
+    if (r < 0)
         goto out;
-    }
     uint64_t size = ch->size < par->size ? ch->size : par->size;
     m->total += size;
     for (uint64_t off = 0; off < size && r == 0;) {
@@ -953,7 +1036,7 @@ static int finish_commits(const struct paths *p, int cache_mode)
             unlink(marker);
             continue;
         }
-        r = commit_finish(p, parent, child, marker, cache_mode, &m);
+        r = commit_finish(p, NULL, parent, child, marker, cache_mode, &m);
     }
     closedir(d);
     merge_free(&m);
@@ -967,10 +1050,30 @@ static uint64_t disk_bytes(const char *path)
     return stat(path, &st) == 0 ? (uint64_t)st.st_blocks * 512 : 0;
 }
 
-static int delete_locked(struct bdev *bs, const char *name, const struct paths *p,
-                         const char *layer, struct merge *m)
+/* The snapshot being deleted and the images that read through it. */
+struct victim {
+    char *bname, *bfmt;               /* its backing file (its children's next), or NULL */
+    uint64_t lsize;                   /* its virtual size */
+    char **ch;                        /* layer files whose backing file it is */
+    size_t nch;
+    bool live_child;                  /* the live image's backing file is it */
+    bool commit;                      /* by commit into it (see above), not by streaming */
+};
+
+static void victim_free(struct victim *v)
 {
-    recover(bs, p);
+    for (size_t i = 0; i < v->nch; i++)
+        free(v->ch[i]);
+    free(v->ch);
+    free(v->bname);
+    free(v->bfmt);
+}
+
+/* Find what deleting the snapshot with layer file `layer` involves.
+ * bs->lock held (the live node's header is read). */
+static int survey(struct bdev *bs, const char *name, const struct paths *p, const char *layer,
+                  struct victim *v)
+{
     struct stat lst;
     if (stat(layer, &lst) < 0)
         return pms_err(errno, "cannot delete snapshot '%s': '%s': %s", name, layer,
@@ -980,22 +1083,21 @@ static int delete_locked(struct bdev *bs, const char *name, const struct paths *
     int r = open_node(layer, true, true, bs->cache_mode, &ln);
     if (r < 0)
         return pms_err(-r, "cannot delete snapshot '%s': %s", name, pms_err_get());
-    char *bname = QS(ln)->backing_file ? strdup(QS(ln)->backing_file) : NULL;
-    char *bfmt = QS(ln)->backing_format ? strdup(QS(ln)->backing_format) : NULL;
-    uint64_t lsize = ln->size;
+    v->bname = QS(ln)->backing_file ? strdup(QS(ln)->backing_file) : NULL;
+    v->bfmt = QS(ln)->backing_format ? strdup(QS(ln)->backing_format) : NULL;
+    v->lsize = ln->size;
+    bool oom = (QS(ln)->backing_file && !v->bname) || (QS(ln)->backing_format && !v->bfmt);
     bdev_close(ln);
+    if (oom) return pms_err(ENOMEM, "out of memory");
 
     /* children: other layers, then the live image */
-    size_t nch = 0, cap = 0;
-    char **ch = NULL;
+    size_t cap = 0;
     DIR *d = opendir(p->dir);
-    if (!d) {
-        r = pms_err(errno, "cannot read directory '%s': %s", p->dir, strerror(errno));
-        goto out;
-    }
+    if (!d)
+        return pms_err(errno, "cannot read directory '%s': %s", p->dir, strerror(errno));
     size_t bl = strlen(p->base);
     struct dirent *de;
-    while ((de = readdir(d))) {
+    while (r == 0 && (de = readdir(d))) {
         if (strncmp(de->d_name, p->base, bl) || de->d_name[bl] != '@' ||
             !strcmp(de->d_name + bl + 1, name))
             continue;
@@ -1003,73 +1105,88 @@ static int delete_locked(struct bdev *bs, const char *name, const struct paths *
         if (snprintf(path, sizeof path, "%s/%s", p->dir, de->d_name) >= (int)sizeof path ||
             !backs(path, p, &lst, NULL))
             continue;
-        if (nch == cap) {
-            char **n2 = realloc(ch, (cap = cap ? 2 * cap : 8) * sizeof *ch);
-            if (!n2) { r = pms_err(ENOMEM, "out of memory"); closedir(d); goto out; }
-            ch = n2;
+        if (v->nch == cap) {
+            char **n2 = realloc(v->ch, (cap = cap ? 2 * cap : 8) * sizeof *v->ch);
+            if (!n2) { r = pms_err(ENOMEM, "out of memory"); break; }
+            v->ch = n2;
         }
-        if (!(ch[nch] = strdup(path))) { r = pms_err(ENOMEM, "out of memory"); closedir(d); goto out; }
-        nch++;
+        if (!(v->ch[v->nch] = strdup(path))) r = pms_err(ENOMEM, "out of memory");
+        else v->nch++;
     }
     closedir(d);
-    bool live_child = false;
-    {
-        const char *fmt;
-        char bp[PATH_MAX];
-        struct stat st;
-        live_child = backing_path(bs, p, bp, sizeof bp, &fmt) == 0 && bp[0] &&
-                     stat(bp, &st) == 0 && st.st_dev == lst.st_dev && st.st_ino == lst.st_ino;
-    }
-    if ((r = merge_alloc(m)) < 0) goto out;
+    if (r < 0) return r;
+    const char *fmt;
+    char bp[PATH_MAX];
+    struct stat st;
+    v->live_child = backing_path(bs, p, bp, sizeof bp, &fmt) == 0 && bp[0] &&
+                    stat(bp, &st) == 0 && st.st_dev == lst.st_dev && st.st_ino == lst.st_ino;
     /* one layer child holding less than the snapshot: commit it into the
      * snapshot's file instead of streaming the snapshot into it */
-    bool commit = nch == 1 && !live_child && disk_bytes(ch[0]) < disk_bytes(layer);
-    m->total = commit ? 0 : (nch + (live_child ? 1 : 0)) * lsize;
+    v->commit = v->nch == 1 && !v->live_child && disk_bytes(v->ch[0]) < disk_bytes(layer);
+    return 0;
+}
 
-    /* our own read-only nodes of the layers would keep them from being
-     * opened for writing (and their caches would go stale): close them */
-    r = bs->drv->flush(bs);
-    if (r < 0) goto out;
-    bool had_chain = bs->backing != NULL;   /* not when opened without it (snapshot -d) */
-    bdev_close(bdev_take_backing(bs));
-    if (commit) {
-        char marker[PATH_MAX];
-        const char *cb = strrchr(ch[0], '/');
-        r = marker_path(p, name, marker, sizeof marker);
-        /* the snapshot's file must open for writing (no QEMU reader on it)
-         * before the marker hides it */
-        struct bdev *t = NULL;
-        if (r == 0 && (r = open_node(layer, false, true, bs->cache_mode, &t)) < 0)
-            r = pms_err(-r, "cannot delete snapshot '%s': %s", name, pms_err_get());
-        bdev_close(t);
-        if (r == 0) r = write_marker(p, marker, cb ? cb + 1 : ch[0]);
-        kill_point("delete-commit-marker");
-        if (r == 0) r = commit_finish(p, layer, ch[0], marker, bs->cache_mode, m);
-        if (had_chain) {
-            int r2 = reopen_chain(bs, p);
-            if (r == 0) r = r2;
-        }
-        goto out;
+/* Our read-only node of the file at path in bs's open chain, if any, hands
+ * its image locks to the writable node the merge opens next (two open file
+ * descriptions' locks conflict, even in one process).  bs->lock held. */
+static void hand_over_locks(struct bdev *bs, const char *path)
+{
+    struct stat want;
+    if (stat(path, &want) < 0) return;
+    for (struct bdev *y = bs->backing; y; y = y->backing) {
+        struct stat st;
+        const char *f = y->file ? y->file->filename : y->filename;
+        if (stat(f, &st) == 0 && st.st_dev == want.st_dev && st.st_ino == want.st_ino)
+            bdev_file_unlock(y->file);
     }
-    m->skip_zero_pages = bname == NULL;
-    for (size_t i = 0; i < nch && r == 0; i++) {
+}
+
+/* Delete by commit: v->ch[0] is committed into the layer, which then takes
+ * its name.  Runs without bs->lock. */
+static int delete_by_commit(struct bdev *bs, const char *name, const struct paths *p,
+                            const char *layer, const struct victim *v, struct merge *m)
+{
+    char marker[PATH_MAX];
+    const char *cb = strrchr(v->ch[0], '/');
+    int r = marker_path(p, name, marker, sizeof marker);
+    if (r < 0) return r;
+    /* the snapshot's file must open for writing (no QEMU reader on it)
+     * before the marker hides it */
+    struct bdev *par = NULL;
+    r = open_commit_target(layer, bs->cache_mode, &par);
+    if (r < 0)
+        return pms_err(-r, "cannot delete snapshot '%s': %s", name, pms_err_get());
+    r = write_marker(p, marker, cb ? cb + 1 : v->ch[0]);
+    if (r < 0) {
+        bdev_close(par);
+        return r;
+    }
+    kill_point("delete-commit-marker");
+    return commit_finish(p, par, layer, v->ch[0], marker, bs->cache_mode, m);
+}
+
+/* Delete by streaming the layer into each child.  The layer children are
+ * written through nodes of our own, without bs->lock (what they are given
+ * is what the live chain reads there through them already); the live
+ * image, when a child, through bs itself, section by section (stream). */
+static int delete_by_stream(struct bdev *bs, const struct paths *p, const char *layer,
+                            const struct victim *v, struct merge *m)
+{
+    int r = 0;
+    m->skip_zero_pages = v->bname == NULL;
+    m->total = (v->nch + (v->live_child ? 1 : 0)) * v->lsize;
+    for (size_t i = 0; i < v->nch && r == 0; i++) {
         struct bdev *c;
-        struct pms_open_opts o;
-        pms_open_opts_init(&o);
-        o.cache_mode = bs->cache_mode;
-        r = bdev_open(ch[i], &o, &c);
-        if (r < 0) {
-            r = pms_err(-r, "cannot merge into '%s': %s", ch[i], pms_err_get());
-            break;
-        }
+        r = open_commit_target(v->ch[i], bs->cache_mode, &c);
+        if (r < 0) break;
         struct stat cst;
-        bool have_time = stat(ch[i], &cst) == 0;
-        r = stream(c, false, m);
+        bool have_time = stat(v->ch[i], &cst) == 0;
+        r = stream(c, m);
         if (r == 0) r = bdev_flush(c);
         if (r == 0) {
             kill_point("delete-streamed-layer");
             pthread_mutex_lock(&c->lock);
-            r = rebase(c, bname, bfmt);
+            r = rebase(c, v->bname, v->bfmt);
             pthread_mutex_unlock(&c->lock);
             kill_point("delete-rebased-layer");
         }
@@ -1077,20 +1194,23 @@ static int delete_locked(struct bdev *bs, const char *name, const struct paths *
         /* a layer's date is its snapshot's instant: keep it */
         if (have_time) {
             struct timespec ts[2] = { cst.st_atim, cst.st_mtim };
-            utimensat(AT_FDCWD, ch[i], ts, 0);
+            utimensat(AT_FDCWD, v->ch[i], ts, 0);
         }
     }
-    if (r == 0 && live_child) {
-        struct bdev *nb;
-        r = reopen_chain(bs, p);       /* the layer being deleted and below */
-        if (r == 0) {
-            r = stream(bs, true, m);
-            if (r == 0) r = bs->drv->flush(bs);
-            if (r == 0) kill_point("delete-streamed-live");
-            if (r == 0) r = rebase(bs, bname, bfmt);
-            nb = bdev_take_backing(bs);
-            bdev_close(nb);
-        }
+    if (r == 0 && v->live_child) {
+        pthread_mutex_lock(&bs->lock);
+        if (!bs->backing)              /* opened without its chain (snapshot -d) */
+            r = reopen_chain(bs, p);
+        pthread_mutex_unlock(&bs->lock);
+        if (r == 0) r = stream(bs, m);
+        /* the copies' data reach the disk before the lock is taken for the
+         * flush that must precede the rebase (which then syncs little) */
+        if (r == 0 && bs->file) r = bdev_file_flush(bs->file);
+        pthread_mutex_lock(&bs->lock);
+        if (r == 0) r = bs->drv->flush(bs);
+        if (r == 0) kill_point("delete-streamed-live");
+        if (r == 0) r = rebase(bs, v->bname, v->bfmt);
+        pthread_mutex_unlock(&bs->lock);
     }
     if (r == 0) {
         kill_point("delete-unlink");
@@ -1100,18 +1220,40 @@ static int delete_locked(struct bdev *bs, const char *name, const struct paths *
         else
             r = fsync_dir(p->dir);
     }
-    if (had_chain && !bs->backing) {
-        int r2 = reopen_chain(bs, p);
-        if (r == 0) r = r2;
-    }
-out:
-    for (size_t i = 0; i < nch; i++)
-        free(ch[i]);
-    free(ch);
-    merge_free(m);
-    free(bname);
-    free(bfmt);
     return r;
+}
+
+/* After a delete: bs reads through the chain its header now names (with
+ * had_chain), or through none.  The new chain is opened before the old one
+ * is dropped, so a failure leaves the old nodes, which still read the same
+ * bytes (renamed or removed files stay readable through them). */
+static int restore_chain(struct bdev *bs, const struct paths *p, bool had_chain)
+{
+    char path[PATH_MAX];
+    const char *fmt;
+    struct bdev *nb = NULL, *old;
+    pthread_mutex_lock(&bs->lock);
+    int r = had_chain ? backing_path(bs, p, path, sizeof path, &fmt) : 0;
+    char *f = r == 0 && had_chain && fmt ? strdup(fmt) : NULL;
+    pthread_mutex_unlock(&bs->lock);
+    if (r == 0 && had_chain && path[0]) {
+        struct pms_open_opts o;
+        pms_open_opts_init(&o);
+        o.readonly = 1;
+        o.format = f;
+        o.cache_mode = bs->cache_mode;
+        r = bdev_open(path, &o, &nb);
+        if (r < 0)
+            r = pms_err(-r, "could not reopen backing file '%s': %s", path, pms_err_get());
+    }
+    free(f);
+    if (r < 0) return r;
+    pthread_mutex_lock(&bs->lock);
+    old = bdev_take_backing(bs);
+    bdev_set_backing(bs, nb);
+    pthread_mutex_unlock(&bs->lock);
+    bdev_close_later(old);             /* may hold the last handle of removed files */
+    return 0;
 }
 
 int bdev_extsnap_delete(struct bdev *bs, const char *name, bdev_progress_fn fn, void *opaque)
@@ -1122,11 +1264,34 @@ int bdev_extsnap_delete(struct bdev *bs, const char *name, bdev_progress_fn fn, 
     if (r < 0)
         return r;
     struct merge m = { .fn = fn, .opaque = opaque };
+    struct victim v;
+    memset(&v, 0, sizeof v);
+    pthread_mutex_lock(&bs->snap_lock);
     pthread_mutex_lock(&bs->lock);
-    r = delete_locked(bs, name, &p, layer, &m);
+    recover(bs, &p);
+    bool had_chain = bs->backing != NULL;
+    r = survey(bs, name, &p, layer, &v);
+    if (r == 0) {
+        if (v.commit)
+            hand_over_locks(bs, layer);
+        else
+            for (size_t i = 0; i < v.nch; i++)
+                hand_over_locks(bs, v.ch[i]);
+    }
     pthread_mutex_unlock(&bs->lock);
+    if (r == 0 && (r = merge_alloc(&m)) == 0)
+        r = v.commit ? delete_by_commit(bs, name, &p, layer, &v, &m)
+                     : delete_by_stream(bs, &p, layer, &v, &m);
+    if (v.commit || v.nch || v.live_child) {
+        int r2 = restore_chain(bs, &p, had_chain);
+        if (r == 0) r = r2;
+    }
+    pthread_mutex_unlock(&bs->snap_lock);
+    victim_free(&v);
+    merge_free(&m);
     for (int i = 0; i < m.nlate; i++)
-        close(m.late_fd[i]);
+        bdev_fd_close_later(m.late_fd[i]);
+
     return r;
 }
 

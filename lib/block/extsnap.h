@@ -54,12 +54,21 @@ int  bdev_extsnap_create(struct bdev *bs, const char *name);
  * overlay created (fsynced) and opened at the temporary name; nothing
  * visible changes.  commit: flush bs, link the layer, rename the overlay
  * over the live path, switch bs (cost: the flush, two directory fsyncs, one
- * read-only open).  commit and abort free x.  One prepared snapshot per
- * image at a time.  Both take bs->lock; the caller holds none. */
+ * read-only open).  commit and abort free x.  prepare takes bs->snap_lock
+ * and commit or abort (called by the same thread) releases it, so other
+ * external-snapshot operations on bs wait in between.  All take bs->lock
+ * for their own steps; the caller holds none. */
 struct bdev_extsnap_prep;
 int  bdev_extsnap_prepare(struct bdev *bs, const char *name, struct bdev_extsnap_prep **x);
 int  bdev_extsnap_commit(struct bdev_extsnap_prep *x);
 void bdev_extsnap_abort(struct bdev_extsnap_prep *x);
+
+/* Hold off every other external-snapshot operation on bs (bs->snap_lock,
+ * recursive) around a caller's own sequence, e.g. the memory device's
+ * revert, whose wb_mu must come after it: prepare holds snap_lock while its
+ * caller takes wb_mu. */
+void bdev_extsnap_lock(struct bdev *bs);
+void bdev_extsnap_unlock(struct bdev *bs);
 
 /* Revert to external snapshot name: the live image becomes a new empty
  * overlay on name's layer; the live data since is discarded; every layer
@@ -69,7 +78,10 @@ int  bdev_extsnap_revert(struct bdev *bs, const char *name);
 /* Delete external snapshot name: its data is copied into every image whose
  * backing file it is (the live image and/or other layers) where they do not
  * have their own, their backing file becomes name's backing file, then the
- * layer file is removed.  fn (may be NULL) is called as the merge goes. */
+ * layer file is removed.  fn (may be NULL) is called as the merge goes.
+ * The merges run without bs->lock, except streaming into the live image,
+ * which takes it section by section: bs's other users (writeback, faults)
+ * go on meanwhile. */
 int  bdev_extsnap_delete(struct bdev *bs, const char *name, bdev_progress_fn fn, void *opaque);
 
 /* The external snapshots of the image (kind PMS_SNAP_KIND_EXTERNAL, file

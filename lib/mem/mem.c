@@ -2167,6 +2167,9 @@ int pms_mem_snapshot_revert(struct pms_mem *m, const char *name)
                        "reverting to it", name, (unsigned long long)ss,
                        (unsigned long long)m->size);
     struct drops d = { .m = m };
+    /* before wb_mu (a create holds it from prepare, before wb_mu); it also
+     * keeps a delete from changing the chain ext_changed reads */
+    if (ext) bdev_extsnap_lock(bs);
     pthread_mutex_lock(&m->wb_mu);
     bool whole = !bs->drv->snapshot_changed;
     if (m->since_name && !strcmp(m->since_name, name)) {
@@ -2204,6 +2207,7 @@ int pms_mem_snapshot_revert(struct pms_mem *m, const char *name)
         since_reset(m, r == 0 ? name : NULL);
     }
     pthread_mutex_unlock(&m->wb_mu);
+    if (ext) bdev_extsnap_unlock(bs);
     free(d.v);
     return r;
 }

@@ -20,6 +20,15 @@
  *   extsnap-api limit DIR       external snapshots until the chain limit: the
  *                               one past it is refused (EMLINK), the image
  *                               still opens with its whole chain.
+ *   extsnap-api busy DIR        deletes of each kind (stream into a layer,
+ *                               commit, stream into the live image) while
+ *                               two threads write the live image and one
+ *                               checks what it reads (every page holds a
+ *                               version it had during the read); each delete
+ *                               must let writes complete while it runs (the
+ *                               merges run beside the live chain); files left
+ *                               in DIR for QEMU's checks (ref-c.raw,
+ *                               ref-live.raw).
  *   extsnap-api chain DIR SIZE_MIB LAYERS
  *                               a fully written image, then LAYERS external
  *                               snapshots with 16 random 4 KiB writes between
@@ -244,6 +253,169 @@ static int do_switch(const char *dir)
         free(saved[i]);
     free(cur.ver);
     printf("switch: %ld checked reads during the switches\n", atomic_load(&reads_done));
+    return fails ? 1 : 0;
+}
+
+/* ---- busy: deletes while the live image is written -------------------------- */
+
+#define BUSY_MIN_WRITES 8          /* writes that must complete during each delete */
+static _Atomic uint32_t *bver;     /* version of each page: set after its write */
+static _Atomic uint32_t *bnext;    /* ... and before it (a read may see either) */
+static atomic_long bwrites;
+static _Atomic double bmaxlat;     /* longest write since busy_delete reset it (s) */
+static atomic_int bstop;
+
+struct bworker { int id; unsigned seed; };
+
+static void *busy_writer(void *arg)
+{
+    struct bworker *w = arg;
+    uint8_t buf[PG];
+    while (!atomic_load(&bstop)) {
+        uint64_t p = ((uint64_t)rand_r(&w->seed) % (cur.npages / 2)) * 2 + (uint64_t)w->id;
+        uint32_t v = atomic_load(&bver[p]) + 1;   /* this thread alone writes p */
+        fill_page(buf, p, v);
+        atomic_store(&bnext[p], v);
+        double t0 = now();
+        if (pms_pwrite(g_dev, buf, PG, p * PG) < 0) {
+            FAIL("write during a delete: %s", pms_errmsg());
+            break;
+        }
+        double lat = now() - t0, m = atomic_load(&bmaxlat);
+        while (lat > m && !atomic_compare_exchange_weak(&bmaxlat, &m, lat)) {}
+        atomic_store(&bver[p], v);
+        atomic_fetch_add(&bwrites, 1);
+    }
+    return NULL;
+}
+
+static void *busy_checker(void *arg)
+{
+    unsigned seed = (unsigned)(uintptr_t)arg;
+    uint8_t buf[PG];
+    while (!atomic_load(&bstop)) {
+        uint64_t p = (uint64_t)rand_r(&seed) % cur.npages;
+        uint32_t v0 = atomic_load(&bver[p]);
+        if (pms_pread(g_dev, buf, PG, p * PG) < 0) {
+            FAIL("read during a delete: %s", pms_errmsg());
+            break;
+        }
+        uint32_t v1 = atomic_load(&bnext[p]), v = v0;
+        while (v <= v1 && !check_page(buf, p, v)) v++;
+        if (v > v1) {
+            FAIL("page %llu read during a delete holds none of versions %u..%u",
+                 (unsigned long long)p, v0, v1);
+            break;
+        }
+        atomic_fetch_add(&reads_done, 1);
+    }
+    return NULL;
+}
+
+/* Progress of a delete's merge: the first call waits (at most
+ * BUSY_WAIT_S) for BUSY_MIN_WRITES writes to complete, which they cannot
+ * if the merge holds the live image.  Later calls return at once. */
+#define BUSY_WAIT_S 3.0
+static int busy_progress_calls;
+static double busy_stalled;        /* > 0: seconds the writers made no progress */
+
+static void busy_progress(void *opaque, uint64_t done, uint64_t total)
+{
+    (void)opaque; (void)done; (void)total;
+    if (busy_progress_calls++)
+        return;
+    long w0 = atomic_load(&bwrites);
+    double t0 = now();
+    while (atomic_load(&bwrites) < w0 + BUSY_MIN_WRITES && now() - t0 < BUSY_WAIT_S)
+        usleep(1000);
+    if (atomic_load(&bwrites) < w0 + BUSY_MIN_WRITES)
+        busy_stalled = now() - t0;
+}
+
+static void busy_delete(const char *name)
+{
+    long w0 = atomic_load(&bwrites), r0 = atomic_load(&reads_done);
+    atomic_store(&bmaxlat, 0.0);
+    busy_progress_calls = 0;
+    busy_stalled = 0;
+    double t0 = now();
+    if (pms_snapshot_delete_ex(g_dev, name, 0, busy_progress, NULL) < 0)
+        FAIL("delete %s: %s", name, pms_errmsg());
+    if (!busy_progress_calls)
+        FAIL("delete %s: no progress reported", name);
+    if (busy_stalled > 0)
+        FAIL("delete %s: no writes completed in %.1f s in the middle of its merge: it holds "
+             "the live image", name, busy_stalled);
+    double t = now() - t0;
+    long w = atomic_load(&bwrites) - w0, r = atomic_load(&reads_done) - r0;
+    double lat = atomic_load(&bmaxlat);
+    printf("busy: delete %s took %.1f ms; %ld writes and %ld checked reads completed "
+           "meanwhile, the longest write %.1f ms\n", name, t * 1e3, w, r, lat * 1e3);
+    if (w < BUSY_MIN_WRITES)
+        FAIL("delete %s: only %ld writes completed while it ran (%.1f ms): it held the "
+             "live image", name, w, t * 1e3);
+}
+
+static int do_busy(const char *dir)
+{
+    char img[4096];
+    snprintf(img, sizeof img, "%s/img.qcow2", dir);
+    const uint64_t size = 32u << 20;
+    struct pms_create_opts co;
+    pms_create_opts_init(&co);
+    CHECK(pms_create(img, size, &co));
+    CHECK(pms_open(img, NULL, &g_dev));
+    cur.npages = size / PG;
+    cur.ver = calloc(cur.npages, sizeof *cur.ver);
+    bver = calloc(cur.npages, sizeof *bver);
+    bnext = calloc(cur.npages, sizeof *bnext);
+    const uint64_t chunk = 256;
+    uint8_t *big = malloc(chunk * PG);
+    for (uint64_t p = 0; p < cur.npages; p += chunk) {
+        for (uint64_t i = 0; i < chunk; i++)
+            fill_page(big + i * PG, p + i, 1);
+        CHECK(pms_pwrite(g_dev, big, chunk * PG, p * PG));
+    }
+    free(big);
+    for (uint64_t p = 0; p < cur.npages; p++)
+        cur.ver[p] = 1;
+    /* a (full image) <- b (300 pages) <- c (6,000) <- d (1,500) <- live:
+     * deleting b streams it into c (the larger child), then a commits c into
+     * a's file, then d streams into the live image */
+    unsigned seed = 11;
+    const char *names[] = { "a", "b", "c", "d" };
+    const int writes[] = { 300, 6000, 1500, 100 };
+    for (int i = 0; i < 4; i++) {
+        save_ref(dir, names[i]);
+        CHECK(pms_snapshot_create_ex(g_dev, names[i], PMS_SNAP_EXTERNAL));
+        write_pages(&seed, writes[i], (uint32_t)(2 + i));
+    }
+    for (uint64_t p = 0; p < cur.npages; p++)
+        atomic_store(&bver[p], cur.ver[p]), atomic_store(&bnext[p], cur.ver[p]);
+    struct bworker w[2] = { { 0, 21 }, { 1, 22 } };
+    pthread_t wt[2], ct;
+    atomic_store(&bstop, 0);
+    for (int i = 0; i < 2; i++)
+        pthread_create(&wt[i], NULL, busy_writer, &w[i]);
+    pthread_create(&ct, NULL, busy_checker, (void *)(uintptr_t)5);
+    while (atomic_load(&bwrites) < 50)
+        usleep(1000);
+    busy_delete("b");
+    busy_delete("a");
+    busy_delete("d");
+    atomic_store(&bstop, 1);
+    for (int i = 0; i < 2; i++)
+        pthread_join(wt[i], NULL);
+    pthread_join(ct, NULL);
+    for (uint64_t p = 0; p < cur.npages; p++)
+        cur.ver[p] = atomic_load(&bver[p]);
+    verify_all("after the deletes");
+    save_ref(dir, "live");
+    CHECK(pms_flush(g_dev));
+    CHECK(pms_close(g_dev));
+    free(cur.ver);
+    free((void *)bver);
+    free((void *)bnext);
     return fails ? 1 : 0;
 }
 
@@ -541,10 +713,12 @@ int main(int argc, char **argv)
         return do_faulty(argv[2]);
     if (argc >= 3 && !strcmp(argv[1], "prep"))
         return do_prep(argv[2]);
+    if (argc >= 3 && !strcmp(argv[1], "busy"))
+        return do_busy(argv[2]);
     if (argc >= 3 && !strcmp(argv[1], "switch"))
         return do_switch(argv[2]);
     if (argc >= 5 && !strcmp(argv[1], "chain"))
         return do_chain(argv[2], strtoull(argv[3], NULL, 0), atoi(argv[4]));
-    fprintf(stderr, "usage: extsnap-api switch DIR | chain DIR SIZE_MIB LAYERS\n");
+    fprintf(stderr, "usage: extsnap-api switch|busy|prep|faulty|limit DIR | chain DIR SIZE_MIB LAYERS\n");
     return 2;
 }

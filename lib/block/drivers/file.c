@@ -30,7 +30,10 @@
  * QEMU writer (qemu-io, qemu-img snapshot -c, a running VM) refuses the
  * image while we have it open, while QEMU readers (qemu-img info, check,
  * snapshot -l) still work; and we refuse an image a QEMU writer holds.
- * force_share (-U) skips all of it, as in QEMU.
+ * force_share (-U) skips all of it, as in QEMU.  bdev_file_unlock hands a
+ * read-only node's locks over to a writable node of the same file opened
+ * next by the same process (an external-snapshot merge): OFD locks of two
+ * descriptions conflict even within one process.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -147,6 +150,18 @@ static int take_locks(struct bdev *bs, int fd, const char *path)
             return pms_err(EBUSY, "failed to lock '%s': %s", path, strerror(errno));
     }
     return 0;
+}
+
+void bdev_file_unlock(struct bdev *bs)
+{
+    if (!bs || bs->drv != &pms_drv_file)
+        return;
+    struct file_state *s = bs->opaque;
+    for (int b = PERM_WRITE; b <= PERM_RESIZE; b += 2) {
+        struct flock fl = { .l_type = F_UNLCK, .l_whence = SEEK_SET,
+                            .l_start = LOCK_SHARED_BASE + b, .l_len = 1 };
+        fcntl(s->fd, F_OFD_SETLK, &fl);
+    }
 }
 
 /* The direct-I/O alignment of fd (offset and memory), as QEMU probes it. */

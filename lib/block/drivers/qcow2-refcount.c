@@ -371,7 +371,7 @@ static int64_t alloc_clusters(struct bdev *bs, uint64_t n, const char *at0)
         uint64_t start;
         int r = find_free(bs, n, &start);
         if (r < 0) return r;
-        if (s->npending && !drained) {
+        if (s->npending && !drained && !s->hold_frees) {
             /* Clusters released since the last flush (discard, COW) are
              * free for QEMU at once; ours wait for the flush that makes
              * their L2 change durable.  Rather than grow the file past them,

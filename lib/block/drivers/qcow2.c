@@ -2365,11 +2365,16 @@ static int qcow2_discard(struct bdev *bs, uint64_t len, uint64_t off)
     return discard_range(bs, len, off, false);
 }
 
+void qcow2_hold_frees(struct bdev *bs)
+{
+    QS(bs)->hold_frees = true;
+}
+
 static int qcow2_flush(struct bdev *bs)
 {
     struct qcow2_state *s = QS(bs);
     int r = qcow2_flush_metadata(bs);
-    if (r == 0 && s->npending) {
+    if (r == 0 && s->npending && !s->hold_frees) {
         r = pending_drain(bs);
         if (r == 0) r = qcow2_flush_metadata(bs);
     }

@@ -171,6 +171,11 @@ struct qcow2_state {
      * that dropped them is durable (drained by flush) */
     struct qcow2_range *pending;
     size_t npending, cappending;
+    /* Apply the pending releases only at close (qcow2_hold_frees): a
+     * node writing a layer that read-only nodes of the same file keep
+     * reading (an external-snapshot merge) must not reuse a cluster those
+     * nodes' cached tables may still point at. */
+    bool hold_frees;
     /* Inside a snapshot operation's dirty bracket (see qcow2-snapshot.c):
      * the image is durably marked dirty, so ordering barriers between
      * metadata writes are not needed; only flushes that make a new table's
@@ -299,6 +304,9 @@ void qcow2_l2_set(struct qcow2_state *s, uint8_t *l2, uint64_t idx, uint64_t v);
 void qcow2_l2_set_bitmap(struct qcow2_state *s, uint8_t *l2, uint64_t idx, uint64_t v);
 /* Flush metadata, then apply the pending reference releases. */
 int  qcow2_drain_pending(struct bdev *bs);
+/* From now until close, flushes and allocations leave the pending releases
+ * pending (see hold_frees); close applies them. */
+void qcow2_hold_frees(struct bdev *bs);
 /* Host bytes [coff, coff+csize) of a compressed descriptor. */
 void qcow2_compressed_range(struct qcow2_state *s, uint64_t l2e, uint64_t *coff, uint64_t *csize);
 
