@@ -17,6 +17,7 @@
 #include <unistd.h>
 #include "block.h"
 #include "extsnap.h"
+#include "../mem/mem-int.h"
 #include "../util/error.h"
 
 static const struct pms_driver *format_drivers[] = { &pms_drv_qcow2, &pms_drv_raw };
@@ -200,9 +201,8 @@ struct later {
     int fd;
 };
 
-static void *close_later_main(void *arg)
+static void close_one(struct later *l)
 {
-    struct later *l = arg;
     if (l->bs) bdev_close(l->bs);
     else close(l->fd);
     free(l);
@@ -210,6 +210,17 @@ static void *close_later_main(void *arg)
     later_pending--;
     pthread_cond_broadcast(&later_cond);
     pthread_mutex_unlock(&later_mu);
+}
+
+static void *close_later_main(void *arg)
+{
+    /* a library thread that never touches a mapping, and may sit in the
+     * file system's block freeing (state D) for seconds: a live snapshot's
+     * stop must not wait for it */
+    pthread_setname_np(pthread_self(), "pms-close");
+    pms_sp_exempt(1);
+    close_one(arg);
+    pms_sp_exempt(0);
     return NULL;
 }
 
@@ -230,7 +241,7 @@ static void close_later(struct bdev *bs, int fd)
     later_pending++;
     pthread_mutex_unlock(&later_mu);
     if (pthread_create(&t, &a, close_later_main, l) != 0)
-        close_later_main(l);            /* no thread: close here */
+        close_one(l);                   /* no thread: close here */
     pthread_attr_destroy(&a);
 }
 

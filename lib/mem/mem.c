@@ -120,6 +120,13 @@
 #define PRECOPY_DONE_BYTES (256u << 10)
 /* How long the cut waits for every application thread to park. */
 #define SNAP_STOP_MS       1000
+/* A thread can sit in an uninterruptible kernel wait longer than that on a
+ * loaded machine (a page fault queued behind another thread's mmap_lock
+ * writer, a write throttled by the block layer; seen at scale): the stop is
+ * tried SNAP_STOP_TRIES times, the threads running freely for
+ * SNAP_STOP_GAP_MS in between, before the snapshot fails. */
+#define SNAP_STOP_TRIES    3
+#define SNAP_STOP_GAP_MS   20
 /* Staging pages kept touched between snapshots (a first touch costs a
  * fault each, ~10 us under shadow paging): at most STAGE_KEEP_MAX bytes and
  * 100/STAGE_KEEP_CAP_DIV percent of a memory cap.  They count against the cap. */
@@ -641,6 +648,7 @@ static void exempt(struct pms_mem *m, int add)
 static void *fault_main(void *arg)
 {
     struct pms_mem *m = arg;
+    pthread_setname_np(pthread_self(), "pms-fault");   /* shown by top -H, ps -L */
     exempt(m, 1);
     struct uffd_msg msg[16];
     while (!atomic_load(&m->stop)) {
@@ -677,6 +685,7 @@ static void *fault_main(void *arg)
 static void *prefetch_main(void *arg)
 {
     struct pms_mem *m = arg;
+    pthread_setname_np(pthread_self(), "pms-prefetch");   /* shown by top -H, ps -L */
     exempt(m, 1);
     for (uint64_t off = 0; off < m->maplen && !atomic_load(&m->stop); off += PF_STEP) {
         if (m->limit_pages && used_pages(m) > cap_pct(m, CAP_PREFETCH_PCT))
@@ -695,40 +704,57 @@ static void *prefetch_main(void *arg)
 
 /* ---- dirty collection and writeback -------------------------------------- */
 
+/* Longest stretch of the mapping one PAGEMAP_SCAN call walks (bytes).  A
+ * call holds the process's mmap_lock for reading throughout; a thread that
+ * then asks for it for writing (any mmap, munmap, mprotect or brk: malloc
+ * growing a heap) waits, and every page fault of the process queues behind
+ * that writer.  Walking 1 TiB of page tables took long enough for store
+ * threads to sit in such faults (state D) past the snapshot's stop timeout;
+ * 1 GiB of fully populated tables walks in about a millisecond. */
+#define SCAN_SPAN (1ull << 30)
+
 /* PAGEMAP_SCAN of [*start, end) for pages that are in memory or in swap
  * and, with `written`, written since their last re-protect (holes count as
  * "written" with WP_ASYNC, so presence is always required).  wp_match
  * re-protects what it reports.  Offsets in vec are relative to the mapping;
- * *start = where to continue.  Returns the number of regions or -errno. */
+ * *start = where to continue.  Returns the number of regions (0: none up to
+ * end) or -errno.  One call per SCAN_SPAN, so the lock is let go between. */
 static int scan_pages(struct pms_mem *m, uint64_t *start, uint64_t end, bool written,
                       bool wp_match, struct page_region *vec, uint64_t vlen)
 {
-    struct pm_scan_arg a = {
-        .size = sizeof a,
-        .flags = wp_match ? (PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC) : 0,
-        .start = (uint64_t)(uintptr_t)m->base + *start,
-        .end = (uint64_t)(uintptr_t)m->base + end,
-        .vec = (uint64_t)(uintptr_t)vec, .vec_len = vlen,
-        .category_mask = written ? PAGE_IS_WRITTEN : 0,
-        .category_anyof_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-        .return_mask = PAGE_IS_WRITTEN | PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-    };
-    int n = ioctl(m->pagemap_fd, PAGEMAP_SCAN, &a);
-    if (n < 0)
-        return -errno;
-    /* Continue after what was reported: on a large sparse region (1 TiB
-     * here) the kernel has returned a walk_end below the end of regions it
-     * had already reported, and the next call reported them again (the
-     * cut then staged them twice, out of order). */
-    uint64_t wend = a.walk_end;
-    if (n > 0 && vec[n - 1].end > wend)
-        wend = vec[n - 1].end;
-    *start = wend - (uint64_t)(uintptr_t)m->base;
-    for (int i = 0; i < n; i++) {
-        vec[i].start -= (uint64_t)(uintptr_t)m->base;
-        vec[i].end -= (uint64_t)(uintptr_t)m->base;
+    for (;;) {
+        static uint64_t span; if (!span) span = getenv("XSPAN") ? strtoull(getenv("XSPAN"), 0, 0) : SCAN_SPAN;
+        uint64_t stop = end - *start > span ? *start + span : end;
+        struct pm_scan_arg a = {
+            .size = sizeof a,
+            .flags = wp_match ? (PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC) : 0,
+            .start = (uint64_t)(uintptr_t)m->base + *start,
+            .end = (uint64_t)(uintptr_t)m->base + stop,
+            .vec = (uint64_t)(uintptr_t)vec, .vec_len = vlen,
+            .category_mask = written ? PAGE_IS_WRITTEN : 0,
+            .category_anyof_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            .return_mask = PAGE_IS_WRITTEN | PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+        };
+        int n = ioctl(m->pagemap_fd, PAGEMAP_SCAN, &a);
+        if (n < 0)
+            return -errno;
+        /* Continue after what was reported: on a large sparse region (1 TiB
+         * here) the kernel has returned a walk_end below the end of regions it
+         * had already reported, and the next call reported them again (the
+         * cut then staged them twice, out of order). */
+        uint64_t wend = a.walk_end;
+        if (n > 0 && vec[n - 1].end > wend)
+            wend = vec[n - 1].end;
+        if (n == 0 && wend < a.end)
+            wend = a.end;                   /* nothing there: the span is done */
+        *start = wend - (uint64_t)(uintptr_t)m->base;
+        for (int i = 0; i < n; i++) {
+            vec[i].start -= (uint64_t)(uintptr_t)m->base;
+            vec[i].end -= (uint64_t)(uintptr_t)m->base;
+        }
+        if (n > 0 || *start >= end)
+            return n;
     }
-    return n;
 }
 
 /* Written pages (the dirty set in async mode). */
@@ -1214,6 +1240,7 @@ static void evict(struct pms_mem *m)
 static void *wb_main(void *arg)
 {
     struct pms_mem *m = arg;
+    pthread_setname_np(pthread_self(), "pms-writeback");   /* shown by top -H, ps -L */
     exempt(m, 1);
     /* Every round re-protects what it writes, and each re-protected page
      * costs its next store a fault (tens of µs under nested paging).  A
@@ -1907,7 +1934,16 @@ static void stage_trim(struct pms_mem *m, uint64_t staged, uint64_t keep)
 static int64_t stop_and_cut(struct pms_mem *m, bool stop, uint64_t *pause)
 {
     uint64_t tp = now_ns();
-    int r = stop ? pms_sp_stop(SNAP_STOP_MS) : 0;
+    int r = 0;
+    for (int t = 0; stop && t < SNAP_STOP_TRIES; t++) {
+        if (t) {
+            pms_err_clear();
+            usleep(SNAP_STOP_GAP_MS * 1000);
+        }
+        tp = now_ns();
+        if ((r = pms_sp_stop(SNAP_STOP_MS)) != -EAGAIN)
+            break;
+    }
     if (r < 0) {
         char why[256];              /* the safepoint's message */
         snprintf(why, sizeof why, "%s", pms_err_get());
