@@ -723,8 +723,7 @@ static int scan_pages(struct pms_mem *m, uint64_t *start, uint64_t end, bool wri
                       bool wp_match, struct page_region *vec, uint64_t vlen)
 {
     for (;;) {
-        static uint64_t span; if (!span) span = getenv("XSPAN") ? strtoull(getenv("XSPAN"), 0, 0) : SCAN_SPAN;
-        uint64_t stop = end - *start > span ? *start + span : end;
+        uint64_t stop = end - *start > SCAN_SPAN ? *start + SCAN_SPAN : end;
         struct pm_scan_arg a = {
             .size = sizeof a,
             .flags = wp_match ? (PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC) : 0,
