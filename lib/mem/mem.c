@@ -950,8 +950,12 @@ static void redirty(struct pms_mem *m, uint64_t off, uint64_t len)
     pthread_mutex_unlock(&m->wp_mu);
 }
 
+static void evict_over_cap(struct pms_mem *m);
+
 /* Write back every dirty page of [s, e); wb_mu held.  Returns bytes or
- * -errno; on an error every page not written is dirty again. */
+ * -errno; on an error every page not written is dirty again.  Under a cap,
+ * pages are evicted as the writing goes (a round over a large dirty set
+ * takes seconds, and faults over the cap wait for eviction). */
 static int64_t writeback(struct pms_mem *m, uint64_t s, uint64_t e)
 {
     int64_t bytes = 0;
@@ -990,6 +994,7 @@ static int64_t writeback(struct pms_mem *m, uint64_t s, uint64_t e)
             if (m->since_name)
                 since_mark(m, m->runs[i].off, m->runs[i].len);
         }
+        evict_over_cap(m);
     }
     return bytes;
 }
@@ -1236,6 +1241,19 @@ static void evict(struct pms_mem *m)
     pthread_mutex_unlock(&m->mu);
 }
 
+/* Evict when residency is above CAP_EVICT_PCT of the cap, and wake the
+ * faults waiting for room (wait_cap).  wb_mu held. */
+static void evict_over_cap(struct pms_mem *m)
+{
+    if (!m->limit_pages || used_pages(m) <= cap_pct(m, CAP_EVICT_PCT))
+        return;
+    evict(m);
+    pthread_mutex_lock(&m->ctl_mu);
+    m->evict_rounds++;
+    pthread_cond_broadcast(&m->evict_cond);
+    pthread_mutex_unlock(&m->ctl_mu);
+}
+
 static void *wb_main(void *arg)
 {
     struct pms_mem *m = arg;
@@ -1271,8 +1289,7 @@ static void *wb_main(void *arg)
         else
             period = m->interval_ms;
         last = w < 0 ? 0 : (uint64_t)w;
-        if (m->limit_pages && used_pages(m) > cap_pct(m, CAP_EVICT_PCT))
-            evict(m);
+        evict_over_cap(m);
         pthread_mutex_unlock(&m->wb_mu);
         pthread_mutex_lock(&m->ctl_mu);
         m->evict_rounds++;
