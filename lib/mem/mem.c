@@ -111,6 +111,9 @@
  * store a fault). */
 #define WB_INTERVAL_MS    1000
 #define WB_BACKOFF_MAX    16
+/* A round is a hot set's (and may back off) when at least 1/WB_HOT_DIV of
+ * its pages were written back before since the last snapshot. */
+#define WB_HOT_DIV        2
 
 /* Snapshot pre-copy: at most PRECOPY_ROUNDS rounds while writers run,
  * stopping early once a round writes less than PRECOPY_DONE_BYTES (the
@@ -118,6 +121,16 @@
  * the one before (writers dirty as fast as we write). */
 #define PRECOPY_ROUNDS     6
 #define PRECOPY_DONE_BYTES (256u << 10)
+/* Auto-converge (what QEMU's migration does to vCPUs): a pre-copy round
+ * that writes more than half of what the one before wrote means the
+ * writers dirty pages about as fast as they are written (random stores over
+ * an image far larger than memory).  Each such round doubles a delay the
+ * fault thread puts before every missing-page fault it serves, from
+ * CONVERGE_START_US up to CONVERGE_MAX_US, until the cut: the stores that
+ * need a new page slow down and the rounds shrink.  (Stores to resident
+ * pages are not slowed: the kernel resolves their write-protect faults.) */
+#define CONVERGE_START_US  50
+#define CONVERGE_MAX_US    1600
 /* How long the cut waits for every application thread to park. */
 #define SNAP_STOP_MS       1000
 /* A thread can sit in an uninterruptible kernel wait longer than that on a
@@ -172,6 +185,9 @@ struct pms_mem {
                                         (atomic word loads) */
     _Atomic bool no_evict;           /* a failed re-dirty left a written page looking
                                         clean: eviction could drop it, so it stops */
+    _Atomic unsigned converge_us;    /* delay before each missing fault (pre-copy) */
+    uint64_t wb_again;               /* pages writeback found in `since` already
+                                        (wb_mu): the backoff's hot-set test */
     uint64_t *since;                 /* pages written to the image since snapshot
                                         since_name was taken or reverted to (wb_mu) */
     char *since_name;                /* NULL: `since` means nothing (wb_mu) */
@@ -672,10 +688,14 @@ static void *fault_main(void *arg)
                 continue;
             uint64_t a = msg[i].arg.pagefault.address;
             unsigned fl = (unsigned)msg[i].arg.pagefault.flags;
-            if (fl & UFFD_PAGEFAULT_FLAG_WP)
+            if (fl & UFFD_PAGEFAULT_FLAG_WP) {
                 serve_wp(m, a);
-            else
-                serve_missing(m, a, fl, (pid_t)msg[i].arg.pagefault.feat.ptid);
+                continue;
+            }
+            unsigned us = atomic_load_explicit(&m->converge_us, memory_order_relaxed);
+            if (us)
+                usleep(us);                 /* auto-converge (see precopy) */
+            serve_missing(m, a, fl, (pid_t)msg[i].arg.pagefault.feat.ptid);
         }
     }
     exempt(m, 0);
@@ -861,10 +881,16 @@ static int write_runs(struct pms_mem *m, const struct run *runs, uint64_t n,
 
 /* Record that [off, off+len) of the image changed since snapshot
  * since_name.  wb_mu held. */
-static void since_mark(struct pms_mem *m, uint64_t off, uint64_t len)
+/* Returns how many of the pages were marked already (written back before
+ * since the snapshot: a hot set). */
+static uint64_t since_mark(struct pms_mem *m, uint64_t off, uint64_t len)
 {
-    for (uint64_t p = off / PG; p < (off + len + PG - 1) / PG && p < m->npages; p++)
+    uint64_t again = 0;
+    for (uint64_t p = off / PG; p < (off + len + PG - 1) / PG && p < m->npages; p++) {
+        again += bit(m->since, p);
         bset(m->since, p);
+    }
+    return again;
 }
 
 /* Start tracking changes since snapshot name (NULL: stop).  wb_mu held. */
@@ -992,7 +1018,7 @@ static int64_t writeback(struct pms_mem *m, uint64_t s, uint64_t e)
         for (int64_t i = 0; i < n; i++) {
             bytes += (int64_t)m->runs[i].len;
             if (m->since_name)
-                since_mark(m, m->runs[i].off, m->runs[i].len);
+                m->wb_again += since_mark(m, m->runs[i].off, m->runs[i].len);
         }
         evict_over_cap(m);
     }
@@ -1262,7 +1288,11 @@ static void *wb_main(void *arg)
     /* Every round re-protects what it writes, and each re-protected page
      * costs its next store a fault (tens of µs under nested paging).  A
      * hot set that is dirty again round after round therefore backs the
-     * period off up to 16x; persist and snapshot are exact regardless. */
+     * period off up to 16x; persist and snapshot are exact regardless.
+     * Not when the round's pages are mostly new since the last snapshot
+     * (random stores over a large image: deferring them only makes the
+     * next snapshot write them), nor when the round had to evict (a cap
+     * needs clean pages). */
     uint64_t period = m->interval_ms, last = 0;
     while (!atomic_load(&m->stop)) {
         pthread_mutex_lock(&m->ctl_mu);
@@ -1280,10 +1310,14 @@ static void *wb_main(void *arg)
         if (atomic_load(&m->stop))
             break;
         pthread_mutex_lock(&m->wb_mu);
+        m->wb_again = 0;
+        uint64_t ev0 = atomic_load(&m->evicted);
         int64_t w = writeback(m, 0, m->maplen);
+        bool fresh = m->since_name && m->wb_again * PG * WB_HOT_DIV < (uint64_t)(w > 0 ? w : 0);
+        bool pressed = atomic_load(&m->evicted) != ev0;
         if (w < 0)
             pms_err_clear();          /* retried next round; persist reports */
-        else if (last && w > (1 << 20) && (uint64_t)w >= last / 4 * 3)
+        else if (last && w > (1 << 20) && (uint64_t)w >= last / 4 * 3 && !fresh && !pressed)
             period = period * 2 > (uint64_t)m->interval_ms * WB_BACKOFF_MAX
                          ? (uint64_t)m->interval_ms * WB_BACKOFF_MAX : period * 2;
         else
@@ -1891,21 +1925,34 @@ static int snap_refuse(struct pms_mem *m, const char *name,
 }
 
 /* Policy: pre-copy while writers run, round after round while the dirty
- * set shrinks (as live migration does), so that the final set copied
- * inside the pause is small.  wb_mu held.  Returns the bytes written (the
+ * set shrinks (as live migration does), slowing the writers' missing-page
+ * faults when it does not (auto-converge, CONVERGE_*), so that the final set
+ * copied inside the pause is small.  wb_mu held.  Returns the bytes written (the
  * last round's in *last) or -errno. */
 static int64_t precopy(struct pms_mem *m, int64_t *last)
 {
     int64_t bytes = 0, prev = INT64_MAX;
     *last = 0;
     for (int round = 0; round < PRECOPY_ROUNDS; round++) {
+        uint64_t f0 = atomic_load(&m->faults);
         int64_t w = writeback(m, 0, m->maplen);
         if (w < 0)
             return w;
         bytes += w;
         *last = w;
-        if (w < (int64_t)PRECOPY_DONE_BYTES || w >= prev)
+        if (w < (int64_t)PRECOPY_DONE_BYTES)
             break;
+        /* slowing missing faults helps only when new pages are what gets
+         * dirtied (a hot set of resident pages is dirtied without one) */
+        bool fresh = (atomic_load(&m->faults) - f0) * PG * 2 >= (uint64_t)w;
+        if (round > 0 && w > prev / 2) {            /* not converging */
+            unsigned us = atomic_load(&m->converge_us);
+            if ((!fresh || us >= CONVERGE_MAX_US) && w >= prev)
+                break;                              /* slowing does not help (more) */
+            if (fresh)
+                atomic_store(&m->converge_us, !us ? CONVERGE_START_US
+                             : us * 2 > CONVERGE_MAX_US ? CONVERGE_MAX_US : us * 2);
+        }
         prev = w;
     }
     return bytes;
@@ -2025,6 +2072,7 @@ int pms_mem_snapshot_create(struct pms_mem *m, const char *name, unsigned flags)
         stage_warm_up(m, (uint64_t)last, keep);
         nr = stop_and_cut(m, stop, &pause);
     }
+    atomic_store(&m->converge_us, 0);   /* cut (or failed): writers go freely */
     uint64_t t2 = now_ns();
     if (nr < 0 && ext)
         bdev_extsnap_abort(ext);
