@@ -133,6 +133,11 @@
  * or writeback of the live image waits behind is bounded (1,024 lookups
  * take about a millisecond). */
 #define STREAM_SECTION_EXTENTS 1024u
+/* L2 cache of the nodes opened here for a moment (bytes): a merge walks and
+ * writes the tables in guest order, so a few tables at a time suffice, and
+ * the default (enough for the whole image, up to 32 MiB per node) would add
+ * to the memory a mapped image under a cap is held to. */
+#define MERGE_L2_CACHE (1u << 20)
 
 /* Test hook: PMS_EXTSNAP_KILL_AT=<point> kills the process (SIGKILL) when it
  * gets there, so tests/extsnap/extsnap-kill.sh reaches every step of the
@@ -293,6 +298,20 @@ static int open_node(const char *path, bool ro, bool no_backing, int cache_mode,
     o.no_backing = no_backing;
     o.cache_mode = cache_mode;
     o.format = "qcow2";
+    return bdev_open(path, &o, out);
+}
+
+/* A read-only node of path without its chain, for a merge to read (or a
+ * header to look at): small L2 cache (MERGE_L2_CACHE). */
+static int open_merge_source(const char *path, int cache_mode, struct bdev **out)
+{
+    struct pms_open_opts o;
+    pms_open_opts_init(&o);
+    o.readonly = 1;
+    o.no_backing = 1;
+    o.cache_mode = cache_mode;
+    o.format = "qcow2";
+    o.l2_cache_size = MERGE_L2_CACHE;
     return bdev_open(path, &o, out);
 }
 
@@ -931,6 +950,7 @@ static int open_commit_target(const char *parent, int cache_mode, struct bdev **
     struct pms_open_opts o;
     pms_open_opts_init(&o);
     o.cache_mode = cache_mode;
+    o.l2_cache_size = MERGE_L2_CACHE;
     int r = bdev_open(parent, &o, par);
     if (r < 0)
         return pms_err(-r, "cannot merge into '%s': %s", parent, pms_err_get());
@@ -949,7 +969,7 @@ static int commit_finish(const struct paths *p, struct bdev *par, const char *pa
 {
     struct bdev *ch = NULL;
     int r = par ? 0 : open_commit_target(parent, cache_mode, &par);
-    if (r == 0 && (r = open_node(child, true, true, cache_mode, &ch)) < 0)
+    if (r == 0 && (r = open_merge_source(child, cache_mode, &ch)) < 0)
         r = pms_err(-r, "cannot merge '%s': %s", child, pms_err_get());
     if (r < 0)
         goto out;
@@ -1080,7 +1100,7 @@ static int survey(struct bdev *bs, const char *name, const struct paths *p, cons
                        strerror(errno));
     /* the layer's own backing file becomes its children's */
     struct bdev *ln;
-    int r = open_node(layer, true, true, bs->cache_mode, &ln);
+    int r = open_merge_source(layer, bs->cache_mode, &ln);
     if (r < 0)
         return pms_err(-r, "cannot delete snapshot '%s': %s", name, pms_err_get());
     v->bname = QS(ln)->backing_file ? strdup(QS(ln)->backing_file) : NULL;

@@ -183,20 +183,25 @@ static void under_readers(int (*op)(void *), void *arg)
         pthread_join(t[i], NULL);
 }
 
-static int op_create(void *name) { return pms_snapshot_create_ex(g_dev, name, PMS_SNAP_EXTERNAL); }
-static int op_delete(void *name) { return pms_snapshot_delete(g_dev, name); }
-
-static int do_switch(const char *dir)
+/* A new image DIR/img.qcow2 of size bytes, open as g_dev, its model empty. */
+static void open_model(const char *dir, uint64_t size)
 {
     char img[4096];
     snprintf(img, sizeof img, "%s/img.qcow2", dir);
-    const uint64_t size = 8u << 20;
     struct pms_create_opts co;
     pms_create_opts_init(&co);
     CHECK(pms_create(img, size, &co));
     CHECK(pms_open(img, NULL, &g_dev));
     cur.npages = size / PG;
     cur.ver = calloc(cur.npages, sizeof *cur.ver);
+}
+
+static int op_create(void *name) { return pms_snapshot_create_ex(g_dev, name, PMS_SNAP_EXTERNAL); }
+static int op_delete(void *name) { return pms_snapshot_delete(g_dev, name); }
+
+static int do_switch(const char *dir)
+{
+    open_model(dir, 8u << 20);
     uint8_t buf[PG];
     for (uint64_t p = 0; p < cur.npages; p++) {
         fill_page(buf, p, 1);
@@ -358,15 +363,8 @@ static void busy_delete(const char *name)
 
 static int do_busy(const char *dir)
 {
-    char img[4096];
-    snprintf(img, sizeof img, "%s/img.qcow2", dir);
     const uint64_t size = 32u << 20;
-    struct pms_create_opts co;
-    pms_create_opts_init(&co);
-    CHECK(pms_create(img, size, &co));
-    CHECK(pms_open(img, NULL, &g_dev));
-    cur.npages = size / PG;
-    cur.ver = calloc(cur.npages, sizeof *cur.ver);
+    open_model(dir, size);
     bver = calloc(cur.npages, sizeof *bver);
     bnext = calloc(cur.npages, sizeof *bnext);
     const uint64_t chunk = 256;
