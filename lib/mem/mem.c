@@ -40,7 +40,9 @@
  *                   sync WP faults (wp_mu), poisons on read errors.
  *                   Never touches the mapping with loads/stores; over the
  *                   memory cap it waits (at most 200 ms) for an eviction
- *                   round, then installs anyway.
+ *                   round, then installs anyway; during a pre-copy that does
+ *                   not converge it delays each missing fault (auto-converge,
+ *                   at most CONVERGE_MAX_US).
  *   writeback thread every writeback_interval_ms (backing off to 16x while
  *                   the same hot set stays dirty; or when kicked): writes
  *                   dirty pages back (wb_mu), evicts clean pages over the
