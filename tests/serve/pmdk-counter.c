@@ -49,6 +49,8 @@ int main(int argc, char **argv)
         errx(1, "pmemobj_open %s: %s", path, pmemobj_errormsg());
     PMEMoid ro = pmemobj_root(pop, sizeof(struct root));
     struct root *r = pmemobj_direct(ro);
+    if (!r)          /* a pool whose bytes did not survive (seen on other exports) */
+        errx(1, "pmemobj_root %s: %s", path, pmemobj_errormsg());
     if (strcmp(cmd, "check") == 0) {
         uint64_t n = 0, expect = r->counter;
         for (PMEMoid o = r->head; !OID_IS_NULL(o); n++) {
