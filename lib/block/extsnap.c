@@ -346,6 +346,21 @@ static int backing_path(struct bdev *bs, const struct paths *p, char *buf, size_
     return n >= (int)cap ? pms_err(ENAMETOOLONG, "backing file name is too long") : 0;
 }
 
+/* Open the backing chain at path (format fmt, NULL: probe) read-only, as
+ * a live image's backing node. */
+static int open_chain(const char *path, const char *fmt, int cache_mode, struct bdev **b)
+{
+    struct pms_open_opts o;
+    pms_open_opts_init(&o);
+    o.readonly = 1;
+    o.format = fmt;
+    o.cache_mode = cache_mode;
+    int r = bdev_open(path, &o, b);
+    if (r < 0)
+        return pms_err(-r, "could not reopen backing file '%s': %s", path, pms_err_get());
+    return 0;
+}
+
 /* Reopen bs's backing chain after it was closed (bs->lock held). */
 static int reopen_chain(struct bdev *bs, const struct paths *p)
 {
@@ -353,17 +368,10 @@ static int reopen_chain(struct bdev *bs, const struct paths *p)
     const char *fmt;
     int r = backing_path(bs, p, path, sizeof path, &fmt);
     if (r < 0 || !path[0]) return r;
-    struct pms_open_opts o;
-    pms_open_opts_init(&o);
-    o.readonly = 1;
-    o.format = fmt;
-    o.cache_mode = bs->cache_mode;
     struct bdev *b;
-    r = bdev_open(path, &o, &b);
-    if (r < 0)
-        return pms_err(-r, "could not reopen backing file '%s': %s", path, pms_err_get());
-    bdev_set_backing(bs, b);
-    return 0;
+    r = open_chain(path, fmt, bs->cache_mode, &b);
+    if (r == 0) bdev_set_backing(bs, b);
+    return r;
 }
 
 /* Move the freshly opened overlay nw into bs (whose old state nw then
@@ -742,7 +750,7 @@ struct merge {
 
 /* Keep path's inode open until the delete is done (then closed in the
  * background). */
-static void hold_until_unlock(struct merge *m, const char *path)
+static void hold_until_done(struct merge *m, const char *path)
 {
     if (m->nlate < (int)(sizeof m->late_fd / sizeof *m->late_fd)) {
         int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -1003,7 +1011,7 @@ out:
     kill_point("delete-committed");
     struct stat cst;
     bool have_time = stat(child, &cst) == 0;
-    hold_until_unlock(m, child);       /* the file the rename drops */
+    hold_until_done(m, child);       /* the file the rename drops */
     if (rename(parent, child) < 0)
         return pms_err(errno, "could not rename '%s' to '%s': %s", parent, child, strerror(errno));
     if (have_time) {                   /* the child's snapshot instant */
@@ -1234,7 +1242,7 @@ static int delete_by_stream(struct bdev *bs, const struct paths *p, const char *
     }
     if (r == 0) {
         kill_point("delete-unlink");
-        hold_until_unlock(m, layer);
+        hold_until_done(m, layer);
         if (unlink(layer) < 0)
             r = pms_err(errno, "could not remove '%s': %s", layer, strerror(errno));
         else
@@ -1256,16 +1264,8 @@ static int restore_chain(struct bdev *bs, const struct paths *p, bool had_chain)
     int r = had_chain ? backing_path(bs, p, path, sizeof path, &fmt) : 0;
     char *f = r == 0 && had_chain && fmt ? strdup(fmt) : NULL;
     pthread_mutex_unlock(&bs->lock);
-    if (r == 0 && had_chain && path[0]) {
-        struct pms_open_opts o;
-        pms_open_opts_init(&o);
-        o.readonly = 1;
-        o.format = f;
-        o.cache_mode = bs->cache_mode;
-        r = bdev_open(path, &o, &nb);
-        if (r < 0)
-            r = pms_err(-r, "could not reopen backing file '%s': %s", path, pms_err_get());
-    }
+    if (r == 0 && had_chain && path[0])
+        r = open_chain(path, f, bs->cache_mode, &nb);
     free(f);
     if (r < 0) return r;
     pthread_mutex_lock(&bs->lock);
@@ -1311,7 +1311,6 @@ int bdev_extsnap_delete(struct bdev *bs, const char *name, bdev_progress_fn fn, 
     merge_free(&m);
     for (int i = 0; i < m.nlate; i++)
         bdev_fd_close_later(m.late_fd[i]);
-
     return r;
 }
 
