@@ -93,23 +93,29 @@ log "kinds available:${KINDS:- none}"
 # 1 + 2. snapshot call (and revert on the first size)
 # (external-unmapped: the same through pms_pwrite and an unmapped device, as
 # the CLI does; first size only)
+# (internal-nowb, external-nowb: no background writeback round during the
+# stores, so the call writes and syncs everything since the last snapshot;
+# first size only)
 UNMAPPED=; [ "${SNAPBENCH_UNMAPPED:-1}" != 0 ] && UNMAPPED=external-unmapped
 for gb in $SIZES; do
-    for k in internal external $UNMAPPED; do
-        [ "$k" = external-unmapped ] && [ "$gb" != "$FIRST" ] && continue
-        out=$R/snap-$k-$gb
+    for row in internal external internal-nowb external-nowb $UNMAPPED; do
+        k=${row%-nowb} wbms=
+        [ "$row" != "$k" ] && wbms=100000
+        [ "$row" != internal ] && [ "$row" != external ] && [ "$gb" != "$FIRST" ] && continue
+        out=$R/snap-$row-$gb
         if [ "$k" != external-unmapped ] && ! [[ " $KINDS " == *" $k "* ]]; then
             cp "$R/probe-$k" "$out"; continue
         fi
         if [ "$(free_gb)" -lt $((gb + gb / 4 + 4)) ]; then
             echo "na skipped: $(free_gb) GiB free in $T, need $((gb + gb / 4 + 4))" >"$out"; continue
         fi
-        dir=$T/snap-$k-$gb
+        dir=$T/snap-$row-$gb
         mkdir -p "$dir"
         qemu-img create -q -f qcow2 "$dir/img.qcow2" "${gb}G"
         rv=; [ "$gb" = "$FIRST" ] && rv=revert
-        log "snapshot $k ${gb} GiB: fill, $REPS x ($DIRTY MiB of stores + snapshot) $rv"
-        "$SB" snap "$k" "$dir/img.qcow2" "$DIRTY" "$REPS" $rv >"$out" 2>&1 || echo "error exit $?" >>"$out"
+        log "snapshot $row ${gb} GiB: fill, $REPS x ($DIRTY MiB of stores + snapshot) $rv"
+        SNAPBENCH_WB_MS=${wbms:-${SNAPBENCH_WB_MS:-0}} \
+            "$SB" snap "$k" "$dir/img.qcow2" "$DIRTY" "$REPS" $rv >"$out" 2>&1 || echo "error exit $?" >>"$out"
         check_all "$dir" "$out"
         if [ -n "$rv" ] && [ -f "$dir/img.qcow2.gen" ]; then
             # oracle: QEMU reads the live image (and its chain) after the revert

@@ -262,6 +262,26 @@ void bdev_fd_close_later(int fd)
         close_later(NULL, fd);
 }
 
+int bdev_writeout_start(struct bdev *bs)
+{
+    if (bs->readonly || bs->cache_mode == PMS_CACHE_UNSAFE)
+        return 0;
+    /* snap_lock pins bs->file (only an external snapshot replaces it); a
+     * merge holds it for seconds, and a skipped start costs nothing but
+     * a longer next flush */
+    if (pthread_mutex_trylock(&bs->snap_lock) != 0)
+        return 0;
+    int fd = bdev_file_dup(bs->file ? bs->file : bs);
+    pthread_mutex_unlock(&bs->snap_lock);
+    if (fd < 0)
+        return fd == -ENOTSUP ? 0 : pms_err(-fd, "could not duplicate the descriptor of '%s': %s",
+                                            bs->filename, strerror(-fd));
+    int r = sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE) < 0 ? -errno : 0;
+    close(fd);
+    return r < 0 ? pms_err(-r, "could not start the write-out of '%s': %s", bs->filename,
+                           strerror(-r)) : 0;
+}
+
 void bdev_close_wait(void)
 {
     pthread_mutex_lock(&later_mu);

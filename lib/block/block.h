@@ -168,6 +168,18 @@ struct bdev *bdev_take_backing(struct bdev *bs);
  * (which takes the locks itself); no-op for other drivers. */
 void bdev_file_unlock(struct bdev *file);
 
+/* A new descriptor of a protocol node's (file's) open file description, for
+ * work that must not hold any node lock; -ENOTSUP for other drivers (the
+ * fault-injecting one keeps unflushed writes to itself). */
+int  bdev_file_dup(struct bdev *file);
+/* Start the write-out of every dirty page-cache page of top node bs's data
+ * file (sync_file_range WRITE, no wait for completion), so that the next
+ * flush only waits for what is in flight.  It blocks while the device's
+ * queue is full: call it with no lock held.  Skipped (0) while an
+ * external-snapshot operation holds bs's file (snap_lock busy), and for
+ * protocol drivers other than file.  Any thread. */
+int  bdev_writeout_start(struct bdev *bs);
+
 /* Checked, locked entry points (top level or child). */
 int  bdev_pread(struct bdev *bs, void *buf, uint64_t len, uint64_t off);
 int  bdev_pwrite(struct bdev *bs, const void *buf, uint64_t len, uint64_t off);

@@ -164,6 +164,15 @@ void bdev_file_unlock(struct bdev *bs)
     }
 }
 
+int bdev_file_dup(struct bdev *bs)
+{
+    if (!bs || bs->drv != &pms_drv_file)
+        return -ENOTSUP;
+    struct file_state *s = bs->opaque;
+    int fd = fcntl(s->fd, F_DUPFD_CLOEXEC, 0);
+    return fd < 0 ? -errno : fd;
+}
+
 /* The direct-I/O alignment of fd (offset and memory), as QEMU probes it. */
 static void dio_align(struct file_state *s)
 {
