@@ -298,6 +298,7 @@ static uint8_t *map_dev(pms_dev *d, size_t *len, uint64_t cap)
     pms_map_opts_init(&mo);
     mo.writeback_interval_ms = getenv("SNAPBENCH_WB_MS") ? atoi(getenv("SNAPBENCH_WB_MS")) : 0;
     mo.mem_limit = cap;
+    if (getenv("SNAPBENCH_DIRTY")) mo.dirty_tracking = atoi(getenv("SNAPBENCH_DIRTY"));
     void *a;
     TRY(pms_map(d, &mo, &a, len));
     return a;
@@ -612,6 +613,7 @@ static int scale(const char *kind, const char *path, uint64_t cap_mb, double sec
         struct pms_map_opts mo;
         pms_map_opts_init(&mo);
         mo.mem_limit = cap_mb << 20;  /* default writeback period: this is a live run */
+        if (getenv("SNAPBENCH_DIRTY")) mo.dirty_tracking = atoi(getenv("SNAPBENCH_DIRTY"));
         void *a;
         TRY(pms_map(d, &mo, &a, &l));
         p = a;

@@ -4,7 +4,8 @@
  *
  * Page states (per 4 KiB page of the mapping):
  *   MISSING   pte none; the image holds the page's bytes.  A touch raises a
- *             missing fault; the fault thread reads the surrounding chunk
+ *             missing fault; the fault thread reads the surrounding chunk (a
+ *             random fault under a cap smaller than the mapping: the page)
  *             (bdev_block_status: zero extents need no I/O) and installs it
  *             write-protected (UFFDIO_COPY_MODE_WP; zero extents are copied
  *             from a zeroed buffer because uffd-wp does not stick to the
@@ -568,13 +569,23 @@ static void serve_missing(struct pms_mem *m, uint64_t addr, unsigned flags, pid_
     if (m->limit_pages && win / PG > cap_pct(m, CAP_RA_PCT))
         win = m->chunk;
     uint64_t c1 = c0 + win < m->maplen ? c0 + win : m->maplen;
+    /* Under a memory cap smaller than the mapping, a fault that does not
+     * continue a sequential run installs only its own page, data or not:
+     * each neighbour installed with it takes room in the cap and an
+     * eviction later, and random stores over an image larger than memory
+     * rarely come back to a neighbour before it is evicted (8 GiB image,
+     * 256 MiB cap, random page stores: 22-38 -> 57-66 MB/s here). */
+    if (!seq && m->limit_pages && m->limit_pages < m->npages) {
+        c0 = off;
+        c1 = off + PG;
+    }
     /* A fault that does not continue a sequential run installs only its own
      * page where the image reads as zeroes (no I/O to save by installing
      * the chunk, and under a memory cap sixteen zero pages per random store
-     * filled the cap sixteen times faster than the data); data extents are
-     * installed whole, since they were read anyway.  The next page then
-     * counts as sequential, so a scan gets the whole window from its second
-     * fault on. */
+     * filled the cap sixteen times faster than the data); without a cap,
+     * data extents are installed whole, since they were read anyway.  The
+     * next page then counts as sequential, so a scan gets the whole window
+     * from its second fault on. */
     m->zero_focus = seq ? UINT64_MAX : off;
     m->seq_next = seq ? c1 : off + PG;
     wait_cap(m, (c1 - c0) / PG);
