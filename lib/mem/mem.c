@@ -47,8 +47,9 @@
  *   writeback thread every writeback_interval_ms (backing off up to 16 s
  *                   while the same hot set stays dirty; or when kicked):
  *                   writes dirty pages back (wb_mu), evicts clean pages over
- *                   the memory cap (wb_mu, mu, safepoint), then starts the
- *                   device write-out of the round (no lock held).
+ *                   the memory cap (wb_mu, mu, safepoint), then kicks the
+ *   write-out thread, which starts the device write-out of the round
+ *                   (no lock of ours held; ctl_mu for the handshake).
  * Between stopping the application (safepoint.c) and releasing it, no code
  * here calls malloc or takes a lock an application thread may hold.
  *   prefetch thread optional; installs missing chunks front to back (mu).
@@ -192,7 +193,9 @@ struct pms_mem {
     pthread_mutex_t mu, wp_mu, wb_mu;
     pthread_mutex_t ctl_mu;          /* kick/evict handshake with writeback thread */
     pthread_cond_t ctl_cond, evict_cond;
+    pthread_cond_t wo_cond;          /* wakes the write-out thread (ctl_mu) */
     bool kick, want_evict;
+    bool wo_kick;                    /* a round was written: start its write-out (ctl_mu) */
     uint64_t evict_rounds;
 
     uint64_t *resident, *dirty;      /* bitmaps (mu / wp_mu) */
@@ -225,8 +228,8 @@ struct pms_mem {
     uint64_t seq_next, ra, hand;
     uint64_t zero_focus;             /* see serve_missing (mu; UINT64_MAX: none) */
 
-    pthread_t fault_th, wb_th, pf_th;
-    bool have_wb, have_pf, have_fault;
+    pthread_t fault_th, wb_th, pf_th, wo_th;
+    bool have_wb, have_pf, have_fault, have_wo;
     _Atomic bool stop;
 
     _Atomic uint64_t faults, wp_faults, bytes_in, bytes_out, nresident, ndirty,
@@ -1352,15 +1355,47 @@ static void *wb_main(void *arg)
         last = w < 0 ? 0 : (uint64_t)w;
         evict_over_cap(m);
         pthread_mutex_unlock(&m->wb_mu);
-        /* the device writes this round while the application runs, so the
-         * flush of the next persist or snapshot only waits for the rest */
-        if (w > 0 && bdev_writeout_start(m->bs) < 0)
-            pms_err_clear();
+        if (w > 0 && m->have_wo) {
+            pthread_mutex_lock(&m->ctl_mu);
+            m->wo_kick = true;
+            pthread_cond_signal(&m->wo_cond);
+            pthread_mutex_unlock(&m->ctl_mu);
+        }
         pthread_mutex_lock(&m->ctl_mu);
         m->evict_rounds++;
         pthread_cond_broadcast(&m->evict_cond);
         pthread_mutex_unlock(&m->ctl_mu);
     }
+    exempt(m, 0);
+    return NULL;
+}
+
+/* Write-out thread: starts the device write-out of what the writeback
+ * thread wrote (bdev_writeout_start, no lock of ours held), so that the
+ * device writes a round while the application runs and the flush of the
+ * next persist or snapshot only waits for the rest.  A thread of its own
+ * because the kernel submits the pages in the caller (tens of ms of CPU
+ * for thousands of scattered pages), and the writeback thread must go on
+ * evicting under a cap meanwhile.  Kicks that arrive while it works merge
+ * into one more start. */
+static void *wo_main(void *arg)
+{
+    struct pms_mem *m = arg;
+    pthread_setname_np(pthread_self(), "pms-writeout");
+    exempt(m, 1);
+    pthread_mutex_lock(&m->ctl_mu);
+    while (!atomic_load(&m->stop)) {
+        if (!m->wo_kick) {
+            pthread_cond_wait(&m->wo_cond, &m->ctl_mu);
+            continue;
+        }
+        m->wo_kick = false;
+        pthread_mutex_unlock(&m->ctl_mu);
+        if (bdev_writeout_start(m->bs) < 0)
+            pms_err_clear();          /* the next flush writes it anyway */
+        pthread_mutex_lock(&m->ctl_mu);
+    }
+    pthread_mutex_unlock(&m->ctl_mu);
     exempt(m, 0);
     return NULL;
 }
@@ -1426,6 +1461,7 @@ static void mem_free(struct pms_mem *m)
     pthread_mutex_destroy(&m->ctl_mu);
     pthread_cond_destroy(&m->ctl_cond);
     pthread_cond_destroy(&m->evict_cond);
+    pthread_cond_destroy(&m->wo_cond);
     free(m);
 }
 
@@ -1437,11 +1473,13 @@ static void stop_threads(struct pms_mem *m)
     pthread_mutex_lock(&m->ctl_mu);
     pthread_cond_broadcast(&m->ctl_cond);
     pthread_cond_broadcast(&m->evict_cond);
+    pthread_cond_broadcast(&m->wo_cond);
     pthread_mutex_unlock(&m->ctl_mu);
     if (m->have_pf) pthread_join(m->pf_th, NULL);
     if (m->have_wb) pthread_join(m->wb_th, NULL);
+    if (m->have_wo) pthread_join(m->wo_th, NULL);
     if (m->have_fault) pthread_join(m->fault_th, NULL);
-    m->have_pf = m->have_wb = m->have_fault = false;
+    m->have_pf = m->have_wb = m->have_fault = m->have_wo = false;
 }
 
 int pms_mem_map(pms_dev *dev, const struct pms_map_opts *o, struct pms_mem **memp,
@@ -1488,6 +1526,7 @@ int pms_mem_map(pms_dev *dev, const struct pms_map_opts *o, struct pms_mem **mem
     pthread_mutex_init(&m->ctl_mu, NULL);
     pthread_cond_init(&m->ctl_cond, NULL);
     pthread_cond_init(&m->evict_cond, NULL);
+    pthread_cond_init(&m->wo_cond, NULL);
     m->dev = dev;
     m->bs = dev->bs;
     m->size = size;
@@ -1610,6 +1649,8 @@ int pms_mem_map(pms_dev *dev, const struct pms_map_opts *o, struct pms_mem **mem
             return pms_err(r, "cannot create the writeback thread");
         }
         m->have_wb = true;
+        /* without it the write-out is left to the kernel and the next flush */
+        m->have_wo = !m->ro && pthread_create(&m->wo_th, NULL, wo_main, m) == 0;
     }
     if (o->prefetch && pthread_create(&m->pf_th, NULL, prefetch_main, m) == 0)
         m->have_pf = true;
