@@ -254,7 +254,8 @@ void pms_snapshot_list_free(struct pms_snapshot_info *list, size_t n);
 /* ---- the memory device (lib/mem) ---------------------------------------- */
 
 enum pms_dirty_mode {
-    PMS_DIRTY_AUTO = 0,        /* async WP + PAGEMAP_SCAN when present, else sync */
+    PMS_DIRTY_AUTO = 0,        /* async WP + PAGEMAP_SCAN when present, else sync; sync when
+                                  mem_limit keeps at most 1/256 of the mapping resident */
     PMS_DIRTY_ASYNC_WP,
     PMS_DIRTY_SYNC_WP,
 };

@@ -1161,6 +1161,65 @@ static int t_bigimg(void)
     return 0;
 }
 
+/* PMS_DIRTY_AUTO under a memory cap: synchronous tracking when the cap keeps
+ * at most 1/256 of the mapping resident (no page-table walks over a sparse
+ * mapping), asynchronous (when the kernel has it) otherwise; an explicit
+ * mode is kept.  Random page stores persisted under the sparse cap read back
+ * through qemu-io. */
+static int t_automode(void)
+{
+    char *img = P("am.qcow2");
+    MUST("qemu-img create -q -f qcow2 '%s' 1G", img);
+    pms_dev *d = open_img(img, "qcow2", 0, 0);
+    struct { uint64_t cap; int mode; int want; const char *what; } c[] = {
+        { 0, PMS_DIRTY_AUTO, -1, "no cap" },
+        { 8ull << 20, PMS_DIRTY_AUTO, -1, "cap 1/128 of the mapping" },
+        { 4ull << 20, PMS_DIRTY_AUTO, PMS_DIRTY_SYNC_WP, "cap 1/256 of the mapping" },
+        { 4ull << 20, PMS_DIRTY_ASYNC_WP, PMS_DIRTY_ASYNC_WP, "explicit async, cap 1/256" },
+    };
+    int base = -1;             /* what auto picks without a cap */
+    for (size_t i = 0; i < sizeof c / sizeof *c; i++) {
+        struct pms_map_opts o;
+        pms_map_opts_init(&o);
+        o.mem_limit = c[i].cap;
+        o.dirty_tracking = c[i].mode;
+        size_t len;
+        void *a;
+        int r = pms_map(d, &o, &a, &len);
+        if (r < 0 && c[i].mode == PMS_DIRTY_ASYNC_WP && base != PMS_DIRTY_ASYNC_WP)
+            continue;          /* kernel without WP_ASYNC: refused, as documented */
+        if (r < 0) {
+            BAD("%s: pms_map failed: %s", c[i].what, pms_errmsg());
+            continue;
+        }
+        struct pms_stats st = { .size = sizeof st };
+        API(pms_stats(d, &st));
+        if (i == 0)
+            base = st.dirty_mode;
+        int want = c[i].want < 0 ? base : c[i].want;
+        CHECK(st.dirty_mode == want, "%s: dirty mode %d, want %d", c[i].what, st.dirty_mode, want);
+        uint8_t *p = a;
+        for (unsigned k = 0; k < 64; k++) {    /* pages 16 MiB apart, pattern per case */
+            uint64_t off = (uint64_t)k * (16u << 20) + (uint64_t)i * 4096;
+            memset(p + off, 0x30 + (int)i, 4096);
+        }
+        API(pms_persist(d, p, len));
+        API(pms_unmap(d));
+    }
+    API(pms_close(d));
+    check_clean(img);
+    for (size_t i = 0; i < sizeof c / sizeof *c; i++)
+        for (unsigned k = 0; k < 64; k += 21) {
+            char cmd[96];
+            snprintf(cmd, sizeof cmd, "read -P 0x%x %" PRIu64 " 4096", 0x30 + (unsigned)i,
+                     (uint64_t)k * (16u << 20) + (uint64_t)i * 4096);
+            if (i == 3 && base != PMS_DIRTY_ASYNC_WP)
+                continue;
+            qio("qcow2", img, cmd, NULL);
+        }
+    return 0;
+}
+
 /* ---- main ---------------------------------------------------------------------------- */
 
 int main(int argc, char **argv)
@@ -1194,6 +1253,7 @@ int main(int argc, char **argv)
     else if (strcmp(c, "overlap") == 0) r = t_overlap();
     else if (strcmp(c, "ro") == 0) r = t_ro();
     else if (strcmp(c, "bigimg") == 0) r = t_bigimg();
+    else if (strcmp(c, "automode") == 0) r = t_automode();
     else if (strcmp(c, "rawsnap") == 0) r = t_rawsnap();
     else if (strcmp(c, "share") == 0) r = t_share(argv[0]);
     else if (strcmp(c, "share-reader") == 0) {

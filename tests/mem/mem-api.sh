@@ -68,6 +68,7 @@ for mode in async sync; do
     run sizes2-$mode sizes2 $mode
 done
 run opts opts
+run automode automode
 run opts-sync opts sync
 run chunk-huge chunk-huge
 run opts-size opts-size
