@@ -264,14 +264,13 @@ void bdev_fd_close_later(int fd)
 
 int bdev_writeout_start(struct bdev *bs)
 {
-    if (bs->readonly || bs->cache_mode == PMS_CACHE_UNSAFE)
-        return 0;
-    /* snap_lock pins bs->file (only an external snapshot replaces it); a
-     * merge holds it for seconds, and a skipped start costs nothing but
-     * a longer next flush */
+    /* snap_lock pins bs->file and its flags (only an external snapshot
+     * swaps them); a merge holds it for seconds, and a skipped start costs
+     * nothing but a longer next flush */
     if (pthread_mutex_trylock(&bs->snap_lock) != 0)
         return 0;
-    int fd = bdev_file_dup(bs->file ? bs->file : bs);
+    int fd = bs->readonly || bs->cache_mode == PMS_CACHE_UNSAFE ? -ENOTSUP
+             : bdev_file_dup(bs->file ? bs->file : bs);
     pthread_mutex_unlock(&bs->snap_lock);
     if (fd < 0)
         return fd == -ENOTSUP ? 0 : pms_err(-fd, "could not duplicate the descriptor of '%s': %s",
