@@ -610,13 +610,7 @@ static int scale(const char *kind, const char *path, uint64_t cap_mb, double sec
     if (is_img) {
         size_t l;
         TRY(pms_open(path, NULL, &d));
-        struct pms_map_opts mo;
-        pms_map_opts_init(&mo);
-        mo.mem_limit = cap_mb << 20;  /* default writeback period: this is a live run */
-        if (getenv("SNAPBENCH_DIRTY")) mo.dirty_tracking = atoi(getenv("SNAPBENCH_DIRTY"));
-        void *a;
-        TRY(pms_map(d, &mo, &a, &l));
-        p = a;
+        p = map_dev(d, &l, cap_mb << 20);   /* a live run: the library's writeback period */
         len = l;
     } else {
         struct stat st;

@@ -48,8 +48,9 @@
  *                   while the same hot set stays dirty; or when kicked):
  *                   writes dirty pages back (wb_mu), evicts clean pages over
  *                   the memory cap (wb_mu, mu, safepoint), then kicks the
- *   write-out thread, which starts the device write-out of the round
- *                   (no lock of ours held; ctl_mu for the handshake).
+ *                   write-out thread (ctl_mu).
+ *   write-out thread starts the device write-out of each round's file
+ *                   (bdev_writeout_start; no lock of ours held).
  * Between stopping the application (safepoint.c) and releasing it, no code
  * here calls malloc or takes a lock an application thread may hold.
  *   prefetch thread optional; installs missing chunks front to back (mu).
@@ -974,11 +975,12 @@ static int64_t collect_sync(struct pms_mem *m, uint64_t s, uint64_t e, uint64_t 
         if (!m->dirty[p >> 6]) {
             p = (p | 63) + 1;
             if (!(p & (DSUM_PAGES - 1))) {   /* end of a group: clear a stale summary bit */
-                uint64_t w0 = g << (DSUM_SHIFT - 6), w = w0, nw = (m->npages / 64 + 1) - w0;
-                nw = nw < DSUM_PAGES / 64 ? nw : DSUM_PAGES / 64;
-                while (w < w0 + nw && !m->dirty[w])
+                uint64_t w = g << (DSUM_SHIFT - 6), w1 = w + DSUM_PAGES / 64;
+                if (w1 > m->npages / 64 + 1)
+                    w1 = m->npages / 64 + 1;             /* words in `dirty` */
+                while (w < w1 && !m->dirty[w])
                     w++;
-                if (w == w0 + nw)
+                if (w == w1)
                     bclr(m->dsum, g);
             }
             continue;
@@ -1388,13 +1390,11 @@ static void *wb_main(void *arg)
         last = w < 0 ? 0 : (uint64_t)w;
         evict_over_cap(m);
         pthread_mutex_unlock(&m->wb_mu);
+        pthread_mutex_lock(&m->ctl_mu);
         if (w > 0 && m->have_wo) {
-            pthread_mutex_lock(&m->ctl_mu);
             m->wo_kick = true;
             pthread_cond_signal(&m->wo_cond);
-            pthread_mutex_unlock(&m->ctl_mu);
         }
-        pthread_mutex_lock(&m->ctl_mu);
         m->evict_rounds++;
         pthread_cond_broadcast(&m->evict_cond);
         pthread_mutex_unlock(&m->ctl_mu);
@@ -1689,7 +1689,7 @@ int pms_mem_map(pms_dev *dev, const struct pms_map_opts *o, struct pms_mem **mem
         }
         m->have_wb = true;
         /* without it the write-out is left to the kernel and the next flush */
-        m->have_wo = !m->ro && pthread_create(&m->wo_th, NULL, wo_main, m) == 0;
+        m->have_wo = pthread_create(&m->wo_th, NULL, wo_main, m) == 0;
     }
     if (o->prefetch && pthread_create(&m->pf_th, NULL, prefetch_main, m) == 0)
         m->have_pf = true;
