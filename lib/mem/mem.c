@@ -249,6 +249,9 @@ struct pms_mem {
     uint64_t nzgrain, nzregion;
     uint64_t seq_next, ra, hand;
     uint64_t zero_focus;             /* see serve_missing (mu; UINT64_MAX: none) */
+    uint64_t wfocus;                 /* sync mode: the page a write fault installs
+                                        writable; install resets it to UINT64_MAX once
+                                        it did (mu) */
 
     pthread_t fault_th, wb_th, pf_th, wo_th;
     bool have_wb, have_pf, have_fault, have_wo;
@@ -340,13 +343,22 @@ static int install(struct pms_mem *m, uint64_t off, uint64_t len, const uint8_t 
     while (len) {
         long done;
         if (src) {
+            /* the write focus alone is installed writable (see serve_missing) */
+            uint64_t f = m->wfocus, n = len;
+            bool wp = m->wp;
+            if (f == off)
+                n = PG, wp = false;
+            else if (f > off && f < off + len)
+                n = f - off;
             struct uffdio_copy c = {
                 .dst = (uint64_t)(uintptr_t)(m->base + off),
-                .src = (uint64_t)(uintptr_t)src, .len = len,
-                .mode = UFFDIO_COPY_MODE_DONTWAKE | (m->wp ? UFFDIO_COPY_MODE_WP : 0),
+                .src = (uint64_t)(uintptr_t)src, .len = n,
+                .mode = UFFDIO_COPY_MODE_DONTWAKE | (wp ? UFFDIO_COPY_MODE_WP : 0),
             };
             int r = ioctl(m->uffd, UFFDIO_COPY, &c);
             done = c.copy > 0 ? c.copy : 0;
+            if (f == off && done == (long)PG)
+                m->wfocus = UINT64_MAX;         /* installed writable: the caller marks it */
             if (r < 0 && errno != EEXIST && errno != EAGAIN)
                 return -errno;
             if (r < 0 && errno == EEXIST && done == 0)
@@ -623,6 +635,13 @@ static void serve_missing(struct pms_mem *m, uint64_t addr, unsigned flags, pid_
      * from its second fault on. */
     m->zero_focus = seq ? UINT64_MAX : off;
     m->seq_next = seq ? c1 : off + PG;
+    /* Sync mode: a write fault installs its page writable and marks it
+     * dirty, instead of installing it protected and un-protecting it (that
+     * ioctl flushes the TLB of every CPU running the process: an IPI per
+     * random store).  Nothing can see the page between the two steps: the
+     * mark happens under mu, which eviction needs, and writeback only
+     * collects pages already marked. */
+    bool wfault = m->wp && !m->async && (flags & UFFD_PAGEFAULT_FLAG_WRITE);
     wait_cap(m, (c1 - c0) / PG);
     atomic_fetch_add(&m->faults, 1);
 
@@ -638,7 +657,10 @@ static void serve_missing(struct pms_mem *m, uint64_t addr, unsigned flags, pid_
     }
     /* install the faulting chunk first, wake, then the read-ahead */
     uint64_t f1 = c0 + m->chunk < c1 ? c0 + m->chunk : c1;
+    m->wfocus = wfault && !was ? off : UINT64_MAX;
     int r = fill(m, m->fbuf, c0, f1);
+    bool wdone = wfault && !was && m->wfocus == UINT64_MAX;
+    m->wfocus = UINT64_MAX;
     m->zero_focus = UINT64_MAX;
     if (r < 0 && !bit(m->resident, off / PG)) {
         /* retry the faulting page alone: the error may be elsewhere */
@@ -662,9 +684,13 @@ static void serve_missing(struct pms_mem *m, uint64_t addr, unsigned flags, pid_
             return;
         }
     }
-    if (!was && m->wp && !m->async && (flags & UFFD_PAGEFAULT_FLAG_WRITE) &&
-        bit(m->resident, off / PG)) {
-        /* sync mode: a write fault installs the page writable and dirty */
+    if (wdone) {
+        pthread_mutex_lock(&m->wp_mu);
+        mark_dirty(m, off / PG);
+        pthread_mutex_unlock(&m->wp_mu);
+    } else if (wfault && !was && bit(m->resident, off / PG)) {
+        /* installed protected after all (a zero page without WP, a racing
+         * install): mark and un-protect it as a WP fault would */
         pthread_mutex_lock(&m->wp_mu);
         mark_dirty(m, off / PG);
         /* if this fails the page stays protected and marked dirty: the
@@ -1575,6 +1601,7 @@ int pms_mem_map(pms_dev *dev, const struct pms_map_opts *o, struct pms_mem **mem
     m->ra = m->chunk;
     m->seq_next = UINT64_MAX;
     m->zero_focus = UINT64_MAX;
+    m->wfocus = UINT64_MAX;
     m->interval_ms = o->writeback_interval_ms ? o->writeback_interval_ms : WB_INTERVAL_MS;
     m->limit_pages = o->mem_limit / PG;
     if (o->mem_limit && m->limit_pages < 4 * (m->chunk / PG)) {

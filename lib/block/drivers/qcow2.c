@@ -842,6 +842,33 @@ static uint64_t file_reaches(struct bdev *bs, uint64_t need)
     return (uint64_t)fl;
 }
 
+/* Bytes from off (a cluster boundary) up to off + maxlen over which the
+ * L2 table mapping off holds nothing but empty entries (all 8 or 16 bytes
+ * zero: unallocated, no subcluster allocated or zero), within that table.
+ * Block status walks a sparse layer extent by extent; asked one cluster at
+ * a time, a walk of a 1 TiB layer with a page stored in every table made
+ * 2^24 cache look-ups (2.7 s per external snapshot delete at scale). */
+static uint64_t empty_run(struct bdev *bs, uint64_t off, uint64_t maxlen)
+{
+    struct qcow2_state *s = QS(bs);
+    uint64_t l2off;
+    uint32_t l1i;
+    l2_for(bs, off, &l2off, &l1i);
+    uint8_t *l2;
+    if (!l2off || qcow2_cache_get(bs, &s->l2_cache, l2off, &l2) < 0) {
+        pms_err_clear();
+        return 0;                   /* the caller asks get_mapping, as before */
+    }
+    static const uint8_t zero16[16];
+    uint64_t idx = (off >> s->cluster_bits) & (s->l2_entries - 1), n = 0;
+    while (n < maxlen && idx < s->l2_entries &&
+           !memcmp(l2 + idx * s->l2_entry_size, zero16, s->l2_entry_size)) {
+        n += s->cluster_size;
+        idx++;
+    }
+    return n < maxlen ? n : maxlen;
+}
+
 static int get_mapping(struct bdev *bs, uint64_t off, uint64_t maxlen, struct mapping *m)
 {
     struct qcow2_state *s = QS(bs);
@@ -2499,6 +2526,10 @@ static int qcow2_block_status(struct bdev *bs, uint64_t off, uint64_t len, struc
         } else {
             r = get_mapping(bs, off + done, len - done, &m);
             if (r < 0) return r;
+            uint64_t ce = off + done + m.bytes;
+            if (m.type == SC_UNALLOCATED && !m.zero_alloc && done + m.bytes < len &&
+                qc_off_in_cluster(s, ce) == 0)
+                m.bytes += empty_run(bs, ce, len - done - m.bytes);
         }
         unsigned f;
         uint64_t h = 0;
