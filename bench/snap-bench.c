@@ -632,10 +632,16 @@ static int scale(const char *kind, const char *path, uint64_t cap_mb, double sec
     double t0 = now(), csum = 0, cmax = 0, dsum = 0, dmax = 0;
     int made = 0, deleted = 0, oldest = 0, failed = 0;
     char firsterr[200] = "";
+    /* SNAPBENCH_SCALE_PERIOD: seconds between snapshots (0: none, to see
+     * what the stores cost without them) */
+    const char *pe = getenv("SNAPBENCH_SCALE_PERIOD");
+    double period = pe && *pe ? atof(pe) : SNAP_PERIOD_S;
     while (now() - t0 < secs) {
-        double next = t0 + (made + failed + 1) * SNAP_PERIOD_S;
+        double next = t0 + (made + failed + 1) * (period > 0 ? period : secs);
+        if (next > t0 + secs) next = t0 + secs;
         if (now() < next) usleep((useconds_t)((next - now()) * 1e6));
         if (!is_img) { made++; continue; }
+        if (period <= 0) continue;
         char name[24];
         snprintf(name, sizeof name, "t%d", made + failed);
         double a = now();
