@@ -137,7 +137,7 @@
  * writes the tables in guest order, so a few tables at a time suffice, and
  * the default (enough for the whole image, up to 32 MiB per node) would add
  * to the memory a mapped image under a cap is held to. */
-#define MERGE_L2_CACHE (1u << 20)
+#define MERGE_L2_CACHE (8u << 20)
 
 /* Test hook: PMS_EXTSNAP_KILL_AT=<point> kills the process (SIGKILL) when it
  * gets there, so tests/extsnap/extsnap-kill.sh reaches every step of the

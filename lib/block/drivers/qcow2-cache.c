@@ -137,28 +137,63 @@ static unsigned hslot(const struct qcow2_cache *c, uint64_t off)
     return (unsigned)(h >> 40) & (c->nslot - 1);
 }
 
-static int hit(struct bdev *bs, struct qcow2_cache *c, int i, bool read, uint8_t **table)
+/* Read the slices of want that e does not hold yet, one read per run. */
+static int fill_slices(struct bdev *bs, struct qcow2_cache *c, struct qcow2_cache_entry *e,
+                       uint64_t want)
 {
-    c->e[i].lru = ++c->tick;
-    c->last = i;
-    *table = c->e[i].data;
-    if (!read) memset(c->e[i].data, 0, QS(bs)->cluster_size);
+    uint64_t need = want & ~e->valid;
+    while (need) {
+        unsigned a = (unsigned)__builtin_ctzll(need), b = a;
+        while (b < 64 && (need >> b) & 1)
+            b++;
+        int r = bdev_file_pread(bs->file, e->data + (uint64_t)a * c->slice,
+                                (uint64_t)(b - a) * c->slice, e->offset + (uint64_t)a * c->slice);
+        if (r < 0)
+            return r;
+        uint64_t run = b >= 64 ? ~0ull << a : ((1ull << b) - 1) & ~((1ull << a) - 1);
+        e->valid |= run;
+        need &= ~run;
+    }
     return 0;
 }
 
-static int lookup(struct bdev *bs, struct qcow2_cache *c, uint64_t off, bool read,
+/* Slices covering bytes [from, from + len) of a table. */
+static uint64_t slices_of(const struct qcow2_cache *c, uint64_t from, uint64_t len)
+{
+    if (len == 0 || from + len > c->cluster_size)
+        return c->all_slices;
+    uint64_t a = from / c->slice, b = (from + len - 1) / c->slice;
+    return (b >= 63 ? ~0ull : (1ull << (b + 1)) - 1) & ~((1ull << a) - 1) & c->all_slices;
+}
+
+/* want: slices to have read; 0 = a new table (all zeroes, nothing read). */
+static int hit(struct bdev *bs, struct qcow2_cache *c, int i, uint64_t want, uint8_t **table)
+{
+    struct qcow2_cache_entry *e = &c->e[i];
+    e->lru = ++c->tick;
+    c->last = i;
+    *table = e->data;
+    if (!want) {
+        memset(e->data, 0, QS(bs)->cluster_size);
+        e->valid = c->all_slices;
+        return 0;
+    }
+    return fill_slices(bs, c, e, want);
+}
+
+static int lookup(struct bdev *bs, struct qcow2_cache *c, uint64_t off, uint64_t want,
                   uint8_t **table)
 {
     struct qcow2_state *s = QS(bs);
     unsigned h = hslot(c, off);
     int k = c->slot[h];
     if (off && k >= 0 && c->e[k].offset == off)
-        return hit(bs, c, k, read, table);
+        return hit(bs, c, k, want, table);
     int victim = -1;
     for (int i = 0; i < c->n; i++) {
         if (c->e[i].offset == off && off) {
             c->slot[h] = i;
-            return hit(bs, c, i, read, table);
+            return hit(bs, c, i, want, table);
         }
         if (victim < 0 || c->e[i].offset == 0 ||
             (c->e[victim].offset != 0 && c->e[i].lru < c->e[victim].lru))
@@ -180,12 +215,19 @@ static int lookup(struct bdev *bs, struct qcow2_cache *c, uint64_t off, bool rea
         e->data = NULL;
         return pms_err(ENOMEM, "out of memory for the metadata cache");
     }
-    if (read) {
-        r = bdev_file_pread(bs->file, e->data, s->cluster_size, off);
-        if (r < 0)
+    e->valid = 0;
+    if (want) {
+        e->offset = off;
+        r = fill_slices(bs, c, e, want);
+        if (r < 0) {
+            e->offset = 0;
+            e->valid = 0;
             return r;
-    } else
+        }
+    } else {
         memset(e->data, 0, s->cluster_size);
+        e->valid = c->all_slices;
+    }
     e->offset = off;
     e->lru = ++c->tick;
     c->slot[h] = victim;
@@ -196,23 +238,33 @@ static int lookup(struct bdev *bs, struct qcow2_cache *c, uint64_t off, bool rea
 
 int qcow2_cache_get(struct bdev *bs, struct qcow2_cache *c, uint64_t off, uint8_t **table)
 {
-    return lookup(bs, c, off, true, table);
+    return lookup(bs, c, off, c->all_slices, table);
+}
+
+int qcow2_cache_get_part(struct bdev *bs, struct qcow2_cache *c, uint64_t off, uint64_t from,
+                         uint64_t len, uint8_t **table)
+{
+    return lookup(bs, c, off, slices_of(c, from, len), table);
 }
 
 int qcow2_cache_get_empty(struct bdev *bs, struct qcow2_cache *c, uint64_t off, uint8_t **table)
 {
-    return lookup(bs, c, off, false, table);
+    return lookup(bs, c, off, 0, table);
 }
 
+/* Only slices that were read can be dirty: a slice never read holds
+ * nothing a caller may have changed (it got the table with
+ * qcow2_cache_get_part for other slices), and writing it would put stale
+ * bytes in the file. */
 static void mark(struct qcow2_cache *c, const uint8_t *table, uint64_t mask)
 {
     if (c->last < c->n && c->e[c->last].data == table) {
-        c->e[c->last].dirty |= mask;
+        c->e[c->last].dirty |= mask & c->e[c->last].valid;
         return;
     }
     for (int i = 0; i < c->n; i++)
         if (c->e[i].data == table) {
-            c->e[i].dirty |= mask;
+            c->e[i].dirty |= mask & c->e[i].valid;
             return;
         }
 }
@@ -231,9 +283,7 @@ void qcow2_cache_mark_dirty_range(struct qcow2_cache *c, const uint8_t *table, u
         mark(c, table, c->all_slices);
         return;
     }
-    uint64_t a = off / c->slice, b = (off + len - 1) / c->slice;
-    uint64_t mask = (b >= 63 ? ~0ull : (1ull << (b + 1)) - 1) & ~((1ull << a) - 1);
-    mark(c, table, mask & c->all_slices);
+    mark(c, table, slices_of(c, off, len));
 }
 
 void qcow2_cache_discard(struct qcow2_cache *c, uint64_t off)
@@ -242,6 +292,7 @@ void qcow2_cache_discard(struct qcow2_cache *c, uint64_t off)
         if (c->e[i].offset == off) {
             c->e[i].offset = 0;
             c->e[i].dirty = 0;
+            c->e[i].valid = 0;
             c->e[i].lru = 0;
         }
 }

@@ -854,15 +854,23 @@ static uint64_t empty_run(struct bdev *bs, uint64_t off, uint64_t maxlen)
     uint64_t l2off;
     uint32_t l1i;
     l2_for(bs, off, &l2off, &l1i);
-    uint8_t *l2;
-    if (!l2off || qcow2_cache_get(bs, &s->l2_cache, l2off, &l2) < 0) {
-        pms_err_clear();
-        return 0;                   /* the caller asks get_mapping, as before */
-    }
+    if (!l2off)
+        return 0;
     static const uint8_t zero16[16];
+    const uint64_t per = s->l2_cache.slice / s->l2_entry_size;     /* entries per slice */
     uint64_t idx = (off >> s->cluster_bits) & (s->l2_entries - 1), n = 0;
-    while (n < maxlen && idx < s->l2_entries &&
-           !memcmp(l2 + idx * s->l2_entry_size, zero16, s->l2_entry_size)) {
+    uint8_t *l2 = NULL;
+    while (n < maxlen && idx < s->l2_entries) {
+        if (!l2 || idx % per == 0) {        /* the slice holding idx (a cache call
+                                               may move the table: get it again) */
+            if (qcow2_cache_get_part(bs, &s->l2_cache, l2off, idx * s->l2_entry_size,
+                                     s->l2_entry_size, &l2) < 0) {
+                pms_err_clear();
+                break;                      /* the caller asks get_mapping, as before */
+            }
+        }
+        if (memcmp(l2 + idx * s->l2_entry_size, zero16, s->l2_entry_size))
+            break;
         n += s->cluster_size;
         idx++;
     }
@@ -885,9 +893,10 @@ static int get_mapping(struct bdev *bs, uint64_t off, uint64_t maxlen, struct ma
         return 0;
     }
     uint8_t *l2;
-    int r = qcow2_cache_get(bs, &s->l2_cache, l2off, &l2);
-    if (r < 0) return r;
     uint64_t idx = (off >> s->cluster_bits) & (s->l2_entries - 1);
+    int r = qcow2_cache_get_part(bs, &s->l2_cache, l2off, idx * s->l2_entry_size,
+                                 s->l2_entry_size, &l2);
+    if (r < 0) return r;
     uint64_t e = qcow2_l2_get(s, l2, idx);
     uint64_t hoff = e & L2E_OFFSET_MASK;
     switch (qcow2_entry_type(s, e)) {
@@ -1079,12 +1088,11 @@ static int layer_has_entry(struct layer_scan *ls, uint64_t a, uint64_t b, bool *
             c |= s->l2_entries - 1;            /* skip the rest of this table */
             continue;
         }
-        if (l2off != ls->l2off) {
-            int r = qcow2_cache_get(ls->y, &s->l2_cache, l2off, &ls->l2);
-            if (r < 0) return r;
-            ls->l2off = l2off;
-        }
         uint64_t idx = c & (s->l2_entries - 1);
+        int r = qcow2_cache_get_part(ls->y, &s->l2_cache, l2off, idx * s->l2_entry_size,
+                                     s->l2_entry_size, &ls->l2);
+        if (r < 0) return r;
+        ls->l2off = l2off;
         if (qcow2_l2_get(s, ls->l2, idx) || qcow2_l2_get_bitmap(s, ls->l2, idx)) {
             *has = true;
             return 0;
@@ -1428,9 +1436,10 @@ static int writable_entry(struct bdev *bs, uint64_t off, uint64_t *l2off, uint8_
 {
     struct qcow2_state *s = QS(bs);
     int r = get_l2_writable(bs, off, l2off);
-    if (r == 0) r = qcow2_cache_get(bs, &s->l2_cache, *l2off, l2);
-    if (r < 0) return r;
     *idx = (off >> s->cluster_bits) & (s->l2_entries - 1);
+    if (r == 0) r = qcow2_cache_get_part(bs, &s->l2_cache, *l2off, *idx * s->l2_entry_size,
+                                         s->l2_entry_size, l2);
+    if (r < 0) return r;
     *e = qcow2_l2_get(s, *l2, *idx);
     return 0;
 }
@@ -1842,7 +1851,8 @@ static int commit_job(struct bdev *bs, const struct wjob *j)
     if (!entry_changes && (!s->ext_l2 || j->nbm == j->bm))
         return 0;                         /* written in place, nothing to link */
     uint8_t *l2;
-    int r = qcow2_cache_get(bs, &s->l2_cache, j->l2off, &l2);
+    int r = qcow2_cache_get_part(bs, &s->l2_cache, j->l2off, j->idx * s->l2_entry_size,
+                                 s->l2_entry_size, &l2);
     if (r < 0) return r;
     if (entry_changes) qcow2_l2_set(s, l2, j->idx, ne);
     qcow2_l2_set_bitmap(s, l2, j->idx, j->nbm);
@@ -2032,7 +2042,8 @@ static int write_compressed_cluster(struct bdev *bs, const uint8_t *z, uint64_t 
                        (unsigned long long)c);
     r = qcow2_check_host_range(bs, c & ~511ull, (c & 511) + n, "compressed cluster");
     if (r == 0) r = bdev_file_pwrite(bs->file, z, n, c);
-    if (r == 0) r = qcow2_cache_get(bs, &s->l2_cache, l2off, &l2);
+    if (r == 0) r = qcow2_cache_get_part(bs, &s->l2_cache, l2off, idx * s->l2_entry_size,
+                                         s->l2_entry_size, &l2);
     if (r < 0) return r;
     /* compressed entries never carry COPIED; with extended L2 the bitmap is 0 */
     qcow2_l2_set(s, l2, idx, c | QCOW_OFLAG_COMPRESSED | (nsec << s->csize_shift));
@@ -2205,7 +2216,8 @@ static int entry_at(struct bdev *bs, uint64_t off, uint64_t *l2off, uint64_t *id
     *e = *bm = 0;
     if (!*l2off)
         return 0;
-    int r = qcow2_cache_get(bs, &s->l2_cache, *l2off, &l2);
+    int r = qcow2_cache_get_part(bs, &s->l2_cache, *l2off, *idx * s->l2_entry_size,
+                                 s->l2_entry_size, &l2);
     if (r < 0) return r;
     *e = qcow2_l2_get(s, l2, *idx);
     *bm = qcow2_l2_get_bitmap(s, l2, *idx);
@@ -2358,7 +2370,8 @@ static int discard_range(struct bdev *bs, uint64_t len, uint64_t off, bool full)
         uint8_t *l2;
         int r;
         if (l1i < s->l1_size && (s->l1[l1i] & L1E_OFFSET_MASK)) {
-            r = qcow2_cache_get(bs, &s->l2_cache, s->l1[l1i] & L1E_OFFSET_MASK, &l2);
+            r = qcow2_cache_get_part(bs, &s->l2_cache, s->l1[l1i] & L1E_OFFSET_MASK,
+                                     idx * s->l2_entry_size, s->l2_entry_size, &l2);
             if (r < 0) return r;
             e = qcow2_l2_get(s, l2, idx);
             bm = qcow2_l2_get_bitmap(s, l2, idx);
@@ -2370,7 +2383,8 @@ static int discard_range(struct bdev *bs, uint64_t len, uint64_t off, bool full)
         uint64_t l2off;
         r = get_l2_writable(bs, o, &l2off);
         if (r < 0) return r;
-        r = qcow2_cache_get(bs, &s->l2_cache, l2off, &l2);
+        r = qcow2_cache_get_part(bs, &s->l2_cache, l2off, idx * s->l2_entry_size,
+                                 s->l2_entry_size, &l2);
         if (r < 0) return r;
         if (full) {
             qcow2_l2_set(s, l2, idx, 0);

@@ -53,6 +53,8 @@ struct qcow2_cache_entry {
     uint64_t lru;                /* last use tick */
     uint64_t dirty;              /* slices newer than the file (bit i: bytes
                                     [i * slice, (i + 1) * slice)); 0 = clean */
+    uint64_t valid;              /* slices read from the file (or zeroed, for a
+                                    new table); dirty is always a subset */
 };
 
 struct qcow2_cache {
@@ -226,6 +228,11 @@ void qcow2_cache_destroy(struct qcow2_cache *c);
 /* Get the table at host offset off (reads it on a miss); the pointer stays
  * valid until the next cache call on the same cache. */
 int  qcow2_cache_get(struct bdev *bs, struct qcow2_cache *c, uint64_t off, uint8_t **table);
+/* The table at off with at least bytes [from, from + len) of it read (the
+ * slices holding them): for callers that look at or change one entry.  The
+ * rest of *table may be stale; qcow2_cache_get makes it whole. */
+int  qcow2_cache_get_part(struct bdev *bs, struct qcow2_cache *c, uint64_t off, uint64_t from,
+                          uint64_t len, uint8_t **table);
 /* Like get, but without reading: the caller fills a fresh table (zeroed). */
 int  qcow2_cache_get_empty(struct bdev *bs, struct qcow2_cache *c, uint64_t off, uint8_t **table);
 /* The whole table changed (every slice is written back). */
