@@ -212,6 +212,9 @@ int  bdev_block_status_walk(struct bdev *bs, uint64_t off, uint64_t len, bdev_ex
 /* Unchecked-lock variants for protocol children: the child is stateless, so
  * the parent calls these with its own lock held.  Writes past the end of a
  * protocol node extend it. */
+/* Bytes from off (at most len) that the protocol file is known to read as
+ * zeroes without reading them (a hole); 0 when not known. */
+uint64_t bdev_file_zero_prefix(struct bdev *file, uint64_t off, uint64_t len);
 int  bdev_file_pread(struct bdev *file, void *buf, uint64_t len, uint64_t off);
 int  bdev_file_pwrite(struct bdev *file, const void *buf, uint64_t len, uint64_t off);
 int  bdev_file_flush(struct bdev *file);
