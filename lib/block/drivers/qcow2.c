@@ -856,24 +856,22 @@ static uint64_t empty_run(struct bdev *bs, uint64_t off, uint64_t maxlen)
     l2_for(bs, off, &l2off, &l1i);
     if (!l2off)
         return 0;
-    static const uint8_t zero16[16];
-    const uint64_t per = s->l2_cache.slice / s->l2_entry_size;     /* entries per slice */
-    uint64_t idx = (off >> s->cluster_bits) & (s->l2_entries - 1), n = 0;
-    uint8_t *l2 = NULL;
-    while (n < maxlen && idx < s->l2_entries) {
-        if (!l2 || idx % per == 0) {        /* the slice holding idx (a cache call
-                                               may move the table: get it again) */
-            if (qcow2_cache_get_part(bs, &s->l2_cache, l2off, idx * s->l2_entry_size,
-                                     s->l2_entry_size, &l2) < 0) {
-                pms_err_clear();
-                break;                      /* the caller asks get_mapping, as before */
-            }
-        }
-        if (memcmp(l2 + idx * s->l2_entry_size, zero16, s->l2_entry_size))
-            break;
-        n += s->cluster_size;
-        idx++;
+    const uint64_t w = s->l2_entry_size / 8;       /* 64-bit words per entry */
+    uint64_t idx = (off >> s->cluster_bits) & (s->l2_entries - 1);
+    uint64_t want = (maxlen + s->cluster_size - 1) >> s->cluster_bits;
+    uint64_t last = idx + want < s->l2_entries ? idx + want : s->l2_entries;
+    /* the entries asked about, read in one go (one hole test, one read) */
+    uint8_t *l2;
+    if (qcow2_cache_get_part(bs, &s->l2_cache, l2off, idx * s->l2_entry_size,
+                             (last - idx) * s->l2_entry_size, &l2) < 0) {
+        pms_err_clear();
+        return 0;                           /* the caller asks get_mapping, as before */
     }
+    const uint64_t *p = (const uint64_t *)(void *)l2;   /* tables are page aligned */
+    uint64_t k = idx * w, end = last * w;
+    while (k < end && !p[k])
+        k++;
+    uint64_t n = (k / w - idx) << s->cluster_bits;      /* whole empty entries */
     return n < maxlen ? n : maxlen;
 }
 
