@@ -110,6 +110,13 @@
 #define CAP_TARGET_PCT    75
 #define CAP_WAIT_MS       200
 #define CAP_RA_PCT        12      /* read-ahead window above this: one chunk */
+/* The cap counts the per-page bitmaps the device keeps for the whole
+ * mapping (resident; since-snapshot and, with sync tracking, dirty: one bit
+ * per page each) as if resident: random stores touch every page of them (a
+ * 1 TiB mapping: 96 MiB, which put RSS at 1,130 MiB under a 1 GiB cap).
+ * They take at most 1/CAP_META_MAX_DIV of the cap; beyond that the mapping
+ * is too large for the cap to hold both, and RSS exceeds it by the rest. */
+#define CAP_META_MAX_DIV  4
 #define CAP_PREFETCH_PCT  50      /* prefetch stops at this residency */
 
 /* Writeback period: default, and the longest period a back-off reaches
@@ -1653,6 +1660,17 @@ int pms_mem_map(pms_dev *dev, const struct pms_map_opts *o, struct pms_mem **mem
             }
             m->async = false;
         }
+    }
+
+    if (m->limit_pages) {
+        /* the cap holds the tracking bitmaps too (see CAP_META_MAX_DIV) */
+        uint64_t meta = (m->wp ? 2 : 1) + (m->wp && !m->async);
+        meta = meta * ((m->npages + 7) / 8) / PG;
+        if (meta > m->limit_pages / CAP_META_MAX_DIV)
+            meta = m->limit_pages / CAP_META_MAX_DIV;
+        if (m->limit_pages - meta < 4 * (m->chunk / PG))     /* the minimum above */
+            meta = m->limit_pages - 4 * (m->chunk / PG);
+        m->limit_pages -= meta;
     }
 
     r = m->uffd = uffd_open(0);
