@@ -140,7 +140,9 @@
  * round began, and at least WB_STREAM_GAP_MS after it ended: a burst of
  * random stores into a mapped image is written while it runs instead of
  * waiting out the period (10 MiB of random stores took 96 ms here, less
- * than one period, and the snapshot after them then wrote all of it). */
+ * than one period, and the snapshot after them then wrote all of it).
+ * Not when the mapping asked for a period longer than the default: that
+ * asks for little background writing. */
 #define WB_KICK_PAGES     64
 /* A round is a hot set's (and may back off) when at least 1/WB_HOT_DIV of
  * its pages were written back before since the last snapshot. */
@@ -629,7 +631,7 @@ static void wait_cap(struct pms_mem *m, uint64_t want)
 static void count_write_fault(struct pms_mem *m)
 {
     uint64_t n = atomic_fetch_add(&m->wfaults, 1) + 1;
-    if (n % WB_KICK_PAGES ||
+    if (n % WB_KICK_PAGES || m->interval_ms > WB_INTERVAL_MS ||
         now_ns() - atomic_load(&m->round_end_ns) < WB_STREAM_GAP_MS * 1000000ull)
         return;
     pthread_mutex_lock(&m->ctl_mu);
