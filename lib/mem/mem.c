@@ -1775,14 +1775,15 @@ int pms_mem_map(pms_dev *dev, const struct pms_map_opts *o, struct pms_mem **mem
     }
     m->have_fault = true;
     if (m->wp) {
+        /* the write-out thread first: the writeback thread reads have_wo
+         * (without it the write-out is left to the kernel and the next flush) */
+        m->have_wo = pthread_create(&m->wo_th, NULL, wo_main, m) == 0;
         if ((r = pthread_create(&m->wb_th, NULL, wb_main, m)) != 0) {
             stop_threads(m);
             mem_free(m);
             return pms_err(r, "cannot create the writeback thread");
         }
         m->have_wb = true;
-        /* without it the write-out is left to the kernel and the next flush */
-        m->have_wo = pthread_create(&m->wo_th, NULL, wo_main, m) == 0;
     }
     if (o->prefetch && pthread_create(&m->pf_th, NULL, prefetch_main, m) == 0)
         m->have_pf = true;
