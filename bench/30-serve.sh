@@ -170,6 +170,9 @@ d1=$(( $(mib "$T/nv.qcow2") + $(mib "$T/vms.qcow2") ))
 "$P" stats --socket "$T/x.sock" > "$T/vmstats"
 state_ms=$(( $(awk '$1 == "last-vm-state-us:" { print $2 }' "$T/vmstats") / 1000 ))
 paused_ms=$(( $(awk '$1 == "last-vm-paused-us:" { print $2 }' "$T/vmstats") / 1000 ))
+stat_ms() { echo $(( $(awk -v k="$1:" '$1 == k { print $2 }' "$T/vmstats") / 1000 )); }
+pre_ms=$(stat_ms last-precopy-us); fin_ms=$(stat_ms last-final-flush-us)
+com_ms=$(stat_ms last-commit-us); daemon_ms=$(stat_ms last-snapshot-us)
 vm_down
 ours_down
 
@@ -191,5 +194,7 @@ row "whole-VM snapshot, 1 GiB NVDIMM, 1% changed" "pmemsnap" "savevm" "ratio" "(
 row "time, ms" "$ours_ms" "$qemu_ms" "$(ratio "$qemu_ms" "$ours_ms")x" "(NVDIMM share <= 100 ms)"
 row "  of which QEMU's own state, ms" "$state_ms" "" "" "(x-ignore-shared: RAM + devices)"
 row "  NVDIMM share (time - own state), ms" "$((ours_ms - state_ms))" "$qemu_ms" "" ""
+row "  pre-copy / final flush / commit, ms" "$pre_ms / $fin_ms / $com_ms" "" "" "(NVDIMM image)"
+row "  QMP round trips + client, ms" "$((ours_ms - daemon_ms)) + $((daemon_ms - pre_ms - fin_ms - com_ms - state_ms))" "" "" "(client start+socket; daemon's own QMP to QEMU)"
 row "  guest paused, ms" "$paused_ms" "$qemu_ms" "" ""
 row "disk growth, MiB" "$((d1 - d0))" "$((q1 - q0))" "" "(~10 MiB changed + QEMU's state)"

@@ -8,7 +8,8 @@
 # Knobs: SNAPBENCH_SCALE=1 runs it; SNAPBENCH_SCALE_SECS (default 120; the
 # issue's full run is 600), SNAPBENCH_SCALE_CAP_MB (1024), SNAPBENCH_DIR,
 # SNAPBENCH_SCALE_PERIOD (seconds between snapshots, default 1; 0: none, to
-# see what the stores cost without snapshots).
+# see what the stores cost without snapshots), SNAPBENCH_SCALE_KEEP (snapshots
+# kept, default 3: the oldest beyond it is deleted).
 set -u
 if [ -z "${SNAPBENCH_SCALE:-}" ]; then
     echo "skipped: opt-in, about 3 x SNAPBENCH_SCALE_SECS (default 120 s); run with SNAPBENCH_SCALE=1"

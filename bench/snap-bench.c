@@ -636,6 +636,10 @@ static int scale(const char *kind, const char *path, uint64_t cap_mb, double sec
      * what the stores cost without them) */
     const char *pe = getenv("SNAPBENCH_SCALE_PERIOD");
     double period = pe && *pe ? atof(pe) : SNAP_PERIOD_S;
+    /* SNAPBENCH_SCALE_KEEP: snapshots kept before the oldest is deleted
+     * (a long chain shows what each layer costs) */
+    const char *ke = getenv("SNAPBENCH_SCALE_KEEP");
+    int keep = ke && *ke ? atoi(ke) : SCALE_KEEP;
     while (now() - t0 < secs) {
         double next = t0 + (made + failed + 1) * (period > 0 ? period : secs);
         if (next > t0 + secs) next = t0 + secs;
@@ -665,7 +669,7 @@ static int scale(const char *kind, const char *path, uint64_t cap_mb, double sec
         }
         csum += c; if (c > cmax) cmax = c;
         made++;
-        if (made - deleted > SCALE_KEEP) {
+        if (made - deleted > keep) {
             /* names are t<index>; skip indices that failed */
             for (;;) {
                 snprintf(name, sizeof name, "t%d", oldest++);

@@ -477,6 +477,7 @@ static int open_backing(struct bdev *bs, const struct pms_open_opts *o)
     bo.readonly = 1;
     bo.format = o->backing_format ? o->backing_format : s->backing_format;
     bo.cache_mode = o->cache_mode;
+    bo.l2_cache_size = QCOW2_BACKING_L2_CACHE;
     int r = 0;
     struct stat st;
     if (bo.format && strcmp(bo.format, "qcow2") && strcmp(bo.format, "raw"))

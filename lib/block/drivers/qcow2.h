@@ -338,5 +338,12 @@ int  qcow2_create(const char *path, uint64_t size, const struct pms_create_opts 
  * (recursively), and external snapshots make one layer per snapshot (100
  * snapshots: 101 images); lib/block/extsnap.c refuses to go deeper. */
 #define QCOW2_MAX_CHAIN_DEPTH 256
+/* L2 cache of a read-only backing node (bytes): the default (the whole
+ * image, up to 32 MiB) per node made a chain's metadata grow with its
+ * depth -- 20 layers of a 1 TiB image held 640 MiB of tables beside a
+ * 1 GiB memory cap.  Reads through a chain go to the one layer that holds
+ * the data (the chain map), and a layer image of a GiB or so needs a few
+ * tables; 4 MiB is 64 tables of 64 KiB, 16 GiB of an extended-L2 layer. */
+#define QCOW2_BACKING_L2_CACHE (4u << 20)
 
 #endif
