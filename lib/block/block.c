@@ -495,16 +495,26 @@ int bdev_block_status_walk(struct bdev *bs, uint64_t off, uint64_t len, bdev_ext
 
 /* ---- protocol child access (no lock: protocol drivers are stateless) ---- */
 
-uint64_t bdev_file_zero_prefix(struct bdev *file, uint64_t off, uint64_t len)
+uint64_t bdev_file_extent(struct bdev *file, uint64_t off, uint64_t len, bool *hole)
 {
     struct pms_extent e;
-    if (!len || !file->drv->block_status || file->drv->block_status(file, off, len, &e) < 0) {
+    *hole = false;
+    if (!len)
+        return 0;
+    if (!file->drv->block_status || file->drv->block_status(file, off, len, &e) < 0 ||
+        e.start != off || e.length == 0) {
         pms_err_clear();
-        return 0;
+        return len;                     /* not known: data */
     }
-    if ((e.flags & (PMS_BLOCK_ZERO | PMS_BLOCK_DATA)) != PMS_BLOCK_ZERO || e.start != off)
-        return 0;
+    *hole = (e.flags & (PMS_BLOCK_ZERO | PMS_BLOCK_DATA)) == PMS_BLOCK_ZERO;
     return e.length < len ? e.length : len;
+}
+
+uint64_t bdev_file_zero_prefix(struct bdev *file, uint64_t off, uint64_t len)
+{
+    bool hole;
+    uint64_t n = bdev_file_extent(file, off, len, &hole);
+    return hole ? n : 0;
 }
 
 int bdev_file_pread(struct bdev *file, void *buf, uint64_t len, uint64_t off)

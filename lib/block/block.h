@@ -215,6 +215,10 @@ int  bdev_block_status_walk(struct bdev *bs, uint64_t off, uint64_t len, bdev_ex
 /* Bytes from off (at most len) that the protocol file is known to read as
  * zeroes without reading them (a hole); 0 when not known. */
 uint64_t bdev_file_zero_prefix(struct bdev *file, uint64_t off, uint64_t len);
+/* Bytes from off (1..len; 0 when len is 0) that are all a hole (*hole) or
+ * all data of the protocol file; what lies past the file's end is a hole,
+ * and a range the driver cannot tell about is data. */
+uint64_t bdev_file_extent(struct bdev *file, uint64_t off, uint64_t len, bool *hole);
 int  bdev_file_pread(struct bdev *file, void *buf, uint64_t len, uint64_t off);
 int  bdev_file_pwrite(struct bdev *file, const void *buf, uint64_t len, uint64_t off);
 int  bdev_file_flush(struct bdev *file);

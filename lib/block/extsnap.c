@@ -840,13 +840,11 @@ static int copy_file_data(struct bdev *c, uint64_t off, uint64_t len, uint64_t h
     if (!f)
         return merge_copy(c, c, true, false, off, len, m);
     for (uint64_t at = 0; at < len;) {
-        struct pms_extent fe;
-        int r = bdev_block_status(f, host + at, len - at, &fe);
+        bool hole;
+        uint64_t n = bdev_file_extent(f, host + at, len - at, &hole);
+        int r = hole ? 0 : merge_copy(c, c, true, false, off + at, n, m);
         if (r < 0) return r;
-        bool hole = (fe.flags & (PMS_BLOCK_ZERO | PMS_BLOCK_DATA)) == PMS_BLOCK_ZERO;
-        if (!hole && (r = merge_copy(c, c, true, false, off + at, fe.length, m)) < 0)
-            return r;
-        at += fe.length;
+        at += n;
     }
     return 0;
 }

@@ -181,6 +181,22 @@ hdata=$(qemu-img map --output=json hp.qcow2 | python3 -c '
 import json,sys
 print(sum(e["length"] for e in json.load(sys.stdin) if e["data"] and e["depth"]==0))')
 [ "$hdata" -le $((96 * 1024)) ] || fail "holes were copied as data: $hdata bytes"
+# a file that ends inside its last data cluster (QEMU reads the rest as
+# zeroes, qemu-img check accepts it): the part past the end is a hole too
+qemu-img create -q -f qcow2 ht.qcow2 4M
+run "$P" io -c "write -P 0x41 3M 4k" ht.qcow2
+host=$(qemu-img map --output=json ht.qcow2 | python3 -c '
+import json,sys
+print([e["offset"] for e in json.load(sys.stdin) if e["data"] and e["start"] == 3 << 20][0])')
+truncate -s $((host + 4096)) ht.qcow2
+check_clean ht.qcow2
+run "$P" snapshot -c T --external ht.qcow2
+run "$P" io -c "write -P 0x42 0 4k" ht.qcow2
+qemu-img convert -U -O raw ht.qcow2 ht-ref.raw
+run "$P" snapshot -d T ht.qcow2
+same ht.qcow2 ht-ref.raw
+check_clean ht.qcow2
+run qemu-io -c "read -P 0x41 3M 4k" -c "read -P 0 3076k 60k" -c "read -P 0x42 0 4k" ht.qcow2
 ok
 
 begin commit
