@@ -83,6 +83,13 @@ struct pms_open_opts {
      * this errno (positive), as each L2 write-back is QEMU's l2_update
      * event.  0 in normal use. */
     int inject_l2_update;
+    /* Start the write-out of large writes (64 KiB and more) to the image's
+     * file at once, without waiting for it (sync_file_range): for a caller
+     * that flushes soon after writing a lot, such as a server whose clients
+     * write a file back and then fsync it, so the flush finds the data on its
+     * way to the disk.  0 (default): the page cache decides, as for QEMU.
+     * A mapped device does this itself while mapped. */
+    int eager_writeout;
 };
 void pms_open_opts_init(struct pms_open_opts *o);
 

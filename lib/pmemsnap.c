@@ -63,6 +63,9 @@ int pms_open(const char *path, const struct pms_open_opts *opts, pms_dev **devp)
         PMS_API_ERR(r);
         return r;
     }
+    dev->eager_writeout = o.eager_writeout != 0;
+    if (dev->eager_writeout && dev->bs->file)
+        __atomic_store_n(&dev->bs->file->eager_writeout, true, __ATOMIC_RELAXED);
     pthread_rwlock_init(&dev->lock, NULL);
     *devp = dev;
     return 0;

@@ -25,6 +25,7 @@ struct pms_dev {
     struct bdev *bs;
     struct pms_mem *mem;          /* non-NULL while mapped */
     pthread_rwlock_t lock;        /* guards mem's lifetime, see above */
+    bool eager_writeout;          /* pms_open_opts.eager_writeout (set once at open) */
 };
 
 /* Implemented in lib/mem/.  All return 0 or -errno with pms_err set. */

@@ -385,6 +385,10 @@ static void take_over(struct bdev *bs, struct bdev *nw)
     char *t = bs->filename; bs->filename = nw->filename; nw->filename = t;
     if (bs->file && nw->file) {
         t = bs->file->filename; bs->file->filename = nw->file->filename; nw->file->filename = t;
+        /* the write-out policy belongs to the live image, not to one file */
+        __atomic_store_n(&bs->file->eager_writeout,
+                         __atomic_load_n(&nw->file->eager_writeout, __ATOMIC_RELAXED),
+                         __ATOMIC_RELAXED);
     }
 }
 

@@ -601,8 +601,9 @@ static void record_error(struct pms_mem *m, uint64_t off, const char *msg)
  * an external snapshot's switch, which brings a new file node. */
 static void mark_eager(struct pms_mem *m, bool on)
 {
-    if (m->bs->file)
-        __atomic_store_n(&m->bs->file->eager_writeout, on, __ATOMIC_RELAXED);
+    if (m->bs->file)         /* off: back to what the image was opened with */
+        __atomic_store_n(&m->bs->file->eager_writeout, on || m->dev->eager_writeout,
+                         __ATOMIC_RELAXED);
 }
 
 /* Pages counted against the memory cap: the mapping's resident pages and

@@ -1216,6 +1216,10 @@ int cmd_serve(int argc, char **argv)
     pms_open_opts_init(&o);
     o.format = s->format;
     o.l2_cache_size = s->cache_size;
+    /* FUSE write-back comes in large writes, and an fsync follows soon:
+     * the image's write-out starts with each (msync of 512 MiB after a warm
+     * rewrite: 0.43-0.47 -> 0.16-0.26 s here) */
+    o.eager_writeout = 1;
     if (pms_open(s->image, &o, &s->dev) < 0)
         return fail("%s: %s", s->image, libmsg());
     int64_t sz = pms_size(s->dev);
