@@ -404,7 +404,8 @@ static int rmw_write(struct bdev *bs, const uint8_t *buf, uint64_t len, uint64_t
     return r;
 }
 
-/* On a node marked eager_writeout (the memory device's image), a buffered
+/* On a node marked eager_writeout (a mapped device's image, or one opened with
+ * pms_open_opts.eager_writeout, as pmemsnap serve does), a buffered
  * write at least this large starts its write-out at once
  * (sync_file_range, no wait): the qcow2 engine writes whole clusters and
  * host-contiguous runs of them, and overlapping their write-out with the rest
