@@ -12,6 +12,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -19,6 +20,19 @@
 #include "extsnap.h"
 #include "../mem/mem-int.h"
 #include "../util/error.h"
+
+static _Atomic int64_t meta_bytes;     /* see bdev_meta_charge */
+
+void bdev_meta_charge(int64_t bytes)
+{
+    atomic_fetch_add_explicit(&meta_bytes, bytes, memory_order_relaxed);
+}
+
+uint64_t bdev_meta_bytes(void)
+{
+    int64_t v = atomic_load_explicit(&meta_bytes, memory_order_relaxed);
+    return v > 0 ? (uint64_t)v : 0;
+}
 
 static const struct pms_driver *format_drivers[] = { &pms_drv_qcow2, &pms_drv_raw };
 

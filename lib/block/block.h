@@ -127,6 +127,14 @@ extern const struct pms_driver pms_drv_faulty;  /* protocol: fault injection ove
 extern const struct pms_driver pms_drv_raw;     /* format: raw pass-through */
 extern const struct pms_driver pms_drv_qcow2;   /* format: qcow2 */
 
+/* Memory the block layer holds for metadata, process-wide: qcow2 table
+ * caches, chain maps, merge buffers (charged when allocated or first used,
+ * uncharged when freed).  A memory cap counts it beside resident pages
+ * (lib/mem/mem.c used_pages), since it grows with the image and the number
+ * of layers, not with what is mapped.  Atomic; any thread. */
+void     bdev_meta_charge(int64_t bytes);
+uint64_t bdev_meta_bytes(void);
+
 /* Open a whole graph: protocol node, format node (probed unless o->format),
  * backing chain.  On error returns -errno with pms_err set. */
 int  bdev_open(const char *path, const struct pms_open_opts *o, struct bdev **bsp);

@@ -765,19 +765,35 @@ static void hold_until_done(struct merge *m, const char *path)
     }
 }
 
-static int merge_alloc(struct merge *m)
-{
-    if (!m->buf) m->buf = malloc(MERGE_BATCH_BYTES);
-    if (!m->v) m->v = malloc(MERGE_BATCH_RUNS * sizeof *m->v);
-    return m->buf && m->v ? 0 : pms_err(ENOMEM, "out of memory");
-}
+/* The batch buffers, charged to the block layer's metadata memory (a cap
+ * counts them: bdev_meta_charge). */
+#define MERGE_MEM (MERGE_BATCH_BYTES + MERGE_BATCH_RUNS * sizeof(struct bdev_wvec))
 
 static void merge_free(struct merge *m)
 {
+    if (!m->buf) return;
     free(m->buf);
     free(m->v);
     m->buf = NULL;
     m->v = NULL;
+    bdev_meta_charge(-(int64_t)MERGE_MEM);
+}
+
+static int merge_alloc(struct merge *m)
+{
+    if (m->buf && m->v) return 0;
+    merge_free(m);
+    m->buf = malloc(MERGE_BATCH_BYTES);
+    m->v = malloc(MERGE_BATCH_RUNS * sizeof *m->v);
+    if (!m->buf || !m->v) {
+        free(m->buf);
+        free(m->v);
+        m->buf = NULL;
+        m->v = NULL;
+        return pms_err(ENOMEM, "out of memory");
+    }
+    bdev_meta_charge(MERGE_MEM);
+    return 0;
 }
 
 /* Write the gathered runs into dst as one batch.  locked: the caller holds

@@ -115,7 +115,12 @@
  * per page each) as if resident: random stores touch every page of them (a
  * 1 TiB mapping: 96 MiB, which put RSS at 1,130 MiB under a 1 GiB cap).
  * They take at most 1/CAP_META_MAX_DIV of the cap; beyond that the mapping
- * is too large for the cap to hold both, and RSS exceeds it by the rest. */
+ * is too large for the cap to hold both, and RSS exceeds it by the rest.
+ * The block layer's metadata memory (bdev_meta_bytes: L2 and refcount
+ * caches of the image and each layer, chain maps, a delete's merge
+ * buffers) is counted in what the bitmaps leave of that share: a 64 GiB
+ * image under a 256 MiB cap with a snapshot every second held 70 MiB of it,
+ * and peaked at 318-337 MiB RSS while it was not counted. */
 #define CAP_META_MAX_DIV  4
 #define CAP_PREFETCH_PCT  50      /* prefetch stops at this residency */
 
@@ -228,7 +233,9 @@ struct pms_mem {
     int pidfd;                       /* our own pidfd for process_madvise, or -1 */
     uint64_t features;
     unsigned interval_ms;
-    uint64_t limit_pages;
+    uint64_t limit_pages;            /* the cap less the bitmaps (see CAP_META_MAX_DIV) */
+    uint64_t meta_room;              /* pages of the block layer's metadata counted
+                                        against the cap at most (see used_pages) */
 
     pthread_mutex_t mu, wp_mu, wb_mu;
     pthread_mutex_t ctl_mu;          /* kick/evict handshake with writeback thread */
@@ -606,11 +613,16 @@ static void mark_eager(struct pms_mem *m, bool on)
                          __ATOMIC_RELAXED);
 }
 
-/* Pages counted against the memory cap: the mapping's resident pages and
- * the snapshot staging area's. */
+/* Pages counted against the memory cap: the mapping's resident pages, the
+ * snapshot staging area's, and the block layer's metadata memory (table
+ * caches of the image and of every layer, chain maps, merge buffers:
+ * bdev_meta_bytes, process-wide, so devices sharing a process each count
+ * all of it) up to meta_room. */
 static uint64_t used_pages(struct pms_mem *m)
 {
-    return atomic_load(&m->nresident) + atomic_load(&m->stage_pages);
+    uint64_t meta = m->limit_pages ? bdev_meta_bytes() / PG : 0;
+    return atomic_load(&m->nresident) + atomic_load(&m->stage_pages) +
+           (meta < m->meta_room ? meta : m->meta_room);
 }
 
 static uint64_t cap_pct(struct pms_mem *m, unsigned pct)
@@ -1728,6 +1740,11 @@ int pms_mem_map(pms_dev *dev, const struct pms_map_opts *o, struct pms_mem **mem
             meta = m->limit_pages / CAP_META_MAX_DIV;
         if (m->limit_pages - meta < 4 * (m->chunk / PG))     /* the minimum above */
             meta = m->limit_pages - 4 * (m->chunk / PG);
+        /* the block layer's metadata shares the same 1/CAP_META_MAX_DIV */
+        m->meta_room = m->limit_pages / CAP_META_MAX_DIV > meta
+                     ? m->limit_pages / CAP_META_MAX_DIV - meta : 0;
+        if (m->limit_pages - meta - m->meta_room < 4 * (m->chunk / PG))
+            m->meta_room = m->limit_pages - meta - 4 * (m->chunk / PG);
         m->limit_pages -= meta;
     }
 

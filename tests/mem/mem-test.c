@@ -7,6 +7,10 @@
  *   mem-test verify  RAW NT [PREVSUM]   check one snapshot's slots (converted raw)
  *   mem-test revert  IMG MODE           snapshot, store, revert, check
  *   mem-test cap     IMG MODE LIMIT_MB STORE_MB
+ *   mem-test capsnap IMG MODE LIMIT_MB SECS  random page stores under a cap
+ *                                       while a thread takes an external
+ *                                       snapshot every CAPSNAP_PERIOD_MS
+ *                                       (the oldest beyond CAPSNAP_KEEP deleted)
  *   mem-test sigbus  IMG OFF HOSTOFF    read error during fault-in -> SIGBUS
  *   mem-test ro      IMG                read-only mapping: loads work, stores SIGSEGV
  *   mem-test prefetch IMG               background prefetch fills the mapping
@@ -401,6 +405,88 @@ static int t_cap(const char *img, const char *mode, uint64_t limit_mb, uint64_t 
     return 0;
 }
 
+/* ---- memory cap with snapshots -------------------------------------------- */
+/* The issue's scale run in small: a snapshot every second, three kept, so
+ * layers (each with its metadata caches) come and go and every delete merges. */
+#define CAPSNAP_PERIOD_MS 1000
+#define CAPSNAP_KEEP 3
+
+struct capsnap {
+    pms_dev *d;
+    atomic_bool stop;
+    atomic_uint_fast64_t maxrss;
+    int taken;
+};
+
+static void note_rss(struct capsnap *c)
+{
+    uint64_t r = rss_kb("RssAnon:"), m = atomic_load(&c->maxrss);
+    while (r > m && !atomic_compare_exchange_weak(&c->maxrss, &m, r)) {}
+}
+
+static void *capsnap_main(void *arg)
+{
+    struct capsnap *c = arg;
+    char name[32];
+    while (!atomic_load(&c->stop)) {
+        for (int i = 0; i < CAPSNAP_PERIOD_MS / 10 && !atomic_load(&c->stop); i++) {
+            usleep(10000);
+            note_rss(c);
+        }
+        snprintf(name, sizeof name, "s%d", c->taken);
+        API(pms_snapshot_create_ex(c->d, name, PMS_SNAP_EXTERNAL));
+        if (c->taken >= CAPSNAP_KEEP) {
+            snprintf(name, sizeof name, "s%d", c->taken - CAPSNAP_KEEP);
+            API(pms_snapshot_delete(c->d, name));
+        }
+        c->taken++;
+        note_rss(c);
+    }
+    return NULL;
+}
+
+static int t_capsnap(const char *img, const char *mode, uint64_t limit_mb, unsigned secs)
+{
+    g_unsafe = 1;
+    uint64_t seed = 4242, n = 0, cap_n = 1u << 20;
+    uint64_t *offs = malloc(cap_n * sizeof *offs);
+    CHECK(offs, "out of memory");
+    memset(offs, 0, cap_n * sizeof *offs);      /* the test's own memory is in the base */
+    uint64_t base_rss = rss_kb("RssAnon:");
+    struct capsnap c = { .d = open_img(img, 0, NULL) };
+    size_t len;
+    uint8_t *p = map(c.d, mode, limit_mb << 20, &len);
+    uint64_t npg = len / PG;
+    pthread_t th;
+    CHECK(pthread_create(&th, NULL, capsnap_main, &c) == 0, "pthread_create");
+    uint64_t t0 = now_ns(), end = t0 + secs * 1000000000ull;
+    while (n < cap_n && ((n & 255) || now_ns() < end)) {
+        seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+        uint64_t pg = (seed >> 16) % npg;
+        *(uint64_t *)(p + pg * PG) = pg * 2654435761u + 1;
+        offs[n++] = pg;
+        if ((n & 255) == 0) note_rss(&c);
+    }
+    atomic_store(&c.stop, true);
+    pthread_join(th, NULL);
+    /* everything stored comes back, evicted or not */
+    for (uint64_t i = 0; i < n; i++)
+        CHECK(*(uint64_t *)(p + offs[i] * PG) == offs[i] * 2654435761u + 1,
+              "page %" PRIu64 " lost", offs[i]);
+    uint64_t used = atomic_load(&c.maxrss) > base_rss ? atomic_load(&c.maxrss) - base_rss : 0;
+    uint64_t slack = getenv("PMS_CAP_SLACK_MB") ? strtoull(getenv("PMS_CAP_SLACK_MB"), NULL, 0) : 0;
+    uint64_t bound = limit_mb + limit_mb / 10 + slack;
+    printf("cap %" PRIu64 " MiB, %d external snapshots: %" PRIu64 " pages stored in %.1f s, "
+           "peak RssAnon growth %" PRIu64 " MiB (bound %" PRIu64 ")\n", limit_mb, c.taken, n,
+           (now_ns() - t0) / 1e9, used >> 10, bound);
+    CHECK(c.taken >= CAPSNAP_KEEP + 1, "only %d snapshots taken: no delete ran", c.taken);
+    CHECK(used <= bound << 10, "RSS %" PRIu64 " MiB over cap %" PRIu64 " + 10%%", used >> 10, limit_mb);
+    API(pms_unmap(c.d));
+    API(pms_close(c.d));
+    free(offs);
+    return 0;
+}
+
 /* ---- SIGBUS on read error ----------------------------------------------------- */
 static sigjmp_buf g_jb;
 static volatile sig_atomic_t g_sig;
@@ -587,6 +673,8 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "revert-zero")) return t_revert_zero(img, mode);
     if (!strcmp(cmd, "cap") && argc > 5)
         return t_cap(img, mode, strtoull(argv[4], NULL, 0), strtoull(argv[5], NULL, 0));
+    if (!strcmp(cmd, "capsnap") && argc > 5)
+        return t_capsnap(img, mode, strtoull(argv[4], NULL, 0), (unsigned)atoi(argv[5]));
     if (!strcmp(cmd, "sigbus") && argc > 4)
         return t_sigbus(img, strtoull(argv[3], NULL, 0), strtoull(argv[4], NULL, 0));
     if (!strcmp(cmd, "ro")) return t_ro(img);

@@ -1060,7 +1060,10 @@ static void chain_map_free(void *p)
 {
     struct chain_map *m = p;
     for (uint64_t i = 0; i < m->nregions; i++)
-        free(m->region[i]);
+        if (m->region[i]) {
+            free(m->region[i]);
+            bdev_meta_charge(-(int64_t)(CHAIN_MAP_REGION * sizeof **m->region));
+        }
     free(m->region);
     free(m->layer);
     free(m);
@@ -1131,6 +1134,7 @@ static int chain_map_build(struct bdev *bs, struct chain_map *m, uint64_t ri)
     if (!reg) return pms_err(ENOMEM, "out of memory");
     if (!m->bulk) {                     /* granules filled one by one */
         m->region[ri] = reg;
+        bdev_meta_charge(CHAIN_MAP_REGION * sizeof *reg);
         return 0;
     }
     uint64_t g0 = ri * CHAIN_MAP_REGION, gsz = 1ull << m->gbits;
@@ -1161,6 +1165,7 @@ static int chain_map_build(struct bdev *bs, struct chain_map *m, uint64_t ri)
     for (uint64_t i = 0; i < ng; i++)
         if (reg[i] == CM_UNKNOWN) reg[i] = CM_NONE;
     m->region[ri] = reg;
+    bdev_meta_charge(CHAIN_MAP_REGION * sizeof *reg);
     return 0;
 }
 

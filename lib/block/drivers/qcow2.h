@@ -60,6 +60,9 @@ struct qcow2_cache_entry {
 struct qcow2_cache {
     struct qcow2_cache_entry *e;
     int n;
+    uint8_t *mem;                /* n * stride bytes, reserved (see qcow2-cache.c);
+                                    e[i].data is slot i once used */
+    uint64_t stride;             /* bytes per slot: cluster_size, at least a page */
     uint64_t tick;
     bool is_refcount;            /* refcount-block cache (flushed first) */
     uint64_t cluster_size;
