@@ -270,9 +270,11 @@ enum pms_dirty_mode {
 struct pms_map_opts {
     size_t size;               /* sizeof(struct pms_map_opts), set by init */
     uint64_t mem_limit;        /* resident-memory cap in bytes, 0 = none; it holds the
-                                  mapping's pages, snapshot staging and the device's
-                                  per-page bitmaps (2-3 bits per page of the mapping,
-                                  counted up to 1/4 of the cap) */
+                                  mapping's pages, snapshot staging, the device's
+                                  per-page bitmaps (2-3 bits per page of the mapping)
+                                  and the block layer's metadata memory (the
+                                  metadata_bytes of pms_stats); those two together
+                                  are counted up to 1/4 of the cap */
     int dirty_tracking;        /* enum pms_dirty_mode */
     uint64_t chunk_size;       /* fault-in unit in bytes (power of two, page .. 64 MiB) */
     unsigned writeback_interval_ms; /* background writeback period; 0 = default */
@@ -332,6 +334,10 @@ struct pms_stats {
     uint64_t staging_pages;    /* snapshot staging pages kept in memory between snapshots;
                                   resident_pages + staging_pages stay within mem_limit
                                   less the bitmaps' share (see pms_map_opts) */
+    uint64_t metadata_bytes;   /* memory the block layer holds for image metadata in
+                                  this process (table caches of the image and of each
+                                  external snapshot layer, chain maps, a delete's merge
+                                  buffers); counted against mem_limit (see pms_map_opts) */
 };
 int  pms_stats(pms_dev *dev, struct pms_stats *st);
 

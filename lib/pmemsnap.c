@@ -2,6 +2,7 @@
  * mapped, to the memory device, and the "FUNC: " error prefix.
  * Threads: see pms-dev.h. */
 #include <errno.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -442,6 +443,8 @@ int pms_stats(pms_dev *dev, struct pms_stats *st)
     memset(st, 0, sz < sizeof *st ? sz : sizeof *st);
     st->size = sz;
     int r = RDLOCKED(dev->mem ? pms_mem_stats(dev->mem, st) : 0);
+    if (r == 0 && sz >= offsetof(struct pms_stats, metadata_bytes) + sizeof st->metadata_bytes)
+        st->metadata_bytes = bdev_meta_bytes();
     PMS_API_ERR(r);
     return r;
 }
