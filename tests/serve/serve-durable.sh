@@ -31,4 +31,55 @@ for round in 1 2; do
 done
 qemu-img check -r leaks -q "$img" >/dev/null 2>&1
 check_img "$img"
+
+# helper_of PID: the pid of PID's write-back helper child (pms-flusher)
+helper_of() {
+    local f st
+    for f in /proc/[0-9]*/stat; do
+        st=$(cat "$f" 2>/dev/null) || continue
+        case $st in *" (pms-flusher) "[!Z]" $1 "*) echo "${st%% *}"; return 0 ;; esac
+    done
+    return 1
+}
+# dead() PID: gone, or a zombie (exited; its reaper is init)
+dead() { [ ! -e "/proc/$1" ] || [ "$(cut -d' ' -f3 "/proc/$1/stat" 2>/dev/null)" = Z ]; }
+
+# The write-back helper (a child process that writes the page cache back
+# for snapshots and flushes): killed, the next snapshot starts a new one
+start "$img" h
+hp=$(helper_of "$PID_h") || fail "no write-back helper process"
+"$SERVETEST" fill "$T/h.file" 20M 1M 0x71 || fail "mmap fill"
+kill -9 "$hp"
+"$P" snapshot -c h1 --socket "$T/h.sock" || fail "snapshot after the helper was killed"
+hp2=$(helper_of "$PID_h") || fail "the helper was not started again"
+[ "$hp2" != "$hp" ] || fail "the same helper pid"
+kill "$PID_h"
+for _ in $(seq 100); do dead "$PID_h" && break; sleep 0.1; done
+dead "$PID_h" || fail "the daemon did not stop on SIGTERM"
+qemu-img convert -O raw -l snapshot.name=h1 "$img" "$T/h1.raw" || fail "convert h1"
+cmp -n 1048576 -i 20971520:0 "$T/h1.raw" <(head -c 1M /dev/zero | tr '\0' '\161') ||
+    fail "snapshot h1 lacks the mapped stores (no msync) made before it"
+rm -f "$T/h1.raw"
+ok "a killed write-back helper is replaced; the snapshot holds every mapped store"
+
+# kill -9 while a snapshot writes back a page cache that a writer keeps
+# dirtying: the daemon and its helper die (nothing waits on the dead daemon)
+qemu-img create -q -f qcow2 "$T/k.qcow2" 256M
+start "$T/k.qcow2" k
+hp=$(helper_of "$PID_k") || fail "no write-back helper process"
+coproc W { exec "$SERVETEST" writer "$T/k.file" 256M; }
+read -r line <&"${W[0]}"
+[ "$line" = ready ] || fail "writer: $line"
+"$P" snapshot -c k1 --socket "$T/k.sock" >/dev/null 2>&1 & sp=$!
+sleep 0.2
+kill -9 "$PID_k"
+for _ in $(seq 100); do dead "$PID_k" && break; sleep 0.1; done
+dead "$PID_k" || fail "the daemon did not die from kill -9 during a snapshot"
+for _ in $(seq 100); do dead "$hp" && break; sleep 0.1; done
+dead "$hp" || fail "the write-back helper outlived the killed daemon"
+unmount_ours
+kill -9 "$W_PID" "$sp" 2>/dev/null
+wait "$sp" 2>/dev/null
+check_img "$T/k.qcow2" leaks-ok
+ok "kill -9 during a snapshot of a busy mapping: daemon and helper gone"
 echo "serve-durable: all passed"

@@ -12,8 +12,9 @@
  * - A snapshot contains every byte written (write(2) or a store into a
  *   shared mapping) before the snapshot request arrived: the request first
  *   writes the file's dirty pages back through the FUSE mount itself
- *   (pre-copy, writers still running: sync_file_range on a descriptor the
- *   daemon opens on its own FUSE file, served by its own FUSE threads), then
+ *   (pre-copy, writers still running: sync_file_range by a helper process
+ *   on its descriptor of the FUSE file, served by the daemon's FUSE
+ *   threads; flusher.c says why no daemon thread waits on that), then
  *   fsync()s it (the short final flush), then commits under the exclusive
  *   I/O lock.  The snapshot is the image at the instant the lock is taken.
  *   Writers that keep writing during the call: each page they dirtied is in
@@ -94,7 +95,7 @@ struct srv {
     struct fuse_session *se;
     pthread_t fuse_thr;
     bool fuse_running, created_mountpoint, mounted;
-    int selffd;                       /* the daemon's own fd on the FUSE file */
+    struct flusher flusher;           /* writes the FUSE file's page cache back */
     pthread_rwlock_t io_lock;
     pthread_mutex_t op_lock;
     atomic_bool discard_writes;
@@ -390,49 +391,27 @@ static void on_usr1(int sig) { (void)sig; }
 
 /* ---- flushing through the mount -------------------------------------------- */
 
-/* The daemon's own descriptor on its FUSE file, open only for the length of
- * one operation (op_lock held): with --writeback-cache close() does send a
- * FLUSH, which a killed daemon could not answer. */
-static int selffd(struct srv *s)
-{
-    if (s->selffd < 0)
-        s->selffd = open(s->fuse_path, O_RDWR | O_CLOEXEC);
-    return s->selffd;
-}
-
-static void selffd_close(struct srv *s)
-{
-    if (s->selffd >= 0)
-        close(s->selffd);
-    s->selffd = -1;
-}
-
-/* Write back the FUSE file's dirty pages (pre-copy: writers keep running). */
+/* Write back the FUSE file's dirty pages (pre-copy: writers keep running).
+ * The helper process does it: see flusher.c for why no daemon thread may. */
 static int precopy(struct srv *s, struct srv_err *e)
 {
-    int fd = selffd(s);
-    if (fd < 0) {
-        seterr(e, "cannot open %s to flush it: %s", s->fuse_path, strerror(errno));
-        return -errno;
-    }
-    for (int i = 0; i < SERVE_PRECOPY_PASSES; i++)
-        if (sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
-                                      SYNC_FILE_RANGE_WAIT_AFTER) < 0) {
-            seterr(e, "writing back the page cache of %s: %s", s->fuse_path, strerror(errno));
-            return -errno;
+    for (int i = 0; i < SERVE_PRECOPY_PASSES; i++) {
+        int r = flusher_write(&s->flusher);
+        if (r < 0) {
+            seterr(e, "writing back the page cache of %s: %s", s->fuse_path, strerror(-r));
+            return r;
         }
+    }
     return 0;
 }
 
 /* The final flush: every dirty page, then the image (FUSE_FSYNC). */
 static int final_flush(struct srv *s, struct srv_err *e)
 {
-    int fd = selffd(s);
-    if (fd < 0 || fsync(fd) < 0) {
-        seterr(e, "flushing %s: %s", s->fuse_path, strerror(errno));
-        return -errno;
-    }
-    return 0;
+    int r = flusher_fsync(&s->flusher);
+    if (r < 0)
+        seterr(e, "flushing %s: %s", s->fuse_path, strerror(-r));
+    return r;
 }
 
 /* ---- the VM (--qmp) ---------------------------------------------------------- */
@@ -625,7 +604,6 @@ resume:
         qmp_event("SNAPSHOT_CREATED", d);
     }
 out:
-    selffd_close(s);
     json_object_put(devs);
     vmqmp_close(q);
     pthread_mutex_unlock(&s->op_lock);
@@ -718,7 +696,6 @@ resume:
             r = r2;
     }
 out:
-    selffd_close(s);
     json_object_put(devs);
     vmqmp_close(q);
     pthread_mutex_unlock(&s->op_lock);
@@ -754,7 +731,6 @@ int srv_snapshot_delete(struct srv *s, const char *name, bool vm, struct srv_err
     if (r < 0)
         seterr(e, "%s", pms_errmsg());
 out:
-    selffd_close(s);
     json_object_put(devs);
     vmqmp_close(q);
     pthread_mutex_unlock(&s->op_lock);
@@ -800,7 +776,6 @@ int srv_flush(struct srv *s, struct srv_err *e)
 {
     pthread_mutex_lock(&s->op_lock);
     int r = final_flush(s, e);
-    selffd_close(s);
     pthread_mutex_unlock(&s->op_lock);
     return r;
 }
@@ -1050,10 +1025,7 @@ static int mount_fuse(struct srv *s, char *err, size_t errlen)
 
 static void teardown(struct srv *s)
 {
-    if (s->selffd >= 0) {
-        close(s->selffd);
-        s->selffd = -1;
-    }
+    flusher_stop(&s->flusher);               /* its close is answered by the loop */
     if (s->fuse_running) {
         fuse_session_exit(s->se);
         pthread_kill(s->fuse_thr, SIGUSR1);
@@ -1120,7 +1092,6 @@ int cmd_serve(int argc, char **argv)
     };
     static struct srv srv;
     struct srv *s = &srv;
-    s->selffd = -1;
     s->qmp_timeout_ms = VMQMP_TIMEOUT_MS;
     s->threads = SERVE_FUSE_THREADS;
     int ch;
@@ -1279,6 +1250,14 @@ int cmd_serve(int argc, char **argv)
         return fail("setting the size of %s: %s", s->fuse_path, strerror(e));
     }
     tune_bdi(s);
+    int fr = flusher_start(&s->flusher, s->fuse_path);
+    if (fr < 0) {
+        teardown(s);
+        close(lfd);
+        unlink(s->sock_path);
+        pms_close(s->dev);
+        return fail("starting the write-back helper on %s: %s", s->fuse_path, strerror(-fr));
+    }
     if (qmp_server_start(s, lfd) < 0) {
         teardown(s);
         close(lfd);

@@ -5,6 +5,8 @@
  *   qmp.c     the QMP control socket (server side)
  *   vmqmp.c   a small QMP client for the VM's own QMP socket (--qmp) and
  *             for `pmemsnap snapshot --socket` / `pmemsnap stats`
+ *   flusher.c the helper process that writes the FUSE file's page cache
+ *             back (a daemon thread must never wait on that itself)
  *
  * Threads: the main thread accepts control connections and waits for a
  * shutdown request; libfuse's worker threads serve the FUSE file; one thread
@@ -19,6 +21,7 @@
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/types.h>
 #include <json-c/json.h>
 #include "pmemsnap.h"
 
@@ -79,6 +82,19 @@ int  vmqmp_exec(struct vmqmp *q, const char *cmd, json_object *args, json_object
 /* Run a job command (snapshot-save/-load/-delete) and wait for it to conclude. */
 int  vmqmp_job(struct vmqmp *q, const char *cmd, json_object *args, int timeout_ms,
                char *err, size_t errlen);
+
+/* flusher.c: the write-back helper process (see there).  The calls return 0
+ * or -errno. */
+struct flusher {
+    pthread_mutex_t mu;
+    int sk;                       /* our end of the socket pair, -1 = none */
+    pid_t pid;                    /* the helper, -1 = none */
+    const char *path;             /* the FUSE file; NULL = not started */
+};
+int  flusher_start(struct flusher *f, const char *path);
+int  flusher_write(struct flusher *f);    /* write back every dirty page, wait */
+int  flusher_fsync(struct flusher *f);    /* fsync the FUSE file */
+void flusher_stop(struct flusher *f);
 
 /* CLI entry points (tools/pmemsnap.c dispatches here). */
 int cmd_serve(int argc, char **argv);

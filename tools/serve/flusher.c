@@ -1,0 +1,171 @@
+/* The write-back helper of pmemsnap serve: a child process that writes the
+ * FUSE file's page cache back on the daemon's behalf.
+ *
+ * Why a process: writing back the page cache of the FUSE file means waiting
+ * for FUSE_WRITE requests that the daemon itself answers.  A daemon thread
+ * waiting in that write-back may not be able to finish once the daemon is
+ * being killed: its other threads, which would answer, are gone, and the
+ * connection is not aborted while any thread of the daemon (holding the
+ * /dev/fuse descriptor) is left.  Seen here with a daemon thread that
+ * started write-back every 128 MiB of reads: after kill -9 the daemon did
+ * not die.  The pre-copy's waits did not hang in six kill -9 tries during
+ * snapshots (the daemon was gone within 2 s either way), but they are the
+ * same kind of wait.  A separate process holds no /dev/fuse descriptor, so
+ * when the daemon dies the kernel aborts the connection, the helper's wait
+ * ends with an error, it reads EOF on its socket and exits.
+ *
+ * Protocol, over a SOCK_SEQPACKET socket pair (one byte per message):
+ *   HELPER_WRITE    write every dirty page back and wait for it (the
+ *                   pre-copy: sync_file_range WAIT_BEFORE|WRITE|WAIT_AFTER)
+ *   HELPER_FSYNC    fsync(2) the file: every dirty page, then FUSE_FSYNC
+ * Each is answered with an int: 0 or an errno value.
+ *
+ * Not done here: starting the write-back early while mapped writers store
+ * (a kick every 128 MiB of FUSE reads).  Measured 2026-12-07 against the
+ * same build without it, alternated, 512 MiB first-touch write through an
+ * mmap: 0.53-0.92 GB/s with, 0.70-0.97 GB/s without (the stores phase
+ * doubled while the msync after it shrank).
+ *
+ * Threads: control threads and the main thread call flusher_write,
+ * flusher_fsync and flusher_stop.  f->mu guards f->sk and f->pid and
+ * serialises commands (one reply in flight).  A helper that died is started again by the next command (the fork runs
+ * only async-signal-safe calls in the child).
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include "serve.h"
+
+enum { HELPER_WRITE = 'w', HELPER_FSYNC = 'f' };
+/* The helper's end of the socket, moved to this descriptor in the child. */
+#define HELPER_FD 3
+
+static void helper_main(int sk, const char *path)
+{
+    prctl(PR_SET_NAME, "pms-flusher", 0, 0, 0);
+    if (sk != HELPER_FD && dup2(sk, HELPER_FD) < 0)
+        _exit(1);
+    close_range(HELPER_FD + 1, ~0u, 0);     /* no /dev/fuse, no parent pipes */
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int r = fd < 0 ? errno : 0;
+    if (send(HELPER_FD, &r, sizeof r, MSG_NOSIGNAL) != sizeof r || fd < 0)
+        _exit(1);
+    for (;;) {
+        char c;
+        if (recv(HELPER_FD, &c, 1, 0) != 1)
+            _exit(0);                       /* the daemon closed its end, or died */
+        r = c == HELPER_WRITE
+            ? sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
+                                        SYNC_FILE_RANGE_WAIT_AFTER)
+            : c == HELPER_FSYNC ? fsync(fd) : (errno = EINVAL, -1);
+        r = r < 0 ? errno : 0;
+        if (send(HELPER_FD, &r, sizeof r, MSG_NOSIGNAL) != sizeof r)
+            _exit(0);
+    }
+}
+
+/* Reap a helper that is gone (or going: its socket is closed). */
+static void reap(struct flusher *f, bool wait)
+{
+    if (f->pid > 0) {
+        while (waitpid(f->pid, NULL, wait ? 0 : WNOHANG) < 0 && errno == EINTR) {}
+        f->pid = -1;
+    }
+}
+
+/* f->mu held. */
+static int start(struct flusher *f)
+{
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0)
+        return -errno;
+    pid_t pid = fork();
+    if (pid < 0) {
+        int e = errno;
+        close(sv[0]);
+        close(sv[1]);
+        return -e;
+    }
+    if (pid == 0)
+        helper_main(sv[1], f->path);
+    close(sv[1]);
+    int r = 0;
+    ssize_t n = recv(sv[0], &r, sizeof r, 0);   /* the helper's open of the file */
+    if (n != sizeof r || r) {
+        close(sv[0]);
+        f->pid = pid;
+        reap(f, true);
+        return n == sizeof r ? -r : -ECHILD;
+    }
+    f->sk = sv[0];
+    f->pid = pid;
+    return 0;
+}
+
+int flusher_start(struct flusher *f, const char *path)
+{
+    f->sk = -1;
+    f->pid = -1;
+    f->path = path;
+    pthread_mutex_init(&f->mu, NULL);
+    pthread_mutex_lock(&f->mu);
+    int r = start(f);
+    pthread_mutex_unlock(&f->mu);
+    return r;
+}
+
+/* One command and its reply; -EPIPE when the helper is gone (f->mu held). */
+static int call_once(struct flusher *f, char c)
+{
+    if (f->sk < 0)
+        return -EPIPE;
+    if (send(f->sk, &c, 1, MSG_NOSIGNAL) != 1)
+        return -EPIPE;
+    int r;
+    ssize_t n;
+    while ((n = recv(f->sk, &r, sizeof r, 0)) < 0 && errno == EINTR) {}
+    if (n != sizeof r)
+        return -EPIPE;
+    return -r;
+}
+
+static int call(struct flusher *f, char c)
+{
+    pthread_mutex_lock(&f->mu);
+    int r = call_once(f, c);
+    if (r == -EPIPE) {                      /* the helper died: a new one, once */
+        if (f->sk >= 0)
+            close(f->sk);
+        f->sk = -1;
+        reap(f, true);
+        r = start(f);
+        if (r == 0)
+            r = call_once(f, c);
+    }
+    pthread_mutex_unlock(&f->mu);
+    return r;
+}
+
+int flusher_write(struct flusher *f) { return call(f, HELPER_WRITE); }
+int flusher_fsync(struct flusher *f) { return call(f, HELPER_FSYNC); }
+
+void flusher_stop(struct flusher *f)
+{
+    if (!f->path)
+        return;
+    pthread_mutex_lock(&f->mu);
+    if (f->sk >= 0)
+        close(f->sk);                       /* the helper reads EOF and exits */
+    f->sk = -1;
+    reap(f, true);
+    pthread_mutex_unlock(&f->mu);
+    pthread_mutex_destroy(&f->mu);
+    f->path = NULL;
+}
