@@ -97,7 +97,8 @@ static int start(struct flusher *f)
         helper_main(sv[1], f->path);
     close(sv[1]);
     int r = 0;
-    ssize_t n = recv(sv[0], &r, sizeof r, 0);   /* the helper's open of the file */
+    ssize_t n;
+    while ((n = recv(sv[0], &r, sizeof r, 0)) < 0 && errno == EINTR) {}   /* its open */
     if (n != sizeof r || r) {
         close(sv[0]);
         f->pid = pid;
