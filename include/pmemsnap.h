@@ -271,7 +271,7 @@ struct pms_map_opts {
     size_t size;               /* sizeof(struct pms_map_opts), set by init */
     uint64_t mem_limit;        /* resident-memory cap in bytes, 0 = none; it holds the
                                   mapping's pages, snapshot staging, the device's
-                                  per-page bitmaps (2-3 bits per page of the mapping)
+                                  per-page bitmaps (3-4 bits per page of the mapping)
                                   and the block layer's metadata memory (the
                                   metadata_bytes of pms_stats); those two together
                                   are counted up to 1/4 of the cap */
