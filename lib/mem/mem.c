@@ -43,7 +43,9 @@
  *                   memory cap it waits (at most 200 ms) for an eviction
  *                   round, then installs anyway; during a pre-copy that does
  *                   not converge it delays each missing fault (auto-converge,
- *                   at most CONVERGE_MAX_US).
+ *                   at most CONVERGE_MAX_US); in a capped sync-mode mapping
+ *                   with more than DIRTY_MAX_BYTES dirty it waits (at most
+ *                   DIRTY_WAIT_MS per fault, no lock held) for the writeback.
  *   writeback thread every writeback_interval_ms (backing off up to 16 s
  *                   while the same hot set stays dirty; or when kicked):
  *                   writes dirty pages back (wb_mu), evicts clean pages over
