@@ -769,20 +769,9 @@ static void hold_until_done(struct merge *m, const char *path)
  * counts them: bdev_meta_charge). */
 #define MERGE_MEM (MERGE_BATCH_BYTES + MERGE_BATCH_RUNS * sizeof(struct bdev_wvec))
 
-static void merge_free(struct merge *m)
-{
-    if (!m->buf) return;
-    free(m->buf);
-    free(m->v);
-    m->buf = NULL;
-    m->v = NULL;
-    bdev_meta_charge(-(int64_t)MERGE_MEM);
-}
-
 static int merge_alloc(struct merge *m)
 {
-    if (m->buf && m->v) return 0;
-    merge_free(m);
+    if (m->buf) return 0;                   /* both or neither are allocated */
     m->buf = malloc(MERGE_BATCH_BYTES);
     m->v = malloc(MERGE_BATCH_RUNS * sizeof *m->v);
     if (!m->buf || !m->v) {
@@ -794,6 +783,16 @@ static int merge_alloc(struct merge *m)
     }
     bdev_meta_charge(MERGE_MEM);
     return 0;
+}
+
+static void merge_free(struct merge *m)
+{
+    if (!m->buf) return;
+    free(m->buf);
+    free(m->v);
+    m->buf = NULL;
+    m->v = NULL;
+    bdev_meta_charge(-(int64_t)MERGE_MEM);
 }
 
 /* Write the gathered runs into dst as one batch.  locked: the caller holds

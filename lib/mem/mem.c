@@ -684,6 +684,15 @@ static void wait_cap(struct pms_mem *m, uint64_t want)
     pthread_mutex_unlock(&m->ctl_mu);
 }
 
+/* Ask the writeback thread for a round now.  No lock of ours held. */
+static void kick_writeback(struct pms_mem *m)
+{
+    pthread_mutex_lock(&m->ctl_mu);
+    m->kick = true;
+    pthread_cond_signal(&m->ctl_cond);
+    pthread_mutex_unlock(&m->ctl_mu);
+}
+
 /* Count a write fault; kick a writeback round when they add up (see
  * WB_KICK_PAGES).  No lock of ours held. */
 static void count_write_fault(struct pms_mem *m)
@@ -692,23 +701,19 @@ static void count_write_fault(struct pms_mem *m)
     if (n % WB_KICK_PAGES || m->interval_ms > WB_INTERVAL_MS ||
         now_ns() - atomic_load(&m->round_end_ns) < WB_STREAM_GAP_MS * 1000000ull)
         return;
-    pthread_mutex_lock(&m->ctl_mu);
-    m->kick = true;
-    pthread_cond_signal(&m->ctl_cond);
-    pthread_mutex_unlock(&m->ctl_mu);
+    kick_writeback(m);
 }
 
 /* Wait (bounded) while a capped sync-mode mapping has more than
  * DIRTY_MAX_BYTES dirty.  Fault thread; no lock held. */
 static void throttle_dirty(struct pms_mem *m)
 {
-    uint64_t lim = atomic_load(&m->precopying) ? DIRTY_PRECOPY_BYTES : DIRTY_MAX_BYTES;
-    if (!m->limit_pages || atomic_load(&m->ndirty) * PG <= lim)
+    if (!m->limit_pages)
         return;
-    pthread_mutex_lock(&m->ctl_mu);
-    m->kick = true;
-    pthread_cond_signal(&m->ctl_cond);
-    pthread_mutex_unlock(&m->ctl_mu);
+    uint64_t lim = atomic_load(&m->precopying) ? DIRTY_PRECOPY_BYTES : DIRTY_MAX_BYTES;
+    if (atomic_load(&m->ndirty) * PG <= lim)
+        return;
+    kick_writeback(m);
     for (unsigned t = 0; t < DIRTY_WAIT_MS * 1000 / DIRTY_POLL_US; t++) {
         if (atomic_load(&m->ndirty) * PG <= lim || atomic_load(&m->stop))
             break;

@@ -28,15 +28,12 @@
  *
  * Threads: control threads and the main thread call flusher_write,
  * flusher_fsync and flusher_stop.  f->mu guards f->sk and f->pid and
- * serialises commands (one reply in flight).  A helper that died is started again by the next command (the fork runs
- * only async-signal-safe calls in the child).
+ * serialises commands (one reply in flight).  A helper that died is started
+ * again by the next command (the fork runs only async-signal-safe calls in
+ * the child).
  */
 #include <errno.h>
 #include <fcntl.h>
-#include <signal.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -71,13 +68,22 @@ static void helper_main(int sk, const char *path)
     }
 }
 
-/* Reap a helper that is gone (or going: its socket is closed). */
-static void reap(struct flusher *f, bool wait)
+/* Wait for a helper that is gone, or going: its socket is closed. */
+static void reap(struct flusher *f)
 {
     if (f->pid > 0) {
-        while (waitpid(f->pid, NULL, wait ? 0 : WNOHANG) < 0 && errno == EINTR) {}
+        while (waitpid(f->pid, NULL, 0) < 0 && errno == EINTR) {}
         f->pid = -1;
     }
+}
+
+/* Close our end (the helper reads EOF and exits) and reap it.  f->mu held. */
+static void drop(struct flusher *f)
+{
+    if (f->sk >= 0)
+        close(f->sk);
+    f->sk = -1;
+    reap(f);
 }
 
 /* f->mu held. */
@@ -102,7 +108,7 @@ static int start(struct flusher *f)
     if (n != sizeof r || r) {
         close(sv[0]);
         f->pid = pid;
-        reap(f, true);
+        reap(f);
         return n == sizeof r ? -r : -ECHILD;
     }
     f->sk = sv[0];
@@ -142,10 +148,7 @@ static int call(struct flusher *f, char c)
     pthread_mutex_lock(&f->mu);
     int r = call_once(f, c);
     if (r == -EPIPE) {                      /* the helper died: a new one, once */
-        if (f->sk >= 0)
-            close(f->sk);
-        f->sk = -1;
-        reap(f, true);
+        drop(f);
         r = start(f);
         if (r == 0)
             r = call_once(f, c);
@@ -162,10 +165,7 @@ void flusher_stop(struct flusher *f)
     if (!f->path)
         return;
     pthread_mutex_lock(&f->mu);
-    if (f->sk >= 0)
-        close(f->sk);                       /* the helper reads EOF and exits */
-    f->sk = -1;
-    reap(f, true);
+    drop(f);
     pthread_mutex_unlock(&f->mu);
     pthread_mutex_destroy(&f->mu);
     f->path = NULL;
