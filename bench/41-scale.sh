@@ -4,7 +4,10 @@
 # snapshot every second (the oldest of three deleted); per snapshot kind
 # (external, then internal): stores/s, snapshot mean/max, peak RSS, image
 # size, qemu-img check of every file at the end.  Reference in the same
-# run: the same two threads over an mmap of a 1 TiB sparse raw file.
+# run: the same two threads over an mmap of a 1 TiB sparse raw file.  Then
+# the file system's floor: what writing, writing out and freeing a page
+# costs when pages lie one per 64 KiB cluster (as random stores land in an
+# overlay) against contiguous pages (snap-bench fsfloor).
 # Knobs: SNAPBENCH_SCALE=1 runs it; SNAPBENCH_SCALE_SECS (default 120; the
 # issue's full run is 600), SNAPBENCH_SCALE_CAP_MB (1024), SNAPBENCH_DIR,
 # SNAPBENCH_SCALE_PERIOD (seconds between snapshots, default 1; 0: none, to
@@ -54,5 +57,18 @@ log "mmap reference: $SECS s"
 "$SB" scale-mmap "$T/ref.raw" "$SECS" >"$R/scale-mmap" 2>&1 || echo "error exit $?" >>"$R/scale-mmap"
 echo "du_MiB $(( $(du -k "$T/ref.raw" | cut -f1) / 1024 ))" >>"$R/scale-mmap"
 mv "$T/ref.raw" "$T/trash/"
+# What the file system charges per page for the layout random stores get in
+# a fresh overlay (one page per 64 KiB cluster: one extent per page), against
+# the same pages contiguous: every stored page is written and written out
+# into its layer, merged into the bottom layer by a delete, and freed with
+# the deleted layer.
+log "file-system floor: 20,000 pages scattered and contiguous"
+"$SB" fsfloor "$T" 20000 >"$R/fsfloor" 2>&1 || echo "error exit $?" >>"$R/fsfloor"
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg); $SECONDS s in all"
 TABLE=scale SECS="$SECS" CAP="$CAP" python3 "$here/snap-table.py" "$R"
+echo "  file system: $(findmnt -no FSTYPE,OPTIONS -T "$T" 2>/dev/null)"
+awk 'BEGIN { print "  per 4 KiB page, us (wall / cpu)     scattered (1 per 64 KiB)     contiguous" }
+     { split($1, a, "_"); v[a[1] "," a[2]] = sprintf("%7.2f / %6.2f", $2, $3) }
+     END { n = split("write writeout free", st, " ")
+           for (i = 1; i <= n; i++)
+               printf "  %-34s %24s %18s\n", st[i], v["scattered," st[i]], v["contiguous," st[i]] }' "$R/fsfloor"
