@@ -23,6 +23,7 @@
  *   snap-bench cap-mmap FILE STORE_MB SECS
  *       STORE_MB of whole-page stores to random pages (stopping after SECS),
  *       then a persist (pms_persist / msync+fdatasync): MB/s and peak RSS.
+ *       SNAPBENCH_SEQ=1 stores the pages in order instead.
  *   snap-bench scale KIND IMG CAP_MB SECS
  *   snap-bench scale-mmap FILE SECS
  *       two threads storing whole pages at random for SECS; with an image, a
@@ -561,8 +562,9 @@ static int cap_run(const char *path, int is_img, uint64_t cap_mb, uint64_t store
     }
     uint64_t npages = len / PG, want = (store_mb << 20) / PG, done = 0;
     double t0 = now(), stop = t0 + secs;
+    int seq = getenv("SNAPBENCH_SEQ") != NULL;     /* pages in order instead */
     while (done < want) {
-        uint64_t q = rnd(&rng_state) % npages;
+        uint64_t q = seq ? done % npages : rnd(&rng_state) % npages;
         put(p + q * PG, word(q, 3));
         if (++done % 256 == 0 && now() > stop) break;
     }

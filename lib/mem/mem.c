@@ -44,7 +44,7 @@
  *                   round, then installs anyway; during a pre-copy that does
  *                   not converge it delays each missing fault (auto-converge,
  *                   at most CONVERGE_MAX_US); in a capped sync-mode mapping
- *                   with more than DIRTY_MAX_BYTES dirty it waits (at most
+ *                   with more than DIRTY_MAX_RUNS dirty runs it waits (at most
  *                   DIRTY_WAIT_MS per fault, no lock held) for the writeback.
  *   writeback thread every writeback_interval_ms (backing off up to 16 s
  *                   while the same hot set stays dirty; or when kicked):
@@ -173,22 +173,32 @@
 #define CONVERGE_START_US  50
 #define CONVERGE_MAX_US    1600
 /* Dirty limit of a capped mapping (sync tracking, where ndirty is kept):
- * while more than DIRTY_MAX_BYTES are dirty, the fault thread waits for the
- * writeback (polling every DIRTY_POLL_US, at most DIRTY_WAIT_MS per fault,
- * so a stuck writeback slows writers but never hangs them), as the
- * kernel's dirty throttling does.  Under a cap every dirty page must be
- * written before it can be evicted, so writers cannot outrun the writeback
- * for long anyway; without a limit they filled the cap with dirty pages and
- * the next snapshot's pre-copy wrote all of them (1 TiB image, 1 GiB cap,
- * random stores: 375-500 MB per snapshot, 2.4-3.3 s).  Measured there,
- * 20 s runs: a 16 MiB limit gave 16.4k stores/s and a 554 ms snapshot
- * mean, 4 MiB 13.0-13.4k and 233 ms, 2 MiB 13.0-13.6k and 146-184 ms
- * (without the limit and the page-sized ZGRAIN: 10.6-10.9k, 88-90 ms). */
-#define DIRTY_MAX_BYTES   (2ull << 20)
-/* The same limit while a snapshot's pre-copy runs: writers are held so the
+ * while more than DIRTY_MAX_RUNS separate runs (or DIRTY_MAX_SEQ_BYTES in
+ * all, at most 1/DIRTY_SEQ_CAP_DIV of the cap) are dirty, the fault thread
+ * waits for the writeback (polling every DIRTY_POLL_US, at most
+ * DIRTY_WAIT_MS per fault, so a stuck writeback slows writers but never
+ * hangs them), as the kernel's dirty throttling does.  Under a cap every
+ * dirty page must be written before it can be evicted, so writers cannot
+ * outrun the writeback for long anyway; without a limit they filled the cap
+ * with dirty pages and the next snapshot's pre-copy wrote all of them
+ * (1 TiB image, 1 GiB cap, random stores: 375-500 MB per snapshot,
+ * 2.4-3.3 s).  What a pre-copy pays for is mostly one write per run, so the
+ * limit counts runs: measured there, 20 s runs, a limit of 4,096 single
+ * pages gave 16.4k stores/s and a 554 ms snapshot mean, 1,024 pages
+ * 13.0-13.4k and 233 ms, 512 pages 13.0-13.6k and 146-184 ms (without the
+ * limit and the page-sized ZGRAIN: 10.6-10.9k, 88-90 ms).  Contiguous
+ * stores write back at disk speed, so they are held only at
+ * DIRTY_MAX_SEQ_BYTES: with 512 pages as a byte limit, 2 GiB of sequential
+ * stores into a 1 TiB image under a 1 GiB cap ran at 153-166 MB/s, and
+ * 180 MB/s without it. */
+#define DIRTY_MAX_RUNS      512u
+#define DIRTY_MAX_SEQ_BYTES (32ull << 20)
+#define DIRTY_SEQ_CAP_DIV   8u
+/* The same limits while a snapshot's pre-copy runs: writers are held so the
  * rounds drain the backlog instead of chasing them (pre-copy at the limit
  * above: 47-50 MB written over 0.7-1.1 s per snapshot). */
-#define DIRTY_PRECOPY_BYTES (1ull << 20)
+#define DIRTY_PRECOPY_RUNS  256u
+#define DIRTY_PRECOPY_SEQ_BYTES (16ull << 20)
 #define DIRTY_POLL_US     100
 #define DIRTY_WAIT_MS     20
 /* After serving a fault, the fault thread polls the uffd without sleeping
@@ -284,7 +294,7 @@ struct pms_mem {
     _Atomic bool no_evict;           /* a failed re-dirty left a written page looking
                                         clean: eviction could drop it, so it stops */
     _Atomic unsigned converge_us;    /* delay before each missing fault (pre-copy) */
-    atomic_bool precopying;          /* a pre-copy runs (see DIRTY_PRECOPY_BYTES) */
+    atomic_bool precopying;          /* a pre-copy runs (see DIRTY_PRECOPY_RUNS) */
     uint64_t wb_again;               /* pages writeback found in `since` already
                                         (wb_mu): the backoff's hot-set test */
     uint64_t *since;                 /* pages written to the image since snapshot
@@ -319,7 +329,9 @@ struct pms_mem {
     bool have_wb, have_pf, have_fault, have_wo;
     _Atomic bool stop;
 
-    _Atomic uint64_t faults, wp_faults, bytes_in, bytes_out, nresident, ndirty,
+    /* ndruns: dirty runs in sync mode (maximal stretches of dirty pages),
+     * kept with the dirty bits under wp_mu, read without it (throttle_dirty) */
+    _Atomic uint64_t faults, wp_faults, bytes_in, bytes_out, nresident, ndirty, ndruns,
                      evicted, snapshots, snap_ns, snap_pause_ns, snap_bytes, io_errors;
     char lasterr[160];               /* mu */
 };
@@ -369,9 +381,26 @@ static void mark_dirty(struct pms_mem *m, uint64_t p)
 {
     if (bit(m->dirty, p))
         return;
+    /* a new run, an extension of one, or the join of two */
+    bool left = p > 0 && bit(m->dirty, p - 1), right = bit(m->dirty, p + 1);
     bset(m->dirty, p);
     bset(m->dsum, p >> DSUM_SHIFT);
     atomic_fetch_add(&m->ndirty, 1);
+    if (!left && !right)
+        atomic_fetch_add(&m->ndruns, 1);
+    else if (left && right)
+        atomic_fetch_sub(&m->ndruns, 1);
+}
+
+/* Sync mode: the dirty run [p, q) (all dirty) was cleared; what is left of
+ * the run it was part of are its dirty neighbours.  wp_mu held. */
+static void runs_cleared(struct pms_mem *m, uint64_t p, uint64_t q)
+{
+    bool left = p > 0 && bit(m->dirty, p - 1), right = bit(m->dirty, q);
+    if (!left && !right)
+        atomic_fetch_sub(&m->ndruns, 1);
+    else if (left && right)
+        atomic_fetch_add(&m->ndruns, 1);
 }
 
 /* ---- uffd primitives ------------------------------------------------------ */
@@ -704,18 +733,26 @@ static void count_write_fault(struct pms_mem *m)
     kick_writeback(m);
 }
 
-/* Wait (bounded) while a capped sync-mode mapping has more than
- * DIRTY_MAX_BYTES dirty.  Fault thread; no lock held. */
+/* Is a capped sync-mode mapping over its dirty limit (DIRTY_MAX_RUNS)? */
+static bool over_dirty(struct pms_mem *m)
+{
+    bool pre = atomic_load(&m->precopying);
+    uint64_t runs = pre ? DIRTY_PRECOPY_RUNS : DIRTY_MAX_RUNS;
+    uint64_t bytes = pre ? DIRTY_PRECOPY_SEQ_BYTES : DIRTY_MAX_SEQ_BYTES;
+    if (bytes > m->limit_pages / DIRTY_SEQ_CAP_DIV * PG)
+        bytes = m->limit_pages / DIRTY_SEQ_CAP_DIV * PG;
+    return atomic_load(&m->ndruns) > runs || atomic_load(&m->ndirty) * PG > bytes;
+}
+
+/* Wait (bounded) while a capped sync-mode mapping is over its dirty limit.
+ * Fault thread; no lock held. */
 static void throttle_dirty(struct pms_mem *m)
 {
-    if (!m->limit_pages)
-        return;
-    uint64_t lim = atomic_load(&m->precopying) ? DIRTY_PRECOPY_BYTES : DIRTY_MAX_BYTES;
-    if (atomic_load(&m->ndirty) * PG <= lim)
+    if (!m->limit_pages || !over_dirty(m))
         return;
     kick_writeback(m);
     for (unsigned t = 0; t < DIRTY_WAIT_MS * 1000 / DIRTY_POLL_US; t++) {
-        if (atomic_load(&m->ndirty) * PG <= lim || atomic_load(&m->stop))
+        if (!over_dirty(m) || atomic_load(&m->stop))
             break;
         usleep(DIRTY_POLL_US);
     }
@@ -1176,6 +1213,7 @@ static int64_t collect_sync(struct pms_mem *m, uint64_t s, uint64_t e, uint64_t 
             for (uint64_t k = p; k < q; k++)
                 bclr(m->dirty, k);
             atomic_fetch_sub(&m->ndirty, q - p);
+            runs_cleared(m, p, q);
         }
         m->runs[n++] = (struct run){ p * PG, (q - p) * PG, 0 };
         p = q;
@@ -2094,21 +2132,32 @@ static int drop_range(struct pms_mem *m, uint64_t s, uint64_t e)
 static void forget_range(struct pms_mem *m, uint64_t s, uint64_t e)
 {
     pthread_mutex_lock(&m->wp_mu);
-    uint64_t dropped = 0, undirtied = 0;
+    uint64_t dropped = 0;
+    for (uint64_t p = s / PG; p < e / PG;) {      /* the dirty runs in the range */
+        while (p < e / PG && !bit(m->dirty, p))
+            p = m->dirty[p >> 6] ? p + 1 : (p | 63) + 1;
+        uint64_t q = p;
+        while (q < e / PG && bit(m->dirty, q))
+            q++;
+        if (q > p) {
+            for (uint64_t k = p; k < q; k++)
+                bclr(m->dirty, k);
+            atomic_fetch_sub(&m->ndirty, q - p);
+            runs_cleared(m, p, q);
+        }
+        p = q;
+    }
     for (uint64_t p = s / PG; p < e / PG;) {
         uint64_t w = p >> 6, sh = p & 63, n = 64 - sh;
         if (n > e / PG - p)
             n = e / PG - p;
         uint64_t mask = (n == 64 ? ~0ull : ((1ull << n) - 1)) << sh;
         dropped += (uint64_t)__builtin_popcountll(m->resident[w] & mask);
-        undirtied += (uint64_t)__builtin_popcountll(m->dirty[w] & mask);
         __atomic_fetch_and(&m->resident[w], ~mask, __ATOMIC_RELEASE);
-        m->dirty[w] &= ~mask;
         __atomic_fetch_and(&m->poison[w], ~mask, __ATOMIC_RELEASE);
         p += n;
     }
     atomic_fetch_sub(&m->nresident, dropped);
-    atomic_fetch_sub(&m->ndirty, undirtied);
     pthread_mutex_unlock(&m->wp_mu);
 }
 
@@ -2262,7 +2311,7 @@ static int64_t precopy_rounds(struct pms_mem *m, int64_t *last)
     return bytes;
 }
 
-/* The pre-copy: its rounds, with writers held to DIRTY_PRECOPY_BYTES. */
+/* The pre-copy: its rounds, with writers held to DIRTY_PRECOPY_RUNS. */
 static int64_t precopy(struct pms_mem *m, int64_t *last)
 {
     atomic_store(&m->precopying, true);
