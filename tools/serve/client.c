@@ -31,7 +31,8 @@ static int connect_or_fail(const char *sock, struct vmqmp **q)
 static int64_t geti(json_object *o, const char *k)
 {
     json_object *v;
-    return json_object_object_get_ex(o, k, &v) ? json_object_get_int64(v) : 0;
+    return json_object_is_type(o, json_type_object) && json_object_object_get_ex(o, k, &v) &&
+           json_object_is_type(v, json_type_int) ? json_object_get_int64(v) : 0;
 }
 
 static void print_table(json_object *l)
@@ -45,7 +46,7 @@ static void print_table(json_object *l)
     printf("%-10s%-17s%8s%20s%13s%11s", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT");
     printf(ext ? "  %-9s%s\n" : "\n", "KIND", "LAYER");
     for (size_t i = 0; i < json_object_array_length(l); i++) {
-        json_object *o = json_object_array_get_idx(l, i), *v;
+        json_object *o = json_object_array_get_idx(l, i);
         char size[64], date[64] = "", clk[128];
         struct tm tm;
         time_t t = (time_t)geti(o, "date-sec");
@@ -57,14 +58,12 @@ static void print_table(json_object *l)
                  (int)((geti(o, "vm-clock-nsec") / 1000000) % 1000));
         size_to_str((uint64_t)geti(o, "vm-state-size"), size, sizeof size);
         printf("%-9s %-16s %8s%20s%13s%11s",
-               json_object_object_get_ex(o, "id", &v) ? json_object_get_string(v) : "",
-               json_object_object_get_ex(o, "name", &v) ? json_object_get_string(v) : "",
+               json_member_str(o, "id") ? json_member_str(o, "id") : "",
+               json_member_str(o, "name") ? json_member_str(o, "name") : "",
                size, date, clk, "");
-        if (ext) {
-            json_object *k, *f;
-            printf("  %-9s%s", json_object_object_get_ex(o, "kind", &k) ? json_object_get_string(k) : "",
-                   json_object_object_get_ex(o, "file", &f) ? json_object_get_string(f) : "");
-        }
+        if (ext)
+            printf("  %-9s%s", json_member_str(o, "kind") ? json_member_str(o, "kind") : "",
+                   json_member_str(o, "file") ? json_member_str(o, "file") : "");
         printf("\n");
     }
 }
@@ -131,6 +130,11 @@ int cmd_snapshot_remote(int argc, char **argv)
             errorf("Could not %s '%s': %s", what[action], name, m);
         return 1;
     }
+    if (action == 'l' && !json_object_is_type(ret, json_type_array)) {
+        errorf("Could not list snapshots: the daemon's answer is not a list");
+        json_object_put(ret);
+        return 1;
+    }
     if (action == 'l' && json_object_array_length(ret))
         print_table(ret);
     json_object_put(ret);
@@ -170,6 +174,11 @@ int cmd_stats(int argc, char **argv)
     vmqmp_close(q);
     if (r < 0) {
         errorf("query-stats: %s", m);
+        return 1;
+    }
+    if (!json_object_is_type(ret, json_type_object)) {
+        errorf("query-stats: the daemon's answer is not an object");
+        json_object_put(ret);
         return 1;
     }
     if (json)

@@ -8,16 +8,21 @@
  *
  * Invariants: a bad message (malformed JSON, not an object, unknown command,
  * wrong or missing arguments, longer than SERVE_MAX_CMD_BYTES) gets an error
- * reply and the connection goes on (after an overlong or malformed message,
- * input is skipped up to the next newline); nothing a client sends can stop
+ * reply and the connection goes on (the message is discarded whole: see
+ * struct framer); nothing a client sends can stop
  * the daemon except `quit`.  A client that disconnects mid-command does not
  * stop the command: it completes and its reply is dropped.
  *
  * Threads: the main thread accepts; each connection has its own detached
  * thread (at most SERVE_MAX_CLIENTS).  clients_lock guards the client list;
  * each client's wlock serialises writes to its socket (replies from its own
- * thread, events from any).  Sends use a timeout (SO_SNDTIMEO) so a client
- * that never reads cannot block an event broadcast for long.
+ * thread, events from any).  A reply may wait for its client (SO_SNDTIMEO,
+ * CLIENT_SEND_TIMEOUT_S, then the client is dropped).  An event never
+ * waits: it is sent without blocking, after at most EVENT_LOCK_MS for a
+ * reply in progress to the same client, and a client whose socket cannot
+ * take it (it stopped reading) is dropped; the broadcast runs under
+ * clients_lock and often under the daemon's op_lock, so one client that
+ * never reads must not hold up the others or the operations.
  */
 #include <errno.h>
 #include <stdarg.h>
@@ -27,11 +32,14 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/time.h>
+#include <time.h>
 #include <unistd.h>
 #include "serve.h"
 
-/* A send to one client may block this long (s) before the client is dropped. */
+/* A reply to one client may block this long (s) before the client is dropped. */
 #define CLIENT_SEND_TIMEOUT_S 5
+/* How long an event waits for a reply being sent to the same client (ms). */
+#define EVENT_LOCK_MS 20
 
 struct client {
     int fd;
@@ -47,22 +55,40 @@ static struct client *clients;
 static int nclients;
 static atomic_bool stopping;
 
-static void client_send(struct client *c, json_object *o)
+/* Drop a client: no more sends; its reader wakes up and frees it.  Any
+ * thread (dead is atomic, shutdown thread-safe). */
+static void drop(struct client *c)
+{
+    c->dead = true;
+    shutdown(c->fd, SHUT_RDWR);
+}
+
+/* Send o to c; event: without blocking (see the top). */
+static void client_send(struct client *c, json_object *o, bool event)
 {
     const char *s = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN);
     size_t n = strlen(s);
-    pthread_mutex_lock(&c->wlock);
+    if (event) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += EVENT_LOCK_MS * 1000000L;
+        if (ts.tv_nsec >= 1000000000L) { ts.tv_sec++; ts.tv_nsec -= 1000000000L; }
+        if (pthread_mutex_timedlock(&c->wlock, &ts) != 0) {
+            drop(c);                 /* stuck in a reply: not reading */
+            return;
+        }
+    } else
+        pthread_mutex_lock(&c->wlock);
     if (!c->dead) {
         struct iovec iov[2] = { { (void *)s, n }, { "\r\n", 2 } };
         struct msghdr mh = { .msg_iov = iov, .msg_iovlen = 2 };
         size_t want = n + 2;
         while (want) {
-            ssize_t k = sendmsg(c->fd, &mh, MSG_NOSIGNAL);
+            ssize_t k = sendmsg(c->fd, &mh, MSG_NOSIGNAL | (event ? MSG_DONTWAIT : 0));
             if (k < 0 && errno == EINTR)
                 continue;
             if (k <= 0) {
-                c->dead = true;      /* gone, or not reading: drop it */
-                shutdown(c->fd, SHUT_RDWR);
+                drop(c);             /* gone, or not reading */
                 break;
             }
             want -= (size_t)k;
@@ -95,7 +121,7 @@ static void send_error(struct client *c, json_object *id, const char *cls, const
     json_object_object_add(o, "error", e);
     if (id)
         json_object_object_add(o, "id", json_object_get(id));
-    client_send(c, o);
+    client_send(c, o, false);
     json_object_put(o);
 }
 
@@ -105,7 +131,7 @@ static void send_return(struct client *c, json_object *id, json_object *ret)
     json_object_object_add(o, "return", ret ? ret : json_object_new_object());
     if (id)
         json_object_object_add(o, "id", json_object_get(id));
-    client_send(c, o);
+    client_send(c, o, false);
     json_object_put(o);
 }
 
@@ -123,7 +149,7 @@ void qmp_event(const char *name, json_object *data)
     pthread_mutex_lock(&clients_lock);
     for (struct client *c = clients; c; c = c->next)
         if (c->negotiated)
-            client_send(c, o);
+            client_send(c, o, true);
     pthread_mutex_unlock(&clients_lock);
     json_object_put(o);
 }
@@ -145,6 +171,10 @@ static int arg_str(struct client *c, json_object *id, json_object *args, const c
     }
     if (!json_object_is_type(v, json_type_string)) {
         send_error(c, id, "GenericError", "Invalid parameter type for '%s', expected: string", key);
+        return -1;
+    }
+    if ((size_t)json_object_get_string_len(v) != strlen(json_object_get_string(v))) {
+        send_error(c, id, "GenericError", "Parameter '%s' contains a NUL character", key);
         return -1;
     }
     *out = json_object_get_string(v);
@@ -264,6 +294,8 @@ static void run(struct client *c, const char *cmd, json_object *args, json_objec
             return;
         send_return(c, id, srv_query_stats(g_srv));
     } else if (strcmp(cmd, "query-commands") == 0) {
+        if (only_args(c, id, args, none) < 0)
+            return;
         static const char *const names[] = {
             "qmp_capabilities", "query-commands", "snapshot-create", "snapshot-list",
             "snapshot-revert", "snapshot-delete", "flush", "query-stats", "quit", NULL };
@@ -302,7 +334,8 @@ static void handle(struct client *c, json_object *m)
         send_error(c, id, "GenericError", "QMP input lacks member 'execute'");
         return;
     }
-    if (!json_object_is_type(ex, json_type_string)) {
+    if (!json_object_is_type(ex, json_type_string) ||
+        (size_t)json_object_get_string_len(ex) != strlen(json_object_get_string(ex))) {
         send_error(c, id, "GenericError", "QMP input member 'execute' must be a string");
         return;
     }
@@ -329,73 +362,103 @@ static void client_free(struct client *c)
     free(c);
 }
 
+/* Framing of the input into messages, before any parsing: a message that
+ * starts with '{' or '[' ends where its brackets balance (outside strings),
+ * anything else (a scalar, junk, NUL bytes) at the end of its line.  So a
+ * message that is malformed, or longer than SERVE_MAX_CMD_BYTES, gets one
+ * error and is discarded whole: nothing inside it can run as a command of
+ * its own, and the next message starts where QMP's own framing would. */
+struct framer {
+    char *buf;
+    size_t len;                  /* bytes kept of the current message */
+    bool started, bare, in_str, esc, overlong;
+    size_t depth;
+};
+
+/* Feed one byte; true when it ends a message. */
+static bool frame_byte(struct framer *f, char b)
+{
+    if (!f->started) {
+        if (b == ' ' || b == '\t' || b == '\r' || b == '\n')
+            return false;        /* between messages */
+        f->started = true;
+        f->bare = b != '{' && b != '[';
+    }
+    if (f->len < SERVE_MAX_CMD_BYTES)
+        f->buf[f->len++] = b;
+    else
+        f->overlong = true;
+    if (f->bare)
+        return b == '\n';
+    if (f->in_str) {
+        if (f->esc)
+            f->esc = false;
+        else if (b == '\\')
+            f->esc = true;
+        else if (b == '"')
+            f->in_str = false;
+        return false;
+    }
+    if (b == '"')
+        f->in_str = true;
+    else if (b == '{' || b == '[')
+        f->depth++;
+    else if ((b == '}' || b == ']') && --f->depth == 0)
+        return true;
+    return false;
+}
+
+/* Parse and run one framed message. */
+static void frame_done(struct client *c, struct framer *f, json_tokener *tok)
+{
+    if (f->overlong) {
+        send_error(c, NULL, "GenericError", "JSON message longer than %u bytes, discarded",
+                   SERVE_MAX_CMD_BYTES);
+    } else {
+        json_tokener_reset(tok);
+        json_object *m = json_tokener_parse_ex(tok, f->buf, (int)f->len);
+        enum json_tokener_error je = json_tokener_get_error(tok);
+        size_t end = je == json_tokener_success ? json_tokener_get_parse_end(tok) : 0;
+        while (end < f->len && strchr(" \t\r\n", f->buf[end]))
+            end++;
+        if (je == json_tokener_success && end == f->len)
+            handle(c, m);
+        else if (je == json_tokener_success || je == json_tokener_continue)
+            send_error(c, NULL, "GenericError", "JSON parse error, %s",
+                       je == json_tokener_success ? "trailing characters after a value"
+                                                  : "unexpected end of input");
+        else
+            send_error(c, NULL, "GenericError", "JSON parse error, %s",
+                       json_tokener_error_desc(je));
+        json_object_put(m);
+    }
+    f->len = 0;
+    f->started = f->bare = f->in_str = f->esc = f->overlong = false;
+    f->depth = 0;
+}
+
 static void *client_main(void *arg)
 {
     struct client *c = arg;
     json_object *g = json_tokener_parse(
         "{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 2, \"major\": 7},"
         " \"package\": \"pmemsnap " "serve\"}, \"capabilities\": []}}");
-    client_send(c, g);
+    client_send(c, g, false);
     json_object_put(g);
     json_tokener *tok = json_tokener_new_ex(SERVE_MAX_JSON_DEPTH);
+    struct framer f = { .buf = malloc(SERVE_MAX_CMD_BYTES) };
     char buf[65536];
-    size_t pending = 0;          /* bytes fed into the current message */
-    bool skipping = false;       /* discarding up to the next newline */
-    while (tok && !c->dead && !stopping) {
+    while (tok && f.buf && !c->dead && !stopping) {
         ssize_t n = read(c->fd, buf, sizeof buf);
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0)
             break;
-        size_t pos = 0;
-        while (pos < (size_t)n && !c->dead) {
-            if (skipping) {
-                char *nl = memchr(buf + pos, '\n', (size_t)n - pos);
-                if (!nl) {
-                    pos = (size_t)n;
-                    break;
-                }
-                pos = (size_t)(nl - buf) + 1;
-                skipping = false;
-                continue;
-            }
-            if (pending == 0) {     /* skip whitespace between messages */
-                while (pos < (size_t)n && strchr(" \t\r\n", buf[pos]))
-                    pos++;
-                if (pos == (size_t)n)
-                    break;
-            }
-            size_t chunk = (size_t)n - pos;
-            json_object *m = json_tokener_parse_ex(tok, buf + pos, (int)chunk);
-            enum json_tokener_error je = json_tokener_get_error(tok);
-            if (je == json_tokener_continue) {
-                pending += chunk;
-                pos = (size_t)n;
-                if (pending > SERVE_MAX_CMD_BYTES) {
-                    send_error(c, NULL, "GenericError",
-                               "JSON message longer than %u bytes, discarded up to the next newline",
-                               SERVE_MAX_CMD_BYTES);
-                    json_tokener_reset(tok);
-                    pending = 0;
-                    skipping = true;
-                }
-                continue;
-            }
-            if (je != json_tokener_success) {
-                send_error(c, NULL, "GenericError", "JSON parse error, %s",
-                           json_tokener_error_desc(je));
-                json_tokener_reset(tok);
-                pending = 0;
-                skipping = true;
-                continue;
-            }
-            pos += json_tokener_get_parse_end(tok);
-            json_tokener_reset(tok);
-            pending = 0;
-            handle(c, m);
-            json_object_put(m);
-        }
+        for (ssize_t i = 0; i < n && !c->dead; i++)
+            if (frame_byte(&f, buf[i]))
+                frame_done(c, &f, tok);
     }
+    free(f.buf);
     json_tokener_free(tok);
     client_free(c);
     return NULL;

@@ -248,10 +248,16 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
                      struct fuse_file_info *fi)
 {
     struct srv *s = fuse_req_userdata(req);
-    if (off < 0 || (uint64_t)off >= s->size || size > s->size - (uint64_t)off) {
+    if (off < 0 || (uint64_t)off >= s->size) {
         fuse_reply_err(req, off >= 0 && (uint64_t)off == s->size ? ENOSPC : EFBIG);
         return;
     }
+    /* The file's size is the image's: a write that crosses the end writes
+     * what fits and is short, as write(2) at the end of a full device is
+     * (with the writeback cache the kernel may send a page past the end
+     * together with pages inside it; those must not be lost with it). */
+    if (size > s->size - (uint64_t)off)
+        size = (size_t)(s->size - (uint64_t)off);
     if (s->discard_writes) {                 /* write-back racing a revert */
         fuse_reply_write(req, size);
         return;
@@ -437,14 +443,14 @@ static int vm_simple(struct srv *s, struct vmqmp *q, const char *cmd, json_objec
 /* Is the guest running?  1 yes, 0 no, <0 error. */
 static int vm_running(struct srv *s, struct vmqmp *q, struct srv_err *e)
 {
-    json_object *ret = NULL, *v;
+    json_object *ret = NULL;
     char m[400];
     int r = vmqmp_exec(q, "query-status", NULL, &ret, s->qmp_timeout_ms, m, sizeof m);
     if (r < 0) {
         seterr(e, "VM: query-status: %s", m);
         return r;
     }
-    r = json_object_object_get_ex(ret, "running", &v) && json_object_get_boolean(v);
+    r = json_member_bool(ret, "running", false);
     json_object_put(ret);
     return r;
 }
@@ -462,17 +468,20 @@ static json_object *vm_nodes(struct srv *s, struct vmqmp *q, const char **vmstat
         seterr(e, "VM: query-named-block-nodes: %s", m);
         return NULL;
     }
+    if (!json_object_is_type(ret, json_type_array)) {
+        json_object_put(ret);
+        seterr(e, "VM: query-named-block-nodes returned something that is not a list");
+        return NULL;
+    }
     json_object *devs = json_object_new_array();
     if (s->vmstate_node)
         json_object_array_add(devs, json_object_new_string(s->vmstate_node));
     for (size_t i = 0; i < json_object_array_length(ret); i++) {
-        json_object *n = json_object_array_get_idx(ret, i), *drv, *ro, *name;
-        if (json_object_object_get_ex(n, "drv", &drv) &&
-            strcmp(json_object_get_string(drv), "qcow2") == 0 &&
-            json_object_object_get_ex(n, "ro", &ro) && !json_object_get_boolean(ro) &&
-            json_object_object_get_ex(n, "node-name", &name) &&
-            (!s->vmstate_node || strcmp(s->vmstate_node, json_object_get_string(name))))
-            json_object_array_add(devs, json_object_new_string(json_object_get_string(name)));
+        json_object *n = json_object_array_get_idx(ret, i);
+        const char *drv = json_member_str(n, "drv"), *name = json_member_str(n, "node-name");
+        if (drv && strcmp(drv, "qcow2") == 0 && !json_member_bool(n, "ro", true) && name &&
+            (!s->vmstate_node || strcmp(s->vmstate_node, name)))
+            json_object_array_add(devs, json_object_new_string(name));
     }
     json_object_put(ret);
     if (json_object_array_length(devs) == 0) {
@@ -485,7 +494,7 @@ static json_object *vm_nodes(struct srv *s, struct vmqmp *q, const char **vmstat
     return devs;
 }
 
-static int vm_job(struct vmqmp *q, const char *cmd, const char *tag, const char *vmstate,
+static int vm_job(struct srv *s, struct vmqmp *q, const char *cmd, const char *tag, const char *vmstate,
                   json_object *devs, struct srv_err *e)
 {
     json_object *a = json_object_new_object();
@@ -494,7 +503,7 @@ static int vm_job(struct vmqmp *q, const char *cmd, const char *tag, const char 
         json_object_object_add(a, "vmstate", json_object_new_string(vmstate));
     json_object_object_add(a, "devices", json_object_get(devs));
     char m[400];
-    int r = vmqmp_job(q, cmd, a, VMQMP_JOB_TIMEOUT_MS, m, sizeof m);
+    int r = vmqmp_job(q, cmd, a, s->qmp_timeout_ms, VMQMP_JOB_TIMEOUT_MS, m, sizeof m);
     if (r < 0)
         seterr(e, "VM: %s: %s", cmd, m);
     return r;
@@ -562,7 +571,7 @@ int srv_snapshot_create(struct srv *s, const char *name, bool external, bool vm,
     t2 = now_us();
     if (vm) {
         uint64_t ts = now_us();
-        if ((r = vm_job(q, "snapshot-save", name, vmstate, devs, e)) < 0)
+        if ((r = vm_job(s, q, "snapshot-save", name, vmstate, devs, e)) < 0)
             goto resume;
         tstate = now_us() - ts;
     }
@@ -576,7 +585,7 @@ int srv_snapshot_create(struct srv *s, const char *name, bool external, bool vm,
         seterr(e, "%s", pms_errmsg());
         if (vm) {                            /* take QEMU's half back */
             struct srv_err e2 = { "", NULL };
-            vm_job(q, "snapshot-delete", name, NULL, devs, &e2);
+            vm_job(s, q, "snapshot-delete", name, NULL, devs, &e2);
         }
         goto resume;
     }
@@ -645,7 +654,7 @@ int srv_snapshot_revert(struct srv *s, const char *name, bool vm, struct srv_err
     }
     if ((r = final_flush(s, e)) < 0)
         goto resume;
-    if (vm && (r = vm_job(q, "snapshot-load", name, vmstate, devs, e)) < 0)
+    if (vm && (r = vm_job(s, q, "snapshot-load", name, vmstate, devs, e)) < 0)
         goto resume;
     /* From here until the cached pages are dropped, FUSE writes are
      * discarded: a page the kernel still writes back predates the revert.
@@ -719,7 +728,7 @@ int srv_snapshot_delete(struct srv *s, const char *name, bool vm, struct srv_err
         goto out;
     }
     if (vm && ((r = vm_connect(s, &q, e)) < 0 || !(devs = vm_nodes(s, q, &vmstate, e)) ||
-               (r = vm_job(q, "snapshot-delete", name, NULL, devs, e)) < 0)) {
+               (r = vm_job(s, q, "snapshot-delete", name, NULL, devs, e)) < 0)) {
         r = r < 0 ? r : -EINVAL;
         goto out;
     }

@@ -79,9 +79,14 @@ void vmqmp_close(struct vmqmp *q);
  * on_event when set.  args is consumed. */
 int  vmqmp_exec(struct vmqmp *q, const char *cmd, json_object *args, json_object **ret,
                 int timeout_ms, char *err, size_t errlen);
-/* Run a job command (snapshot-save/-load/-delete) and wait for it to conclude. */
-int  vmqmp_job(struct vmqmp *q, const char *cmd, json_object *args, int timeout_ms,
-               char *err, size_t errlen);
+/* Run a job command (snapshot-save/-load/-delete) and wait for it to
+ * conclude: cmd_timeout_ms bounds each command's answer, timeout_ms the job. */
+int  vmqmp_job(struct vmqmp *q, const char *cmd, json_object *args, int cmd_timeout_ms,
+               int timeout_ms, char *err, size_t errlen);
+/* Member key of o when o is an object and the member a string (or a
+ * boolean), else NULL (dflt): replies of a peer are checked before use. */
+const char *json_member_str(json_object *o, const char *key);
+bool json_member_bool(json_object *o, const char *key, bool dflt);
 
 /* flusher.c: the write-back helper process (see there).  The calls return 0
  * or -errno. */

@@ -7,11 +7,15 @@
  * while waiting for a reply are dropped, except JOB_STATUS_CHANGE, which
  * vmqmp_job waits for.  Every read and write is bounded by a timeout, so a
  * peer that never answers makes the call fail with ETIMEDOUT instead of
- * hanging the daemon.
+ * hanging the daemon; that includes the connect (a peer that listens but
+ * never accepts fills its backlog, and a blocking connect would then wait
+ * for good).  Replies are checked for shape (json_member_*) before use: a
+ * peer that answers with the wrong types gets an error, not a crash.
  *
  * Threads: a struct vmqmp belongs to the thread that connected it.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,6 +29,10 @@
 /* Longest line accepted from a peer (bytes): query replies of a big VM stay
  * far below it. */
 #define VMQMP_MAX_LINE (16u << 20)
+/* Pause between connect attempts while the peer's backlog is full (ms). */
+#define CONNECT_RETRY_MS 5
+/* Pause between query-jobs polls while a job runs (ms). */
+#define JOB_POLL_MS 5
 
 struct vmqmp {
     int fd;
@@ -90,7 +98,7 @@ static int read_msg(struct vmqmp *q, json_object **out, int64_t deadline, char *
             q->cap = nc;
         }
         ssize_t k = read(q->fd, q->buf + q->len, q->cap - q->len - 1);
-        if (k < 0 && errno == EINTR)
+        if (k < 0 && (errno == EINTR || errno == EAGAIN))
             continue;
         if (k <= 0) {
             snprintf(err, errlen, "connection closed by peer");
@@ -125,12 +133,29 @@ static int send_all(int fd, const char *p, size_t n, int64_t deadline, char *err
     return 0;
 }
 
+const char *json_member_str(json_object *o, const char *key)
+{
+    json_object *v;
+    if (!json_object_is_type(o, json_type_object) || !json_object_object_get_ex(o, key, &v) ||
+        !json_object_is_type(v, json_type_string))
+        return NULL;
+    return json_object_get_string(v);
+}
+
+bool json_member_bool(json_object *o, const char *key, bool dflt)
+{
+    json_object *v;
+    if (!json_object_is_type(o, json_type_object) || !json_object_object_get_ex(o, key, &v) ||
+        !json_object_is_type(v, json_type_boolean))
+        return dflt;
+    return json_object_get_boolean(v);
+}
+
 static const char *err_desc(json_object *o)
 {
-    json_object *e, *d;
-    if (json_object_object_get_ex(o, "error", &e) && json_object_object_get_ex(e, "desc", &d))
-        return json_object_get_string(d);
-    return "unknown error";
+    json_object *e;
+    const char *d = json_object_object_get_ex(o, "error", &e) ? json_member_str(e, "desc") : NULL;
+    return d ? d : "unknown error";
 }
 
 int vmqmp_exec(struct vmqmp *q, const char *cmd, json_object *args, json_object **ret,
@@ -181,16 +206,28 @@ int vmqmp_connect(const char *path, int timeout_ms, struct vmqmp **out, char *er
         return -ENAMETOOLONG;
     }
     strcpy(a.sun_path, path);
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (fd < 0) {
         snprintf(err, errlen, "socket: %s", strerror(errno));
         return -errno;
     }
-    if (connect(fd, (struct sockaddr *)&a, sizeof a) < 0) {
+    /* A unix socket connects at once or fails with EAGAIN while the peer's
+     * backlog is full: retried until the deadline. */
+    int64_t deadline = now_ms() + timeout_ms;
+    while (connect(fd, (struct sockaddr *)&a, sizeof a) < 0) {
         int e = errno;
-        snprintf(err, errlen, "cannot connect to %s: %s", path, strerror(e));
+        if ((e == EAGAIN || e == EINTR) && now_ms() < deadline) {
+            struct timespec ts = { 0, CONNECT_RETRY_MS * 1000000L };
+            nanosleep(&ts, NULL);
+            continue;
+        }
+        if (e == EAGAIN)
+            snprintf(err, errlen, "cannot connect to %s: the peer accepts no connection "
+                     "(timed out after %d ms)", path, timeout_ms);
+        else
+            snprintf(err, errlen, "cannot connect to %s: %s", path, strerror(e));
         close(fd);
-        return -e;
+        return e == EAGAIN ? -ETIMEDOUT : -e;
     }
     struct vmqmp *q = calloc(1, sizeof *q);
     if (!q) {
@@ -200,7 +237,7 @@ int vmqmp_connect(const char *path, int timeout_ms, struct vmqmp **out, char *er
     }
     q->fd = fd;
     json_object *g = NULL, *v;
-    int r = read_msg(q, &g, now_ms() + timeout_ms, err, errlen);
+    int r = read_msg(q, &g, deadline, err, errlen);
     if (r == 0 && !json_object_object_get_ex(g, "QMP", &v)) {
         snprintf(err, errlen, "%s: no QMP greeting", path);
         r = -EPROTO;
@@ -227,25 +264,29 @@ void vmqmp_close(struct vmqmp *q)
 
 /* Job status of job-id id from query-jobs: 1 concluded (error copied), 0 not
  * yet, <0 failure. */
-static int job_state(struct vmqmp *q, const char *id, char *jerr, size_t jerrlen,
+static int job_state(struct vmqmp *q, const char *id, int timeout_ms, char *jerr, size_t jerrlen,
                      char *err, size_t errlen)
 {
     json_object *l = NULL;
-    int r = vmqmp_exec(q, "query-jobs", NULL, &l, VMQMP_TIMEOUT_MS, err, errlen);
+    int r = vmqmp_exec(q, "query-jobs", NULL, &l, timeout_ms, err, errlen);
     if (r < 0)
         return r;
+    if (!json_object_is_type(l, json_type_array)) {
+        json_object_put(l);
+        snprintf(err, errlen, "query-jobs returned something that is not a list");
+        return -EPROTO;
+    }
     int found = -ENOENT;
     for (size_t i = 0; i < json_object_array_length(l); i++) {
-        json_object *j = json_object_array_get_idx(l, i), *v;
-        if (!json_object_object_get_ex(j, "id", &v) || strcmp(json_object_get_string(v), id))
+        json_object *j = json_object_array_get_idx(l, i);
+        const char *jid = json_member_str(j, "id"), *st = json_member_str(j, "status");
+        if (!jid || strcmp(jid, id))
             continue;
         found = 0;
-        if (json_object_object_get_ex(j, "status", &v) &&
-            strcmp(json_object_get_string(v), "concluded") == 0) {
+        if (st && strcmp(st, "concluded") == 0) {
             found = 1;
-            jerr[0] = '\0';
-            if (json_object_object_get_ex(j, "error", &v))
-                snprintf(jerr, jerrlen, "%s", json_object_get_string(v));
+            const char *je = json_member_str(j, "error");
+            snprintf(jerr, jerrlen, "%s", je ? je : "");
         }
     }
     json_object_put(l);
@@ -254,19 +295,19 @@ static int job_state(struct vmqmp *q, const char *id, char *jerr, size_t jerrlen
     return found;
 }
 
-int vmqmp_job(struct vmqmp *q, const char *cmd, json_object *args, int timeout_ms,
-              char *err, size_t errlen)
+int vmqmp_job(struct vmqmp *q, const char *cmd, json_object *args, int cmd_timeout_ms,
+              int timeout_ms, char *err, size_t errlen)
 {
     char id[64];
     snprintf(id, sizeof id, "pmemsnap-%s-%u-%d", cmd, ++q->job_seq, (int)getpid());
     json_object_object_add(args, "job-id", json_object_new_string(id));
-    int r = vmqmp_exec(q, cmd, args, NULL, VMQMP_TIMEOUT_MS, err, errlen);
+    int r = vmqmp_exec(q, cmd, args, NULL, cmd_timeout_ms, err, errlen);
     if (r < 0)
         return r;
     int64_t deadline = now_ms() + timeout_ms;
     char jerr[400] = "";
     for (;;) {
-        r = job_state(q, id, jerr, sizeof jerr, err, errlen);
+        r = job_state(q, id, cmd_timeout_ms, jerr, sizeof jerr, err, errlen);
         if (r < 0)
             return r;
         if (r == 1)
@@ -275,13 +316,13 @@ int vmqmp_job(struct vmqmp *q, const char *cmd, json_object *args, int timeout_m
             snprintf(err, errlen, "%s job did not finish in %d ms", cmd, timeout_ms);
             return -ETIMEDOUT;
         }
-        struct timespec ts = { 0, 5 * 1000 * 1000 };   /* poll every 5 ms */
+        struct timespec ts = { 0, JOB_POLL_MS * 1000000L };
         nanosleep(&ts, NULL);
     }
     json_object *a = json_object_new_object();
     json_object_object_add(a, "id", json_object_new_string(id));
     char derr[200];
-    vmqmp_exec(q, "job-dismiss", a, NULL, VMQMP_TIMEOUT_MS, derr, sizeof derr);
+    vmqmp_exec(q, "job-dismiss", a, NULL, cmd_timeout_ms, derr, sizeof derr);
     if (jerr[0]) {
         snprintf(err, errlen, "%s", jerr);
         return -EIO;

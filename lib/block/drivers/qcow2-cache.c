@@ -116,6 +116,11 @@ static int write_entry(struct bdev *bs, struct qcow2_cache *c, struct qcow2_cach
     }
     if (!c->is_refcount && s->inject_l2_update)   /* QEMU's l2_update event (tests) */
         return pms_err(s->inject_l2_update, "injected error on an L2 table update");
+    int ro = qcow2_check_overlap(bs, e->offset, c->cluster_size,
+                                 c->is_refcount ? QCOW2_OL_REFBLOCK : QCOW2_OL_ACTIVE_L2,
+                                 c->is_refcount ? "refcount block" : "L2 table");
+    if (ro < 0)
+        return ro;
     /* one write per run of dirty slices */
     uint64_t d = e->dirty;
     while (d) {

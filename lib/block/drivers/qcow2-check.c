@@ -892,6 +892,7 @@ static int rebuild_refcounts(struct ck *c)
     s->reftable_offset = (uint64_t)rt_off;
     s->reftable_clusters = (uint32_t)nrt;
     s->reftable_entries = rt_entries;
+    qcow2_reftable_bound(s);
     s->free_cluster_index = 0;
     int64_t len = bdev_file_length(c->bs->file);
     if (len < 0)

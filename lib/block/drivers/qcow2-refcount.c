@@ -84,6 +84,7 @@ int qcow2_refcount_init(struct bdev *bs)
             if (r < 0) return r;
         }
     }
+    qcow2_reftable_bound(s);
     return 0;
 }
 
@@ -235,6 +236,7 @@ static int grow_reftable(struct bdev *bs, uint64_t min_entries)
     s->reftable_entries = entries;
     s->reftable_offset = toff;
     s->reftable_clusters = (uint32_t)tclusters;
+    qcow2_reftable_bound(s);
     r = qcow2_update_refcount(bs, old_off, old_clusters << s->cluster_bits, -1);
 out:
     free(nt);
@@ -267,7 +269,7 @@ static int ensure_block(struct bdev *bs, uint64_t rti)
             continue;
         }
         uint64_t foff = f << s->cluster_bits;
-        r = qcow2_check_host_range(bs, foff, s->cluster_size, "new refcount block");
+        r = qcow2_check_overlap(bs, foff, s->cluster_size, 0, "new refcount block");
         if (r < 0) return r;
         uint8_t *rb;
         if (!(s->reftable[frti] & REFT_OFFSET_MASK)) {
@@ -279,6 +281,7 @@ static int ensure_block(struct bdev *bs, uint64_t rti)
             r = qcow2_cache_writeback(bs, &s->rb_cache);  /* writes + flushes */
             if (r < 0) return r;
             s->reftable[frti] = foff;
+            if (frti >= s->reftable_hi) s->reftable_hi = frti + 1;
             r = write_reftable_entry(bs, frti);
             if (r < 0) return r;
             if (frti == rti) return 1;
@@ -295,6 +298,7 @@ static int ensure_block(struct bdev *bs, uint64_t rti)
         r = qcow2_cache_writeback(bs, &s->rb_cache);
         if (r < 0) return r;
         s->reftable[rti] = foff;
+        if (rti >= s->reftable_hi) s->reftable_hi = rti + 1;
         r = write_reftable_entry(bs, rti);
         if (r < 0) return r;
         return 1;
@@ -402,7 +406,7 @@ static int64_t alloc_clusters(struct bdev *bs, uint64_t n, const char *at0)
         if (again) continue;
         if (off == 0 && at0)
             return qcow2_signal_corruption(bs, "%s", at0);
-        r = qcow2_check_host_range(bs, (uint64_t)off, n << s->cluster_bits, "new cluster");
+        r = qcow2_check_overlap(bs, (uint64_t)off, n << s->cluster_bits, 0, "new cluster");
         if (r < 0) return r;
         r = qcow2_update_refcount(bs, (uint64_t)off, n << s->cluster_bits, 1);
         if (r < 0) return r;

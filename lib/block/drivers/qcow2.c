@@ -157,6 +157,52 @@ int qcow2_check_host_range(struct bdev *bs, uint64_t off, uint64_t len, const ch
     return 0;
 }
 
+/* Does a cluster-sized table at any nonzero offset of tab[0..n) (masked)
+ * overlap [off, off+len)?  Branch-free, as it runs before every in-place
+ * data write: a table at x overlaps iff off - cs < x < off + len (off is
+ * past the header, so nothing wraps). */
+static bool tables_overlap(const uint64_t *tab, uint64_t n, uint64_t mask, uint64_t cs,
+                           uint64_t off, uint64_t len)
+{
+    uint64_t lo = off - (cs - 1), span = len + cs - 1, hit = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t x = tab[i] & mask;
+        hit |= (uint64_t)(x != 0) & (uint64_t)(x - lo < span);
+    }
+    return hit != 0;
+}
+
+void qcow2_reftable_bound(struct qcow2_state *s)
+{
+    uint64_t n = s->reftable ? s->reftable_entries : 0;
+    while (n && !(s->reftable[n - 1] & REFT_OFFSET_MASK))
+        n--;
+    s->reftable_hi = n;
+}
+
+int qcow2_check_overlap(struct bdev *bs, uint64_t off, uint64_t len, unsigned ign,
+                        const char *what)
+{
+    struct qcow2_state *s = QS(bs);
+    int r = qcow2_check_host_range(bs, off, len, what);
+    if (r < 0 || !len) return r;
+    if (!(ign & QCOW2_OL_ACTIVE_L2) && s->l1 &&
+        tables_overlap(s->l1, s->l1_size, L1E_OFFSET_MASK, s->cluster_size, off, len))
+        return qcow2_signal_corruption(bs, "%s at offset %llu overlaps an active L2 table",
+                                       what, (unsigned long long)off);
+    if (!(ign & QCOW2_OL_REFBLOCK) && s->reftable &&
+        tables_overlap(s->reftable, s->reftable_hi, REFT_OFFSET_MASK, s->cluster_size,
+                       off, len))
+        return qcow2_signal_corruption(bs, "%s at offset %llu overlaps a refcount block",
+                                       what, (unsigned long long)off);
+    for (int i = 0; i < s->nb_snaps; i++)
+        if (ranges_overlap(off, len, s->snaps[i].l1_table_offset,
+                           (uint64_t)s->snaps[i].l1_size * 8))
+            return qcow2_signal_corruption(bs, "%s at offset %llu overlaps an inactive L1 "
+                                           "table", what, (unsigned long long)off);
+    return 0;
+}
+
 /* ------------------------------------------------------------------------ */
 /* header                                                                   */
 
@@ -1830,7 +1876,7 @@ static int start_job(struct bdev *bs, struct wjob *j, uint64_t base)
     j->fresh = !owned;
     j->host = owned ? j->e & L2E_OFFSET_MASK : 0;
     if (owned)
-        return qcow2_check_host_range(bs, j->host, s->cluster_size, "data cluster");
+        return qcow2_check_overlap(bs, j->host, s->cluster_size, 0, "data cluster");
     return 0;
 }
 
@@ -2044,7 +2090,7 @@ static int write_compressed_cluster(struct bdev *bs, const uint8_t *z, uint64_t 
     if ((c & ~s->coffset_mask) || nsec > s->csize_mask)
         return pms_err(EFBIG, "compressed cluster at %llu does not fit an L2 entry",
                        (unsigned long long)c);
-    r = qcow2_check_host_range(bs, c & ~511ull, (c & 511) + n, "compressed cluster");
+    r = qcow2_check_overlap(bs, c & ~511ull, (c & 511) + n, 0, "compressed cluster");
     if (r == 0) r = bdev_file_pwrite(bs->file, z, n, c);
     if (r == 0) r = qcow2_cache_get_part(bs, &s->l2_cache, l2off, idx * s->l2_entry_size,
                                          s->l2_entry_size, &l2);

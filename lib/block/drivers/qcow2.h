@@ -123,6 +123,8 @@ struct qcow2_state {
     /* refcount table (host-endian) */
     uint64_t *reftable;
     uint64_t reftable_entries;   /* refcount_table_clusters * cluster_size / 8 */
+    uint64_t reftable_hi;        /* entries at or past it are 0 (bounds the overlap
+                                    check's scan: qcow2_reftable_bound) */
     uint64_t reftable_offset;
     uint32_t reftable_clusters;
     unsigned refcount_order;
@@ -285,6 +287,16 @@ int  qcow2_update_snapshot_refcount(struct bdev *bs, uint64_t *l1, uint32_t l1_s
 /* Is [off, off+len) a valid place for a metadata or data cluster: aligned,
  * inside limits, not overlapping header/L1/reftable/snapshot table? */
 int  qcow2_check_host_range(struct bdev *bs, uint64_t off, uint64_t len, const char *what);
+/* Recompute reftable_hi after the reftable was replaced or loaded. */
+void qcow2_reftable_bound(struct qcow2_state *s);
+/* Before writing [off, off+len): qcow2_check_host_range, and not over an
+ * active L2 table, a refcount block or a snapshot's L1 table either (QEMU's
+ * default overlap check, "cached"), except the kinds in ign (the table
+ * being written back is one of its own kind). */
+#define QCOW2_OL_ACTIVE_L2 0x1u
+#define QCOW2_OL_REFBLOCK  0x2u
+int  qcow2_check_overlap(struct bdev *bs, uint64_t off, uint64_t len, unsigned ign,
+                         const char *what);
 /* Mark the image corrupt (sets the bit when writable), returns -EIO with msg. */
 int  qcow2_signal_corruption(struct bdev *bs, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
