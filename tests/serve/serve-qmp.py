@@ -127,6 +127,55 @@ expect_error(c.reply(), "GenericError", "longer than", "3 MiB line")
 alive(c)
 c.close()
 
+# a malformed message over several lines: one error, then the next command
+c = Conn()
+c.send(b'{"execute":\n  "flush",,\n  "id": 1}\n{"execute":"snapshot-list","id":"good"}\n')
+expect_error(c.reply(), "GenericError", "JSON parse error", "malformed message over 3 lines")
+r = c.reply()
+if r.get('id') != 'good' or 'return' not in r:
+    fail("after a malformed multi-line message: %r (more than one error?)" % r)
+# an overlong message is discarded whole: a command on one of its lines
+# must not run
+huge = (b'{"execute":"snapshot-list","arguments":{"x":"' + b'A' * (3 << 20) + b'"},"pad":\n'
+        b'{"execute":"snapshot-create","arguments":{"name":"injected"}}}\n')
+c.send(huge)
+expect_error(c.reply(), "GenericError", "longer than", "3 MiB message with a command inside")
+names = [x['name'] for x in c.cmd(b'{"execute":"snapshot-list"}')['return']]
+if 'injected' in names:
+    fail("a command inside a discarded message ran")
+print("ok: nothing inside a discarded message runs")
+expect_error(c.cmd(b'{"execute":"snapshot-create","arguments":{"name":"a\\u0000b"}}'),
+             "GenericError", "NUL", "a NUL character in a name")
+expect_error(c.cmd(b'{"execute":"query-commands","arguments":{"bogus":1}}'),
+             "GenericError", "unexpected", "query-commands with an argument")
+alive(c)
+c.close()
+
+# clients that never read: events to them must not hold up anyone else
+c = Conn()
+c.cmd(b'{"execute": "snapshot-create", "arguments": {"name": "slowbase"}}')
+slow = [Conn() for _ in range(8)]
+worst = 0.0
+for i in range(600):
+    t0 = time.time()
+    r = c.cmd(b'{"execute": "snapshot-revert", "arguments": {"name": "slowbase"}}')
+    worst = max(worst, time.time() - t0)
+    if 'return' not in r:
+        fail("revert with slow clients: %r" % r)
+    if worst > 2:
+        fail("a revert took %.1f s with 8 clients that never read" % worst)
+t0 = time.time()
+n = Conn()
+alive(n)
+if time.time() - t0 > 2:
+    fail("a new client waited %.1f s while others do not read" % (time.time() - t0))
+n.close()
+for x in slow:
+    x.close()
+c.cmd(b'{"execute": "snapshot-delete", "arguments": {"name": "slowbase"}}')
+print("ok: 600 reverts (events) with 8 clients that never read: worst %.0f ms" % (worst * 1000))
+c.close()
+
 # a client that disconnects mid-command: the command completes
 d = Conn()
 d.send(b'{"execute": "snapshot-create", "arguments": {"name": "mid"}}')

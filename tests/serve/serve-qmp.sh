@@ -15,30 +15,45 @@ n=$(qemu-img snapshot -l "$img" | tail -n +3 | awk '{print $2}' | sort | tr '\n'
 [ "$n" = "ev mid " ] || fail "snapshots after the bad-input run: '$n'"
 ok "quit after the bad-input run: image clean, data and snapshots there"
 
-# a VM QMP peer that accepts and never says a word, then one that talks garbage
+# VM QMP peers that go wrong: one that accepts and never says a word, one
+# that talks garbage, one that never accepts (its backlog fills), one whose
+# replies have the wrong shapes (objects for lists, null for strings)
 cat > "$T/peer.py" <<'PY'
-import socket, sys, time
-s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(8)
+import json, socket, sys, time
+s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(0 if sys.argv[2] == "noaccept" else 8)
+if sys.argv[2] == "noaccept":
+    time.sleep(3600)
 while True:
     c, _ = s.accept()
     if sys.argv[2] == "garbage":
         c.sendall(b'{"QMP": {"version": {}, "capabilities": []}}\r\n')
         c.recv(4096)
         c.sendall(b'this is not json\r\n')
+    elif sys.argv[2] == "wrongshape":
+        c.sendall(b'{"QMP": {"version": {}, "capabilities": []}}\r\n')
+        for line in c.makefile('rb'):
+            cmd = json.loads(line)['execute']
+            r = {"running": True} if cmd == 'query-status' else \
+                [{"drv": None, "ro": "no", "node-name": 7}] if cmd == 'query-named-block-nodes' else \
+                7 if cmd == 'query-jobs' else {}
+            c.sendall(json.dumps({"return": r}).encode() + b'\r\n')
     time.sleep(0.1)
 PY
-for mode in silent garbage; do
+for mode in silent garbage noaccept wrongshape; do
     python3 "$T/peer.py" "$T/vm-$mode.sock" $mode & peer=$!
     DAEMONS+=("$peer")
     for _ in $(seq 50); do [ -S "$T/vm-$mode.sock" ] && break; sleep 0.1; done
     start "$img" v --qmp "$T/vm-$mode.sock" --qmp-timeout 1000
     t0=$(date +%s%N)
     "$P" snapshot -c "vm-$mode" --vm --socket "$T/v.sock" 2>"$T/vm.err" && fail "$mode peer: snapshot succeeded"
-    "$P" snapshot -c "nvd-$mode" --socket "$T/v.sock" 2>>"$T/vm.err" && fail "$mode peer: snapshot succeeded"
+    # (the wrong-shape peer answers stop and cont well: an NVDIMM-only
+    # snapshot works with it, so it is only asked for a whole-VM one)
+    [ $mode = wrongshape ] || { "$P" snapshot -c "nvd-$mode" --socket "$T/v.sock" 2>>"$T/vm.err" &&
+                                fail "$mode peer: snapshot succeeded"; }
     ms=$(( ($(date +%s%N) - t0) / 1000000 ))
-    grep -q "VM QMP socket" "$T/vm.err" || fail "$mode peer: $(cat "$T/vm.err")"
+    grep -q "VM" "$T/vm.err" || fail "$mode peer: $(cat "$T/vm.err")"
     [ "$ms" -lt 8000 ] || fail "$mode peer: took $ms ms"
-    "$P" snapshot -l --socket "$T/v.sock" | grep -q -- "-$mode" && fail "$mode peer: image changed"
+    "$P" snapshot -l --socket "$T/v.sock" | grep -q -- "vm-$mode\|nvd-$mode" && fail "$mode peer: image changed"
     "$P" stats --socket "$T/v.sock" >/dev/null || fail "$mode peer: daemon not serving"
     stop v
     kill "$peer"
