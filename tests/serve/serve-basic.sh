@@ -29,7 +29,16 @@ qemu-io -U -r -f qcow2 -c "read -P 0x22 8M 1M" "$img" | grep -q "read 1048576" |
 if dd if=/dev/zero of="$F" bs=4k seek=16384 count=1 conv=notrunc,fsync status=none 2>/dev/null; then
     fail "write past the end succeeded"
 fi
-ok "write + fsync reaches the image; writes past the end refused"
+# a write that crosses the end is short: what fits is written
+n=$(python3 -c '
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY)
+n = os.pwrite(fd, b"\x44" * 8192, 64 * 1048576 - 4096)
+os.fsync(fd); print(n)' "$F") || fail "pwrite across the end"
+[ "$n" = 4096 ] || fail "a write across the end returned $n, not 4096"
+qemu-io -U -r -f qcow2 -c "read -P 0x44 $((64 * 1048576 - 4096)) 4k" "$img" | grep -q "read 4096" ||
+    fail "the part of a write across the end that fits is not in the image"
+ok "write + fsync reaches the image; writes past the end refused, across it short"
 
 # fallocate: punch a hole and zero a range; both read back as zeroes
 fallocate -p -o 0 -l 64k "$F" || fail "punch hole"
@@ -73,6 +82,26 @@ fi
 grep -qi "lock" "$T/second.err" || fail "second daemon: $(cat "$T/second.err")"
 [ -S "$S" ] && head -c 1 "$F" >/dev/null || fail "first daemon hurt"
 ok "second daemon refused: $(head -1 "$T/second.err")"
+
+# a second daemon (another image) on the live export's FUSE file is refused:
+# mounted over it, it would hide the first, whose unmount would then take
+# the second's mount away
+qemu-img create -q -f qcow2 "$T/other.qcow2" 1M
+if "$P" serve "$T/other.qcow2" --fuse "$F" --socket "$T/o.sock" 2>"$T/over.err"; then
+    fail "second daemon mounted over the live export"
+fi
+grep -q "already a mount point" "$T/over.err" || fail "mount over: $(cat "$T/over.err")"
+[ "$(stat -c %s "$F")" = 67108864 ] && head -c 1 "$F" >/dev/null || fail "first export hurt"
+# a pidfile or log that cannot be written fails the start, with the reason
+for opt in --pidfile --log; do
+    if "$P" serve "$T/other.qcow2" --fuse "$T/o.file" --socket "$T/o.sock" \
+            $opt "$T/no/such/dir/x" 2>"$T/opt.err"; then
+        fail "serve started with an unwritable $opt"
+    fi
+    grep -q -- "$opt" "$T/opt.err" || fail "$opt: $(cat "$T/opt.err")"
+    grep -q "$T/o.file" /proc/mounts && fail "$opt: a mount was left behind"
+done
+ok "mount over a live export, unwritable --pidfile / --log: refused ($(head -1 "$T/over.err"))"
 
 # snapshots through the CLI client
 "$P" snapshot -c s1 --socket "$S" || fail "snapshot -c"

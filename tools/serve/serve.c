@@ -985,6 +985,22 @@ static int listen_socket(const char *path, char *err, size_t errlen)
     return fd;
 }
 
+/* Is path (stat st) mounted over: on another device than its directory? */
+static bool is_mount_point(const char *path, const struct stat *st)
+{
+    char dir[PATH_MAX];
+    snprintf(dir, sizeof dir, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (slash == dir)
+        slash[1] = '\0';
+    else if (slash)
+        *slash = '\0';
+    else
+        snprintf(dir, sizeof dir, ".");
+    struct stat ds;
+    return stat(dir, &ds) == 0 && ds.st_dev != st->st_dev;
+}
+
 static int mount_fuse(struct srv *s, char *err, size_t errlen)
 {
     struct stat st;
@@ -1003,6 +1019,12 @@ static int mount_fuse(struct srv *s, char *err, size_t errlen)
         s->created_mountpoint = true;
     } else if (!S_ISREG(st.st_mode)) {
         snprintf(err, errlen, "%s: the mount point must be a regular file", s->fuse_path);
+        return -1;
+    } else if (is_mount_point(s->fuse_path, &st)) {
+        /* another daemon's live export: mounting over it would hide it, and
+         * the first daemon's unmount would then take ours away */
+        snprintf(err, errlen, "%.300s is already a mount point (another pmemsnap serve?); "
+                 "pick another file or unmount it first", s->fuse_path);
         return -1;
     }
     char opts[256];
@@ -1061,6 +1083,27 @@ static void usage(void)
 
 /* The child tells the parent "ok" or the error through this pipe. */
 static int ready_fd = -1;
+
+/* Write our pid to path (0 or -1 with a message). */
+static int write_pidfile(const char *path, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "we");
+    if (!f) {
+        snprintf(err, errlen, "--pidfile %s: %s", path, strerror(errno));
+        return -1;
+    }
+    bool ok = fprintf(f, "%d\n", (int)getpid()) >= 0;
+    int e = errno;
+    if (fclose(f) != 0 && ok) {
+        ok = false;
+        e = errno;
+    }
+    if (ok)
+        return 0;
+    unlink(path);
+    snprintf(err, errlen, "--pidfile %s: %s", path, strerror(e ? e : EIO));
+    return -1;
+}
 
 static int fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static int fail(const char *fmt, ...)
@@ -1149,9 +1192,10 @@ int cmd_serve(int argc, char **argv)
     if (!s->sock_path)
         return usage_error("serve: --socket SOCK is required");
     /* daemonizing chdir()s to /: keep every path we use later absolute */
-    static char abs_paths[4][PATH_MAX];
-    const char **rel[4] = { &s->fuse_path, &s->sock_path, &s->pidfile, &s->image };
-    for (int i = 0; i < 4; i++) {
+    static char abs_paths[6][PATH_MAX];
+    const char **rel[6] = { &s->fuse_path, &s->sock_path, &s->pidfile, &s->image,
+                            &s->qmp_path, &s->log };
+    for (int i = 0; i < 6; i++) {
         const char *p = *rel[i];
         if (!p || p[0] == '/')
             continue;
@@ -1163,6 +1207,15 @@ int cmd_serve(int argc, char **argv)
     }
     if (access("/dev/fuse", R_OK | W_OK) < 0)
         return fail("/dev/fuse: %s (FUSE is not available here)", strerror(errno));
+    /* the log is opened now, so that a log we cannot write is an error
+     * here and not silence later */
+    int log_fd = -1;
+    if (s->log && (log_fd = open(s->log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600)) < 0)
+        return fail("--log %s: %s", s->log, strerror(errno));
+    if (s->foreground && log_fd >= 0) {     /* messages go to stderr */
+        close(log_fd);
+        log_fd = -1;
+    }
 
     if (!s->foreground) {
         int p[2];
@@ -1267,26 +1320,29 @@ int cmd_serve(int argc, char **argv)
         pms_close(s->dev);
         return fail("starting the write-back helper on %s: %s", s->fuse_path, strerror(-fr));
     }
-    if (qmp_server_start(s, lfd) < 0) {
+    if (s->pidfile && write_pidfile(s->pidfile, err, sizeof err) < 0) {
         teardown(s);
         close(lfd);
         unlink(s->sock_path);
         pms_close(s->dev);
-        return fail("cannot start the control socket thread");
+        return fail("%s", err);
     }
-    if (s->pidfile) {
-        FILE *f = fopen(s->pidfile, "we");
-        if (!f || fprintf(f, "%d\n", (int)getpid()) < 0 || fclose(f) != 0) {
-            srv_request_quit(s);
-            fprintf(stderr, "pmemsnap: %s: %s\n", s->pidfile, strerror(errno));
-        }
+    if (qmp_server_start(s, lfd) < 0) {
+        teardown(s);
+        close(lfd);
+        unlink(s->sock_path);
+        if (s->pidfile)
+            unlink(s->pidfile);
+        pms_close(s->dev);
+        return fail("cannot start the control socket thread");
     }
     if (s->foreground)
         fprintf(stderr, "pmemsnap: serving %s as %s, control socket %s; %s\n", s->image,
                 s->fuse_path, s->sock_path, s->bdi_note);
     if (ready_fd >= 0) {
         int nfd = open("/dev/null", O_RDWR | O_CLOEXEC);
-        int lg = s->log ? open(s->log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600) : -1;
+        int lg = log_fd;
+        log_fd = -1;
         if (nfd >= 0) {
             dup2(nfd, 0);
             dup2(nfd, 1);
