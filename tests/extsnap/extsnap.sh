@@ -297,4 +297,18 @@ run "$P" io -c "read 0 4k" lo.qcow2
 [ -e .lo.qcow2.extsnap-tmp ] && fail "temporary overlay was kept"
 ok
 
+begin id-vs-name
+# an internal snapshot's ID never equals another snapshot's name (lookups
+# take either): after an external snapshot named 1, the next internal one
+# gets another ID, and -d 1 deletes the external one only
+qemu-img create -q -f qcow2 ids.qcow2 16M
+$P snapshot -c 1 --external ids.qcow2 || fail "external 1"
+$P snapshot -c x ids.qcow2 || fail "internal x"
+id=$(qemu-img snapshot -l ids.qcow2 | awk '$2 == "x" {print $1}')
+[ -n "$id" ] && [ "$id" != 1 ] || fail "internal x got ID '$id'"
+$P snapshot -d 1 ids.qcow2 || fail "delete 1"
+[ -e ids.qcow2@1 ] && fail "external 1 still there"
+qemu-img snapshot -l ids.qcow2 | awk '{print $2}' | grep -qx x || fail "internal x was deleted"
+ok "internal ID $id"
+
 finish

@@ -26,6 +26,7 @@
 #include <string.h>
 #include <time.h>
 #include "qcow2.h"
+#include "../extsnap.h"
 #include "../../util/error.h"
 
 void qcow2_free_snapshots(struct qcow2_state *s)
@@ -310,8 +311,14 @@ static int do_create(struct bdev *bs, const char *name, bool *touched)
     }
     struct qcow2_snapshot sn;
     memset(&sn, 0, sizeof sn);
+    /* An ID names the snapshot as well as its name does (lookups take
+     * either), so the new ID skips what is already a name: an internal
+     * snapshot's, or an external one's (IMG@ID), else -a/-d ID would name
+     * two snapshots. */
     char idbuf[32];
-    snprintf(idbuf, sizeof idbuf, "%lu", maxid + 1);
+    do
+        snprintf(idbuf, sizeof idbuf, "%lu", ++maxid);
+    while (find_snapshot(s, idbuf) >= 0 || bdev_extsnap_exists(bs, idbuf) > 0);
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     sn.date_sec = (uint32_t)ts.tv_sec;
