@@ -320,4 +320,18 @@ else
     RUNAS=()
     chmod 700 "$T"
 fi
+# a FIFO as the image or as its backing file: refused at once (opening one
+# would wait for a writer; qemu-img hangs there, so it is no oracle here)
+mkfifo fifo.img
+qemu-img create -q -f qcow2 -u -b fifo.img -F raw fifob.qcow2 1M
+for c in "info fifo.img" "map fifob.qcow2" "convert -O raw fifob.qcow2 out.fifo.raw"; do
+    # shellcheck disable=SC2086
+    timeout 20 "$P" $c 2>fifo.err >/dev/null; rc=$?
+    if [ $rc -ne 1 ] || [ "$(wc -l <fifo.err)" -ne 1 ] || ! grep -q FIFO fifo.err; then
+        fail "FIFO: $c: exit $rc: $(head -c 300 fifo.err)"
+    else
+        pass "FIFO: $c refused: $(cat fifo.err)"
+    fi
+done
+
 finish

@@ -198,7 +198,10 @@ static int file_open(struct bdev *bs, const char *path, const struct pms_open_op
 {
     struct file_state *s = bs->opaque;
     bool direct = bs->cache_mode == PMS_CACHE_NONE || bs->cache_mode == PMS_CACHE_DIRECTSYNC;
-    int fd = open(path, (bs->readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC | (direct ? O_DIRECT : 0));
+    /* O_NONBLOCK: opening a FIFO would otherwise wait for its other end
+     * (cleared below for what is kept) */
+    int fd = open(path, (bs->readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NONBLOCK |
+                        (direct ? O_DIRECT : 0));
     if (fd < 0 && direct && errno == EINVAL)
         return pms_err(EINVAL, "could not open '%s': the file system does not support "
                        "O_DIRECT (cache mode none/directsync); use cache mode writeback",
@@ -215,6 +218,13 @@ static int file_open(struct bdev *bs, const char *path, const struct pms_open_op
         close(fd);
         return pms_err(EISDIR, "'%s' is a directory", path);
     }
+    if (S_ISFIFO(st.st_mode) || S_ISSOCK(st.st_mode)) {
+        close(fd);
+        return pms_err(EINVAL, "'%s' is a %s, not an image file", path,
+                       S_ISFIFO(st.st_mode) ? "FIFO" : "socket");
+    }
+    int fl = fcntl(fd, F_GETFL);
+    if (fl >= 0) fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
     if (!(o && o->force_share) && S_ISREG(st.st_mode)) {
         int r = take_locks(bs, fd, path);
         if (r < 0) {
