@@ -296,7 +296,12 @@ static int snap_call(pms_dev *dev, int (*fn)(struct bdev *, const char *), const
 static int snapshot_create(pms_dev *dev, const char *name, unsigned flags)
 {
     /* names are unique across kinds (bdev_extsnap_create checks both) */
-    int e = name && *name && !(flags & PMS_SNAP_EXTERNAL) ? bdev_extsnap_exists(dev->bs, name) : 0;
+    /* a name whose external snapshot's delete was interrupted is freed by
+     * finishing that delete first */
+    int e = name && *name ? bdev_extsnap_finish_delete(dev->bs, name) : 0;
+    if (e < 0)
+        return e;
+    e = name && *name && !(flags & PMS_SNAP_EXTERNAL) ? bdev_extsnap_exists(dev->bs, name) : 0;
     if (e)
         return e < 0 ? e : pms_err(EEXIST, "an external snapshot called '%s' exists", name);
     if (dev->mem)
@@ -345,7 +350,7 @@ static int snapshot_delete(pms_dev *dev, const char *name, unsigned flags,
            /* while mapped too: the merge preserves every layer's content
             * and runs beside the live chain (see extsnap.c), so writeback
             * and faults go on */
-           : RDLOCKED(is_external(dev, name)
+           : RDLOCKED(is_external(dev, name) || bdev_extsnap_delete_pending(dev->bs, name)
                       ? bdev_extsnap_delete(dev->bs, name, fn, opaque)
                       : snap_call(dev, dev->bs->drv->snapshot_delete, name, true));
 }

@@ -1326,11 +1326,39 @@ static int restore_chain(struct bdev *bs, const struct paths *p, bool had_chain)
     return 0;
 }
 
+bool bdev_extsnap_delete_pending(struct bdev *bs, const char *name)
+{
+    struct paths p;
+    return name && *name && !strchr(name, '/') && split(bs->filename, &p) == 0 &&
+           marked(&p, name);
+}
+
+int bdev_extsnap_finish_delete(struct bdev *bs, const char *name)
+{
+    if (!bdev_extsnap_delete_pending(bs, name))
+        return 0;
+    struct paths p;
+    int r = split(bs->filename, &p);
+    if (r < 0)
+        return r;
+    pthread_mutex_lock(&bs->snap_lock);
+    pthread_mutex_lock(&bs->lock);
+    r = recover(bs, &p);
+    pthread_mutex_unlock(&bs->lock);
+    pthread_mutex_unlock(&bs->snap_lock);
+    if (r == 0 && marked(&p, name))
+        r = pms_err(EIO, "the interrupted delete of snapshot '%s' could not be finished", name);
+    return r < 0 ? r : 1;
+}
+
 int bdev_extsnap_delete(struct bdev *bs, const char *name, bdev_progress_fn fn, void *opaque)
 {
     struct paths p;
     char layer[PATH_MAX];
-    int r = locate(bs, "delete", name, &p, layer);
+    int r = bdev_extsnap_finish_delete(bs, name);
+    if (r != 0)
+        return r < 0 ? r : 0;       /* that was this delete, interrupted */
+    r = locate(bs, "delete", name, &p, layer);
     if (r < 0)
         return r;
     struct merge m = { .fn = fn, .opaque = opaque };

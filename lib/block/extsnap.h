@@ -82,6 +82,11 @@ int  bdev_extsnap_revert(struct bdev *bs, const char *name);
  * The merges run without bs->lock, except streaming into the live image,
  * which takes it section by section: bs's other users (writeback, faults)
  * go on meanwhile. */
+/* A delete of external snapshot name was interrupted after its marker (the
+ * snapshot is gone for list/revert, its merge not finished)?  Finishing it
+ * (as the next writable open would): 1 done, 0 none pending, or -errno. */
+bool bdev_extsnap_delete_pending(struct bdev *bs, const char *name);
+int  bdev_extsnap_finish_delete(struct bdev *bs, const char *name);
 int  bdev_extsnap_delete(struct bdev *bs, const char *name, bdev_progress_fn fn, void *opaque);
 
 /* The external snapshots of the image (kind PMS_SNAP_KIND_EXTERNAL, file
