@@ -297,6 +297,15 @@ int cmd_create(int argc, char **argv)
         errorf("Unknown file format '%s'", fmt);
         return 1;
     }
+    /* -o help lists the options without a file name, as qemu-img's does */
+    for (int i = 0; i < nopts && optind >= argc; i++) {
+        struct copts h;
+        memset(&h, 0, sizeof h);
+        pms_create_opts_init(&h.o);
+        h.is_raw = strcmp(fmt, "raw") == 0;
+        if (strcmp(optstrs[i], "help") == 0 || strcmp(optstrs[i], "?") == 0)
+            return parse_copts(&h, optstrs[i], "") > 0 ? 0 : 1;
+    }
     if (optind >= argc)
         return usage_error("Expecting image file name");
     if (argc - optind > 2)

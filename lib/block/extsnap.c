@@ -479,7 +479,21 @@ static int chain_depth(struct bdev *bs, const struct paths *p)
     const char *fmt;
     if (backing_path(bs, p, path, sizeof path, &fmt) < 0 || !path[0])
         return 0;
+    /* the files seen (the live image first): a chain that comes back to
+     * one loops, and is reported as such, not as too deep */
+    struct { dev_t dev; ino_t ino; } seen[QCOW2_MAX_CHAIN_DEPTH + 2];
+    int nseen = 0;
+    struct stat st;
+    if (stat(p->live, &st) == 0)
+        seen[nseen++] = (typeof(seen[0])){ st.st_dev, st.st_ino };
     while (path[0] && n <= QCOW2_MAX_CHAIN_DEPTH) {
+        if (stat(path, &st) == 0) {
+            for (int i = 0; i < nseen; i++)
+                if (seen[i].dev == st.st_dev && seen[i].ino == st.st_ino)
+                    return pms_err(ELOOP, "the backing chain of '%s' loops back to '%s'",
+                                   p->live, path);
+            seen[nseen++] = (typeof(seen[0])){ st.st_dev, st.st_ino };
+        }
         n++;
         struct bdev *y;
         struct pms_open_opts o;
@@ -532,6 +546,8 @@ static int prepare_locked(struct bdev_extsnap_prep *x)
         return pms_err(EEXIST, "an internal snapshot called '%s' exists", x->name);
     char bname[PATH_MAX]; 
     int depth = chain_depth(bs, p);
+    if (depth < 0)
+        return depth;
     if (depth + 1 > QCOW2_MAX_CHAIN_DEPTH)
         return pms_err(EMLINK, "the image already reads through %d layers (at most %d can be "
                        "opened): delete old snapshots first", depth, QCOW2_MAX_CHAIN_DEPTH);            /* "IMG@NAME": checked to fit NAME_MAX */

@@ -299,6 +299,15 @@ static int do_create(struct bdev *bs, const char *name, bool *touched)
         return pms_err(EEXIST, "a snapshot named '%s' already exists", name);
     if (s->nb_snaps >= QCOW2_MAX_SNAPSHOTS)
         return pms_err(ENOSPC, "too many snapshots");
+    /* A snapshot adds a reference to every cluster the image uses: with
+     * 1-bit refcounts that cannot be counted.  Refused before anything is
+     * written (found halfway, it left the image for a repair). */
+    if (s->refcount_bits == 1)
+        for (uint32_t i = 0; i < s->l1_size; i++)
+            if (s->l1[i] & L1E_OFFSET_MASK)
+                return pms_err(EINVAL, "cannot take an internal snapshot: refcount_bits=1 "
+                               "cannot count the second reference a snapshot adds to every "
+                               "cluster in use");
     int r = qcow2_drain_pending(bs);
     if (r < 0) return r;
     r = qcow2_flush_metadata(bs);

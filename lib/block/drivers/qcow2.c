@@ -613,6 +613,9 @@ static int qcow2_open(struct bdev *bs, const char *path, const struct pms_open_o
         if (s->incompat & QCOW2_INCOMPAT_COMPRESSION) {
             if (s->compression_type > 1)
                 return pms_err(ENOTSUP, "unknown compression type %u", s->compression_type);
+            if (s->compression_type == QCOW2_COMPRESSION_ZLIB)   /* as QEMU refuses it */
+                return pms_err(EINVAL, "Compression type incompatible feature bit must not "
+                               "be set for the zlib compression type");
         } else if (s->compression_type != 0)
             return pms_err(EINVAL, "compression type %u set without the compression feature bit",
                            s->compression_type);
