@@ -1110,6 +1110,7 @@ int cmd_map(int argc, char **argv)
     chain_load(&c, file, fmt);
     uint64_t size = (uint64_t)pms_size(dev);
     uint64_t end = maxlen < size - (start < size ? start : size) ? start + maxlen : size;
+    uint64_t asked = start;          /* qemu-img's empty entry says where it was asked */
     if (start > size) start = size;
 
     int rc = 0;
@@ -1120,7 +1121,7 @@ int cmd_map(int argc, char **argv)
     else
         printf("%-16s%-16s%-16s%s\n", "Offset", "Length", "Mapped to", "File");
     if (start == end && json) {     /* qemu prints one empty entry */
-        struct mapent e = { .start = start };
+        struct mapent e = { .start = asked > start ? asked : start };
         dump_ent(&e, NULL, true, &c);
     }
     for (uint64_t off = start; off < end;) {
