@@ -74,6 +74,21 @@ for s, e in ext:
 diff "$T/map.out" "$T/seek.out" || fail "SEEK_DATA/SEEK_HOLE differ from qemu-img map"
 [ "$(wc -l < "$T/seek.out")" -ge 3 ] || fail "expected 3+ data extents: $(cat "$T/seek.out")"
 ok "SEEK_DATA/SEEK_HOLE match qemu-img map ($(wc -l < "$T/seek.out") extents)"
+# a page stored through a mapping and not yet written back is data too
+python3 - "$F" <<'PY' || fail "SEEK_DATA after a mapped store"
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+at = 40 << 20
+if os.lseek(fd, at, os.SEEK_HOLE) != at:
+    sys.exit("40 MiB is not a hole to start with")
+m = mmap.mmap(fd, 1 << 20, mmap.MAP_SHARED, offset=at)
+m[4096:4100] = b"ZZZZ"                       # no msync, no fsync
+d = os.lseek(fd, at, os.SEEK_DATA)
+if d > at + 4096:
+    sys.exit("SEEK_DATA from 40 MiB skipped a mapped store: %d" % d)
+m.close()
+PY
+ok "SEEK_DATA finds a page stored through a mapping before it is written back"
 
 # a second daemon on the same image is refused, the first keeps serving
 if "$P" serve "$img" --fuse "$T/b.file" --socket "$T/b.sock" 2>"$T/second.err"; then

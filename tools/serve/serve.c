@@ -98,6 +98,9 @@ struct srv {
     struct flusher flusher;           /* writes the FUSE file's page cache back */
     pthread_rwlock_t io_lock;
     pthread_mutex_t op_lock;
+    /* held by the one lseek that writes the page cache back (op_lseek) */
+    pthread_mutex_t seek_mu;
+    atomic_bool flusher_up;           /* between flusher_start and flusher_stop */
     atomic_bool discard_writes;
     int wake[2];                      /* quit requests -> main thread */
     struct srv_stats st;
@@ -335,6 +338,23 @@ static void op_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
     }
     if (off < 0 || (uint64_t)off >= s->size) {
         fuse_reply_err(req, ENXIO);
+        return;
+    }
+    /* Pages stored through a mapping (or cached with --writeback-cache)
+     * are data the image does not have yet: the page cache is written back
+     * first (by the helper; no lock of ours held, as the FUSE writes it
+     * makes need other workers and io_lock).  One lseek at a time does
+     * that; another meanwhile answers as if the file had no holes, which
+     * is always correct (holes may be reported as data). */
+    if (!atomic_load(&s->flusher_up) || pthread_mutex_trylock(&s->seek_mu) != 0) {
+        fuse_reply_lseek(req, whence == SEEK_DATA ? off : (off_t)s->size);
+        return;
+    }
+    /* flusher_stop waits for seek_mu: the helper stays up meanwhile */
+    int fr = atomic_load(&s->flusher_up) ? flusher_write(&s->flusher) : 0;
+    pthread_mutex_unlock(&s->seek_mu);
+    if (fr < 0) {
+        fuse_reply_err(req, -fr);
         return;
     }
     uint64_t pos = (uint64_t)off;
@@ -1056,6 +1076,9 @@ static int mount_fuse(struct srv *s, char *err, size_t errlen)
 
 static void teardown(struct srv *s)
 {
+    atomic_store(&s->flusher_up, false);
+    pthread_mutex_lock(&s->seek_mu);         /* no lseek in the helper any more */
+    pthread_mutex_unlock(&s->seek_mu);
     flusher_stop(&s->flusher);               /* its close is answered by the loop */
     if (s->fuse_running) {
         fuse_session_exit(s->se);
@@ -1267,6 +1290,7 @@ int cmd_serve(int argc, char **argv)
     pthread_rwlockattr_setkind_np(&ra, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
     pthread_rwlock_init(&s->io_lock, &ra);
     pthread_mutex_init(&s->op_lock, NULL);
+    pthread_mutex_init(&s->seek_mu, NULL);
     pthread_key_create(&buf_key, free);
     if (pipe2(s->wake, O_CLOEXEC | O_NONBLOCK) < 0) {
         pms_close(s->dev);
@@ -1313,6 +1337,7 @@ int cmd_serve(int argc, char **argv)
     }
     tune_bdi(s);
     int fr = flusher_start(&s->flusher, s->fuse_path);
+    atomic_store(&s->flusher_up, fr == 0);
     if (fr < 0) {
         teardown(s);
         close(lfd);
