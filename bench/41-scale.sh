@@ -33,6 +33,15 @@ trap 'setsid nohup ionice -c3 rm -rf "$T" >/dev/null 2>&1 </dev/null &' EXIT
 log() { echo "  [$(date -u +%H:%M:%S)] $*"; }
 echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (2 shared vCPUs; other builds make these numbers noisy)"
 
+# What the file system charges per page for the layout random stores get in
+# a fresh overlay (one page per 64 KiB cluster: one extent per page), against
+# the same pages contiguous: every stored page is written and written out
+# into its layer, merged into the bottom layer by a delete, and freed with
+# the deleted layer.  First, on a quiet disk: the runs below leave GBs of
+# pages to write back and of files to discard.
+log "file-system floor: 20,000 pages scattered and contiguous"
+"$SB" fsfloor "$T" 20000 >"$R/fsfloor" 2>&1 || echo "error exit $?" >>"$R/fsfloor"
+
 for k in external internal; do
     dir=$T/$k; mkdir -p "$dir"
     out=$R/scale-$k
@@ -57,13 +66,6 @@ log "mmap reference: $SECS s"
 "$SB" scale-mmap "$T/ref.raw" "$SECS" >"$R/scale-mmap" 2>&1 || echo "error exit $?" >>"$R/scale-mmap"
 echo "du_MiB $(( $(du -k "$T/ref.raw" | cut -f1) / 1024 ))" >>"$R/scale-mmap"
 mv "$T/ref.raw" "$T/trash/"
-# What the file system charges per page for the layout random stores get in
-# a fresh overlay (one page per 64 KiB cluster: one extent per page), against
-# the same pages contiguous: every stored page is written and written out
-# into its layer, merged into the bottom layer by a delete, and freed with
-# the deleted layer.
-log "file-system floor: 20,000 pages scattered and contiguous"
-"$SB" fsfloor "$T" 20000 >"$R/fsfloor" 2>&1 || echo "error exit $?" >>"$R/fsfloor"
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg); $SECONDS s in all"
 TABLE=scale SECS="$SECS" CAP="$CAP" python3 "$here/snap-table.py" "$R"
 echo "  file system: $(findmnt -no FSTYPE,OPTIONS -T "$T" 2>/dev/null)"

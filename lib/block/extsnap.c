@@ -1351,7 +1351,10 @@ bool bdev_extsnap_delete_pending(struct bdev *bs, const char *name)
 
 int bdev_extsnap_finish_delete(struct bdev *bs, const char *name)
 {
-    if (!bdev_extsnap_delete_pending(bs, name))
+    /* only where a delete could run: a read-only or check-only node, or
+     * one that is not qcow2, leaves the marker for a writable open */
+    if (!bdev_extsnap_delete_pending(bs, name) || bs->drv != &pms_drv_qcow2 ||
+        bs->readonly || bs->check_only)
         return 0;
     struct paths p;
     int r = split(bs->filename, &p);

@@ -75,6 +75,13 @@ void bdev_extsnap_unlock(struct bdev *bs);
  * is left as it is.  ENOENT if there is no such snapshot. */
 int  bdev_extsnap_revert(struct bdev *bs, const char *name);
 
+/* A delete of external snapshot name was interrupted after its marker (the
+ * snapshot is gone for list/revert, its merge not finished)?  Finishing it
+ * (as the next writable open would; not on a read-only node): 1 done, 0
+ * none pending, or -errno. */
+bool bdev_extsnap_delete_pending(struct bdev *bs, const char *name);
+int  bdev_extsnap_finish_delete(struct bdev *bs, const char *name);
+
 /* Delete external snapshot name: its data is copied into every image whose
  * backing file it is (the live image and/or other layers) where they do not
  * have their own, their backing file becomes name's backing file, then the
@@ -82,11 +89,6 @@ int  bdev_extsnap_revert(struct bdev *bs, const char *name);
  * The merges run without bs->lock, except streaming into the live image,
  * which takes it section by section: bs's other users (writeback, faults)
  * go on meanwhile. */
-/* A delete of external snapshot name was interrupted after its marker (the
- * snapshot is gone for list/revert, its merge not finished)?  Finishing it
- * (as the next writable open would): 1 done, 0 none pending, or -errno. */
-bool bdev_extsnap_delete_pending(struct bdev *bs, const char *name);
-int  bdev_extsnap_finish_delete(struct bdev *bs, const char *name);
 int  bdev_extsnap_delete(struct bdev *bs, const char *name, bdev_progress_fn fn, void *opaque);
 
 /* The external snapshots of the image (kind PMS_SNAP_KIND_EXTERNAL, file

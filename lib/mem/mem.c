@@ -44,7 +44,8 @@
  *                   round, then installs anyway; during a pre-copy that does
  *                   not converge it delays each missing fault (auto-converge,
  *                   at most CONVERGE_MAX_US); in a capped sync-mode mapping
- *                   with more than DIRTY_MAX_RUNS dirty runs it waits (at most
+ *                   over its dirty limit (DIRTY_MAX_RUNS runs, or
+ *                   DIRTY_MAX_SEQ_BYTES) it waits (at most
  *                   DIRTY_WAIT_MS per fault, no lock held) for the writeback.
  *   writeback thread every writeback_interval_ms (backing off up to 16 s
  *                   while the same hot set stays dirty; or when kicked):
@@ -733,7 +734,8 @@ static void count_write_fault(struct pms_mem *m)
     kick_writeback(m);
 }
 
-/* Is a capped sync-mode mapping over its dirty limit (DIRTY_MAX_RUNS)? */
+/* Is a capped sync-mode mapping over its dirty limit (DIRTY_MAX_RUNS dirty
+ * runs, or DIRTY_MAX_SEQ_BYTES dirty in all; the pre-copy's while one runs)? */
 static bool over_dirty(struct pms_mem *m)
 {
     bool pre = atomic_load(&m->precopying);

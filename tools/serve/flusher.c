@@ -27,7 +27,10 @@
  * doubled while the msync after it shrank).
  *
  * Threads: control threads and the main thread call flusher_write,
- * flusher_fsync and flusher_stop.  f->mu guards f->sk and f->pid and
+ * flusher_fsync and flusher_stop; a FUSE worker (lseek) calls only
+ * flusher_try_write, which never waits for f->mu: a worker runs inside a
+ * syscall of another process that may hold the file's inode lock, which the
+ * helper's fsync for a control thread needs.  f->mu guards f->sk and f->pid and
  * serialises commands (one reply in flight).  A helper that died is started
  * again by the next command (the fork runs only async-signal-safe calls in
  * the child).
@@ -158,6 +161,15 @@ static int call(struct flusher *f, char c)
 }
 
 int flusher_write(struct flusher *f) { return call(f, HELPER_WRITE); }
+
+int flusher_try_write(struct flusher *f)
+{
+    if (pthread_mutex_trylock(&f->mu) != 0)
+        return -EBUSY;
+    int r = call_once(f, HELPER_WRITE);
+    pthread_mutex_unlock(&f->mu);
+    return r;
+}
 int flusher_fsync(struct flusher *f) { return call(f, HELPER_FSYNC); }
 
 void flusher_stop(struct flusher *f)

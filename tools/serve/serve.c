@@ -344,17 +344,21 @@ static void op_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
      * are data the image does not have yet: the page cache is written back
      * first (by the helper; no lock of ours held, as the FUSE writes it
      * makes need other workers and io_lock).  One lseek at a time does
-     * that; another meanwhile answers as if the file had no holes, which
-     * is always correct (holes may be reported as data). */
-    if (!atomic_load(&s->flusher_up) || pthread_mutex_trylock(&s->seek_mu) != 0) {
+     * that, when the helper is free and another worker can answer those
+     * writes; otherwise it answers as if the file had no holes, which is
+     * always correct (holes may be reported as data). */
+    if (!atomic_load(&s->flusher_up) || s->threads < 2 ||
+        pthread_mutex_trylock(&s->seek_mu) != 0) {
         fuse_reply_lseek(req, whence == SEEK_DATA ? off : (off_t)s->size);
         return;
     }
-    /* flusher_stop waits for seek_mu: the helper stays up meanwhile */
-    int fr = atomic_load(&s->flusher_up) ? flusher_write(&s->flusher) : 0;
+    /* flusher_stop waits for seek_mu: the helper stays up meanwhile.  The
+     * helper busy with a control thread's command (an fsync may wait for
+     * the inode lock our caller holds) or gone: no holes either. */
+    int fr = atomic_load(&s->flusher_up) ? flusher_try_write(&s->flusher) : -EBUSY;
     pthread_mutex_unlock(&s->seek_mu);
     if (fr < 0) {
-        fuse_reply_err(req, -fr);
+        fuse_reply_lseek(req, whence == SEEK_DATA ? off : (off_t)s->size);
         return;
     }
     uint64_t pos = (uint64_t)off;
@@ -1005,18 +1009,19 @@ static int listen_socket(const char *path, char *err, size_t errlen)
     return fd;
 }
 
-/* Is path (stat st) mounted over: on another device than its directory? */
+/* Is path (stat st) mounted over: on another device than its directory
+ * (the directory of where it resolves to: a symlink to a file elsewhere is
+ * not a mount point)? */
 static bool is_mount_point(const char *path, const struct stat *st)
 {
     char dir[PATH_MAX];
-    snprintf(dir, sizeof dir, "%s", path);
+    if (!realpath(path, dir))
+        return false;
     char *slash = strrchr(dir, '/');
     if (slash == dir)
         slash[1] = '\0';
     else if (slash)
         *slash = '\0';
-    else
-        snprintf(dir, sizeof dir, ".");
     struct stat ds;
     return stat(dir, &ds) == 0 && ds.st_dev != st->st_dev;
 }

@@ -98,6 +98,9 @@ struct flusher {
 };
 int  flusher_start(struct flusher *f, const char *path);
 int  flusher_write(struct flusher *f);    /* write back every dirty page, wait */
+/* The same if no other command is in flight, else -EBUSY at once (the
+ * helper is not restarted here either: -EPIPE). */
+int  flusher_try_write(struct flusher *f);
 int  flusher_fsync(struct flusher *f);    /* fsync the FUSE file */
 void flusher_stop(struct flusher *f);
 

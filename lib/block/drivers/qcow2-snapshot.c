@@ -322,12 +322,13 @@ static int do_create(struct bdev *bs, const char *name, bool *touched)
     memset(&sn, 0, sizeof sn);
     /* An ID names the snapshot as well as its name does (lookups take
      * either), so the new ID skips what is already a name: an internal
-     * snapshot's, or an external one's (IMG@ID), else -a/-d ID would name
-     * two snapshots. */
+     * snapshot's, or an external one's (IMG@ID, also one whose delete is
+     * pending), else -a/-d ID would name two snapshots. */
     char idbuf[32];
     do
         snprintf(idbuf, sizeof idbuf, "%lu", ++maxid);
-    while (find_snapshot(s, idbuf) >= 0 || bdev_extsnap_exists(bs, idbuf) > 0);
+    while (find_snapshot(s, idbuf) >= 0 || bdev_extsnap_exists(bs, idbuf) > 0 ||
+           bdev_extsnap_delete_pending(bs, idbuf));
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     sn.date_sec = (uint32_t)ts.tv_sec;
