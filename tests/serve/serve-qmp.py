@@ -144,6 +144,12 @@ names = [x['name'] for x in c.cmd(b'{"execute":"snapshot-list"}')['return']]
 if 'injected' in names:
     fail("a command inside a discarded message ran")
 print("ok: nothing inside a discarded message runs")
+# the error for an overlong message comes as soon as it is overlong, before
+# the message ends; the rest of it is discarded up to its end
+c.send(b'{"execute":"flush","arguments":{"a":"' + b'A' * (2 << 20))
+expect_error(c.reply(), "GenericError", "longer than", "2 MiB message not ended yet")
+c.send(b'"}}\n')
+alive(c)
 expect_error(c.cmd(b'{"execute":"snapshot-create","arguments":{"name":"a\\u0000b"}}'),
              "GenericError", "NUL", "a NUL character in a name")
 expect_error(c.cmd(b'{"execute":"query-commands","arguments":{"bogus":1}}'),

@@ -375,21 +375,28 @@ struct framer {
     size_t depth;
 };
 
-/* Feed one byte; true when it ends a message. */
-static bool frame_byte(struct framer *f, char b)
+enum { FRAME_MORE, FRAME_END, FRAME_OVERLONG };
+
+/* Feed one byte: FRAME_END when it ends a message, FRAME_OVERLONG when the
+ * message just grew past SERVE_MAX_CMD_BYTES (its error goes out at once;
+ * the rest of it is then discarded up to its end). */
+static int frame_byte(struct framer *f, char b)
 {
     if (!f->started) {
         if (b == ' ' || b == '\t' || b == '\r' || b == '\n')
-            return false;        /* between messages */
+            return FRAME_MORE;   /* between messages */
         f->started = true;
         f->bare = b != '{' && b != '[';
     }
+    int r = FRAME_MORE;
     if (f->len < SERVE_MAX_CMD_BYTES)
         f->buf[f->len++] = b;
-    else
+    else if (!f->overlong) {
         f->overlong = true;
+        r = FRAME_OVERLONG;
+    }
     if (f->bare)
-        return b == '\n';
+        return b == '\n' ? FRAME_END : r;
     if (f->in_str) {
         if (f->esc)
             f->esc = false;
@@ -397,29 +404,27 @@ static bool frame_byte(struct framer *f, char b)
             f->esc = true;
         else if (b == '"')
             f->in_str = false;
-        return false;
+        return r;
     }
     if (b == '"')
         f->in_str = true;
     else if (b == '{' || b == '[')
         f->depth++;
     else if ((b == '}' || b == ']') && --f->depth == 0)
-        return true;
-    return false;
+        return FRAME_END;
+    return r;
 }
 
 /* Parse and run one framed message. */
 static void frame_done(struct client *c, struct framer *f, json_tokener *tok)
 {
-    if (f->overlong) {
-        send_error(c, NULL, "GenericError", "JSON message longer than %u bytes, discarded",
-                   SERVE_MAX_CMD_BYTES);
-    } else {
+    if (!f->overlong) {                 /* (an overlong one had its error) */
         json_tokener_reset(tok);
         json_object *m = json_tokener_parse_ex(tok, f->buf, (int)f->len);
         enum json_tokener_error je = json_tokener_get_error(tok);
         size_t end = je == json_tokener_success ? json_tokener_get_parse_end(tok) : 0;
-        while (end < f->len && strchr(" \t\r\n", f->buf[end]))
+        while (end < f->len && (f->buf[end] == ' ' || f->buf[end] == '\t' ||
+                                f->buf[end] == '\r' || f->buf[end] == '\n'))
             end++;
         if (je == json_tokener_success && end == f->len)
             handle(c, m);
@@ -454,9 +459,14 @@ static void *client_main(void *arg)
             continue;
         if (n <= 0)
             break;
-        for (ssize_t i = 0; i < n && !c->dead; i++)
-            if (frame_byte(&f, buf[i]))
+        for (ssize_t i = 0; i < n && !c->dead; i++) {
+            int fr = frame_byte(&f, buf[i]);
+            if (fr == FRAME_OVERLONG)
+                send_error(c, NULL, "GenericError",
+                           "JSON message longer than %u bytes, discarded", SERVE_MAX_CMD_BYTES);
+            else if (fr == FRAME_END)
                 frame_done(c, &f, tok);
+        }
     }
     free(f.buf);
     json_tokener_free(tok);
