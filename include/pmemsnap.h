@@ -198,7 +198,8 @@ struct pms_snapshot_info {
 #define PMS_SNAP_KIND_EXTERNAL 1   /* a read-only layer file beside the image */
 
 struct pms_info {
-    size_t size;               /* set by caller to sizeof(struct pms_info) */
+    size_t size;               /* set by caller to sizeof(struct pms_info); less
+                                  than sizeof(size_t) (0) is EINVAL */
     char format[16];
     uint64_t virtual_size;
     uint64_t actual_size;      /* bytes allocated on the host file system */
@@ -226,7 +227,8 @@ int  pms_info(pms_dev *dev, struct pms_info *info);
 #define PMS_CHECK_REPAIR_LEAKS  0x1
 #define PMS_CHECK_REPAIR_ALL    0x3
 struct pms_check_result {
-    size_t size;               /* set by caller */
+    size_t size;               /* set by caller to the struct's sizeof (an older,
+                                  smaller one gets a prefix); 0 is EINVAL */
     uint64_t corruptions;
     uint64_t leaks;
     uint64_t check_errors;
@@ -316,7 +318,8 @@ int  pms_unmap(pms_dev *dev);   /* persists, then unmaps; if the persist fails (
 int  pms_snapshot_create_ex(pms_dev *dev, const char *name, unsigned flags);
 
 struct pms_stats {
-    size_t size;               /* set by caller */
+    size_t size;               /* set by caller to the struct's sizeof (an older,
+                                  smaller one gets a prefix); 0 is EINVAL */
     uint64_t faults;           /* missing faults served */
     uint64_t wp_faults;        /* synchronous write-protect faults served */
     uint64_t bytes_faulted_in;

@@ -96,6 +96,11 @@ int pms_close(pms_dev *dev)
 
 int64_t pms_size(pms_dev *dev)
 {
+    if (!dev) {
+        int r = pms_err(EINVAL, "dev is NULL");
+        PMS_API_ERR(r);
+        return r;
+    }
     return bdev_getlength(dev->bs);
 }
 
@@ -105,13 +110,22 @@ int64_t pms_size(pms_dev *dev)
 #define ROUTE(call_mem, call_bs) \
     int r = RDLOCKED(dev->mem ? (call_mem) : (call_bs)); PMS_API_ERR(r); return r
 
+/* The pointers every call needs: a clear error instead of a crash (and
+ * instead of the block layer's NULL-means-zeroes for a write). */
+#define NEED(cond, what) do { if (!(cond)) { int r_ = pms_err(EINVAL, "%s is NULL", what); \
+                                             PMS_API_ERR(r_); return r_; } } while (0)
+
 int pms_pread(pms_dev *dev, void *buf, size_t len, uint64_t off)
 {
+    NEED(dev, "dev");
+    NEED(buf || !len, "buf");
     ROUTE(pms_mem_pread(dev->mem, buf, len, off), bdev_pread(dev->bs, buf, len, off));
 }
 
 int pms_pwrite(pms_dev *dev, const void *buf, size_t len, uint64_t off)
 {
+    NEED(dev, "dev");
+    NEED(buf || !len, "buf");
     ROUTE(pms_mem_pwrite(dev->mem, buf, len, off), bdev_pwrite(dev->bs, buf, len, off));
 }
 
@@ -167,6 +181,7 @@ int pms_discard(pms_dev *dev, size_t len, uint64_t off)
 
 int pms_flush(pms_dev *dev)
 {
+    NEED(dev, "dev");
     ROUTE(pms_mem_flush(dev->mem), bdev_flush(dev->bs));
 }
 
@@ -180,6 +195,8 @@ int pms_truncate(pms_dev *dev, uint64_t size)
 
 int pms_block_status(pms_dev *dev, uint64_t off, uint64_t len, struct pms_extent *ext)
 {
+    NEED(dev, "dev");
+    NEED(ext, "ext");
     int r = bdev_block_status(dev->bs, off, len, ext);
     PMS_API_ERR(r);
     return r;
@@ -233,9 +250,15 @@ int pms_create(const char *path, uint64_t size, const struct pms_create_opts *op
 
 int pms_info(pms_dev *dev, struct pms_info *info)
 {
+    NEED(dev, "dev");
+    NEED(info, "info");
+    if (info->size < sizeof info->size) {
+        int r = pms_err(EINVAL, "info->size is %zu: set it to sizeof(struct pms_info)", info->size);
+        PMS_API_ERR(r);
+        return r;
+    }
     /* fill a whole struct, hand back as much as the caller's holds */
-    size_t sz = info->size && info->size < sizeof(struct pms_info) ? info->size
-                                                                    : sizeof(struct pms_info);
+    size_t sz = info->size < sizeof(struct pms_info) ? info->size : sizeof(struct pms_info);
     struct pms_info full;
     memset(&full, 0, sizeof full);
     struct bdev *bs = dev->bs;
@@ -256,10 +279,20 @@ int pms_info(pms_dev *dev, struct pms_info *info)
 int pms_check(pms_dev *dev, unsigned flags, struct pms_check_result *res,
               pms_check_msg_fn fn, void *opaque)
 {
+    NEED(dev, "dev");
+    NEED(res, "res");
+    if (res->size < sizeof res->size) {
+        int r = pms_err(EINVAL, "res->size is %zu: set it to sizeof(struct pms_check_result)",
+                        res->size);
+        PMS_API_ERR(r);
+        return r;
+    }
     struct bdev *bs = dev->bs;
-    size_t sz = res->size ? res->size : sizeof *res;
-    memset(res, 0, sz < sizeof *res ? sz : sizeof *res);
-    res->size = sz;
+    /* the driver fills a whole struct; the caller gets as much as it holds */
+    size_t sz = res->size < sizeof *res ? res->size : sizeof *res;
+    struct pms_check_result full;
+    memset(&full, 0, sizeof full);
+    full.size = sizeof full;
     int r;
     if (!bs->drv->check)
         r = pms_err(ENOTSUP, "format '%s' does not support checks", bs->drv->name);
@@ -267,9 +300,11 @@ int pms_check(pms_dev *dev, unsigned flags, struct pms_check_result *res,
         r = pms_err(EROFS, "cannot repair a read-only image");
     else {
         pthread_mutex_lock(&bs->lock);
-        r = bs->drv->check(bs, flags, res, fn, opaque);
+        r = bs->drv->check(bs, flags, &full, fn, opaque);
         pthread_mutex_unlock(&bs->lock);
     }
+    full.size = sz;
+    memcpy(res, &full, sz);
     PMS_API_ERR(r);
     return r;
 }
@@ -372,6 +407,9 @@ int pms_snapshot_delete(pms_dev *dev, const char *name)
 
 int pms_snapshot_list(pms_dev *dev, struct pms_snapshot_info **list, size_t *n)
 {
+    NEED(dev, "dev");
+    NEED(list, "list");
+    NEED(n, "n");
     struct bdev *bs = dev->bs;
     int r;
     *list = NULL;
@@ -444,7 +482,14 @@ int pms_persist(pms_dev *dev, const void *addr, size_t len)
 
 int pms_stats(pms_dev *dev, struct pms_stats *st)
 {
-    size_t sz = st->size ? st->size : sizeof *st;
+    NEED(dev, "dev");
+    NEED(st, "st");
+    if (st->size < sizeof st->size) {
+        int r = pms_err(EINVAL, "st->size is %zu: set it to sizeof(struct pms_stats)", st->size);
+        PMS_API_ERR(r);
+        return r;
+    }
+    size_t sz = st->size;
     memset(st, 0, sz < sizeof *st ? sz : sizeof *st);
     st->size = sz;
     int r = RDLOCKED(dev->mem ? pms_mem_stats(dev->mem, st) : 0);

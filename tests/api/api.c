@@ -160,6 +160,32 @@ int main(void)
     int touched = 0;
     for (size_t k = 0; k < sizeof small - 64; k++) touched |= tail[k] != 0xa5;
     CHECK(!touched, "pms_info wrote past the caller's size");
+    /* the same for pms_check; a size of 0 and NULL pointers are errors */
+    struct { struct pms_check_result c; char guard[64]; } smallc;
+    memset(&smallc, 0xa5, sizeof smallc);
+    smallc.c.size = 16;
+    CHECK(pms_check(d, 0, &smallc.c, NULL, NULL) == 0, "check with a short struct");
+    tail = (const unsigned char *)&smallc.c + 16;
+    touched = 0;
+    for (size_t k = 0; k < sizeof smallc - 16; k++) touched |= tail[k] != 0xa5;
+    CHECK(!touched, "pms_check wrote past the caller's size");
+    struct pms_info zero_size = { .size = 0 };
+    CHECK(pms_info(d, &zero_size) == -EINVAL && strstr(pms_errmsg(), "pms_info: "),
+          "info with size 0: %s", pms_errmsg());
+    size_t nl;
+    struct pms_snapshot_info *sl;
+    CHECK(pms_info(d, NULL) == -EINVAL && pms_snapshot_list(d, NULL, &nl) == -EINVAL &&
+          pms_snapshot_list(d, &sl, NULL) == -EINVAL && pms_block_status(d, 0, 512, NULL) == -EINVAL &&
+          pms_pread(d, NULL, 512, 0) == -EINVAL && pms_flush(NULL) == -EINVAL,
+          "NULL pointers: %s", pms_errmsg());
+    CHECK(pms_close(d) == 0, "close");
+    /* a NULL buffer is not zeroes: refused, the data stays */
+    CHECK(pms_open(img, NULL, &d) == 0, "open");
+    unsigned char before[512], after[512];
+    CHECK(pms_pread(d, before, 512, 0) == 0, "read");
+    CHECK(pms_pwrite(d, NULL, 512, 0) == -EINVAL, "pwrite of a NULL buffer accepted");
+    CHECK(pms_pread(d, after, 512, 0) == 0 && memcmp(before, after, 512) == 0,
+          "pwrite of a NULL buffer changed the data");
     CHECK(pms_close(d) == 0, "close");
 
     sh("rm -rf %s", dir);
