@@ -790,7 +790,7 @@ static void serve_missing(struct pms_mem *m, uint64_t addr, unsigned flags, pid_
      * data extents are installed whole, since they were read anyway.  The
      * next page then counts as sequential, so a scan gets the whole window
      * from its second fault on. */
-    m->zero_focus = seq ? UINT64_MAX : off;
+    uint64_t zfocus = seq ? UINT64_MAX : off;    /* m->zero_focus, set under mu below */
     m->seq_next = seq ? c1 : off + PG;
     /* Sync mode: a write fault installs its page writable and marks it
      * dirty, instead of installing it protected and un-protecting it (that
@@ -803,6 +803,11 @@ static void serve_missing(struct pms_mem *m, uint64_t addr, unsigned flags, pid_
     atomic_fetch_add(&m->faults, 1);
 
     pthread_mutex_lock(&m->mu);
+    /* under mu: fill() reads it for every caller, and pms_pread/pwrite fill
+     * under mu too (set before the lock, a reader's fill installed only this
+     * fault's page of a zero extent, then faulted on its own page while
+     * holding mu: a deadlock with this thread) */
+    m->zero_focus = zfocus;
     bool was = bit(m->resident, off / PG);
     if (was) {
         /* a fault on a page we count resident: either a racing install (the

@@ -13,6 +13,8 @@
  *                                    the application's poll/nanosleep/epoll
  *   mem-hard revert  IMG MODE        revert while mapped drops only what differs:
  *                                    every byte equals the snapshot's afterwards
+ *   mem-hard storeread IMG SECONDS   stores faulting pages in while threads
+ *                                   pms_pread (no deadlock, all succeed)
  *   mem-hard race    IMG SECONDS     threads racing pread/pwrite/persist/
  *                                    snapshot/stats/map/unmap on one handle
  *                                    (built with ThreadSanitizer in CI)
@@ -416,8 +418,58 @@ static int t_race(const char *img, unsigned seconds)
     return 0;
 }
 
+/* storeread: one thread stores straight into the mapping (page after page,
+ * so every store is a missing fault at first) while three call pms_pread
+ * at random pages.  A reader fills missing pages itself under the device's
+ * lock; the fault thread's per-fault state must not leak into that fill
+ * (it did: the reader installed one page of a zero extent and faulted on
+ * its own while holding the lock, and both threads waited for good). */
+static _Atomic(uint8_t *) g_map;
+static void *store_thread(void *arg)
+{
+    (void)arg;
+    uint8_t *p = atomic_load(&g_map);
+    uint64_t pages = g_size / 4096;
+    for (uint64_t g = 1; !atomic_load(&g_stop); g++)
+        ((volatile uint64_t *)(p + (g % pages) * 4096))[0] = g;
+    return NULL;
+}
+static void *pread_thread(void *arg)
+{
+    unsigned seed = (unsigned)(uintptr_t)arg + 1;
+    uint64_t pages = g_size / 4096;
+    while (!atomic_load(&g_stop)) {
+        uint64_t v, pg = (uint64_t)rand_r(&seed) % pages;
+        int r = pms_pread(g_dev, &v, sizeof v, pg * 4096 + 8);
+        CHECK(r == 0, "pread while stores fault: %s", pms_errmsg());
+        atomic_fetch_add(&g_ops, 1);
+    }
+    return NULL;
+}
+static int t_storeread(const char *img, unsigned seconds)
+{
+    g_dev = open_img(img, NULL);
+    g_size = (uint64_t)pms_size(g_dev);
+    size_t len;
+    atomic_store(&g_map, map(g_dev, 0, &len));
+    pthread_t th[4];
+    pthread_create(&th[0], NULL, store_thread, NULL);
+    for (uintptr_t i = 1; i < 4; i++)
+        pthread_create(&th[i], NULL, pread_thread, (void *)i);
+    sleep(seconds);
+    atomic_store(&g_stop, true);
+    for (int i = 0; i < 4; i++)
+        pthread_join(th[i], NULL);
+    printf("storeread: %lu reads\n", (unsigned long)atomic_load(&g_ops));
+    API(pms_unmap(g_dev));
+    API(pms_close(g_dev));
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
+    if (argc >= 4 && !strcmp(argv[1], "storeread"))
+        return t_storeread(argv[2], (unsigned)strtoul(argv[3], NULL, 0));
     if (argc >= 4 && !strcmp(argv[1], "swap"))
         return t_swap(argv[2], strtoull(argv[3], NULL, 0));
     if (argc >= 5 && !strcmp(argv[1], "eio"))

@@ -5,7 +5,7 @@
 # calls on one handle.  HARD_CASES selects a subset (the TSan build runs
 # "race" only).
 . "$(dirname "$0")/lib.sh"
-cases=${HARD_CASES:-swap eio discard eintr revert race}
+cases=${HARD_CASES:-swap eio discard eintr revert storeread race}
 
 # -- swap: a swap file and a memory cgroup smaller than the working set ------
 run_swap() {
@@ -81,6 +81,16 @@ run_revert() {
         qemu-img snapshot -l "$img" | grep -q '\bb\b' || fail "snapshot b missing"
     done
     echo "revert ok"
+}
+
+run_storeread() {
+    local img=$T/sr.qcow2 rc=0
+    qemu-img create -q -f qcow2 "$img" 64M
+    timeout 60 "$HARD" storeread "$img" 5 || rc=$?
+    [ $rc = 124 ] && fail "storeread: hung (pms_pread while stores fault pages in)"
+    [ $rc = 0 ] || fail "storeread scenario (exit $rc)"
+    check_img "$img"
+    echo "storeread ok"
 }
 
 run_race() {
