@@ -56,7 +56,12 @@ int pms_open(const char *path, const struct pms_open_opts *opts, pms_dev **devp)
     if (opts)
         memcpy(&o, opts, opts->size && opts->size < sizeof o ? opts->size : sizeof o);
     o.size = sizeof o;
-    int r = o.force_share && !o.readonly
+    int r = opts && opts->size && opts->size < sizeof opts->size
+            ? pms_err(EINVAL, "opts->size is %zu: initialise opts with pms_open_opts_init",
+                      opts->size)
+            : o.cache_mode < PMS_CACHE_WRITEBACK || o.cache_mode > PMS_CACHE_DIRECTSYNC
+            ? pms_err(EINVAL, "unknown cache_mode %d", o.cache_mode)
+            : o.force_share && !o.readonly
             ? pms_err(EINVAL, "force_share can only be used with read-only images")
             : bdev_open(path, &o, &dev->bs);
     if (r < 0) {
@@ -284,6 +289,11 @@ int pms_check(pms_dev *dev, unsigned flags, struct pms_check_result *res,
     if (res->size < sizeof res->size) {
         int r = pms_err(EINVAL, "res->size is %zu: set it to sizeof(struct pms_check_result)",
                         res->size);
+        PMS_API_ERR(r);
+        return r;
+    }
+    if (flags & ~(unsigned)PMS_CHECK_REPAIR_ALL) {
+        int r = pms_err(EINVAL, "unknown flags 0x%x", flags & ~(unsigned)PMS_CHECK_REPAIR_ALL);
         PMS_API_ERR(r);
         return r;
     }

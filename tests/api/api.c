@@ -169,6 +169,7 @@ int main(void)
     touched = 0;
     for (size_t k = 0; k < sizeof smallc - 16; k++) touched |= tail[k] != 0xa5;
     CHECK(!touched, "pms_check wrote past the caller's size");
+    struct pms_check_result cr0 = { .size = sizeof cr0 };
     struct pms_info zero_size = { .size = 0 };
     CHECK(pms_info(d, &zero_size) == -EINVAL && strstr(pms_errmsg(), "pms_info: "),
           "info with size 0: %s", pms_errmsg());
@@ -178,7 +179,13 @@ int main(void)
           pms_snapshot_list(d, &sl, NULL) == -EINVAL && pms_block_status(d, 0, 512, NULL) == -EINVAL &&
           pms_pread(d, NULL, 512, 0) == -EINVAL && pms_flush(NULL) == -EINVAL,
           "NULL pointers: %s", pms_errmsg());
+    CHECK(pms_check(d, 0x100, &cr0, NULL, NULL) == -EINVAL, "check with unknown flags accepted");
     CHECK(pms_close(d) == 0, "close");
+    struct pms_open_opts bad;
+    pms_open_opts_init(&bad);
+    bad.cache_mode = 99;
+    pms_dev *d2 = NULL;
+    CHECK(pms_open(img, &bad, &d2) == -EINVAL && !d2, "open with cache_mode 99 accepted");
     /* a NULL buffer is not zeroes: refused, the data stays */
     CHECK(pms_open(img, NULL, &d) == 0, "open");
     unsigned char before[512], after[512];
