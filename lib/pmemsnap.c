@@ -119,6 +119,12 @@ int64_t pms_size(pms_dev *dev)
  * instead of the block layer's NULL-means-zeroes for a write). */
 #define NEED(cond, what) do { if (!(cond)) { int r_ = pms_err(EINVAL, "%s is NULL", what); \
                                              PMS_API_ERR(r_); return r_; } } while (0)
+/* A caller's result struct: its size field must at least hold itself (0 is
+ * an uninitialised struct, not "the whole struct"). */
+#define NEED_SIZE(p, type) do { if ((p)->size < sizeof (p)->size) { \
+        int r_ = pms_err(EINVAL, #p "->size is %zu: set it to sizeof(struct " #type ")", \
+                         (p)->size); \
+        PMS_API_ERR(r_); return r_; } } while (0)
 
 int pms_pread(pms_dev *dev, void *buf, size_t len, uint64_t off)
 {
@@ -257,11 +263,7 @@ int pms_info(pms_dev *dev, struct pms_info *info)
 {
     NEED(dev, "dev");
     NEED(info, "info");
-    if (info->size < sizeof info->size) {
-        int r = pms_err(EINVAL, "info->size is %zu: set it to sizeof(struct pms_info)", info->size);
-        PMS_API_ERR(r);
-        return r;
-    }
+    NEED_SIZE(info, pms_info);
     /* fill a whole struct, hand back as much as the caller's holds */
     size_t sz = info->size < sizeof(struct pms_info) ? info->size : sizeof(struct pms_info);
     struct pms_info full;
@@ -286,12 +288,7 @@ int pms_check(pms_dev *dev, unsigned flags, struct pms_check_result *res,
 {
     NEED(dev, "dev");
     NEED(res, "res");
-    if (res->size < sizeof res->size) {
-        int r = pms_err(EINVAL, "res->size is %zu: set it to sizeof(struct pms_check_result)",
-                        res->size);
-        PMS_API_ERR(r);
-        return r;
-    }
+    NEED_SIZE(res, pms_check_result);
     if (flags & ~(unsigned)PMS_CHECK_REPAIR_ALL) {
         int r = pms_err(EINVAL, "unknown flags 0x%x", flags & ~(unsigned)PMS_CHECK_REPAIR_ALL);
         PMS_API_ERR(r);
@@ -494,11 +491,7 @@ int pms_stats(pms_dev *dev, struct pms_stats *st)
 {
     NEED(dev, "dev");
     NEED(st, "st");
-    if (st->size < sizeof st->size) {
-        int r = pms_err(EINVAL, "st->size is %zu: set it to sizeof(struct pms_stats)", st->size);
-        PMS_API_ERR(r);
-        return r;
-    }
+    NEED_SIZE(st, pms_stats);
     size_t sz = st->size;
     memset(st, 0, sz < sizeof *st ? sz : sizeof *st);
     st->size = sz;
