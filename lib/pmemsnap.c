@@ -219,12 +219,15 @@ int pms_create(const char *path, uint64_t size, const struct pms_create_opts *op
     /* a caller built against an older header passes a shorter struct */
     struct pms_create_opts def;
     pms_create_opts_init(&def);
-    if (opts)
+    bool short_size = opts && opts->size && opts->size < sizeof opts->size;
+    if (opts && !short_size)
         memcpy(&def, opts, opts->size && opts->size < sizeof def ? opts->size : sizeof def);
     def.size = sizeof def;
     opts = &def;
     int r;
-    if (!path || !*path)
+    if (short_size)
+        r = pms_err(EINVAL, "opts->size is too small: initialise opts with pms_create_opts_init");
+    else if (!path || !*path)
         r = pms_err(EINVAL, "no file name given");
     else if (size > INT64_MAX)
         r = pms_err(EFBIG, "image size %llu is too large", (unsigned long long)size);

@@ -186,6 +186,13 @@ int main(void)
     bad.cache_mode = 99;
     pms_dev *d2 = NULL;
     CHECK(pms_open(img, &bad, &d2) == -EINVAL && !d2, "open with cache_mode 99 accepted");
+    struct pms_create_opts badc;
+    pms_create_opts_init(&badc);
+    badc.size = 1;
+    char cpath[4200];
+    snprintf(cpath, sizeof cpath, "%s/never.qcow2", dir);
+    CHECK(pms_create(cpath, 1 << 20, &badc) == -EINVAL && access(cpath, F_OK) != 0,
+          "create with opts->size 1 accepted");
     /* a NULL buffer is not zeroes: refused, the data stays */
     CHECK(pms_open(img, NULL, &d) == 0, "open");
     unsigned char before[512], after[512];
