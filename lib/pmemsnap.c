@@ -99,22 +99,6 @@ int pms_close(pms_dev *dev)
     return r;
 }
 
-int64_t pms_size(pms_dev *dev)
-{
-    if (!dev) {
-        int r = pms_err(EINVAL, "dev is NULL");
-        PMS_API_ERR(r);
-        return r;
-    }
-    return bdev_getlength(dev->bs);
-}
-
-/* Every call but map/unmap/close runs under the read side of dev->lock. */
-#define RDLOCKED(expr) ({ pthread_rwlock_rdlock(&dev->lock); __typeof__(expr) r_ = (expr); \
-                          pthread_rwlock_unlock(&dev->lock); r_; })
-#define ROUTE(call_mem, call_bs) \
-    int r = RDLOCKED(dev->mem ? (call_mem) : (call_bs)); PMS_API_ERR(r); return r
-
 /* The pointers every call needs: a clear error instead of a crash (and
  * instead of the block layer's NULL-means-zeroes for a write). */
 #define NEED(cond, what) do { if (!(cond)) { int r_ = pms_err(EINVAL, "%s is NULL", what); \
@@ -125,6 +109,18 @@ int64_t pms_size(pms_dev *dev)
         int r_ = pms_err(EINVAL, #p "->size is %zu: set it to sizeof(struct " #type ")", \
                          (p)->size); \
         PMS_API_ERR(r_); return r_; } } while (0)
+
+int64_t pms_size(pms_dev *dev)
+{
+    NEED(dev, "dev");
+    return bdev_getlength(dev->bs);
+}
+
+/* Every call but map/unmap/close runs under the read side of dev->lock. */
+#define RDLOCKED(expr) ({ pthread_rwlock_rdlock(&dev->lock); __typeof__(expr) r_ = (expr); \
+                          pthread_rwlock_unlock(&dev->lock); r_; })
+#define ROUTE(call_mem, call_bs) \
+    int r = RDLOCKED(dev->mem ? (call_mem) : (call_bs)); PMS_API_ERR(r); return r
 
 int pms_pread(pms_dev *dev, void *buf, size_t len, uint64_t off)
 {
