@@ -172,7 +172,7 @@ void bdev_swap_state(struct bdev *a, struct bdev *b)
 {
 #define SWAP(f) do { __typeof__(a->f) t_ = a->f; a->f = b->f; b->f = t_; } while (0)
     SWAP(drv); SWAP(opaque); SWAP(filename); SWAP(readonly); SWAP(check_only);
-    SWAP(cache_mode); SWAP(file); SWAP(backing); SWAP(size); SWAP(unflushed);
+    SWAP(cache_mode); SWAP(file); SWAP(backing); SWAP(size); SWAP(wgen); SWAP(fgen); SWAP(flush_err);
     SWAP(chain_map); SWAP(chain_map_free);
 #undef SWAP
 }
@@ -293,6 +293,30 @@ int bdev_writeout_start(struct bdev *bs)
     close(fd);
     return r < 0 ? pms_err(-r, "could not start the write-out of '%s': %s", bs->filename,
                            strerror(-r)) : 0;
+}
+
+int bdev_checkpoint(struct bdev *bs)
+{
+    if (!bs->drv->checkpoint_begin || !bs->drv->checkpoint_end || bs->readonly)
+        return 0;
+    if (pthread_mutex_trylock(&bs->snap_lock) != 0)
+        return 0;
+    uint64_t token = 0, gen = 0;
+    pthread_mutex_lock(&bs->lock);
+    struct bdev *f = bs->file;
+    int r = f ? bs->drv->checkpoint_begin(bs, &token) : 0;
+    /* the flush runs beside the node's writes: both protocol drivers'
+     * flushes may (the file's is an fdatasync, the fault-injecting one
+     * takes its own mutex), and f stays bs->file while snap_lock is held */
+    pthread_mutex_unlock(&bs->lock);
+    if (r == 0 && f)
+        r = bdev_file_flush_gen(f, &gen);
+    pthread_mutex_lock(&bs->lock);
+    if (r == 0 && f)
+        r = bs->drv->checkpoint_end(bs, gen, token);
+    pthread_mutex_unlock(&bs->lock);
+    pthread_mutex_unlock(&bs->snap_lock);
+    return r;
 }
 
 void bdev_close_wait(void)
@@ -540,6 +564,13 @@ int bdev_file_pread(struct bdev *file, void *buf, uint64_t len, uint64_t off)
     return file->drv->pread(file, buf, len, off);
 }
 
+/* a write to file returned (whatever its result: a failed write may have
+ * changed part of the range) */
+static void wrote(struct bdev *file)
+{
+    __atomic_fetch_add(&file->wgen, 1, __ATOMIC_ACQ_REL);
+}
+
 int bdev_file_pwrite(struct bdev *file, const void *buf, uint64_t len, uint64_t off)
 {
     if (len == 0)
@@ -548,20 +579,39 @@ int bdev_file_pwrite(struct bdev *file, const void *buf, uint64_t len, uint64_t 
         return pms_err(EROFS, "'%s' is opened read-only", file->filename);
     if (off + len < off)
         return pms_err(EINVAL, "offset overflow");
-    __atomic_store_n(&file->unflushed, 1, __ATOMIC_SEQ_CST);
-    return file->drv->pwrite(file, buf, len, off);
+    int r = file->drv->pwrite(file, buf, len, off);
+    wrote(file);
+    return r;
+}
+
+int bdev_file_flush_gen(struct bdev *file, uint64_t *gen)
+{
+    uint64_t g = bdev_file_wgen(file);
+    *gen = g;
+    if (file->readonly || file->cache_mode == PMS_CACHE_UNSAFE)
+        return 0;
+    int e = __atomic_load_n(&file->flush_err, __ATOMIC_ACQUIRE);
+    if (e)
+        return pms_err(e, "an earlier flush of '%s' failed (%s): what it held may be lost",
+                       file->filename, strerror(e));
+    if (__atomic_load_n(&file->fgen, __ATOMIC_ACQUIRE) >= g)
+        return 0;
+    int r = file->drv->flush(file);
+    if (r < 0) {
+        __atomic_store_n(&file->flush_err, -r, __ATOMIC_RELEASE);
+        return r;
+    }
+    uint64_t f = __atomic_load_n(&file->fgen, __ATOMIC_RELAXED);
+    while (f < g && !__atomic_compare_exchange_n(&file->fgen, &f, g, false, __ATOMIC_ACQ_REL,
+                                                 __ATOMIC_RELAXED))
+        ;
+    return 0;
 }
 
 int bdev_file_flush(struct bdev *file)
 {
-    if (file->readonly || file->cache_mode == PMS_CACHE_UNSAFE)
-        return 0;
-    if (!__atomic_exchange_n(&file->unflushed, 0, __ATOMIC_SEQ_CST))
-        return 0;
-    int r = file->drv->flush(file);
-    if (r < 0)
-        __atomic_store_n(&file->unflushed, 1, __ATOMIC_SEQ_CST);
-    return r;
+    uint64_t g;
+    return bdev_file_flush_gen(file, &g);
 }
 
 int64_t bdev_file_length(struct bdev *file)
@@ -573,22 +623,25 @@ int bdev_file_truncate(struct bdev *file, uint64_t size)
 {
     if (file->readonly)
         return pms_err(EROFS, "'%s' is opened read-only", file->filename);
-    __atomic_store_n(&file->unflushed, 1, __ATOMIC_SEQ_CST);
-    return file->drv->truncate(file, size);
+    int r = file->drv->truncate(file, size);
+    wrote(file);
+    return r;
 }
 
 int bdev_file_discard(struct bdev *file, uint64_t len, uint64_t off)
 {
     if (file->readonly)
         return pms_err(EROFS, "'%s' is opened read-only", file->filename);
-    __atomic_store_n(&file->unflushed, 1, __ATOMIC_SEQ_CST);
-    return file->drv->discard ? file->drv->discard(file, len, off) : 0;
+    int r = file->drv->discard ? file->drv->discard(file, len, off) : 0;
+    wrote(file);
+    return r;
 }
 
 int bdev_file_zero(struct bdev *file, uint64_t len, uint64_t off)
 {
     if (file->readonly)
         return pms_err(EROFS, "'%s' is opened read-only", file->filename);
-    __atomic_store_n(&file->unflushed, 1, __ATOMIC_SEQ_CST);
-    return file->drv->pwrite_zeroes(file, len, off, 0);
+    int r = file->drv->pwrite_zeroes(file, len, off, 0);
+    wrote(file);
+    return r;
 }

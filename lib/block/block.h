@@ -88,6 +88,12 @@ struct pms_driver {
      * current state and snapshot `name` (over-reporting allowed, never
      * under); optional: without it a caller assumes everything differs. */
     int  (*snapshot_changed)(struct bdev *bs, const char *name, bdev_range_fn fn, void *opaque);
+    /* Background metadata write-back (bdev_checkpoint), both optional,
+     * bs->lock held.  begin writes what needs no flush first and returns
+     * a token; end is called after bs->file was flushed up to write count
+     * gen, and writes only what that flush made safe to write. */
+    int  (*checkpoint_begin)(struct bdev *bs, uint64_t *token);
+    int  (*checkpoint_end)(struct bdev *bs, uint64_t gen, uint64_t token);
 };
 
 struct bdev {
@@ -111,8 +117,19 @@ struct bdev {
     bool eager_writeout;         /* protocol node: start the write-out of large writes
                                     at once (set by the memory device, whose writeback
                                     is always followed by a flush; see file.c) */
-    int unflushed;               /* protocol node: written since the last flush
-                                    (atomic; lets redundant flushes be skipped) */
+    /* Protocol node, atomics: wgen counts completed writes (data, zeroes,
+     * discards, truncates; bumped after each returns), fgen the highest
+     * wgen a completed flush covered (read before that flush began).
+     * wgen > fgen: something may not be durable.  A flush may run without
+     * the owner's lock beside writes (bdev_checkpoint): a write still in
+     * flight when it reads wgen is simply not counted as covered. */
+    uint64_t wgen, fgen;
+    /* Protocol node: errno of a failed flush, sticky (atomic).  After a
+     * failed fdatasync the kernel may have dropped the dirty pages it could
+     * not write and reports the error once, to whichever flush saw it (a
+     * background one, say), so every later flush fails with it too, as
+     * QEMU's file driver does once its page cache is inconsistent. */
+    int flush_err;
     /* Format node with a backing node: which layer below first has any
      * entry for each cluster (see qcow2.c read_backing), built lazily under
      * lock; valid while backing is unchanged (layers are read-only), so it
@@ -187,6 +204,27 @@ int  bdev_file_dup(struct bdev *file);
  * external-snapshot operation holds bs's file (snap_lock busy), and for
  * protocol drivers other than file.  Any thread. */
 int  bdev_writeout_start(struct bdev *bs);
+/* Background metadata write-back of top node bs (any thread, no lock
+ * held): the driver writes what it can with no wait under bs->lock
+ * (qcow2: refcount blocks), the file is flushed with no node lock held,
+ * then the driver writes the metadata whose dependencies that flush made
+ * durable (qcow2: dirty L2 slices whose data and refcounts it covered), as
+ * plain page-cache writes.  Nothing becomes visible in the image's durable
+ * state that a crash could not already have shown; it only leaves less
+ * for the next flush (a snapshot's, a persist's) to write and wait for.
+ * Skipped (0) while an external-snapshot operation holds bs's file
+ * (snap_lock busy), and for drivers without the two hooks.  Holds
+ * snap_lock across the flush: a snapshot prepared meanwhile waits for it,
+ * and then finds that much less to flush. */
+int  bdev_checkpoint(struct bdev *bs);
+/* bdev_file_flush, and *gen = the write count it covered (every write
+ * that had returned before the call is durable when it returns 0). */
+int  bdev_file_flush_gen(struct bdev *file, uint64_t *gen);
+/* The protocol node's completed-write count (see struct bdev.wgen). */
+static inline uint64_t bdev_file_wgen(const struct bdev *file)
+{
+    return __atomic_load_n(&file->wgen, __ATOMIC_ACQUIRE);
+}
 
 /* Checked, locked entry points (top level or child). */
 int  bdev_pread(struct bdev *bs, void *buf, uint64_t len, uint64_t off);

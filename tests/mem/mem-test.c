@@ -11,6 +11,11 @@
  *                                       while a thread takes an external
  *                                       snapshot every CAPSNAP_PERIOD_MS
  *                                       (the oldest beyond CAPSNAP_KEEP deleted)
+ *   mem-test powerfail IMG MODE SPEC SEED  random page stores into a fresh
+ *                                       image behind the fault-injecting driver
+ *                                       (SPEC: its crash_after/mode), a persist
+ *                                       every PF_PERSIST_EVERY rounds, until the
+ *                                       simulated power loss (mem-powerfail.sh)
  *   mem-test sigbus  IMG OFF HOSTOFF    read error during fault-in -> SIGBUS
  *   mem-test ro      IMG                read-only mapping: loads work, stores SIGSEGV
  *   mem-test prefetch IMG               background prefetch fills the mapping
@@ -165,6 +170,58 @@ static int t_crash(const char *img, const char *mode)
     }
     for (;;)
         pause();
+}
+
+/* ---- power failure ------------------------------------------------------------ */
+/* Rounds of PF_PAGES random page stores (each 64-bit word of page PAGE in
+ * round G is G << 32 | PAGE), PF_ROUND_US apart so that the writeback's
+ * rounds and its metadata checkpoints run between them, a pms_persist of
+ * the whole mapping every PF_PERSIST_EVERY rounds, until a request fails
+ * (the fault-injecting driver lost power after crash_after writes) or
+ * PF_ROUNDS_MAX.  Prints "gen G PAGE" per store and "persisted G" after
+ * every persist that returned 0; mem-powerfail.sh checks the image. */
+#define PF_PAGES        24
+#define PF_PERSIST_EVERY 4
+#define PF_ROUND_US     4000
+#define PF_ROUNDS_MAX   400
+/* writeback rounds this often, so that they run beside the write-out
+ * thread's checkpoints (every 50 ms at most) */
+#define PF_WRITEBACK_MS 3
+
+static int t_powerfail(const char *img, const char *mode, const char *spec, unsigned seed)
+{
+    pms_dev *d = open_img(img, 0, spec);
+    struct pms_map_opts mo;
+    pms_map_opts_init(&mo);
+    mo.dirty_tracking = mode_of(mode);
+    mo.writeback_interval_ms = PF_WRITEBACK_MS;
+    void *a;
+    size_t len;
+    API(pms_map(d, &mo, &a, &len));
+    uint8_t *p = a;
+    srand(seed);
+    unsigned g;
+    for (g = 1; g <= PF_ROUNDS_MAX; g++) {
+        for (int i = 0; i < PF_PAGES; i++) {
+            uint64_t pg = (uint64_t)rand() % (len / PG);
+            uint64_t *w = (uint64_t *)(p + pg * PG);
+            for (size_t j = 0; j < PG / 8; j++)
+                w[j] = (uint64_t)g << 32 | pg;
+            printf("gen %u %" PRIu64 "\n", g, pg);
+        }
+        if (g % PF_PERSIST_EVERY == 0) {
+            if (pms_persist(d, p, len) < 0)
+                break;
+            printf("persisted %u\n", g);
+        }
+        usleep(PF_ROUND_US);
+    }
+    printf("%s after round %u\n", g > PF_ROUNDS_MAX ? "nocrash" : "crashed", g);
+    /* the device has lost power: these fail, and must neither hang nor
+     * crash */
+    (void)pms_unmap(d);
+    (void)pms_close(d);
+    return 0;
 }
 
 /* ---- atomic cut ------------------------------------------------------------ */
@@ -680,6 +737,8 @@ int main(int argc, char **argv)
         return t_cap(img, mode, strtoull(argv[4], NULL, 0), strtoull(argv[5], NULL, 0));
     if (!strcmp(cmd, "capsnap") && argc > 5)
         return t_capsnap(img, mode, strtoull(argv[4], NULL, 0), (unsigned)atoi(argv[5]));
+    if (!strcmp(cmd, "powerfail") && argc > 5)
+        return t_powerfail(img, mode, argv[4], (unsigned)atoi(argv[5]));
     if (!strcmp(cmd, "sigbus") && argc > 4)
         return t_sigbus(img, strtoull(argv[3], NULL, 0), strtoull(argv[4], NULL, 0));
     if (!strcmp(cmd, "ro")) return t_ro(img);

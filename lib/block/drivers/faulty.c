@@ -10,7 +10,14 @@
  * `read_error_at=OFF` makes any read covering file byte OFF fail with EIO;
  * `read_error_after=N` fails every read after the first N.
  *
- * Spec: "seed=N,crash_after=N,mode=drop|tear,read_error_at=OFF,read_error_after=N".
+ * `flush_delay_us=N` makes a flush take N us with the log unlocked, as a
+ * real device's does: writes arriving meanwhile stay unflushed (a flush
+ * applies only what was logged when it began), so callers that flush
+ * beside writes (bdev_checkpoint) are tested with the window they have on
+ * a real disk.
+ *
+ * Spec: "seed=N,crash_after=N,mode=drop|tear,read_error_at=OFF,read_error_after=N,
+ * flush_delay_us=N".
  *
  * Threads: the parent format node calls this with its own lock held, but the
  * memory device may read through a raw parent concurrently, so the log is
@@ -27,7 +34,7 @@
 #include "../../util/error.h"
 #include "../../util/size.h"
 
-struct wlog { uint64_t off, len; uint8_t *data; };
+struct wlog { uint64_t off, len; uint8_t *data; uint64_t seq; };
 
 struct faulty_state {
     int fd;
@@ -43,6 +50,8 @@ struct faulty_state {
     uint64_t read_error_after;   /* UINT64_MAX = none */
     uint64_t reads;
     uint64_t logical_size;       /* file size including logged writes */
+    uint64_t flush_delay_us;     /* a flush's duration, log unlocked (0: none) */
+    uint64_t next_seq;           /* sequence number of the next logged write */
 };
 
 static uint64_t rnd(uint64_t *x)
@@ -73,6 +82,7 @@ static int parse_spec(struct faulty_state *s, const char *spec)
         else if (strcmp(k, "crash_after") == 0) s->crash_after = n;
         else if (strcmp(k, "read_error_at") == 0) s->read_error_at = n;
         else if (strcmp(k, "read_error_after") == 0) s->read_error_after = n;
+        else if (strcmp(k, "flush_delay_us") == 0) s->flush_delay_us = n;
         else { r = pms_err(EINVAL, "fault spec: unknown key '%s'", k); break; }
     }
     free(dup);
@@ -198,7 +208,7 @@ static int faulty_pwrite(struct bdev *bs, const void *buf, uint64_t len, uint64_
     uint8_t *d = malloc(len);
     if (!d) { r = pms_err(ENOMEM, "out of memory"); goto out; }
     memcpy(d, buf, len);
-    s->log[s->nlog++] = (struct wlog){ off, len, d };
+    s->log[s->nlog++] = (struct wlog){ off, len, d, s->next_seq++ };
     if (off + len > s->logical_size) s->logical_size = off + len;
     s->writes++;
     if (s->crash_after && s->writes >= s->crash_after) {
@@ -229,14 +239,28 @@ static int faulty_flush(struct bdev *bs)
 {
     struct faulty_state *s = bs->opaque;
     pthread_mutex_lock(&s->mu);
+    uint64_t upto = s->next_seq;      /* this flush covers the writes before it */
+    if (s->flush_delay_us) {
+        pthread_mutex_unlock(&s->mu);
+        usleep((useconds_t)s->flush_delay_us);
+        pthread_mutex_lock(&s->mu);
+    }
     int r = 0;
     if (s->crashed)
         r = pms_err(EIO, "faulty: device has crashed");
-    for (size_t i = 0; r == 0 && i < s->nlog; i++)
+    /* the log is in sequence order; another flush meanwhile may have
+     * applied part of what this one covers */
+    size_t n = 0;
+    while (n < s->nlog && s->log[n].seq < upto)
+        n++;
+    for (size_t i = 0; r == 0 && i < n; i++)
         if (apply(s, &s->log[i], 0, s->log[i].len) < 0)
             r = pms_err(EIO, "faulty: write to file failed");
     if (r == 0) {
-        drop_log(s);
+        for (size_t i = 0; i < n; i++)
+            free(s->log[i].data);
+        memmove(s->log, s->log + n, (s->nlog - n) * sizeof *s->log);
+        s->nlog -= n;
         if (fdatasync(s->fd) < 0) r = pms_err(errno, "faulty: fdatasync failed");
     }
     pthread_mutex_unlock(&s->mu);

@@ -297,15 +297,23 @@ int qcow2_cache_get_empty(struct bdev *bs, struct qcow2_cache *c, uint64_t off, 
  * bytes in the file. */
 static void mark(struct qcow2_cache *c, const uint8_t *table, uint64_t mask)
 {
-    if (c->last < c->n && c->e[c->last].data == table) {
-        c->e[c->last].dirty |= mask & c->e[c->last].valid;
+    struct qcow2_cache_entry *e = NULL;
+    if (c->last < c->n && c->e[c->last].data == table)
+        e = &c->e[c->last];
+    for (int i = 0; !e && i < c->n; i++)
+        if (c->e[i].data == table)
+            e = &c->e[i];
+    if (!e)
         return;
-    }
-    for (int i = 0; i < c->n; i++)
-        if (c->e[i].data == table) {
-            c->e[i].dirty |= mask & c->e[i].valid;
-            return;
-        }
+    e->dirty |= mask & e->valid;
+    c->epoch++;
+    /* callers change a table after the data and refcounts it points at
+     * were written (to the file, to the refcount cache): what it depends
+     * on is what exists now */
+    if (c->wgen)
+        e->need_gen = __atomic_load_n(c->wgen, __ATOMIC_ACQUIRE);
+    if (c->dep_epoch)
+        e->need_epoch = *c->dep_epoch;
 }
 
 void qcow2_cache_mark_dirty(struct qcow2_cache *c, const uint8_t *table)
@@ -334,6 +342,37 @@ void qcow2_cache_discard(struct qcow2_cache *c, uint64_t off)
             c->e[i].valid = 0;
             c->e[i].lru = 0;
         }
+}
+
+int qcow2_checkpoint_begin(struct bdev *bs, uint64_t *epoch)
+{
+    struct qcow2_state *s = QS(bs);
+    *epoch = s->rb_cache.epoch;
+    if (qcow2_defer_refcounts(s)) {
+        /* refcounts are rebuilt on open after a crash (lazy refcounts,
+         * dirty bracket): L2 tables need only their data durable */
+        *epoch = UINT64_MAX;
+        return 0;
+    }
+    for (int i = 0; i < s->rb_cache.n; i++) {
+        int r = write_entry(bs, &s->rb_cache, &s->rb_cache.e[i], true);
+        if (r < 0) return r;
+    }
+    return 0;
+}
+
+int qcow2_checkpoint_end(struct bdev *bs, uint64_t gen, uint64_t epoch)
+{
+    struct qcow2_state *s = QS(bs);
+    struct qcow2_cache *c = &s->l2_cache;
+    for (int i = 0; i < c->n; i++) {
+        struct qcow2_cache_entry *e = &c->e[i];
+        if (!e->dirty || e->need_gen > gen || e->need_epoch > epoch)
+            continue;                 /* changed after what the flush covered */
+        int r = write_entry(bs, c, e, true);
+        if (r < 0) return r;
+    }
+    return 0;
 }
 
 int qcow2_flush_metadata(struct bdev *bs)

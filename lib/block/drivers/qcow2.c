@@ -742,6 +742,8 @@ static int qcow2_open(struct bdev *bs, const char *path, const struct pms_open_o
     if (r < 0) return r;
     r = qcow2_cache_init(&s->rb_cache, nrb < 8 ? 8 : nrb, s->cluster_size, true);
     if (r < 0) return r;
+    s->l2_cache.wgen = &bs->file->wgen;          /* for the checkpoint hooks */
+    s->l2_cache.dep_epoch = &s->rb_cache.epoch;
     s->cbuf = malloc(s->cluster_size);
     s->zbuf = malloc(2 * s->cluster_size);
     if (!s->cbuf || !s->zbuf) return pms_err(ENOMEM, "out of memory");
@@ -2741,6 +2743,8 @@ const struct pms_driver pms_drv_qcow2 = {
     .snapshot_delete = qcow2_snapshot_delete,
     .snapshot_list = qcow2_snapshot_list,
     .snapshot_changed = qcow2_snapshot_changed,
+    .checkpoint_begin = qcow2_checkpoint_begin,
+    .checkpoint_end = qcow2_checkpoint_end,
 };
 
 /* ------------------------------------------------------------------------ */

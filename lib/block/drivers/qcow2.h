@@ -55,6 +55,13 @@ struct qcow2_cache_entry {
                                     [i * slice, (i + 1) * slice)); 0 = clean */
     uint64_t valid;              /* slices read from the file (or zeroed, for a
                                     new table); dirty is always a subset */
+    /* While dirty (set at every change; see qcow2_checkpoint_end): */
+    uint64_t need_gen;           /* the file's write count at the last change:
+                                    the data the table points at is durable once
+                                    a flush covered it */
+    uint64_t need_epoch;         /* the refcount cache's epoch at the last change:
+                                    its refcounts are written once a refcount
+                                    write-back covered it */
 };
 
 struct qcow2_cache {
@@ -71,6 +78,11 @@ struct qcow2_cache {
     int last;                    /* entry returned last (mark_dirty's first guess) */
     uint64_t slice;              /* bytes per dirty bit (see qcow2-cache.c) */
     uint64_t all_slices;         /* mask of every slice of a table */
+    uint64_t epoch;              /* count of changes marked (a refcount cache:
+                                    every refcount change moves it) */
+    const uint64_t *wgen;        /* L2 cache: the file's write count
+                                    (struct bdev.wgen), for need_gen */
+    const uint64_t *dep_epoch;   /* L2 cache: the refcount cache's epoch */
 };
 
 struct qcow2_snapshot {
@@ -253,6 +265,12 @@ int  qcow2_cache_writeback(struct bdev *bs, struct qcow2_cache *c);
 void qcow2_cache_discard(struct qcow2_cache *c, uint64_t off);
 /* Write back both caches in dependency order and flush the file. */
 int  qcow2_flush_metadata(struct bdev *bs);
+/* Background write-back (the driver's checkpoint hooks, bdev_checkpoint):
+ * begin writes the dirty refcount blocks without a flush and returns the
+ * epoch they cover; end writes the dirty L2 tables whose need_gen the
+ * flush between covered and whose need_epoch that write-back did. */
+int  qcow2_checkpoint_begin(struct bdev *bs, uint64_t *epoch);
+int  qcow2_checkpoint_end(struct bdev *bs, uint64_t gen, uint64_t epoch);
 
 /* ---- qcow2-refcount.c --------------------------------------------------- */
 int  qcow2_refcount_init(struct bdev *bs);     /* reads the refcount table */
