@@ -29,6 +29,19 @@
  * the cap).  Huge pages are refused on it, or one touched table would make
  * 2 MiB resident.  A hash of the table offset
  * finds an entry without scanning (a miss scans for the LRU victim).
+ * Background write-back (qcow2_checkpoint_begin/_end, from bdev_checkpoint):
+ * the same rule without the flush under the lock.  Each change of a table
+ * records the file's write count (need_gen) and the refcount cache's epoch
+ * (need_epoch) at that moment; callers change a table only after the data
+ * and refcounts it points at were written, so those two cover them.  Begin
+ * writes every dirty refcount block (epoch E), the file is flushed with no
+ * lock held (covering write count G), and end writes only the tables with
+ * need_gen <= G and need_epoch <= E: a table changed meanwhile waits for
+ * the next checkpoint or flush.  need_gen alone covers every change that
+ * follows a data write (the write moves the count); need_epoch covers an
+ * allocation with no data write behind it.  mem-powerfail cuts power at
+ * random points of this with the fault-injecting driver (a checkpoint that
+ * ignored need_gen corrupted the image at once).
  * Threads: called with bs->lock held (see qcow2.h); no locking here.
  */
 #include <stdlib.h>
