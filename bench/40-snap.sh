@@ -96,12 +96,17 @@ log "kinds available:${KINDS:- none}"
 # (internal-nowb, external-nowb: no background writeback round during the
 # stores, so the call writes and syncs everything since the last snapshot;
 # first size only)
+# (external-syncwp: dirty tracking by synchronous write-protect faults,
+# PMS_DIRTY_SYNC_WP, instead of the auto choice (WP_ASYNC + PAGEMAP_SCAN,
+# whose scans walk every resident page's table entry); every size, so the
+# large size is compared with the first in the same mode)
 UNMAPPED=; [ "${SNAPBENCH_UNMAPPED:-1}" != 0 ] && UNMAPPED=external-unmapped
 for gb in $SIZES; do
-    for row in internal external internal-nowb external-nowb $UNMAPPED; do
-        k=${row%-nowb} wbms=
+    for row in internal external external-syncwp internal-nowb external-nowb $UNMAPPED; do
+        k=${row%-nowb} wbms= dirty_mode=
         [ "$row" != "$k" ] && wbms=100000
-        [ "$row" != internal ] && [ "$row" != external ] && [ "$gb" != "$FIRST" ] && continue
+        [ "$row" = external-syncwp ] && k=external dirty_mode=2
+        case $row in internal|external|external-syncwp) ;; *) [ "$gb" != "$FIRST" ] && continue ;; esac
         out=$R/snap-$row-$gb
         if [ "$k" != external-unmapped ] && ! [[ " $KINDS " == *" $k "* ]]; then
             cp "$R/probe-$k" "$out"; continue
@@ -114,7 +119,7 @@ for gb in $SIZES; do
         qemu-img create -q -f qcow2 "$dir/img.qcow2" "${gb}G"
         rv=; [ "$gb" = "$FIRST" ] && rv=revert
         log "snapshot $row ${gb} GiB: fill, $REPS x ($DIRTY MiB of stores + snapshot) $rv"
-        SNAPBENCH_WB_MS=${wbms:-${SNAPBENCH_WB_MS:-0}} \
+        SNAPBENCH_WB_MS=${wbms:-${SNAPBENCH_WB_MS:-0}} SNAPBENCH_DIRTY=${dirty_mode:-${SNAPBENCH_DIRTY:-}} \
             "$SB" snap "$k" "$dir/img.qcow2" "$DIRTY" "$REPS" $rv >"$out" 2>&1 || echo "error exit $?" >>"$out"
         check_all "$dir" "$out"
         if [ -n "$rv" ] && [ -f "$dir/img.qcow2.gen" ]; then

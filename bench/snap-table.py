@@ -9,7 +9,7 @@ import sys
 R = sys.argv[1]
 E = os.environ
 MiB = 1048576.0
-KINDS = ('internal', 'external', 'internal-nowb', 'external-nowb', 'external-unmapped')
+KINDS = ('internal', 'external', 'external-syncwp', 'internal-nowb', 'external-nowb', 'external-unmapped')
 
 
 def load(name):
@@ -86,7 +86,7 @@ def snap_tables():
     res = {}
     for gb in sizes:
         for k in KINDS:
-            if k not in ('internal', 'external') and gb != first:
+            if k not in ('internal', 'external', 'external-syncwp') and gb != first:
                 continue
             d = load('snap-%s-%s' % (k, gb))
             res[(k, gb)] = d
@@ -130,6 +130,11 @@ def snap_tables():
         if big and 'na' not in eb:
             r = num(eb, 'call_ms') / ce
             print('    external %s GiB within 1.2x of %s GiB: %.2fx %s' % (big, first, r, mark(r <= 1.2)))
+        sb, s1 = res.get(('external-syncwp', big), {}), res.get(('external-syncwp', first), {})
+        if big and 'na' not in sb and 'na' not in s1 and num(s1, 'call_ms'):
+            r = num(sb, 'call_ms') / num(s1, 'call_ms')
+            print('    (external-syncwp, PMS_DIRTY_SYNC_WP: %s GiB within 1.2x of %s GiB: %.2fx %s;'
+                  ' pause %s GiB %.2f ms)' % (big, first, r, mark(r <= 1.2), big, num(sb, 'pause_ms')))
         g = num(ie, 'du_growth') / num(ie, 'dirty_bytes')
         print('    external disk growth <= 2x the dirtied bytes: %.2fx %s' % (g, mark(g <= 2)))
         p = num(ie, 'pause_ms')
