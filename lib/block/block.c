@@ -297,10 +297,13 @@ int bdev_writeout_start(struct bdev *bs)
 
 int bdev_checkpoint(struct bdev *bs)
 {
-    if (!bs->drv->checkpoint_begin || !bs->drv->checkpoint_end || bs->readonly)
-        return 0;
+    /* snap_lock first: an external snapshot swaps bs->drv and bs->file */
     if (pthread_mutex_trylock(&bs->snap_lock) != 0)
         return 0;
+    if (!bs->drv->checkpoint_begin || !bs->drv->checkpoint_end || bs->readonly) {
+        pthread_mutex_unlock(&bs->snap_lock);
+        return 0;
+    }
     uint64_t token = 0, gen = 0;
     pthread_mutex_lock(&bs->lock);
     struct bdev *f = bs->file;
