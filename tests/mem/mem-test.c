@@ -225,17 +225,36 @@ static int t_powerfail(const char *img, const char *mode, const char *spec, unsi
 }
 
 /* ---- atomic cut ------------------------------------------------------------ */
-#define SLOTS 64        /* one slot per page; thread t owns pages [t*SLOTS, (t+1)*SLOTS) */
+#define SLOTS 64        /* slots per thread, one per page (see slot_off) */
 static uint8_t *g_p;
 static atomic_int g_stop;
 static atomic_int g_started;    /* writers that finished their first pass */
+
+/* Pages between two slots (MEM_ATOMIC_STRIDE, default 1): a large stride
+ * spreads the slots over a large mapping, so that a cut splitting its scan
+ * (SCAN_SPLIT_MIN) finds slots in every part. */
+static size_t stride(void)
+{
+    const char *e = getenv("MEM_ATOMIC_STRIDE");
+    return e && atol(e) > 0 ? (size_t)atol(e) : 1;
+}
+
+/* Slot j of thread t: the threads' slots interleave (page j * nt + t, times
+ * the stride), so each thread's slots span the whole range the slots
+ * cover, and a part of a cut that missed a range shows as a thread whose
+ * slots are not a prefix. */
+static int g_nt = 1;
+static size_t slot_off(size_t t, size_t j)
+{
+    return (j * (size_t)g_nt + t) * stride() * PG + 8 * t;
+}
 
 static void *writer(void *arg)
 {
     uintptr_t t = (uintptr_t)arg;
     volatile uint64_t *slot[SLOTS];
     for (int j = 0; j < SLOTS; j++)
-        slot[j] = (volatile uint64_t *)(g_p + (t * SLOTS + (uintptr_t)j) * PG + 8 * t);
+        slot[j] = (volatile uint64_t *)(g_p + slot_off(t, (size_t)j));
     for (uint64_t n = 1; !atomic_load_explicit(&g_stop, memory_order_relaxed); n++) {
         for (int j = 0; j < SLOTS; j++)
             *slot[j] = n;
@@ -250,7 +269,16 @@ static int t_atomic(const char *img, const char *mode, int nt, int ns)
     pms_dev *d = open_img(img, 0, NULL);
     size_t len;
     g_p = map(d, mode, 0, &len);
-    CHECK((size_t)nt * SLOTS * PG <= len, "image too small");
+    g_nt = nt;
+    CHECK(nt > 0 && slot_off((size_t)nt - 1, SLOTS - 1) + 8 <= len, "image too small");
+    /* MEM_EXPECT_THREAD: the library must have started a thread of that
+     * name (the scan thread of a large async mapping) */
+    const char *want = getenv("MEM_EXPECT_THREAD");
+    if (want && *want) {
+        char cmd[128];
+        snprintf(cmd, sizeof cmd, "grep -qx '%s' /proc/%d/task/*/comm", want, (int)getpid());
+        CHECK(system(cmd) == 0, "no thread named %s", want);
+    }
     pthread_t th[64];
     for (int t = 0; t < nt; t++)
         pthread_create(&th[t], NULL, writer, (void *)(uintptr_t)t);
@@ -287,13 +315,14 @@ static int t_atomic(const char *img, const char *mode, int nt, int ns)
 /* Checks a raw dump of one snapshot: per thread, slots read n..n,n-1..n-1. */
 static int t_verify(const char *raw, int nt)
 {
+    g_nt = nt;
     FILE *f = fopen(raw, "rb");
     CHECK(f, "open %s", raw);
     uint64_t total = 0;
     for (int t = 0; t < nt; t++) {
         uint64_t v[SLOTS];
         for (int j = 0; j < SLOTS; j++) {
-            fseek(f, (long)(((size_t)t * SLOTS + (size_t)j) * PG + 8 * (size_t)t), SEEK_SET);
+            fseek(f, (long)slot_off((size_t)t, (size_t)j), SEEK_SET);
             CHECK(fread(&v[j], 8, 1, f) == 1, "short read");
         }
         int drops = 0;
