@@ -259,7 +259,8 @@ static int faulty_flush(struct bdev *bs)
     if (r == 0) {
         for (size_t i = 0; i < n; i++)
             free(s->log[i].data);
-        memmove(s->log, s->log + n, (s->nlog - n) * sizeof *s->log);
+        if (n && n < s->nlog)
+            memmove(s->log, s->log + n, (s->nlog - n) * sizeof *s->log);
         s->nlog -= n;
         if (fdatasync(s->fd) < 0) r = pms_err(errno, "faulty: fdatasync failed");
     }
