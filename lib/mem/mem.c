@@ -60,9 +60,6 @@
  * Between stopping the application (safepoint.c) and releasing it, no code
  * here calls malloc or takes a lock an application thread may hold.
  *   prefetch thread optional; installs missing chunks front to back (mu).
- *   scan thread     async tracking of a mapping of SCAN_SPLIT_MIN or more:
- *                   walks the upper half of the cut's scan (scan_mu, a leaf
- *                   lock only it and the cut take; exempt from the stop).
  *   callers         persist/snapshot/revert/unmap take wb_mu; pread/pwrite
  *                   copy to/from the mapping like any store (no lock).
  * Locks, in order: wb_mu (one writer of memory contents to the image at a
@@ -107,13 +104,6 @@
  * VmPTE to 1 GB under a 1 GiB cap before eviction reclaimed them. */
 #define PT_SPAN     (2ull << 20)
 #define CHUNK_MAX   (64ull << 20)             /* largest fault-in unit */
-/* Async tracking: the cut's scan of a mapping at least this large is
- * split with the scan thread, which walks the upper half on the other CPU
- * while the caller walks the lower one (bytes).  Inside the pause every
- * other thread of the application is parked, so a CPU is free; the walk
- * costs about 1 ms per GiB of resident pages here, and a 16 GiB mapping
- * paused 3-6 ms for it.  Below this the hand-off costs more than it saves. */
-#define SCAN_SPLIT_MIN (4ull << 30)
 /* Shortest gap between two metadata checkpoints of the write-out thread,
  * in ms (see wo_main). */
 #define CKPT_INTERVAL_MS 50
@@ -343,17 +333,7 @@ struct pms_mem {
                                         it did (mu) */
 
     pthread_t fault_th, wb_th, pf_th, wo_th;
-    bool have_wb, have_pf, have_fault, have_wo, have_scan;
-    /* The scan thread's hand-off (see scan_main): its own mutex, since the
-     * cut runs with the application stopped and may take no lock an
-     * application thread could hold (ctl_mu: kick).  A leaf lock. */
-    pthread_t scan_th;
-    pthread_mutex_t scan_mu;
-    pthread_cond_t scan_cond;
-    int scan_state;                  /* SCAN_IDLE / SCAN_ASKED / SCAN_DONE (scan_mu) */
-    uint64_t scan_lo, scan_hi;       /* the range asked for (scan_mu) */
-    int64_t scan_n;                  /* its runs, at m->runs + scan_lo / PG / 2, or -errno */
-    struct page_region *scan_vec;    /* the scan thread's PAGEMAP_SCAN output */
+    bool have_wb, have_pf, have_fault, have_wo;
     _Atomic bool stop;
 
     /* ndruns: dirty runs in sync mode (maximal stretches of dirty pages),
@@ -1300,7 +1280,6 @@ static void redirty(struct pms_mem *m, uint64_t off, uint64_t len)
 }
 
 static void evict_over_cap(struct pms_mem *m);
-static void *scan_main(void *arg);
 
 /* Write back every dirty page of [s, e); wb_mu held.  Returns bytes or
  * -errno; on an error every page not written is dirty again.  Under a cap,
@@ -1783,9 +1762,6 @@ static void mem_free(struct pms_mem *m)
     pthread_cond_destroy(&m->ctl_cond);
     pthread_cond_destroy(&m->evict_cond);
     pthread_cond_destroy(&m->wo_cond);
-    pthread_mutex_destroy(&m->scan_mu);
-    pthread_cond_destroy(&m->scan_cond);
-    if (m->scan_vec) munmap(m->scan_vec, SCAN_VEC * sizeof *m->scan_vec);
     free(m);
 }
 
@@ -1799,15 +1775,11 @@ static void stop_threads(struct pms_mem *m)
     pthread_cond_broadcast(&m->evict_cond);
     pthread_cond_broadcast(&m->wo_cond);
     pthread_mutex_unlock(&m->ctl_mu);
-    pthread_mutex_lock(&m->scan_mu);
-    pthread_cond_broadcast(&m->scan_cond);
-    pthread_mutex_unlock(&m->scan_mu);
-    if (m->have_scan) pthread_join(m->scan_th, NULL);
     if (m->have_pf) pthread_join(m->pf_th, NULL);
     if (m->have_wb) pthread_join(m->wb_th, NULL);
     if (m->have_wo) pthread_join(m->wo_th, NULL);
     if (m->have_fault) pthread_join(m->fault_th, NULL);
-    m->have_pf = m->have_wb = m->have_fault = m->have_wo = m->have_scan = false;
+    m->have_pf = m->have_wb = m->have_fault = m->have_wo = false;
 }
 
 int pms_mem_map(pms_dev *dev, const struct pms_map_opts *o, struct pms_mem **memp,
@@ -1855,8 +1827,6 @@ int pms_mem_map(pms_dev *dev, const struct pms_map_opts *o, struct pms_mem **mem
     pthread_cond_init(&m->ctl_cond, NULL);
     pthread_cond_init(&m->evict_cond, NULL);
     pthread_cond_init(&m->wo_cond, NULL);
-    pthread_mutex_init(&m->scan_mu, NULL);
-    pthread_cond_init(&m->scan_cond, NULL);
     m->dev = dev;
     m->bs = dev->bs;
     m->size = size;
@@ -2008,10 +1978,6 @@ int pms_mem_map(pms_dev *dev, const struct pms_map_opts *o, struct pms_mem **mem
     }
     if (o->prefetch && pthread_create(&m->pf_th, NULL, prefetch_main, m) == 0)
         m->have_pf = true;
-    /* without it the cut scans alone */
-    if (m->wp && m->async && m->maplen >= SCAN_SPLIT_MIN &&
-        (m->scan_vec = vmalloc(SCAN_VEC * sizeof *m->scan_vec)) != NULL)
-        m->have_scan = pthread_create(&m->scan_th, NULL, scan_main, m) == 0;
     mark_eager(m, true);
     *memp = m;
     *addrp = m->base;
@@ -2302,83 +2268,6 @@ static void copy_out(struct pms_mem *m, uint8_t *dst, uint64_t off, uint64_t len
     }
 }
 
-enum { SCAN_IDLE, SCAN_ASKED, SCAN_DONE };
-
-/* Written pages of [lo, hi) as runs (stage 0) into out, without
- * re-protecting them: the cut's scan.  Returns the count or -errno. */
-static int64_t scan_runs(struct pms_mem *m, uint64_t lo, uint64_t hi, struct run *out,
-                         struct page_region *vec)
-{
-    int64_t nr = 0;
-    uint64_t cur = lo;
-    while (cur < hi) {
-        int n = scan(m, &cur, hi, false, vec, SCAN_VEC);
-        if (n < 0)
-            return n;
-        if (n == 0)
-            break;
-        for (int i = 0; i < n; i++)
-            out[nr++] = (struct run){ vec[i].start, vec[i].end - vec[i].start, 0 };
-    }
-    return nr;
-}
-
-/* Scan thread (async tracking, mappings of SCAN_SPLIT_MIN and more): walks
- * the range the cut hands it (scan_mu), writing its runs into m->runs at
- * the index where the lower part's runs cannot reach (a range of P pages
- * holds at most P/2 runs).  Exempt from the safepoint: it runs while the
- * application is stopped.  No malloc, no messages. */
-static void *scan_main(void *arg)
-{
-    struct pms_mem *m = arg;
-    pthread_setname_np(pthread_self(), "pms-scan");
-    exempt(m, 1);
-    pthread_mutex_lock(&m->scan_mu);
-    for (;;) {
-        while (m->scan_state != SCAN_ASKED && !atomic_load(&m->stop))
-            pthread_cond_wait(&m->scan_cond, &m->scan_mu);
-        if (m->scan_state != SCAN_ASKED)
-            break;
-        uint64_t lo = m->scan_lo, hi = m->scan_hi;
-        pthread_mutex_unlock(&m->scan_mu);
-        int64_t n = scan_runs(m, lo, hi, m->runs + lo / PG / 2, m->scan_vec);
-        pthread_mutex_lock(&m->scan_mu);
-        m->scan_n = n;
-        m->scan_state = SCAN_DONE;
-        pthread_cond_broadcast(&m->scan_cond);
-    }
-    pthread_mutex_unlock(&m->scan_mu);
-    exempt(m, 0);
-    return NULL;
-}
-
-/* The cut's async scan: [0, maplen) into m->runs in order, the upper half
- * by the scan thread when there is one.  Returns the count or -errno. */
-static int64_t cut_scan(struct pms_mem *m)
-{
-    uint64_t split = m->have_scan ? (m->maplen / 2) & ~(PT_SPAN - 1) : m->maplen;
-    if (split == 0 || split >= m->maplen)
-        return scan_runs(m, 0, m->maplen, m->runs, m->vec);
-    pthread_mutex_lock(&m->scan_mu);
-    m->scan_lo = split;
-    m->scan_hi = m->maplen;
-    m->scan_state = SCAN_ASKED;
-    pthread_cond_broadcast(&m->scan_cond);
-    pthread_mutex_unlock(&m->scan_mu);
-    int64_t nr = scan_runs(m, 0, split, m->runs, m->vec);
-    pthread_mutex_lock(&m->scan_mu);
-    while (m->scan_state != SCAN_DONE)
-        pthread_cond_wait(&m->scan_cond, &m->scan_mu);
-    int64_t hn = m->scan_n;
-    m->scan_state = SCAN_IDLE;
-    pthread_mutex_unlock(&m->scan_mu);
-    if (nr < 0 || hn < 0)
-        return nr < 0 ? nr : hn;
-    /* the lower part's runs end at or before the upper part's first index */
-    memmove(m->runs + nr, m->runs + split / PG / 2, (size_t)hn * sizeof *m->runs);
-    return nr + hn;
-}
-
 /* The cut: copy the final dirty set into the staging area.  Runs with the
  * application stopped: no malloc, no error messages.  The pages are NOT
  * re-protected here: re-arming write protection costs a TLB flush per
@@ -2391,15 +2280,21 @@ static int64_t cut(struct pms_mem *m)
 {
     uint64_t nr = 0, staged = 0;
     if (m->async) {
-        int64_t n = cut_scan(m);
-        if (n < 0)
-            return n;
-        for (int64_t i = 0; i < n; i++) {
-            copy_out(m, m->stage + staged, m->runs[i].off, m->runs[i].len);
-            m->runs[i].stage = staged;
-            staged += m->runs[i].len;
+        uint64_t cur = 0;
+        while (cur < m->maplen) {
+            int n = scan(m, &cur, m->maplen, false, m->vec, SCAN_VEC);
+            if (n < 0)
+                return n;
+            for (int i = 0; i < n; i++) {
+                uint64_t o = m->vec[i].start, l = m->vec[i].end - o;
+                copy_out(m, m->stage + staged, o, l);
+                m->runs[nr++] = (struct run){ o, l, staged };
+                staged += l;
+            }
+            if (n == 0)
+                break;
         }
-        return n;
+        return (int64_t)nr;
     }
     pthread_mutex_lock(&m->wp_mu);
     uint64_t cur = 0;

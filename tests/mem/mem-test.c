@@ -231,8 +231,7 @@ static atomic_int g_stop;
 static atomic_int g_started;    /* writers that finished their first pass */
 
 /* Pages between two slots (MEM_ATOMIC_STRIDE, default 1): a large stride
- * spreads the slots over a large mapping, so that a cut splitting its scan
- * (SCAN_SPLIT_MIN) finds slots in every part. */
+ * spreads the slots over a large mapping. */
 static size_t stride(void)
 {
     const char *e = getenv("MEM_ATOMIC_STRIDE");
@@ -271,14 +270,6 @@ static int t_atomic(const char *img, const char *mode, int nt, int ns)
     g_p = map(d, mode, 0, &len);
     g_nt = nt;
     CHECK(nt > 0 && slot_off((size_t)nt - 1, SLOTS - 1) + 8 <= len, "image too small");
-    /* MEM_EXPECT_THREAD: the library must have started a thread of that
-     * name (the scan thread of a large async mapping) */
-    const char *want = getenv("MEM_EXPECT_THREAD");
-    if (want && *want) {
-        char cmd[128];
-        snprintf(cmd, sizeof cmd, "grep -qx '%s' /proc/%d/task/*/comm", want, (int)getpid());
-        CHECK(system(cmd) == 0, "no thread named %s", want);
-    }
     pthread_t th[64];
     for (int t = 0; t < nt; t++)
         pthread_create(&th[t], NULL, writer, (void *)(uintptr_t)t);
