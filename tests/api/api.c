@@ -202,6 +202,22 @@ int main(void)
           "pwrite of a NULL buffer changed the data");
     CHECK(pms_close(d) == 0, "close");
 
+    /* a failed flush stays failed: the device dropped what it held and
+     * reported it once (as Linux's write-back does); a later flush must
+     * not report success for the lost write */
+    struct pms_open_opts fo;
+    pms_open_opts_init(&fo);
+    fo.fault_spec = "flush_error_at=1";
+    CHECK(pms_open(img, &fo, &d) == 0, "open through the fault-injecting driver: %s", pms_errmsg());
+    unsigned char pat[4096];
+    memset(pat, 0x77, sizeof pat);
+    CHECK(pms_pwrite(d, pat, sizeof pat, 0) == 0, "pwrite");
+    CHECK(pms_flush(d) == -EIO, "first flush did not fail");
+    r = pms_flush(d);
+    CHECK(r == -EIO && strstr(pms_errmsg(), "an earlier flush"),
+          "second flush after a lost write returned %d (%s)", r, pms_errmsg());
+    (void)pms_close(d);
+
     sh("rm -rf %s", dir);
     printf("%d failed\n", fails);
     return fails ? 1 : 0;

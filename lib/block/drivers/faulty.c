@@ -16,8 +16,13 @@
  * beside writes (bdev_checkpoint) are tested with the window they have on
  * a real disk.
  *
+ * `flush_error_at=N` fails the Nth flush that holds writes (1 = the first)
+ * with EIO and drops what it held, as Linux does when write-back fails (the
+ * pages are marked clean and fdatasync reports the error once): later
+ * flushes succeed at the device, and only the caller can remember the loss.
+ *
  * Spec: "seed=N,crash_after=N,mode=drop|tear,read_error_at=OFF,read_error_after=N,
- * flush_delay_us=N".
+ * flush_delay_us=N,flush_error_at=N".
  *
  * Threads: the parent format node calls this with its own lock held, but the
  * memory device may read through a raw parent concurrently, so the log is
@@ -52,6 +57,8 @@ struct faulty_state {
     uint64_t logical_size;       /* file size including logged writes */
     uint64_t flush_delay_us;     /* a flush's duration, log unlocked (0: none) */
     uint64_t next_seq;           /* sequence number of the next logged write */
+    uint64_t flush_error_at;     /* 0 = none */
+    uint64_t flushes;            /* flushes that held writes */
 };
 
 static uint64_t rnd(uint64_t *x)
@@ -83,6 +90,7 @@ static int parse_spec(struct faulty_state *s, const char *spec)
         else if (strcmp(k, "read_error_at") == 0) s->read_error_at = n;
         else if (strcmp(k, "read_error_after") == 0) s->read_error_after = n;
         else if (strcmp(k, "flush_delay_us") == 0) s->flush_delay_us = n;
+        else if (strcmp(k, "flush_error_at") == 0) s->flush_error_at = n;
         else { r = pms_err(EINVAL, "fault spec: unknown key '%s'", k); break; }
     }
     free(dup);
@@ -253,16 +261,19 @@ static int faulty_flush(struct bdev *bs)
     size_t n = 0;
     while (n < s->nlog && s->log[n].seq < upto)
         n++;
+    bool lose = r == 0 && n && ++s->flushes == s->flush_error_at;
+    if (lose)
+        r = pms_err(EIO, "faulty: injected flush error");
     for (size_t i = 0; r == 0 && i < n; i++)
         if (apply(s, &s->log[i], 0, s->log[i].len) < 0)
             r = pms_err(EIO, "faulty: write to file failed");
-    if (r == 0) {
+    if (r == 0 || lose) {              /* applied, or lost */
         for (size_t i = 0; i < n; i++)
             free(s->log[i].data);
         if (n && n < s->nlog)
             memmove(s->log, s->log + n, (s->nlog - n) * sizeof *s->log);
         s->nlog -= n;
-        if (fdatasync(s->fd) < 0) r = pms_err(errno, "faulty: fdatasync failed");
+        if (r == 0 && fdatasync(s->fd) < 0) r = pms_err(errno, "faulty: fdatasync failed");
     }
     pthread_mutex_unlock(&s->mu);
     return r;
