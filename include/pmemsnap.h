@@ -54,6 +54,8 @@ struct pms_open_opts {
                                   clusters return zeroes) */
     int force_share;           /* accepted for qemu-io compatibility (-U) */
     /* Fault injection for tests: a spec like "seed=N,crash_after=N,mode=drop|tear"
+     * (also read_error_at=OFF, read_error_after=N, flush_delay_us=N,
+     * flush_error_at=N; lib/block/drivers/faulty.c says what each does)
      * inserts the fault-injecting "faulty" driver between the format and
      * the file.  NULL in normal use. */
     const char *fault_spec;
