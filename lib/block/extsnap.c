@@ -48,6 +48,11 @@
  *            Then unlink(IMG@NAME); fsync(DIR).  A crash leaves the
  *            snapshot in place (and intact) with some children already
  *            independent of it; deleting it again finishes the job.
+ *            Refused (before anything is written) while IMG@NAME or an
+ *            image C holds internal snapshots: the stream completes only
+ *            C's active state, so C's internal snapshots would read through
+ *            to IMG@NAME's backing afterwards, and IMG@NAME's own would go
+ *            with its file.
  *   delete by commit (IMG@NAME has one child, a layer C, smaller on disk
  *            than IMG@NAME: the oldest snapshot of a chain): write the
  *            marker DIR/.IMG@NAME.deleting (C's file name; fsynced, then
@@ -1163,6 +1168,28 @@ static void victim_free(struct victim *v)
     free(v->bfmt);
 }
 
+/* Refuse a delete that would lose an internal snapshot: one held by the
+ * layer itself (its file goes, or, by commit, takes another's content), or
+ * by an image that reads through the layer (a stream completes only the
+ * active state, so the snapshot's unallocated clusters would read the
+ * layer's own backing afterwards).  n: a qcow2 node of `path`. */
+static int keeps_internal(struct bdev *n, const char *path, bool own)
+{
+    const struct qcow2_state *s = QS(n);
+    if (s->nb_snaps == 0)
+        return 0;
+    const char *in = s->snaps[0].name && *s->snaps[0].name ? s->snaps[0].name
+                                                           : s->snaps[0].id_str;
+    const char *many = s->nb_snaps > 1 ? ", ..." : "";
+    if (own)
+        return pms_err(EBUSY, "its layer '%s' holds %d internal snapshot(s) ('%s'%s), which "
+                       "the delete would lose: delete them first (qemu-img snapshot -d)",
+                       path, s->nb_snaps, in, many);
+    return pms_err(EBUSY, "'%s' holds %d internal snapshot(s) ('%s'%s) that read through it, "
+                   "which the delete would change: delete them first", path, s->nb_snaps, in,
+                   many);
+}
+
 /* Find what deleting the snapshot with layer file `layer` involves.
  * bs->lock held (the live node's header is read). */
 static int survey(struct bdev *bs, const char *name, const struct paths *p, const char *layer,
@@ -1181,7 +1208,9 @@ static int survey(struct bdev *bs, const char *name, const struct paths *p, cons
     v->bfmt = QS(ln)->backing_format ? strdup(QS(ln)->backing_format) : NULL;
     v->lsize = ln->size;
     bool oom = (QS(ln)->backing_file && !v->bname) || (QS(ln)->backing_format && !v->bfmt);
+    r = keeps_internal(ln, layer, true);
     bdev_close(ln);
+    if (r < 0) return r;
     if (oom) return pms_err(ENOMEM, "out of memory");
 
     /* children: other layers, then the live image */
@@ -1208,12 +1237,21 @@ static int survey(struct bdev *bs, const char *name, const struct paths *p, cons
         else v->nch++;
     }
     closedir(d);
+    for (size_t i = 0; r == 0 && i < v->nch; i++) {
+        struct bdev *cn;
+        if ((r = open_merge_source(v->ch[i], bs->cache_mode, &cn)) < 0)
+            return pms_err(-r, "cannot delete snapshot '%s': %s", name, pms_err_get());
+        r = keeps_internal(cn, v->ch[i], false);
+        bdev_close(cn);
+    }
     if (r < 0) return r;
     const char *fmt;
     char bp[PATH_MAX];
     struct stat st;
     v->live_child = backing_path(bs, p, bp, sizeof bp, &fmt) == 0 && bp[0] &&
                     stat(bp, &st) == 0 && st.st_dev == lst.st_dev && st.st_ino == lst.st_ino;
+    if (v->live_child && (r = keeps_internal(bs, bs->filename, false)) < 0)
+        return r;
     /* one layer child holding less than the snapshot: commit it into the
      * snapshot's file instead of streaming the snapshot into it */
     v->commit = v->nch == 1 && !v->live_child && disk_bytes(v->ch[0]) < disk_bytes(layer);

@@ -303,6 +303,8 @@ begin id-vs-name
 # gets another ID, and -d 1 deletes the external one only
 qemu-img create -q -f qcow2 ids.qcow2 16M
 $P snapshot -c 1 --external ids.qcow2 || fail "external 1"
+# (2 between them: x, in the live image, reads through 2, not through 1)
+$P snapshot -c 2 --external ids.qcow2 || fail "external 2"
 $P snapshot -c x ids.qcow2 || fail "internal x"
 id=$(qemu-img snapshot -l ids.qcow2 | awk '$2 == "x" {print $1}')
 [ -n "$id" ] && [ "$id" != 1 ] || fail "internal x got ID '$id'"
@@ -310,5 +312,37 @@ $P snapshot -d 1 ids.qcow2 || fail "delete 1"
 [ -e ids.qcow2@1 ] && fail "external 1 still there"
 qemu-img snapshot -l ids.qcow2 | awk '{print $2}' | grep -qx x || fail "internal x was deleted"
 ok "internal ID $id"
+
+begin mixed-delete
+# deleting an external snapshot must not change or drop an internal one:
+# refused while the live image (reading through the layer) or the layer
+# itself holds internal snapshots, allowed once they are gone; nothing is
+# written by a refused delete
+qemu-img create -q -f qcow2 mx.qcow2 8M
+qemu-io -c "write -P 0x11 0 8M" mx.qcow2 >/dev/null
+run "$P" snapshot -c I0 mx.qcow2
+run "$P" snapshot -c A --external mx.qcow2
+qemu-io -c "write -P 0x12 1M 64k" mx.qcow2 >/dev/null
+run "$P" snapshot -c B --external mx.qcow2
+qemu-io -c "write -P 0x13 2M 64k" mx.qcow2 >/dev/null
+qemu-img convert -O raw mx.qcow2 ref-mxI.raw
+run "$P" snapshot -c I mx.qcow2
+qemu-io -c "write -P 0x14 3M 64k" mx.qcow2 >/dev/null
+qemu-img convert -O raw mx.qcow2 ref-mxlive.raw
+qemu-img convert -O raw -l snapshot.name=I0 mx.qcow2@A ref-mxI0.raw
+sums=$(md5sum mx.qcow2 mx.qcow2@A mx.qcow2@B)
+refuse "$P" snapshot -d B mx.qcow2     # the live image's I reads through B
+refuse "$P" snapshot -d A mx.qcow2     # A's file holds I0
+[ "$(md5sum mx.qcow2 mx.qcow2@A mx.qcow2@B)" = "$sums" ] || fail "a refused delete wrote"
+qemu-img convert -O raw -l snapshot.name=I mx.qcow2 mxI.raw
+cmp -s mxI.raw ref-mxI.raw || fail "internal snapshot I changed"
+# the internal snapshots go: the deletes run, the content stays
+run qemu-img snapshot -d I0 mx.qcow2@A
+run "$P" snapshot -d A mx.qcow2
+run "$P" snapshot -d I mx.qcow2
+run "$P" snapshot -d B mx.qcow2
+same mx.qcow2 ref-mxlive.raw; check_clean mx.qcow2
+qemu-img info mx.qcow2 | grep -q '^backing file' && fail "live still has a backing file"
+ok
 
 finish
