@@ -43,6 +43,12 @@ enum pms_cache_mode {
     PMS_CACHE_DIRECTSYNC,      /* O_DIRECT + writethrough */
 };
 
+/* Deepest backing chain pms_open opens (backing files below the top
+ * image): each layer holds a descriptor and some stack while the chain
+ * opens, and every external snapshot adds a layer.  Deeper chains fail
+ * with ELOOP. */
+#define PMS_MAX_BACKING_DEPTH 256
+
 struct pms_open_opts {
     size_t size;               /* sizeof(struct pms_open_opts), set by init */
     int readonly;              /* open read-only (no write ever reaches the file) */

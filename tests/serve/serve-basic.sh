@@ -168,6 +168,36 @@ start "$T/ov/ov.qcow2" ov --backing-dir "$T/other"
 stop ov
 ok "backing chain outside the directory refused ($(cat "$T/bk.err")), allowed with --backing-dir"
 
+# the check judges the files the library opens: a relative backing name is
+# joined to the directory of the path as given (QEMU does the same), so an
+# image reached through a symbolic link must not be judged from the link's
+# target's directory (there 'base' is harmless, beside the link it is not)
+mkdir -p "$T/sl/real" "$T/sl/given"
+qemu-img create -q -f raw "$T/sl/real/base" 1M
+qemu-img create -q -f qcow2 -b base -F raw "$T/sl/real/img.qcow2"
+ln -s ../real/img.qcow2 "$T/sl/given/img.qcow2"
+ln -s "$T/other/secret" "$T/sl/given/base"
+if "$P" serve "$T/sl/given/img.qcow2" --fuse "$T/sl.file" --socket "$T/sl.sock" 2>"$T/sl.err"; then
+    fail "a backing file beside the symbolic link, leading outside, was accepted"
+fi
+grep -q "other/secret" "$T/sl.err" || fail "refusal message: $(cat "$T/sl.err")"
+start "$T/sl/real/img.qcow2" sl
+[ "$(head -c 6 "$T/sl.file")" = SECRET ] && fail "read the secret through the real path"
+stop sl
+ok "backing name judged where the library opens it ($(cat "$T/sl.err"))"
+
+# a chain as deep as the library opens (more than 64 layers) is served
+mkdir -p "$T/deep"
+qemu-img create -q -f qcow2 "$T/deep/l0.qcow2" 1M
+qemu-io -c "write -P 0x5a 0 4k" "$T/deep/l0.qcow2" >/dev/null
+for i in $(seq 1 80); do
+    qemu-img create -q -f qcow2 -b "l$((i - 1)).qcow2" -F qcow2 "$T/deep/l$i.qcow2"
+done
+start "$T/deep/l80.qcow2" deep
+[ "$(head -c 1 "$T/deep.file" | od -An -tx1 | tr -d ' ')" = 5a ] || fail "deep chain: wrong data"
+stop deep
+ok "a chain of 81 images served"
+
 # access: only the daemon's user, unless --allow-other (then the file's mode
 # 0660 decides: another user outside the group is still refused, the group
 # gets in)

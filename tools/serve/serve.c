@@ -862,12 +862,26 @@ static bool under(const char *path, const char *dir)
     return strncmp(path, dir, n) == 0 && path[n] == '/';
 }
 
-/* Refuse chains whose backing files leave the image's directory or
- * --backing-dir.  Each layer is opened without its backing file, only to
- * read the name of the next. */
+/* The path pms_open opens for the backing file `name` of the layer opened
+ * at path `layer` (lib/block/drivers/qcow2.c, open_backing): an absolute
+ * name as it is, a relative one joined to the directory part of `layer` as
+ * written (not resolved: the kernel resolves the joined path). */
+static int backing_open_path(const char *layer, const char *name, char *buf, size_t cap)
+{
+    const char *sl = strrchr(layer, '/');
+    int n = name[0] == '/' || !sl ? snprintf(buf, cap, "%s", name)
+                                  : snprintf(buf, cap, "%.*s/%s", (int)(sl - layer), layer, name);
+    return n >= 0 && (size_t)n < cap ? 0 : -1;
+}
+
+/* Refuse chains whose backing files leave the image's directory (that of
+ * the file, and that of the path given, if it is a symbolic link) or
+ * --backing-dir.  What is judged is the resolved form of exactly the path
+ * the library will open at each level.  Each layer is opened without its
+ * backing file, only to read the name of the next. */
 static int check_backing(struct srv *s, char *err, size_t errlen)
 {
-    char imgreal[PATH_MAX], dir[PATH_MAX], bdir[PATH_MAX] = "";
+    char imgreal[PATH_MAX], dir[PATH_MAX], gdir[PATH_MAX] = "", bdir[PATH_MAX] = "";
     if (!realpath(s->image, imgreal)) {
         snprintf(err, errlen, "%.300s: %s", s->image, strerror(errno));
         return -1;
@@ -875,15 +889,18 @@ static int check_backing(struct srv *s, char *err, size_t errlen)
     char tmp[PATH_MAX];
     snprintf(tmp, sizeof tmp, "%s", imgreal);
     snprintf(dir, sizeof dir, "%s", dirname(tmp));
+    snprintf(tmp, sizeof tmp, "%s", s->image);
+    if (!realpath(dirname(tmp), gdir))
+        gdir[0] = '\0';
     if (s->backing_dir && !realpath(s->backing_dir, bdir)) {
         snprintf(err, errlen, "--backing-dir %.300s: %s", s->backing_dir, strerror(errno));
         return -1;
     }
     char cur[PATH_MAX];
-    snprintf(cur, sizeof cur, "%s", imgreal);
+    snprintf(cur, sizeof cur, "%s", s->image);
     const char *fmt = s->format;
     char fmtbuf[sizeof ((struct pms_info *)0)->backing_format];
-    for (int depth = 0; depth < 64; depth++) {
+    for (int depth = 0;; depth++) {
         struct pms_open_opts o;
         pms_open_opts_init(&o);
         o.readonly = 1;
@@ -904,36 +921,41 @@ static int check_backing(struct srv *s, char *err, size_t errlen)
         }
         if (!info.backing_file[0])
             return 0;
+        if (depth == PMS_MAX_BACKING_DEPTH) {
+            snprintf(err, errlen, "%.300s: backing chain deeper than %d images", s->image,
+                     PMS_MAX_BACKING_DEPTH);
+            return -1;
+        }
         if (strncmp(info.backing_file, "json:", 5) == 0 || strstr(info.backing_file, "://")) {
             snprintf(err, errlen, "refusing %.300s: backing file '%.300s' is not a local file",
                      cur, info.backing_file);
             return -1;
         }
-        /* relative names are relative to the directory of the layer naming them */
-        char full[2 * PATH_MAX], curdir[PATH_MAX], real[PATH_MAX];
-        snprintf(curdir, sizeof curdir, "%s", cur);
-        if (info.backing_file[0] == '/')
-            snprintf(full, sizeof full, "%s", info.backing_file);
-        else
-            snprintf(full, sizeof full, "%s/%s", dirname(curdir), info.backing_file);
-        if (!realpath(full, real)) {
+        char next[PATH_MAX], real[PATH_MAX];
+        if (backing_open_path(cur, info.backing_file, next, sizeof next) < 0) {
+            snprintf(err, errlen, "backing file %.300s of %.300s: %s", info.backing_file, cur,
+                     strerror(ENAMETOOLONG));
+            return -1;
+        }
+        if (!realpath(next, real)) {
             snprintf(err, errlen, "backing file %.300s of %.300s: %s", info.backing_file, cur,
                      strerror(errno));
             return -1;
         }
-        if (!under(real, dir) && !(bdir[0] && under(real, bdir))) {
+        if (!under(real, dir) && !(gdir[0] && under(real, gdir)) &&
+            !(bdir[0] && under(real, bdir))) {
+            bool two = gdir[0] && strcmp(gdir, dir);
             snprintf(err, errlen,
-                     "refusing %.200s: its backing chain names %.200s, outside %.200s%s%.200s "
-                     "(name the directory with --backing-dir DIR to allow it)",
-                     s->image, real, dir, bdir[0] ? " and " : "", bdir);
+                     "refusing %.200s: its backing chain names %.200s, outside %.200s%s%.200s"
+                     "%s%.200s (name the directory with --backing-dir DIR to allow it)",
+                     s->image, real, dir, two ? " and " : "", two ? gdir : "",
+                     bdir[0] ? " and " : "", bdir);
             return -1;
         }
-        snprintf(cur, sizeof cur, "%s", real);
+        snprintf(cur, sizeof cur, "%s", next);
         snprintf(fmtbuf, sizeof fmtbuf, "%s", info.backing_format);
         fmt = fmtbuf[0] ? fmtbuf : NULL;
     }
-    snprintf(err, errlen, "%s: backing chain longer than 64", s->image);
-    return -1;
 }
 
 /* The kernel gives a FUSE mount a strict 1% share of the dirty-page budget

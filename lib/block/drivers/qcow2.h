@@ -369,8 +369,9 @@ int  qcow2_create(const char *path, uint64_t size, const struct pms_create_opts 
 /* Deepest backing chain we open (backing files below the top image): every
  * layer holds a descriptor and a few KiB of stack while the chain opens
  * (recursively), and external snapshots make one layer per snapshot (100
- * snapshots: 101 images); lib/block/extsnap.c refuses to go deeper. */
-#define QCOW2_MAX_CHAIN_DEPTH 256
+ * snapshots: 101 images); lib/block/extsnap.c refuses to go deeper.  The
+ * public name is the one tools check against. */
+#define QCOW2_MAX_CHAIN_DEPTH PMS_MAX_BACKING_DEPTH
 /* L2 cache of a read-only backing node (bytes): the default (the whole
  * image, up to 32 MiB) per node made a chain's metadata grow with its
  * depth -- 20 layers of a 1 TiB image held 640 MiB of tables beside a
