@@ -98,6 +98,25 @@ cases = [
      "a NUL byte"),
     (b'{"a":' * 100 + b'1' + b'}' * 100 + b'\n', "GenericError", "JSON parse error",
      "nesting too deep"),
+    # what json-c takes outside strict JSON, and what it would echo wrongly
+    (b'{"execute": "query-stats", "id": NaN}', "GenericError", "JSON parse error", "NaN id"),
+    (b'{"execute": "query-stats", "id": Infinity}', "GenericError", "JSON parse error",
+     "Infinity id"),
+    (b'{"execute": "query-stats", "id": -Infinity}', "GenericError", "JSON parse error",
+     "-Infinity id"),
+    (b'{"execute": "query-stats", "id": [1, NaN]}', "GenericError", "JSON parse error",
+     "NaN inside an id"),
+    (b'{"execute": "query-stats", "id": 99999999999999999999}', "GenericError", "64-bit",
+     "integer id past 64 bits"),
+    (b'{"execute": "query-stats", "id": -9223372036854775809}', "GenericError", "64-bit",
+     "integer id below -2^63"),
+    (b"{'execute': 'query-stats'}", "GenericError", "JSON parse error", "single quotes"),
+    (b'{"execute": "query-stats", "id": [1, 2,]}', "GenericError", "JSON parse error",
+     "trailing comma"),
+    (b'{"execute": "query-stats", "id": 01}', "GenericError", "JSON parse error",
+     "leading zero"),
+    (b'{"execute": "snapshot-create", "arguments": {"name": "\xff\xfe"}}', "GenericError",
+     "JSON parse error", "a name that is not UTF-8"),
 ]
 for data, cls, text, what in cases:
     expect_error(c.cmd(data), cls, text, what)
@@ -110,6 +129,13 @@ if r.get('id') != {"n": 7}:
 r = c.cmd(b'{"execute": "nope", "id": "abc"}')
 if r.get('id') != "abc":
     fail("id not echoed on error: %r" % r)
+# ids at the edges of what is valid come back as they were sent
+for idtext, want in ((b'18446744073709551615', 18446744073709551615),
+                     (b'-9223372036854775808', -9223372036854775808),
+                     (b'1e999', float('inf')), (b'"\\u00e9\xc3\xa9"', "\u00e9\u00e9")):
+    r = c.cmd(b'{"execute": "query-stats", "id": ' + idtext + b'}')
+    if r.get('id') != want:
+        fail("id %r echoed as %r" % (idtext, r.get('id')))
 print("ok: ids echoed")
 
 # several commands in one write, no newlines

@@ -15,6 +15,17 @@ n=$(qemu-img snapshot -l "$img" | tail -n +3 | awk '{print $2}' | sort | tr '\n'
 [ "$n" = "ev mid " ] || fail "snapshots after the bad-input run: '$n'"
 ok "quit after the bad-input run: image clean, data and snapshots there"
 
+# names from the image need not be UTF-8 (qemu-img takes any bytes); what
+# the daemon sends stays valid JSON (the bad bytes become U+FFFD)
+qemu-img snapshot -c "$(printf 'bad\xff\xfename')" "$img"
+start "$img" q
+out=$(qmp "$T/q.sock" '{"execute":"snapshot-list"}') || fail "snapshot-list with a non-UTF-8 name: $out"
+python3 -c 'import json,sys; l=json.loads(sys.argv[1])["return"]
+assert any(s["name"] == "bad\ufffd\ufffdname" for s in l), l' "$out" || fail "list: $out"
+stop q
+qemu-img snapshot -d "$(printf 'bad\xff\xfename')" "$img"
+ok "a snapshot name that is not UTF-8 is listed as valid JSON"
+
 # VM QMP peers that go wrong: one that accepts and never says a word, one
 # that talks garbage, one that never accepts (its backlog fills), one whose
 # replies have the wrong shapes (objects for lists, null for strings)

@@ -63,11 +63,60 @@ static void drop(struct client *c)
     shutdown(c->fd, SHUT_RDWR);
 }
 
+/* Length of the valid UTF-8 sequence at p (n bytes left), 0 if invalid
+ * (overlong forms, surrogates and code points past U+10FFFF included). */
+static size_t utf8_seq(const unsigned char *p, size_t n)
+{
+    if (p[0] < 0x80) return 1;
+    size_t len = p[0] >= 0xc2 && p[0] <= 0xdf ? 2 : p[0] >= 0xe0 && p[0] <= 0xef ? 3
+               : p[0] >= 0xf0 && p[0] <= 0xf4 ? 4 : 0;
+    if (!len || len > n) return 0;
+    for (size_t i = 1; i < len; i++)
+        if ((p[i] & 0xc0) != 0x80) return 0;
+    if ((p[0] == 0xe0 && p[1] < 0xa0) || (p[0] == 0xed && p[1] > 0x9f) ||
+        (p[0] == 0xf0 && p[1] < 0x90) || (p[0] == 0xf4 && p[1] > 0x8f))
+        return 0;
+    return len;
+}
+
+/* s with every byte that is not part of valid UTF-8 replaced by U+FFFD, or
+ * NULL when s is valid (or out of memory: then s goes as it is).  Names
+ * and messages we send come also from images and file names, which need
+ * not be UTF-8; JSON text must be.  The serialised text is ASCII outside
+ * strings, so fixing it after serialisation fixes only string content. */
+static char *utf8_fixed(const char *s, size_t n, size_t *outn)
+{
+    size_t i = 0, k;
+    while (i < n && (k = utf8_seq((const unsigned char *)s + i, n - i)))
+        i += k;
+    if (i == n) return NULL;
+    char *o = malloc(3 * n + 1);
+    if (!o) return NULL;
+    size_t j = 0;
+    for (i = 0; i < n;) {
+        if ((k = utf8_seq((const unsigned char *)s + i, n - i))) {
+            memcpy(o + j, s + i, k);
+            j += k;
+            i += k;
+        } else {
+            memcpy(o + j, "\xef\xbf\xbd", 3);
+            j += 3;
+            i++;
+        }
+    }
+    o[j] = '\0';
+    *outn = j;
+    return o;
+}
+
 /* Send o to c; event: without blocking (see the top). */
 static void client_send(struct client *c, json_object *o, bool event)
 {
     const char *s = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN);
     size_t n = strlen(s);
+    char *fixed = utf8_fixed(s, n, &n);
+    if (fixed)
+        s = fixed;
     if (event) {
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME, &ts);
@@ -75,6 +124,7 @@ static void client_send(struct client *c, json_object *o, bool event)
         if (ts.tv_nsec >= 1000000000L) { ts.tv_sec++; ts.tv_nsec -= 1000000000L; }
         if (pthread_mutex_timedlock(&c->wlock, &ts) != 0) {
             drop(c);                 /* stuck in a reply: not reading */
+            free(fixed);
             return;
         }
     } else
@@ -104,6 +154,7 @@ static void client_send(struct client *c, json_object *o, bool event)
         }
     }
     pthread_mutex_unlock(&c->wlock);
+    free(fixed);
 }
 
 static void send_error(struct client *c, json_object *id, const char *cls, const char *fmt, ...)
@@ -415,6 +466,62 @@ static int frame_byte(struct framer *f, char b)
     return r;
 }
 
+/* What json-c accepts even in strict mode and QMP must not: the bare words
+ * NaN and Infinity (not JSON; echoed in an id they make our reply invalid
+ * too), and integers past the 64-bit range (json-c clamps them, so an id
+ * would come back changed).  A lexical scan of the message outside its
+ * strings; NULL if it is clean, else what is wrong. */
+static const char *lex_check(const char *b, size_t n)
+{
+    bool in_str = false, esc = false;
+    for (size_t i = 0; i < n; i++) {
+        char ch = b[i];
+        if (in_str) {
+            if (esc) esc = false;
+            else if (ch == '\\') esc = true;
+            else if (ch == '"') in_str = false;
+            continue;
+        }
+        if (ch == '"') {
+            in_str = true;
+        } else if ((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z')) {
+            size_t j = i;
+            while (j < n && ((b[j] >= 'a' && b[j] <= 'z') || (b[j] >= 'A' && b[j] <= 'Z')))
+                j++;
+            size_t l = j - i;
+            if (!((l == 4 && !memcmp(b + i, "true", 4)) || (l == 5 && !memcmp(b + i, "false", 5)) ||
+                  (l == 4 && !memcmp(b + i, "null", 4))))
+                return "not a JSON value (NaN and Infinity are not JSON)";
+            i = j - 1;
+        } else if (ch == '-' || (ch >= '0' && ch <= '9')) {
+            size_t j = i + (ch == '-');
+            bool integer = true;
+            while (j < n && ((b[j] >= '0' && b[j] <= '9') || b[j] == '.' || b[j] == 'e' ||
+                             b[j] == 'E' || b[j] == '+' || b[j] == '-')) {
+                if (b[j] == '.' || b[j] == 'e' || b[j] == 'E') integer = false;
+                j++;
+            }
+            if (j < n && ((b[j] >= 'a' && b[j] <= 'z') || (b[j] >= 'A' && b[j] <= 'Z')))
+                return "not a JSON value (NaN and Infinity are not JSON)";
+            if (integer) {
+                char num[32];
+                size_t l = j - i;
+                if (l >= sizeof num)
+                    return "integer out of the 64-bit range";
+                memcpy(num, b + i, l);
+                num[l] = '\0';
+                errno = 0;
+                if (num[0] == '-') (void)strtoll(num, NULL, 10);
+                else (void)strtoull(num, NULL, 10);
+                if (errno == ERANGE)
+                    return "integer out of the 64-bit range";
+            }
+            i = j - 1;
+        }
+    }
+    return NULL;
+}
+
 /* Parse and run one framed message. */
 static void frame_done(struct client *c, struct framer *f, json_tokener *tok)
 {
@@ -426,7 +533,11 @@ static void frame_done(struct client *c, struct framer *f, json_tokener *tok)
         while (end < f->len && (f->buf[end] == ' ' || f->buf[end] == '\t' ||
                                 f->buf[end] == '\r' || f->buf[end] == '\n'))
             end++;
-        if (je == json_tokener_success && end == f->len)
+        const char *bad = je == json_tokener_success && end == f->len ? lex_check(f->buf, f->len)
+                                                                      : NULL;
+        if (bad)
+            send_error(c, NULL, "GenericError", "JSON parse error, %s", bad);
+        else if (je == json_tokener_success && end == f->len)
             handle(c, m);
         else if (je == json_tokener_success || je == json_tokener_continue)
             send_error(c, NULL, "GenericError", "JSON parse error, %s",
@@ -451,6 +562,10 @@ static void *client_main(void *arg)
     client_send(c, g, false);
     json_object_put(g);
     json_tokener *tok = json_tokener_new_ex(SERVE_MAX_JSON_DEPTH);
+    /* JSON as RFC 8259 has it (no single quotes, trailing commas, leading
+     * zeroes) in UTF-8, as QEMU's parser wants */
+    if (tok)
+        json_tokener_set_flags(tok, JSON_TOKENER_STRICT | JSON_TOKENER_VALIDATE_UTF8);
     struct framer f = { .buf = malloc(SERVE_MAX_CMD_BYTES) };
     char buf[65536];
     while (tok && f.buf && !c->dead && !stopping) {
