@@ -281,4 +281,25 @@ if m.get('event') != 'SNAPSHOT_CREATED' or m['data']['name'] != 'ev' or 'timesta
     fail("event: %r" % m)
 print("ok: SNAPSHOT_CREATED event")
 e.close()
+
+# commands sent in one write, then the connection closed at once (no
+# reply read): every one of them runs, though their replies cannot go out
+for k in range(5):
+    p = socket.socket(socket.AF_UNIX)
+    p.connect(SOCK)
+    p.sendall(b'{"execute":"qmp_capabilities"}{"execute":"snapshot-create",'
+              b'"arguments":{"name":"piped%d"}}' % k)
+    p.close()
+for _ in range(200):
+    names = [x['name'] for x in c.cmd(b'{"execute":"snapshot-list"}')['return']]
+    if all("piped%d" % k in names for k in range(5)):
+        break
+    time.sleep(0.05)
+else:
+    fail("pipelined commands of a client that closed at once did not all run: %r" % names)
+for k in range(5):
+    r = c.cmd(b'{"execute":"snapshot-delete","arguments":{"name":"piped%d"}}' % k)
+    if 'return' not in r:
+        fail("delete piped%d: %r" % (k, r))
+print("ok: commands of a client that closed at once all ran")
 c.close()

@@ -11,7 +11,8 @@
  * reply and the connection goes on (the message is discarded whole: see
  * struct framer); nothing a client sends can stop
  * the daemon except `quit`.  A client that disconnects mid-command does not
- * stop the command: it completes and its reply is dropped.
+ * stop the command: it completes and its reply is dropped; nor the
+ * commands after it that were already read.
  *
  * Threads: the main thread accepts; each connection has its own detached
  * thread (at most SERVE_MAX_CLIENTS).  clients_lock guards the client list;
@@ -568,13 +569,15 @@ static void *client_main(void *arg)
         json_tokener_set_flags(tok, JSON_TOKENER_STRICT | JSON_TOKENER_VALIDATE_UTF8);
     struct framer f = { .buf = malloc(SERVE_MAX_CMD_BYTES) };
     char buf[65536];
-    while (tok && f.buf && !c->dead && !stopping) {
+    while (tok && f.buf && !stopping) {
         ssize_t n = read(c->fd, buf, sizeof buf);
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0)
             break;
-        for (ssize_t i = 0; i < n && !c->dead; i++) {
+        /* what was received runs even if the client is gone (a reply
+         * failed): a client may send commands and close at once */
+        for (ssize_t i = 0; i < n; i++) {
             int fr = frame_byte(&f, buf[i]);
             if (fr == FRAME_OVERLONG)
                 send_error(c, NULL, "GenericError",
