@@ -219,5 +219,21 @@ ok "access: the daemon's user only; --allow-other lets the group in (mode 0660)"
 "$P" serve "$img" --socket "$T/x.sock" 2>/dev/null && fail "no --fuse accepted"
 "$P" serve "$T/missing.qcow2" --fuse "$T/x.file" --socket "$T/x.sock" 2>"$T/miss.err" && fail "missing image"
 [ "$(wc -l < "$T/miss.err")" = 1 ] || fail "missing image: $(cat "$T/miss.err")"
-ok "usage errors: one line, non-zero"
+# the FUSE file must not hide a file the daemon serves from or will create
+cp "$img" "$T/img-copy.qcow2"
+ln "$T/img-copy.qcow2" "$T/hardlink"
+sum=$(md5sum < "$T/img-copy.qcow2")
+for f in "$T/img-copy.qcow2" "$T/hardlink" "$T/./img-copy.qcow2" "$T/img-copy.qcow2@s1" \
+         "$T/.img-copy.qcow2.extsnap-tmp" "$T/deep/l3.qcow2"; do
+    im=$T/img-copy.qcow2
+    [ "$f" = "$T/deep/l3.qcow2" ] && im=$T/deep/l80.qcow2
+    "$P" serve "$im" --fuse "$f" --socket "$T/x.sock" 2>"$T/self.err" &&
+        fail "--fuse $f accepted"
+    [ "$(wc -l < "$T/self.err")" = 1 ] && grep -q -- "--fuse" "$T/self.err" ||
+        fail "--fuse $f: $(cat "$T/self.err")"
+    echo "     refused: $(cat "$T/self.err")"
+done
+[ "$(md5sum < "$T/img-copy.qcow2")" = "$sum" ] || fail "a refused start changed the image"
+grep -q " $T/" /proc/mounts && fail "a refused start left a mount"
+ok "usage errors: one line, non-zero; --fuse on the image, a layer or a snapshot's name refused"
 echo "serve-basic: all passed"

@@ -874,12 +874,51 @@ static int backing_open_path(const char *layer, const char *name, char *buf, siz
     return n >= 0 && (size_t)n < cap ? 0 : -1;
 }
 
+/* Would the file at dir/name (the --fuse file, resolved directory) be one
+ * of the names the image's external snapshots use beside it: the image
+ * itself, IMG@NAME, .IMG.extsnap-tmp, .IMG@NAME.deleting?  img: a path of
+ * the image. */
+static bool snapshot_name(const char *fdir, const char *fname, const char *img)
+{
+    char t1[PATH_MAX], t2[PATH_MAX], idir[PATH_MAX];
+    snprintf(t1, sizeof t1, "%s", img);
+    snprintf(t2, sizeof t2, "%s", img);
+    if (!realpath(dirname(t1), idir) || strcmp(idir, fdir))
+        return false;
+    const char *base = basename(t2);
+    size_t bl = strlen(base);
+    return !strcmp(fname, base) || (!strncmp(fname, base, bl) && fname[bl] == '@') ||
+           (fname[0] == '.' && !strncmp(fname + 1, base, bl) &&
+            (fname[bl + 1] == '@' || fname[bl + 1] == '.'));
+}
+
+/* The --fuse file must not be the image, one of its backing files, or a
+ * name its external snapshots use: the mount would hide the file the
+ * daemon serves from (or will create). */
+static int check_fuse_file(struct srv *s, const char *imgreal, char *err, size_t errlen)
+{
+    char t1[PATH_MAX], t2[PATH_MAX], fdir[PATH_MAX];
+    snprintf(t1, sizeof t1, "%s", s->fuse_path);
+    snprintf(t2, sizeof t2, "%s", s->fuse_path);
+    if (!realpath(dirname(t1), fdir))
+        return 0;                      /* mount_fuse reports a missing directory */
+    const char *fname = basename(t2);
+    if (snapshot_name(fdir, fname, s->image) || snapshot_name(fdir, fname, imgreal)) {
+        snprintf(err, errlen, "--fuse %.300s: that is the image's own name or one its "
+                 "snapshots use; pick another file", s->fuse_path);
+        return -1;
+    }
+    return 0;
+}
+
 /* Refuse chains whose backing files leave the image's directory (that of
  * the file, and that of the path given, if it is a symbolic link) or
- * --backing-dir.  What is judged is the resolved form of exactly the path
- * the library will open at each level.  Each layer is opened without its
- * backing file, only to read the name of the next. */
-static int check_backing(struct srv *s, char *err, size_t errlen)
+ * --backing-dir, and a --fuse file that is one of the chain's files (or a
+ * name of the image's snapshots: check_fuse_file).  What is judged is the
+ * resolved form of exactly the path the library will open at each level.
+ * Each layer is opened without its backing file, only to read the name of
+ * the next. */
+static int check_chain(struct srv *s, char *err, size_t errlen)
 {
     char imgreal[PATH_MAX], dir[PATH_MAX], gdir[PATH_MAX] = "", bdir[PATH_MAX] = "";
     if (!realpath(s->image, imgreal)) {
@@ -896,11 +935,22 @@ static int check_backing(struct srv *s, char *err, size_t errlen)
         snprintf(err, errlen, "--backing-dir %.300s: %s", s->backing_dir, strerror(errno));
         return -1;
     }
+    if (check_fuse_file(s, imgreal, err, errlen) < 0)
+        return -1;
+    struct stat fst, lst;
+    bool fuse_exists = stat(s->fuse_path, &fst) == 0;
     char cur[PATH_MAX];
     snprintf(cur, sizeof cur, "%s", s->image);
     const char *fmt = s->format;
     char fmtbuf[sizeof ((struct pms_info *)0)->backing_format];
     for (int depth = 0;; depth++) {
+        if (fuse_exists && stat(cur, &lst) == 0 && lst.st_dev == fst.st_dev &&
+            lst.st_ino == fst.st_ino) {
+            snprintf(err, errlen, "--fuse %.300s is %s (%.300s); pick another file",
+                     s->fuse_path, depth ? "a backing file of the image" : "the image itself",
+                     cur);
+            return -1;
+        }
         struct pms_open_opts o;
         pms_open_opts_init(&o);
         o.readonly = 1;
@@ -1293,7 +1343,7 @@ int cmd_serve(int argc, char **argv)
     }
 
     char err[1024];
-    if (check_backing(s, err, sizeof err) < 0)
+    if (check_chain(s, err, sizeof err) < 0)
         return fail("%s", err);
     struct pms_open_opts o;
     pms_open_opts_init(&o);
