@@ -99,22 +99,17 @@ cases = [
     (b'{"a":' * 100 + b'1' + b'}' * 100 + b'\n', "GenericError", "JSON parse error",
      "nesting too deep"),
     # what json-c takes outside strict JSON, and what it would echo wrongly
-    (b'{"execute": "query-stats", "id": NaN}', "GenericError", "JSON parse error", "NaN id"),
-    (b'{"execute": "query-stats", "id": Infinity}', "GenericError", "JSON parse error",
-     "Infinity id"),
-    (b'{"execute": "query-stats", "id": -Infinity}', "GenericError", "JSON parse error",
-     "-Infinity id"),
-    (b'{"execute": "query-stats", "id": [1, NaN]}', "GenericError", "JSON parse error",
-     "NaN inside an id"),
-    (b'{"execute": "query-stats", "id": 99999999999999999999}', "GenericError", "64-bit",
-     "integer id past 64 bits"),
-    (b'{"execute": "query-stats", "id": -9223372036854775809}', "GenericError", "64-bit",
-     "integer id below -2^63"),
+] + [(b'{"execute": "query-stats", "id": %s}' % idtext, "GenericError", text, what)
+     for idtext, text, what in (
+         (b'NaN', "JSON parse error", "NaN id"),
+         (b'Infinity', "JSON parse error", "Infinity id"),
+         (b'-Infinity', "JSON parse error", "-Infinity id"),
+         (b'[1, NaN]', "JSON parse error", "NaN inside an id"),
+         (b'99999999999999999999', "64-bit", "integer id past 64 bits"),
+         (b'-9223372036854775809', "64-bit", "integer id below -2^63"),
+         (b'[1, 2,]', "JSON parse error", "trailing comma"),
+         (b'01', "JSON parse error", "leading zero"))] + [
     (b"{'execute': 'query-stats'}", "GenericError", "JSON parse error", "single quotes"),
-    (b'{"execute": "query-stats", "id": [1, 2,]}', "GenericError", "JSON parse error",
-     "trailing comma"),
-    (b'{"execute": "query-stats", "id": 01}', "GenericError", "JSON parse error",
-     "leading zero"),
     (b'{"execute": "snapshot-create", "arguments": {"name": "\xff\xfe"}}', "GenericError",
      "JSON parse error", "a name that is not UTF-8"),
 ]
