@@ -233,7 +233,31 @@ for f in "$T/img-copy.qcow2" "$T/hardlink" "$T/./img-copy.qcow2" "$T/img-copy.qc
         fail "--fuse $f: $(cat "$T/self.err")"
     echo "     refused: $(cat "$T/self.err")"
 done
+# nor any other file it writes: a pid file or log over the image wrecked it
+# (and the pid file was unlinked at exit); two options on one file
+im=$T/img-copy.qcow2
+for args in "--pidfile $im" "--log $im" "--log $T/deep/l3.qcow2" "--pidfile $T/hardlink" \
+            "--log $T/img-copy.qcow2@x" "--pidfile $T/x.file" "--log $T/x.sock" \
+            "--pidfile $T/same --log $T/./same"; do
+    im=$T/img-copy.qcow2
+    case $args in *deep*) im=$T/deep/l80.qcow2 ;; esac
+    # shellcheck disable=SC2086
+    "$P" serve "$im" --fuse "$T/x.file" --socket "$T/x.sock" $args 2>"$T/self.err" &&
+        fail "$args accepted"
+    [ "$(wc -l < "$T/self.err")" = 1 ] || fail "$args: $(cat "$T/self.err")"
+    echo "     refused: $(cat "$T/self.err")"
+done
+[ -e "$T/same" ] && fail "a refused start created its pid file"
 [ "$(md5sum < "$T/img-copy.qcow2")" = "$sum" ] || fail "a refused start changed the image"
 grep -q " $T/" /proc/mounts && fail "a refused start left a mount"
-ok "usage errors: one line, non-zero; --fuse on the image, a layer or a snapshot's name refused"
+ok "usage errors: one line, non-zero; --fuse, --pidfile, --log on the image, a layer, a snapshot's name or each other refused"
+
+# the daemon keeps none of the caller's standard descriptors (its write-back
+# helper neither): a pipe on its output reaches EOF once serve returns
+out=$(timeout 20 bash -c "'$P' serve '$img' --fuse '$T/p.file' --socket '$T/p.sock' --pidfile '$T/p.pid' | cat; echo piped-done") ||
+    fail "the output pipe of serve did not close"
+grep -q piped-done <<<"$out" || fail "serve | cat: $out"
+DAEMONS+=("$(cat "$T/p.pid")")
+stop p
+ok "serve | cat returns once the daemon serves"
 echo "serve-basic: all passed"

@@ -892,33 +892,87 @@ static bool snapshot_name(const char *fdir, const char *fname, const char *img)
             (fname[bl + 1] == '@' || fname[bl + 1] == '.'));
 }
 
-/* The --fuse file must not be the image, one of its backing files, or a
- * name its external snapshots use: the mount would hide the file the
- * daemon serves from (or will create). */
-static int check_fuse_file(struct srv *s, const char *imgreal, char *err, size_t errlen)
+/* The files of the served chain (the image first), as check_chain found
+ * them: what no file the daemon creates may be. */
+struct chain_files {
+    struct stat st[PMS_MAX_BACKING_DEPTH + 1];
+    int n;
+};
+
+/* Resolved form of path for comparisons: realpath of its directory, then
+ * its last component ("" if the directory does not resolve). */
+static void resolved_name(const char *path, char *buf, size_t cap)
 {
-    char t1[PATH_MAX], t2[PATH_MAX], fdir[PATH_MAX];
-    snprintf(t1, sizeof t1, "%s", s->fuse_path);
-    snprintf(t2, sizeof t2, "%s", s->fuse_path);
-    if (!realpath(dirname(t1), fdir))
-        return 0;                      /* mount_fuse reports a missing directory */
-    const char *fname = basename(t2);
-    if (snapshot_name(fdir, fname, s->image) || snapshot_name(fdir, fname, imgreal)) {
-        snprintf(err, errlen, "--fuse %.300s: that is the image's own name or one its "
-                 "snapshots use; pick another file", s->fuse_path);
-        return -1;
+    char t1[PATH_MAX], t2[PATH_MAX], dir[PATH_MAX];
+    snprintf(t1, sizeof t1, "%s", path);
+    snprintf(t2, sizeof t2, "%s", path);
+    if (!realpath(dirname(t1), dir)) {
+        buf[0] = '\0';
+        return;
+    }
+    int n = snprintf(buf, cap, "%s/%s", strcmp(dir, "/") ? dir : "", basename(t2));
+    if (n < 0 || (size_t)n >= cap)
+        buf[0] = '\0';
+}
+
+/* No file the daemon creates or mounts on (--fuse, --socket, --pidfile,
+ * --log) may be the image or one of its backing files, a name the image's
+ * external snapshots use, or another of these files: the mount would hide
+ * the file served from, a pid file or log written over the image would
+ * wreck it (and be unlinked at exit), two of them over each other lose one. */
+static int check_outputs(struct srv *s, const struct chain_files *cf, char *err, size_t errlen)
+{
+    char imgreal[PATH_MAX];
+    if (!realpath(s->image, imgreal))
+        imgreal[0] = '\0';
+    const char *opt[] = { "--fuse", "--socket", "--pidfile", "--log" };
+    const char *path[] = { s->fuse_path, s->sock_path, s->pidfile, s->log };
+    char res[4][PATH_MAX];
+    for (int i = 0; i < 4; i++) {
+        if (!path[i])
+            continue;
+        resolved_name(path[i], res[i], sizeof res[i]);
+        char fdir[PATH_MAX];
+        strcpy(fdir, res[i]);
+        char *sl = strrchr(fdir, '/');
+        const char *fname = sl ? sl + 1 : fdir;
+        if (sl)
+            *sl = '\0';
+        if (res[i][0] && (snapshot_name(fdir[0] ? fdir : "/", fname, s->image) ||
+                          (imgreal[0] && snapshot_name(fdir[0] ? fdir : "/", fname, imgreal)))) {
+            snprintf(err, errlen, "%s %.300s: that is the image's own name or one its "
+                     "snapshots use; pick another file", opt[i], path[i]);
+            return -1;
+        }
+        struct stat st;
+        if (stat(path[i], &st) == 0)
+            for (int k = 0; k < cf->n; k++)
+                if (st.st_dev == cf->st[k].st_dev && st.st_ino == cf->st[k].st_ino) {
+                    snprintf(err, errlen, "%s %.300s is %s; pick another file", opt[i], path[i],
+                             k ? "a backing file of the image" : "the image itself");
+                    return -1;
+                }
+        for (int j = 0; j < i; j++) {
+            struct stat sj;
+            if (path[j] && ((res[i][0] && !strcmp(res[i], res[j])) ||
+                            (stat(path[i], &st) == 0 && stat(path[j], &sj) == 0 &&
+                             st.st_dev == sj.st_dev && st.st_ino == sj.st_ino))) {
+                snprintf(err, errlen, "%s and %s name the same file (%.300s)", opt[j], opt[i],
+                         path[i]);
+                return -1;
+            }
+        }
     }
     return 0;
 }
 
 /* Refuse chains whose backing files leave the image's directory (that of
  * the file, and that of the path given, if it is a symbolic link) or
- * --backing-dir, and a --fuse file that is one of the chain's files (or a
- * name of the image's snapshots: check_fuse_file).  What is judged is the
+ * --backing-dir; cf gets the chain's files.  What is judged is the
  * resolved form of exactly the path the library will open at each level.
  * Each layer is opened without its backing file, only to read the name of
  * the next. */
-static int check_chain(struct srv *s, char *err, size_t errlen)
+static int check_chain(struct srv *s, struct chain_files *cf, char *err, size_t errlen)
 {
     char imgreal[PATH_MAX], dir[PATH_MAX], gdir[PATH_MAX] = "", bdir[PATH_MAX] = "";
     if (!realpath(s->image, imgreal)) {
@@ -935,22 +989,14 @@ static int check_chain(struct srv *s, char *err, size_t errlen)
         snprintf(err, errlen, "--backing-dir %.300s: %s", s->backing_dir, strerror(errno));
         return -1;
     }
-    if (check_fuse_file(s, imgreal, err, errlen) < 0)
-        return -1;
-    struct stat fst, lst;
-    bool fuse_exists = stat(s->fuse_path, &fst) == 0;
+    cf->n = 0;
     char cur[PATH_MAX];
     snprintf(cur, sizeof cur, "%s", s->image);
     const char *fmt = s->format;
     char fmtbuf[sizeof ((struct pms_info *)0)->backing_format];
     for (int depth = 0;; depth++) {
-        if (fuse_exists && stat(cur, &lst) == 0 && lst.st_dev == fst.st_dev &&
-            lst.st_ino == fst.st_ino) {
-            snprintf(err, errlen, "--fuse %.300s is %s (%.300s); pick another file",
-                     s->fuse_path, depth ? "a backing file of the image" : "the image itself",
-                     cur);
-            return -1;
-        }
+        if (stat(cur, &cf->st[cf->n]) == 0)
+            cf->n++;
         struct pms_open_opts o;
         pms_open_opts_init(&o);
         o.readonly = 1;
@@ -1307,6 +1353,10 @@ int cmd_serve(int argc, char **argv)
     }
     if (access("/dev/fuse", R_OK | W_OK) < 0)
         return fail("/dev/fuse: %s (FUSE is not available here)", strerror(errno));
+    char err[1024];
+    static struct chain_files cf;
+    if (check_chain(s, &cf, err, sizeof err) < 0 || check_outputs(s, &cf, err, sizeof err) < 0)
+        return fail("%s", err);
     /* the log is opened now, so that a log we cannot write is an error
      * here and not silence later */
     int log_fd = -1;
@@ -1342,9 +1392,6 @@ int cmd_serve(int argc, char **argv)
         setsid();
     }
 
-    char err[1024];
-    if (check_chain(s, err, sizeof err) < 0)
-        return fail("%s", err);
     struct pms_open_opts o;
     pms_open_opts_init(&o);
     o.format = s->format;
