@@ -52,6 +52,11 @@ static void helper_main(int sk, const char *path)
     prctl(PR_SET_NAME, "pms-flusher", 0, 0, 0);
     if (sk != HELPER_FD && dup2(sk, HELPER_FD) < 0)
         _exit(1);
+    /* no standard descriptors of the caller either: a pipe on the daemon's
+     * stdout (out=$(pmemsnap serve ...)) must reach EOF once serve returns */
+    int nul = open("/dev/null", O_RDWR);
+    for (int i = 0; nul >= 0 && i < 3; i++)
+        if (nul != i) dup2(nul, i);
     close_range(HELPER_FD + 1, ~0u, 0);     /* no /dev/fuse, no parent pipes */
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     int r = fd < 0 ? errno : 0;
