@@ -645,28 +645,12 @@ int cmd_info(int argc, char **argv)
         return usage_error("Expecting one image file name");
     if (!chain)
         return info_one(argv[optind], fmt, force, json, NULL, NULL, NULL, 0) < 0 ? 1 : 0;
-    /* like qemu-img: open the whole chain first, print nothing if it breaks */
-    {
-        char *p = strdup(argv[optind]);
-        const char *f = fmt;
-        char ff[64] = "";
-        for (int k = 0; p && k < 64; k++) {
-            pms_dev *d = open_image(p, f, true, PMS_CACHE_WRITEBACK, true, force);
-            if (!d) {
-                free(p);
-                return 1;
-            }
-            struct pms_info in = { .size = sizeof in };
-            pms_info(d, &in);
-            pms_close(d);
-            char *nx = in.backing_file[0] ? path_combine(p, in.backing_file) : NULL;
-            snprintf(ff, sizeof ff, "%s", in.backing_format);
-            f = ff[0] ? ff : NULL;
-            free(p);
-            p = nx;
-        }
-        free(p);
-    }
+    /* like qemu-img: open the whole chain first (the library finds loops
+     * and chains too deep), print nothing if it breaks */
+    pms_dev *whole = open_image(argv[optind], fmt, true, PMS_CACHE_WRITEBACK, false, force);
+    if (!whole)
+        return 1;
+    pms_close(whole);
     struct jval *arr = json ? jarr() : NULL;
     char *cur = strdup(argv[optind]), bfmt[64] = "";
     int rc = 0, n = 0;

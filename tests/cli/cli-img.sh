@@ -78,6 +78,16 @@ cmp_cmd "info --backing-chain human" sub/rel.qcow2 info --backing-chain
 cmp_cmd "info --backing-chain json" top.qcow2 info --backing-chain --output=json
 cmp_cmd "info options after the file name" top.qcow2 info --output=json -U
 cmp_cmd "map --start-offset/--max-length" top.qcow2 map --output=json --start-offset=64k --max-length=1M
+# a backing loop: like qemu-img, nothing on stdout, one error line
+qemu-img create -q -f qcow2 la.qcow2 1M
+qemu-img create -q -f qcow2 -b la.qcow2 -F qcow2 lb.qcow2
+qemu-img rebase -u -b lb.qcow2 -F qcow2 la.qcow2
+for o in "" "--output=json"; do
+    # shellcheck disable=SC2086
+    "$P" info --backing-chain $o lb.qcow2 > p.out 2> p.err && fail "info --backing-chain $o of a loop: exit 0"
+    [ -s p.out ] && fail "info --backing-chain $o of a loop printed: $(head -c 200 p.out)"
+    [ "$(wc -l < p.err)" = 1 ] || fail "info --backing-chain $o of a loop: $(head -3 p.err)"
+done
 
 # a leaked cluster: exit 3, same report; -r leaks repairs it like qemu-img
 "$P" create -f qcow2 leak.qcow2 1M >/dev/null
