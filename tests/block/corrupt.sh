@@ -178,7 +178,14 @@ one_case() {
     for mode in $modes; do
         cp "$D/pristine" "$copy"
         run repair check "$T" check -f qcow2 -r $mode "$copy"
-        [ $qopen -ne 0 ] && [ $rc -eq 0 ] && fail "check -r $mode succeeded, qemu-img refuses the image"
+        # (a check opens what a plain open refuses, e.g. no refcount table:
+        # judged by QEMU's own repair of the same image)
+        if [ $qopen -ne 0 ] && [ $rc -eq 0 ]; then
+            cp "$D/pristine" "$copy.q"
+            qemu-img check -q -f qcow2 -r $mode "$copy.q" >/dev/null 2>&1
+            [ $? -eq 1 ] && fail "check -r $mode succeeded, qemu-img cannot open the image to repair it"
+            rm -f "$copy.q"
+        fi
         if [ $rc -eq 0 ] || { [ $mode = leaks ] && [ $rc -eq 2 ]; }; then
             qemu-img check -f qcow2 --output=json "$copy" >"$D/q2.json" 2>/dev/null
             q2=$?

@@ -684,7 +684,9 @@ static int qcow2_open(struct bdev *bs, const char *path, const struct pms_open_o
                        (unsigned long long)s->l1_offset);
     s->reftable_offset = be64toh(h.refcount_table_offset);
     s->reftable_clusters = be32toh(h.refcount_table_clusters);
-    if (s->reftable_clusters == 0 || qc_off_in_cluster(s, s->reftable_offset) ||
+    /* (no refcount table at all: only a check may open it, to rebuild one,
+     * as QEMU's does) */
+    if ((s->reftable_clusters == 0 && !ck) || qc_off_in_cluster(s, s->reftable_offset) ||
         ((uint64_t)s->reftable_clusters << s->cluster_bits) > QCOW2_MAX_REFTABLE_BYTES ||
         (!ck && (s->reftable_offset < s->cluster_size || s->reftable_offset >= (uint64_t)flen)))
         return pms_err(EINVAL, "refcount table (offset %llu, %u clusters) is invalid",
