@@ -334,6 +334,18 @@ def _(m):
         m.w64(off + 8, 0)
         off += 16
 
+@case('hdr-ext-end-long', 'plain', 'end-of-extensions marker whose length runs past the cluster')
+def _(m):
+    hl = m.h['header_length']
+    m.wbytes(hl, b'\0' * 16)
+    m.w32(hl + 4, m.h['cs'] * 3)
+
+@case('hdr-snap-off-unaligned-empty', 'plain', 'no snapshots, snapshots_offset not aligned')
+def _(m): m.w64(64, 1)
+
+@case('hdr-autoclear-data-raw', 'plain', 'data-file-raw autoclear bit without a data file')
+def _(m): m.w64(88, m.h['autoclear'] | 2)
+
 @case('hdr-ext-backing-fmt-long', 'backing', 'backing format extension of 2000 bytes')
 def _(m):
     hl = m.h['header_length']

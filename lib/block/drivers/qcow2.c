@@ -389,17 +389,21 @@ static int read_extensions(struct bdev *bs, const uint8_t *buf, size_t buflen, s
     size_t pos = start;
     int cap = s->nb_exts;
     for (;;) {
-        /* as QEMU: the list may fill its area without an end marker */
-        if (pos >= end || pos + 8 > buflen)
+        /* as QEMU: the list may fill its area without an end marker; a
+         * header (the end marker's too) that runs past the area is refused */
+        if (pos >= end)
             return 0;
+        if (pos + 8 > end || pos + 8 > buflen)
+            return pms_err(EINVAL, "header extension at offset %zu runs past the header "
+                           "area", pos);
         struct qcow2_ext_header h;
         memcpy(&h, buf + pos, 8);
         uint32_t type = be32toh(h.type), len = be32toh(h.len);
         pos += 8;
-        if (type == QCOW2_EXT_END) return 0;
         if (len > end - pos || len > buflen - pos)
             return pms_err(EINVAL, "header extension 0x%x (%u bytes) runs past the header "
                            "cluster", type, len);
+        if (type == QCOW2_EXT_END) return 0;
         const uint8_t *d = buf + pos;
         switch (type) {
         case QCOW2_EXT_BACKING_FORMAT:
@@ -619,6 +623,8 @@ static int qcow2_open(struct bdev *bs, const char *path, const struct pms_open_o
         } else if (s->compression_type != 0)
             return pms_err(EINVAL, "compression type %u set without the compression feature bit",
                            s->compression_type);
+        if (s->autoclear & QCOW2_AUTOCLEAR_DATA_RAW)         /* as QEMU refuses it */
+            return pms_err(EINVAL, "data-file-raw requires a data file");
         s->ext_l2 = (s->incompat & QCOW2_INCOMPAT_EXTL2) != 0;
         if (s->ext_l2 && s->cluster_bits < 14)
             return pms_err(EINVAL, "extended L2 entries need clusters of at least 16 KiB");
@@ -698,9 +704,12 @@ static int qcow2_open(struct bdev *bs, const char *path, const struct pms_open_o
     s->snapshots_offset = be64toh(h.snapshots_offset);
     if (nsnap > QCOW2_MAX_SNAPSHOTS)
         return pms_err(EINVAL, "too many snapshots (%u)", nsnap);
-    if (nsnap && (s->snapshots_offset & 7 ||
+    /* as QEMU's table validation: the offset is cluster aligned even when
+     * the table is empty */
+    if (qc_off_in_cluster(s, s->snapshots_offset) ||
+        (nsnap && (s->snapshots_offset & 7 ||
                   (!ck && (s->snapshots_offset < s->cluster_size ||
-                           s->snapshots_offset >= (uint64_t)flen))))
+                           s->snapshots_offset >= (uint64_t)flen)))))
         return pms_err(EINVAL, "snapshot table offset %llu is invalid",
                        (unsigned long long)s->snapshots_offset);
     s->nb_snaps = (int)nsnap;
