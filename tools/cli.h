@@ -60,6 +60,10 @@ pms_dev *open_quiet(const char *path, const char *fmt, bool readonly, int cache_
                     bool no_backing, bool force_share);
 /* Close, report a failure; returns 0 or -1. */
 int close_image(pms_dev *dev);
+/* Close after a command that ends with exit status rc: when rc says it
+ * failed (its error printed), the close's own error, which can only repeat
+ * it, is not printed.  Returns rc, or 1 when only the close failed. */
+int close_after(pms_dev *dev, int rc);
 
 /* Would creating path conflict with QEMU-style image locks another open
  * file description holds?  Prints the error and returns 1, else 0. */

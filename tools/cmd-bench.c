@@ -219,7 +219,5 @@ int cmd_bench(int argc, char **argv)
         printf("Run completed in %3.3f seconds.\n",
                (double)(t2.tv_sec - t1.tv_sec) + (double)(t2.tv_usec - t1.tv_usec) / 1e6);
     pthread_mutex_destroy(&b.lock);
-    if (close_image(dev) < 0)
-        rc = 1;
-    return rc;
+    return close_after(dev, rc);
 }

@@ -919,9 +919,7 @@ int cmd_snapshot(int argc, char **argv)
     }
         break;
     }
-    if (close_image(dev) < 0)
-        rc = 1;
-    return rc;
+    return close_after(dev, rc);
 }
 
 /* ---- map ------------------------------------------------------------------------ */
@@ -1157,9 +1155,7 @@ int cmd_map(int argc, char **argv)
     if (json)
         printf("]\n");
     chain_free(&c);
-    if (close_image(dev) < 0)
-        rc = 1;
-    return rc;
+    return close_after(dev, rc);
 }
 
 /* ---- convert ---------------------------------------------------------------------- */
@@ -1419,7 +1415,7 @@ int cmd_convert(int argc, char **argv)
     }
     if (p.on)
         printf("\n");
-    if (close_image(out) < 0) rc = 1;
+    rc = close_after(out, rc);
     pms_close(in);
     return rc;
 }
@@ -1490,10 +1486,5 @@ int cmd_resize(int argc, char **argv)
         rc = 1;
     } else if (!quiet)
         printf("Image resized.\n");
-    /* one error line: after a failure the close can only repeat it */
-    if (rc)
-        pms_close(dev);
-    else if (close_image(dev) < 0)
-        rc = 1;
-    return rc;
+    return close_after(dev, rc);
 }

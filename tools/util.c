@@ -227,6 +227,15 @@ int close_image(pms_dev *dev)
     return 0;
 }
 
+int close_after(pms_dev *dev, int rc)
+{
+    if (rc) {
+        pms_close(dev);
+        return rc;
+    }
+    return close_image(dev) < 0 ? 1 : 0;
+}
+
 int target_in_use(const char *path)
 {
     if (bdev_file_busy(path) == 0)

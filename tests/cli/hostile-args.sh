@@ -334,4 +334,25 @@ for c in "info fifo.img" "map fifob.qcow2" "convert -O raw fifob.qcow2 out.fifo.
     fi
 done
 
+# a command that fails on a damaged image says so once: the close after it
+# (which meets the same damage) does not add a second line
+qemu-img create -q -f qcow2 -o cluster_size=4096 dmg.qcow2 4M
+qemu-io -c "write -P 1 0 64k" -c "write -P 2 1M 100k" dmg.qcow2 >/dev/null
+qemu-img snapshot -c s1 dmg.qcow2
+qemu-io -c "write -P 3 32k 64k" dmg.qcow2 >/dev/null
+qemu-img snapshot -c s2 dmg.qcow2
+python3 - <<'PY'
+import struct
+f = open('dmg.qcow2', 'r+b'); d = f.read(4096)
+l1o = struct.unpack_from('>Q', d, 40)[0]; rto = struct.unpack_from('>Q', d, 48)[0]
+f.seek(rto); rb0 = struct.unpack('>Q', f.read(8))[0]
+f.seek(l1o + 8); f.write(struct.pack('>Q', rb0))   # L1[1] -> the refcount block
+PY
+timeout 20 "$P" snapshot -d s1 dmg.qcow2 2>dmg.err; rc=$?
+if [ $rc -ne 1 ] || [ "$(wc -l <dmg.err)" -ne 1 ]; then
+    fail "snapshot -d on a damaged image: exit $rc, $(wc -l <dmg.err) lines: $(head -c 300 dmg.err)"
+else
+    pass "snapshot -d on a damaged image: one line: $(cat dmg.err)"
+fi
+
 finish
