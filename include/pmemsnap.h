@@ -262,7 +262,9 @@ int  pms_snapshot_delete(pms_dev *dev, const char *name);   /* name or id */
 /* Progress of a long operation: done out of total bytes. */
 typedef void (*pms_progress_fn)(void *opaque, uint64_t done, uint64_t total);
 /* Delete with progress (fn may be NULL): deleting an external snapshot
- * merges its layer's data into the images that read through it.  flags: 0. */
+ * merges its layer's data into the images that read through it; EBUSY
+ * (nothing written) while the layer or one of those images holds internal
+ * snapshots, which the merge would drop or change.  flags: 0. */
 int  pms_snapshot_delete_ex(pms_dev *dev, const char *name, unsigned flags,
                             pms_progress_fn fn, void *opaque);
 int  pms_snapshot_list(pms_dev *dev, struct pms_snapshot_info **list, size_t *n);
