@@ -154,6 +154,20 @@ check_img "$img"
 qio "$img" "read -P 0x77 400k 4k"
 ok "SIGTERM: written-back, unmounted, image clean"
 
+# unmounted from outside (nothing has the file open: the daemon's write-back
+# helper must not hold it either): the daemon stops, the image is clean,
+# and a new daemon gets the image
+start "$img" um
+printf 'UMOUNT' | dd of="$T/um.file" bs=1 seek=8192 conv=notrunc status=none
+umount "$T/um.file" || fail "plain umount of an idle export: busy"
+for _ in $(seq 100); do kill -0 "$PID_um" 2>/dev/null || break; sleep 0.1; done
+kill -0 "$PID_um" 2>/dev/null && fail "the daemon kept running after its mount was removed"
+check_img "$img"
+start "$img" um
+[ "$(dd if="$T/um.file" bs=1 skip=8192 count=6 status=none)" = UMOUNT ] || fail "data after umount"
+stop um
+ok "umount from outside: the daemon stops, the image clean, data kept"
+
 # backing chains: only under the image's directory or --backing-dir
 mkdir -p "$T/other" "$T/ov"
 qemu-img create -q -f raw "$T/other/secret" 1M

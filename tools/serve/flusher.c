@@ -20,6 +20,14 @@
  *   HELPER_FSYNC    fsync(2) the file: every dirty page, then FUSE_FSYNC
  * Each is answered with an int: 0 or an errno value.
  *
+ * The helper opens the file for each command and closes it after, so it
+ * never holds the mount busy: `umount FILE` from outside works, and after
+ * a lazy unmount the file system goes once its last user does (the FUSE
+ * loop then ends and the daemon stops).  Each open is checked to be on the
+ * mount's device (learnt at the first start): once the path names the
+ * file under the mount instead, a command fails with ENODEV rather than
+ * write back the wrong file's pages and report success.
+ *
  * Not done here: starting the write-back early while mapped writers store
  * (a kick every 128 MiB of FUSE reads).  Measured 2026-12-07 against the
  * same build without it, alternated, 512 MiB first-touch write through an
@@ -38,7 +46,9 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <sys/prctl.h>
+#include <stdint.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include "serve.h"
@@ -47,7 +57,22 @@ enum { HELPER_WRITE = 'w', HELPER_FSYNC = 'f' };
 /* The helper's end of the socket, moved to this descriptor in the child. */
 #define HELPER_FD 3
 
-static void helper_main(int sk, const char *path)
+/* Open path read-only and check that it is on device dev (0: any); the
+ * descriptor, or -errno. */
+static int open_on(const char *path, dev_t dev)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    struct stat st;
+    if (fstat(fd, &st) < 0 || (dev && st.st_dev != dev)) {
+        close(fd);
+        return -ENODEV;
+    }
+    return fd;
+}
+
+static void helper_main(int sk, const char *path, dev_t dev)
 {
     prctl(PR_SET_NAME, "pms-flusher", 0, 0, 0);
     if (sk != HELPER_FD && dup2(sk, HELPER_FD) < 0)
@@ -58,19 +83,33 @@ static void helper_main(int sk, const char *path)
     for (int i = 0; nul >= 0 && i < 3; i++)
         if (nul != i) dup2(nul, i);
     close_range(HELPER_FD + 1, ~0u, 0);     /* no /dev/fuse, no parent pipes */
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    int r = fd < 0 ? errno : 0;
-    if (send(HELPER_FD, &r, sizeof r, MSG_NOSIGNAL) != sizeof r || fd < 0)
+    /* first reply: the open's result and the device */
+    int fd = open_on(path, dev);
+    struct stat st;
+    struct { int r; int pad; uint64_t dev; } hello = { .r = fd < 0 ? -fd : 0 };
+    if (fd >= 0 && fstat(fd, &st) == 0)
+        hello.dev = (uint64_t)st.st_dev;
+    if (fd >= 0)
+        close(fd);
+    if (send(HELPER_FD, &hello, sizeof hello, MSG_NOSIGNAL) != sizeof hello || hello.r)
         _exit(1);
+    dev = (dev_t)hello.dev;
     for (;;) {
         char c;
         if (recv(HELPER_FD, &c, 1, 0) != 1)
             _exit(0);                       /* the daemon closed its end, or died */
-        r = c == HELPER_WRITE
-            ? sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
-                                        SYNC_FILE_RANGE_WAIT_AFTER)
-            : c == HELPER_FSYNC ? fsync(fd) : (errno = EINVAL, -1);
-        r = r < 0 ? errno : 0;
+        int r = 0;
+        fd = open_on(path, dev);
+        if (fd < 0)
+            r = -fd;
+        else {
+            int k = c == HELPER_WRITE
+                ? sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
+                                            SYNC_FILE_RANGE_WAIT_AFTER)
+                : c == HELPER_FSYNC ? fsync(fd) : (errno = EINVAL, -1);
+            r = k < 0 ? errno : 0;
+            close(fd);
+        }
         if (send(HELPER_FD, &r, sizeof r, MSG_NOSIGNAL) != sizeof r)
             _exit(0);
     }
@@ -108,19 +147,20 @@ static int start(struct flusher *f)
         return -e;
     }
     if (pid == 0)
-        helper_main(sv[1], f->path);
+        helper_main(sv[1], f->path, f->dev);
     close(sv[1]);
-    int r = 0;
+    struct { int r; int pad; uint64_t dev; } hello = { 0 };
     ssize_t n;
-    while ((n = recv(sv[0], &r, sizeof r, 0)) < 0 && errno == EINTR) {}   /* its open */
-    if (n != sizeof r || r) {
+    while ((n = recv(sv[0], &hello, sizeof hello, 0)) < 0 && errno == EINTR) {}   /* its open */
+    if (n != sizeof hello || hello.r) {
         close(sv[0]);
         f->pid = pid;
         reap(f);
-        return n == sizeof r ? -r : -ECHILD;
+        return n == sizeof hello ? -hello.r : -ECHILD;
     }
     f->sk = sv[0];
     f->pid = pid;
+    f->dev = (dev_t)hello.dev;
     return 0;
 }
 
@@ -129,6 +169,7 @@ int flusher_start(struct flusher *f, const char *path)
     f->sk = -1;
     f->pid = -1;
     f->path = path;
+    f->dev = 0;
     pthread_mutex_init(&f->mu, NULL);
     pthread_mutex_lock(&f->mu);
     int r = start(f);

@@ -1147,7 +1147,11 @@ static bool is_mount_point(const char *path, const struct stat *st)
 static int mount_fuse(struct srv *s, char *err, size_t errlen)
 {
     struct stat st;
-    if (stat(s->fuse_path, &st) < 0 && errno == ENOTCONN) {
+    /* (forced to ask the file system: a dead FUSE mount answers a plain
+     * stat from its attribute cache for a while) */
+    struct statx stx;
+    if (statx(AT_FDCWD, s->fuse_path, AT_STATX_FORCE_SYNC, STATX_TYPE, &stx) < 0 &&
+        errno == ENOTCONN) {
         snprintf(err, errlen, "%.300s: a dead FUSE mount is still there (a killed daemon's?); "
                  "unmount it first: umount -l %.300s", s->fuse_path, s->fuse_path);
         return -1;

@@ -95,6 +95,7 @@ struct flusher {
     int sk;                       /* our end of the socket pair, -1 = none */
     pid_t pid;                    /* the helper, -1 = none */
     const char *path;             /* the FUSE file; NULL = not started */
+    dev_t dev;                    /* its device (the mount's), learnt at the first start */
 };
 int  flusher_start(struct flusher *f, const char *path);
 int  flusher_write(struct flusher *f);    /* write back every dirty page, wait */
