@@ -162,6 +162,8 @@ printf 'UMOUNT' | dd of="$T/um.file" bs=1 seek=8192 conv=notrunc status=none
 umount "$T/um.file" || fail "plain umount of an idle export: busy"
 for _ in $(seq 100); do kill -0 "$PID_um" 2>/dev/null || break; sleep 0.1; done
 kill -0 "$PID_um" 2>/dev/null && fail "the daemon kept running after its mount was removed"
+grep -q "was unmounted, shutting down" "$T/um.log" || fail "unmount not logged: $(cat "$T/um.log")"
+grep -v "was unmounted, shutting down" "$T/um.log" | grep -q . && fail "errors at the unmount: $(cat "$T/um.log")"
 check_img "$img"
 start "$img" um
 [ "$(dd if="$T/um.file" bs=1 skip=8192 count=6 status=none)" = UMOUNT ] || fail "data after umount"

@@ -73,6 +73,12 @@ start "$ei" e
 "$P" snapshot -c x1 --kind external --socket "$T/e.sock" || fail "external snapshot"
 "$SERVETEST" fill "$T/e.file" 0 64k 0x55 || fail "fill 0x55"
 qio_ro "$ei@x1" "read -P 0x44 0 64k"
+# --external, as the local form spells it, is the same
+"$P" snapshot -c x2 --external --socket "$T/e.sock" || fail "snapshot --external --socket"
+[ -f "$ei@x2" ] || fail "--external over the socket made no layer"
+"$P" snapshot -d x2 --socket "$T/e.sock" || fail "delete x2"
+"$P" snapshot -c x3 --external --kind internal --socket "$T/e.sock" 2>/dev/null &&
+    fail "--external with --kind internal accepted"
 "$P" snapshot -l --socket "$T/e.sock" | grep -q " x1 .*external" || fail "list: $("$P" snapshot -l --socket "$T/e.sock")"
 mkfifo "$T/e.in" "$T/e.out"
 "$SERVETEST" reader "$T/e.file" 0 0x55 <"$T/e.in" >"$T/e.out" &

@@ -1,5 +1,6 @@
 /* CLI clients of a running `pmemsnap serve`:
- *   pmemsnap snapshot -l | -c NAME | -a NAME | -d NAME --socket SOCK [--vm] [--kind K]
+ *   pmemsnap snapshot -l | -c NAME | -a NAME | -d NAME --socket SOCK [--vm]
+ *                     [--kind K | --external]
  *   pmemsnap stats --socket SOCK [--output=human|json]
  * They speak QMP to the daemon's control socket (vmqmp.c) and print what
  * the local commands print (the snapshot table of `snapshot -l`).
@@ -74,6 +75,7 @@ int cmd_snapshot_remote(int argc, char **argv)
         { "socket", required_argument, NULL, 's' },
         { "vm", no_argument, NULL, 'v' },
         { "kind", required_argument, NULL, 'k' },
+        { "external", no_argument, NULL, 'e' },      /* as the local form: --kind external */
         { NULL, 0, NULL, 0 },
     };
     const char *sock = NULL, *name = NULL, *kind = NULL;
@@ -83,7 +85,13 @@ int cmd_snapshot_remote(int argc, char **argv)
         switch (ch) {
         case 's': sock = optarg; break;
         case 'v': vm = 1; break;
-        case 'k': kind = optarg; break;
+        case 'k':
+        case 'e':
+            if (kind && strcmp(kind, ch == 'e' ? "external" : optarg))
+                return usage_error("--external and --kind %s contradict each other",
+                                   ch == 'e' ? kind : optarg);
+            kind = ch == 'e' ? "external" : optarg;
+            break;
         case 'q': break;
         case 'l': case 'a': case 'c': case 'd':
             if (action)
@@ -101,7 +109,7 @@ int cmd_snapshot_remote(int argc, char **argv)
     if (!action)
         action = 'l';
     if (kind && action != 'c')
-        return usage_error("--kind is only valid with -c");
+        return usage_error("--kind/--external is only valid with -c");
     if (vm && action == 'l')
         return usage_error("--vm is not valid with -l");
     struct vmqmp *q;

@@ -95,6 +95,7 @@ struct srv {
     struct fuse_session *se;
     pthread_t fuse_thr;
     bool fuse_running, created_mountpoint, mounted;
+    atomic_bool fuse_ended;       /* the FUSE loop returned: unmounted from outside */
     struct flusher flusher;           /* writes the FUSE file's page cache back */
     pthread_rwlock_t io_lock;
     pthread_mutex_t op_lock;
@@ -413,6 +414,7 @@ static void *fuse_main_thr(void *arg)
     fuse_loop_cfg_set_idle_threads(cfg, 4);
     fuse_session_loop_mt(s->se, cfg);
     fuse_loop_cfg_destroy(cfg);
+    atomic_store(&s->fuse_ended, true);
     srv_request_quit(s);                     /* unmounted from outside: stop too */
     return NULL;
 }
@@ -1521,8 +1523,11 @@ int cmd_serve(int argc, char **argv)
         if (sig > 0)
             break;
     }
+    bool unmounted = atomic_load(&s->fuse_ended);
     if (sig > 0)
         fprintf(stderr, "pmemsnap: %s received, shutting down\n", strsignal(sig));
+    else if (unmounted)
+        fprintf(stderr, "pmemsnap: %s was unmounted, shutting down\n", s->fuse_path);
     json_object *d = json_object_new_object();
     json_object_object_add(d, "guest", json_object_new_boolean(0));
     json_object_object_add(d, "reason", json_object_new_string(sig ? "host-signal" : "host-qmp-quit"));
@@ -1531,7 +1536,9 @@ int cmd_serve(int argc, char **argv)
     pthread_mutex_lock(&s->op_lock);         /* no operation after this one */
     int rc = 0;
     struct srv_err e = { "", NULL };
-    if (s->fuse_running && final_flush(s, &e) < 0) {
+    /* (unmounted: the kernel's page cache of the file went with the mount,
+     * after writing back through FUSE what it held) */
+    if (s->fuse_running && !unmounted && final_flush(s, &e) < 0) {
         fprintf(stderr, "pmemsnap: %s\n", e.msg);
         rc = 1;
     }
