@@ -47,7 +47,7 @@ static const struct {
       "io [-f FMT] [-r] [-n] [-s] [-C] [-t CACHE] [-i AIO] [-U] [--image-opts] [-c CMD]... [FILE]" },
     { "serve", cmd_serve,
       "serve [-f FMT] [--qmp VM_SOCK] [--vmstate NODE] [--qmp-timeout MS] [--cache-size SIZE] [--backing-dir DIR] [--allow-other] [--writeback-cache] [--threads N] [--foreground] [--pidfile F] [--log F] IMAGE --fuse FILE --socket SOCK\n"
-      "  snapshot -l | -c NAME [--kind internal|external] | -a NAME | -d NAME --socket SOCK [--vm]" },
+      "  snapshot -l | -c NAME [--kind internal|external | --external] | -a NAME | -d NAME --socket SOCK [--vm]" },
     { "stats", cmd_stats, "stats --socket SOCK [--output=human|json]" },
     { "bench", cmd_bench,
       "bench [-c COUNT] [-d DEPTH] [-f FMT] [-n] [-i AIO] [-o OFF] [--pattern=N] [-q] [-s SIZE] [-S STEP] [-t CACHE] [-w] [--flush-interval=N] [--no-drain] [-U] FILE" },
