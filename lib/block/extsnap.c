@@ -1155,6 +1155,7 @@ struct victim {
     uint64_t lsize;                   /* its virtual size */
     char **ch;                        /* layer files whose backing file it is */
     size_t nch;
+    uint64_t ch0_size;                /* virtual size of ch[0] */
     bool live_child;                  /* the live image's backing file is it */
     bool commit;                      /* by commit into it (see above), not by streaming */
 };
@@ -1242,6 +1243,8 @@ static int survey(struct bdev *bs, const char *name, const struct paths *p, cons
         if ((r = open_merge_source(v->ch[i], bs->cache_mode, &cn)) < 0)
             return pms_err(-r, "cannot delete snapshot '%s': %s", name, pms_err_get());
         r = keeps_internal(cn, v->ch[i], false);
+        if (i == 0)
+            v->ch0_size = cn->size;
         bdev_close(cn);
     }
     if (r < 0) return r;
@@ -1253,8 +1256,11 @@ static int survey(struct bdev *bs, const char *name, const struct paths *p, cons
     if (v->live_child && (r = keeps_internal(bs, bs->filename, false)) < 0)
         return r;
     /* one layer child holding less than the snapshot: commit it into the
-     * snapshot's file instead of streaming the snapshot into it */
-    v->commit = v->nch == 1 && !v->live_child && disk_bytes(v->ch[0]) < disk_bytes(layer);
+     * snapshot's file instead of streaming the snapshot into it (only at
+     * the same virtual size: the file becomes the child's, and the image
+     * was resized between them otherwise) */
+    v->commit = v->nch == 1 && !v->live_child && v->ch0_size == v->lsize &&
+                disk_bytes(v->ch[0]) < disk_bytes(layer);
     return 0;
 }
 

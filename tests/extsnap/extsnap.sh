@@ -345,4 +345,24 @@ same mx.qcow2 ref-mxlive.raw; check_clean mx.qcow2
 qemu-img info mx.qcow2 | grep -q '^backing file' && fail "live still has a backing file"
 ok
 
+begin resized
+# the image resized between two snapshots: deleting the older one (whose
+# only child is the smaller layer) must not commit into a file of another
+# size; it streams, and every content stays
+qemu-img create -q -f qcow2 rs.qcow2 8M
+qemu-io -c "write -P 0x21 0 8M" rs.qcow2 >/dev/null
+run "$P" snapshot -c a --external rs.qcow2
+run "$P" resize rs.qcow2 16M
+qemu-io -c "write -P 0x22 0 64k" -c "write -P 0x23 12M 64k" rs.qcow2 >/dev/null
+qemu-img convert -O raw rs.qcow2 ref-rsb.raw
+run "$P" snapshot -c b --external rs.qcow2
+qemu-io -c "write -P 0x24 1M 64k" rs.qcow2 >/dev/null
+qemu-img convert -O raw rs.qcow2 ref-rslive.raw
+run "$P" snapshot -d a rs.qcow2
+[ -e rs.qcow2@a ] && fail "a still there"
+ls -a | grep -q 'rs.qcow2@a.deleting' && fail "a delete marker was left"
+same rs.qcow2@b ref-rsb.raw; check_clean rs.qcow2@b
+same rs.qcow2 ref-rslive.raw; check_clean rs.qcow2
+ok
+
 finish
