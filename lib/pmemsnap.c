@@ -138,12 +138,14 @@ int pms_pwrite(pms_dev *dev, const void *buf, size_t len, uint64_t off)
 
 int pms_write_zeroes(pms_dev *dev, size_t len, uint64_t off)
 {
+    NEED(dev, "dev");
     ROUTE(pms_mem_write_zeroes(dev->mem, len, off),
           bdev_pwrite_zeroes(dev->bs, len, off, BDEV_ZERO_MAY_UNMAP));
 }
 
 int pms_vmstate_pread(pms_dev *dev, void *buf, size_t len, uint64_t pos)
 {
+    NEED(dev, "dev");
     int r = !buf && len ? pms_err(EINVAL, "buf is NULL") :
             RDLOCKED(dev->mem ? pms_err(EBUSY, "device is mapped")
                               : bdev_vmstate_rw(dev->bs, buf, len, pos, false));
@@ -153,6 +155,7 @@ int pms_vmstate_pread(pms_dev *dev, void *buf, size_t len, uint64_t pos)
 
 int pms_vmstate_pwrite(pms_dev *dev, const void *buf, size_t len, uint64_t pos)
 {
+    NEED(dev, "dev");
     int r = !buf && len ? pms_err(EINVAL, "buf is NULL") :
             RDLOCKED(dev->mem ? pms_err(EBUSY, "device is mapped")
                               : bdev_vmstate_rw(dev->bs, (void *)buf, len, pos, true));
@@ -162,6 +165,7 @@ int pms_vmstate_pwrite(pms_dev *dev, const void *buf, size_t len, uint64_t pos)
 
 int pms_write_zeroes_ex(pms_dev *dev, size_t len, uint64_t off, unsigned flags)
 {
+    NEED(dev, "dev");
     if (flags & ~(unsigned)PMS_ZERO_MAY_UNMAP) {
         int r = pms_err(EINVAL, "pms_write_zeroes_ex: unknown flags 0x%x", flags);
         PMS_API_ERR(r);
@@ -174,6 +178,7 @@ int pms_write_zeroes_ex(pms_dev *dev, size_t len, uint64_t off, unsigned flags)
 
 int pms_pwrite_compressed(pms_dev *dev, const void *buf, size_t len, uint64_t off)
 {
+    NEED(dev, "dev");
     int r = RDLOCKED(dev->mem ? pms_err(EBUSY, "device is mapped") :
                      !buf && len ? pms_err(EINVAL, "buf is NULL") :
                      bdev_pwrite_compressed(dev->bs, buf, len, off));
@@ -183,6 +188,7 @@ int pms_pwrite_compressed(pms_dev *dev, const void *buf, size_t len, uint64_t of
 
 int pms_discard(pms_dev *dev, size_t len, uint64_t off)
 {
+    NEED(dev, "dev");
     ROUTE(pms_mem_discard(dev->mem, len, off), bdev_discard(dev->bs, len, off));
 }
 
@@ -194,6 +200,7 @@ int pms_flush(pms_dev *dev)
 
 int pms_truncate(pms_dev *dev, uint64_t size)
 {
+    NEED(dev, "dev");
     int r = RDLOCKED(dev->mem ? pms_err(EBUSY, "device is mapped")
                               : bdev_truncate(dev->bs, size));
     PMS_API_ERR(r);
@@ -361,6 +368,7 @@ static bool is_external(pms_dev *dev, const char *name)
 
 int pms_snapshot_create_ex(pms_dev *dev, const char *name, unsigned flags)
 {
+    NEED(dev, "dev");
     unsigned known = PMS_SNAP_QUIESCED | PMS_SNAP_EXTERNAL;
     int r = flags & ~known ? pms_err(EINVAL, "unknown flags 0x%x", flags & ~known)
                            : RDLOCKED(snapshot_create(dev, name, flags));
@@ -370,6 +378,7 @@ int pms_snapshot_create_ex(pms_dev *dev, const char *name, unsigned flags)
 
 int pms_snapshot_create(pms_dev *dev, const char *name)
 {
+    NEED(dev, "dev");
     int r = RDLOCKED(snapshot_create(dev, name, 0));
     PMS_API_ERR(r);
     return r;
@@ -377,6 +386,7 @@ int pms_snapshot_create(pms_dev *dev, const char *name)
 
 int pms_snapshot_revert(pms_dev *dev, const char *name)
 {
+    NEED(dev, "dev");
     int r = RDLOCKED(dev->mem ? pms_mem_snapshot_revert(dev->mem, name)
                      : is_external(dev, name) ? bdev_extsnap_revert(dev->bs, name)
                      : snap_call(dev, dev->bs->drv->snapshot_goto, name, true));
@@ -399,6 +409,7 @@ static int snapshot_delete(pms_dev *dev, const char *name, unsigned flags,
 int pms_snapshot_delete_ex(pms_dev *dev, const char *name, unsigned flags,
                            pms_progress_fn fn, void *opaque)
 {
+    NEED(dev, "dev");
     int r = snapshot_delete(dev, name, flags, fn, opaque);
     PMS_API_ERR(r);
     return r;
@@ -406,6 +417,7 @@ int pms_snapshot_delete_ex(pms_dev *dev, const char *name, unsigned flags,
 
 int pms_snapshot_delete(pms_dev *dev, const char *name)
 {
+    NEED(dev, "dev");
     int r = snapshot_delete(dev, name, 0, NULL, NULL);
     PMS_API_ERR(r);
     return r;
@@ -449,6 +461,7 @@ void pms_snapshot_list_free(struct pms_snapshot_info *list, size_t n)
 
 int pms_map(pms_dev *dev, const struct pms_map_opts *opts, void **addrp, size_t *lenp)
 {
+    NEED(dev, "dev");
     int r;
     pthread_rwlock_wrlock(&dev->lock);
     if (dev->mem)
@@ -464,6 +477,7 @@ int pms_map(pms_dev *dev, const struct pms_map_opts *opts, void **addrp, size_t 
 
 int pms_unmap(pms_dev *dev)
 {
+    NEED(dev, "dev");
     int r;
     pthread_rwlock_wrlock(&dev->lock);
     if (!dev->mem)
@@ -480,6 +494,7 @@ int pms_unmap(pms_dev *dev)
 
 int pms_persist(pms_dev *dev, const void *addr, size_t len)
 {
+    NEED(dev, "dev");
     int r = RDLOCKED(dev->mem ? pms_mem_persist(dev->mem, addr, len)
                               : pms_err(EINVAL, "device is not mapped"));
     PMS_API_ERR(r);

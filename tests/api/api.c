@@ -180,6 +180,31 @@ int main(void)
           pms_pread(d, NULL, 512, 0) == -EINVAL && pms_flush(NULL) == -EINVAL,
           "NULL pointers: %s", pms_errmsg());
     CHECK(pms_check(d, 0x100, &cr0, NULL, NULL) == -EINVAL, "check with unknown flags accepted");
+    {   /* every call that takes a device: NULL is EINVAL with the call's name */
+        char b1[512] = { 0 };
+        void *ma;
+        size_t mlen;
+        struct { int r; const char *fn; } nd[] = {
+            { pms_write_zeroes(NULL, 512, 0), "pms_write_zeroes" },
+            { pms_write_zeroes_ex(NULL, 512, 0, 0), "pms_write_zeroes_ex" },
+            { pms_discard(NULL, 512, 0), "pms_discard" },
+            { pms_truncate(NULL, 1 << 20), "pms_truncate" },
+            { pms_vmstate_pread(NULL, b1, 512, 0), "pms_vmstate_pread" },
+            { pms_vmstate_pwrite(NULL, b1, 512, 0), "pms_vmstate_pwrite" },
+            { pms_pwrite_compressed(NULL, b1, 512, 0), "pms_pwrite_compressed" },
+            { pms_snapshot_create(NULL, "s"), "pms_snapshot_create" },
+            { pms_snapshot_create_ex(NULL, "s", 0), "pms_snapshot_create_ex" },
+            { pms_snapshot_revert(NULL, "s"), "pms_snapshot_revert" },
+            { pms_snapshot_delete(NULL, "s"), "pms_snapshot_delete" },
+            { pms_snapshot_delete_ex(NULL, "s", 0, NULL, NULL), "pms_snapshot_delete_ex" },
+            { pms_map(NULL, NULL, &ma, &mlen), "pms_map" },
+            { pms_unmap(NULL), "pms_unmap" },
+            { pms_persist(NULL, b1, 1), "pms_persist" },
+        };
+        for (size_t i = 0; i < sizeof nd / sizeof nd[0]; i++)
+            CHECK(nd[i].r == -EINVAL, "%s(NULL) returned %d", nd[i].fn, nd[i].r);
+        CHECK(strstr(pms_errmsg(), "pms_persist: ") != NULL, "message: %s", pms_errmsg());
+    }
     CHECK(pms_close(d) == 0, "close");
     struct pms_open_opts bad;
     pms_open_opts_init(&bad);
