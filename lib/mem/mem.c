@@ -2514,23 +2514,29 @@ int pms_mem_snapshot_create(struct pms_mem *m, const char *name, unsigned flags)
     return 0;
 }
 
-/* The virtual size recorded in snapshot `name` (matched as the driver's
- * goto does: by id first, then by name); 0 when unknown or not found. */
-static uint64_t snap_disk_size(struct bdev *bs, const char *name)
+/* The virtual size recorded in snapshot `name` (an internal one matched as
+ * the driver's goto does: by id first, then by name; an external one, ext,
+ * by name: its layer's size); 0 when unknown or not found. */
+static uint64_t snap_disk_size(struct bdev *bs, const char *name, bool ext)
 {
     struct pms_snapshot_info *l = NULL;
     size_t n = 0;
     uint64_t size = 0;
-    if (!bs->drv->snapshot_list)
+    int r;
+    if (ext)
+        r = bdev_extsnap_list(bs, &l, &n);
+    else if (!bs->drv->snapshot_list)
         return 0;
-    pthread_mutex_lock(&bs->lock);
-    int r = bs->drv->snapshot_list(bs, &l, &n);
-    pthread_mutex_unlock(&bs->lock);
+    else {
+        pthread_mutex_lock(&bs->lock);
+        r = bs->drv->snapshot_list(bs, &l, &n);
+        pthread_mutex_unlock(&bs->lock);
+    }
     if (r < 0) {
         pms_err_clear();
         return 0;
     }
-    for (size_t i = 0; i < n && !size; i++)
+    for (size_t i = 0; i < n && !size && !ext; i++)
         if (!strcmp(l[i].id, name))
             size = l[i].disk_size;
     for (size_t i = 0; i < n && !size; i++)
@@ -2674,7 +2680,7 @@ int pms_mem_snapshot_revert(struct pms_mem *m, const char *name)
         return r0;
     /* the mapping has the image's size: a snapshot of another size would
      * leave it too short or too long */
-    uint64_t ss = snap_disk_size(bs, name);
+    uint64_t ss = snap_disk_size(bs, name, ext);
     if (ss && ss != m->size)
         return pms_err(EBUSY, "snapshot '%s' has size %llu, the mapping %llu: unmap before "
                        "reverting to it", name, (unsigned long long)ss,

@@ -703,8 +703,41 @@ static int do_limit(const char *dir)
     return fails ? 1 : 0;
 }
 
+/* Revert of a mapped device to an external snapshot of another size (the
+ * image grew after it): refused with EBUSY, the mapping and the image left
+ * as they were (it was accepted: the image shrank under the mapping, whose
+ * tail then raised SIGBUS). */
+static int do_resized(const char *dir)
+{
+    char img[1024];
+    if (strlen(dir) > 900) return 2;
+    snprintf(img, sizeof img, "%s/rsz.qcow2", dir);
+    struct pms_create_opts co;
+    pms_create_opts_init(&co);
+    CHECK(pms_create(img, 1 << 20, &co));
+    pms_dev *d;
+    CHECK(pms_open(img, NULL, &d));
+    CHECK(pms_snapshot_create_ex(d, "small", PMS_SNAP_EXTERNAL));
+    CHECK(pms_truncate(d, 4 << 20));
+    uint8_t *p;
+    size_t len;
+    CHECK(pms_map(d, NULL, (void **)&p, &len));
+    memset(p + (3 << 20), 'X', 4096);
+    int r = pms_snapshot_revert(d, "small");
+    if (r != -EBUSY) FAIL("revert to a 1 MiB external snapshot under a 4 MiB mapping: %d (%s)", r,
+                          pms_errmsg());
+    else printf("resized: refused: %s\n", pms_errmsg());
+    if (pms_size(d) != 4 << 20) FAIL("the image is %lld bytes after the refused revert",
+                                     (long long)pms_size(d));
+    if (p[(3 << 20) + 100] != 'X') FAIL("the mapping's tail changed");
+    CHECK(pms_close(d));
+    return fails ? 1 : 0;
+}
+
 int main(int argc, char **argv)
 {
+    if (argc >= 3 && !strcmp(argv[1], "resized"))
+        return do_resized(argv[2]);
     if (argc >= 3 && !strcmp(argv[1], "limit"))
         return do_limit(argv[2]);
     if (argc >= 3 && !strcmp(argv[1], "faulty"))
@@ -717,6 +750,6 @@ int main(int argc, char **argv)
         return do_switch(argv[2]);
     if (argc >= 5 && !strcmp(argv[1], "chain"))
         return do_chain(argv[2], strtoull(argv[3], NULL, 0), atoi(argv[4]));
-    fprintf(stderr, "usage: extsnap-api switch|busy|prep|faulty|limit DIR | chain DIR SIZE_MIB LAYERS\n");
+    fprintf(stderr, "usage: extsnap-api switch|busy|prep|faulty|limit|resized DIR | chain DIR SIZE_MIB LAYERS\n");
     return 2;
 }

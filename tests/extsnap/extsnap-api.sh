@@ -26,6 +26,10 @@ begin limit
 # the CLI opens without the chain: the limit holds there too
 refuse "$PMEMSNAP" snapshot -c more --external lim.qcow2
 ok
+begin resized
+# a mapped revert to an external snapshot of another size: EBUSY, as internal
+"$EXTSNAP_API" resized "$T" || fail "extsnap-api resized"
+ok
 begin chain
 # 100 snapshots: a 101-image chain QEMU opens and reads like ours
 "$EXTSNAP_API" chain "$T" 16 100 || fail "extsnap-api chain"
