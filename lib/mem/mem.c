@@ -2069,22 +2069,24 @@ static int io_resident(struct pms_mem *m, uint8_t **tmp, uint64_t s, uint64_t e)
 }
 
 /* Sync mode: mark [s, e) dirty and writable so that the copy raises no WP
- * fault (which would need the fault thread while we hold mu).  mu held. */
+ * fault (which would need the fault thread while we hold mu).  mu and
+ * wp_mu held, and wp_mu stays held until the copy is done: a writeback
+ * re-protects dirty pages under wp_mu alone, and one that did so between
+ * this and the copy made the copy fault while holding mu, with the fault
+ * thread waiting for mu to serve another store (a deadlock). */
 static int io_writable(struct pms_mem *m, uint64_t s, uint64_t e)
 {
-    if (!m->wp || m->async)
-        return 0;
-    pthread_mutex_lock(&m->wp_mu);
     for (uint64_t p = s / PG; p < e / PG; p++)
         mark_dirty(m, p);
     int r = uprotect(m, s, e - s, false, false);
-    pthread_mutex_unlock(&m->wp_mu);
     return r < 0 ? pms_err(-r, "UFFDIO_WRITEPROTECT failed: %s", strerror(-r)) : 0;
 }
 
-/* Prepare the pages of [off, off+len) inside the mapping for the copy. */
+/* Prepare the pages of [addr, addr+len) inside the mapping for the copy:
+ * resident; for a write, ws and we get the page range to make writable
+ * (io_writable), else stay as they are.  mu held. */
 static int io_prepare(struct pms_mem *m, uint8_t **tmp, const void *addr, size_t len,
-                      bool write)
+                      bool write, uint64_t *ws, uint64_t *we)
 {
     uintptr_t a = (uintptr_t)addr, b = (uintptr_t)m->base;
     if (len == 0 || a + len <= b || a >= b + m->maplen)
@@ -2096,18 +2098,28 @@ static int io_prepare(struct pms_mem *m, uint8_t **tmp, const void *addr, size_t
     if (r == 0 && write) {
         if (m->ro)
             return pms_err(EROFS, "image '%s' is opened read-only", m->bs->filename);
-        r = io_writable(m, s, e);
+        *ws = s;
+        *we = e;
     }
     return r;
 }
 
 /* Copy len bytes between buf and the mapping at off: to the mapping
- * (write; src NULL: zeroes) or from it. */
+ * (write; src NULL: zeroes) or from it.  The caller is an application
+ * thread, which a snapshot's safepoint may park: while it holds mu and
+ * wp_mu (one IO_STEP) the safepoint signal is blocked, so it parks only
+ * once it has let go of them (parked with wp_mu it held up the cut, which
+ * takes wp_mu: a deadlock). */
 static int io_copy(struct pms_mem *m, void *buf, const void *src, size_t len, uint64_t off,
                    bool write)
 {
     uint8_t *tmp = NULL;
     int r = 0;
+    bool sync_wp = m->wp && !m->async;
+    sigset_t spset, old;
+    sigemptyset(&spset);
+    if (pms_sp_signal() > 0)
+        sigaddset(&spset, pms_sp_signal());
     for (uint64_t pos = off; pos < off + len && r == 0;) {
         uint64_t pe = (pos / IO_STEP + 1) * IO_STEP;
         if (pe > off + len)
@@ -2115,10 +2127,19 @@ static int io_copy(struct pms_mem *m, void *buf, const void *src, size_t len, ui
         uint8_t *dev = m->base + pos;
         size_t n = (size_t)(pe - pos);
         uint8_t *ub = write ? (uint8_t *)(uintptr_t)src + (pos - off) : (uint8_t *)buf + (pos - off);
+        uint64_t ws[2] = { 0, 0 }, we[2] = { 0, 0 };
+        pthread_sigmask(SIG_BLOCK, &spset, &old);
         pthread_mutex_lock(&m->mu);
-        r = io_prepare(m, &tmp, dev, n, write);
+        r = io_prepare(m, &tmp, dev, n, write, &ws[0], &we[0]);
         if (r == 0 && (src || !write))
-            r = io_prepare(m, &tmp, ub, n, !write);     /* buf may lie in the mapping */
+            r = io_prepare(m, &tmp, ub, n, !write, &ws[1], &we[1]);  /* buf may lie in the mapping */
+        bool wp_held = r == 0 && sync_wp && (we[0] > ws[0] || we[1] > ws[1]);
+        if (wp_held) {
+            pthread_mutex_lock(&m->wp_mu);
+            for (int k = 0; k < 2 && r == 0; k++)
+                if (we[k] > ws[k])
+                    r = io_writable(m, ws[k], we[k]);
+        }
         if (r == 0) {
             if (!write)
                 memmove(ub, dev, n);
@@ -2127,7 +2148,10 @@ static int io_copy(struct pms_mem *m, void *buf, const void *src, size_t len, ui
             else
                 memset(dev, 0, n);
         }
+        if (wp_held)
+            pthread_mutex_unlock(&m->wp_mu);
         pthread_mutex_unlock(&m->mu);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
         pos = pe;
     }
     free(tmp);

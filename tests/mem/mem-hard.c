@@ -466,8 +466,73 @@ static int t_storeread(const char *img, unsigned seconds)
     return 0;
 }
 
+/* snapio: sync write-protect tracking, two threads storing at random, one
+ * calling pms_pwrite/pms_pread, snapshots every 100 ms.  Two deadlocks:
+ * a writeback re-protected pages between pwrite's un-protect and its copy
+ * (the copy faulted holding mu, the fault thread waited for mu); and a
+ * pwrite parked by the snapshot's safepoint while holding wp_mu, which the
+ * cut takes. */
+static void *rstore_thread(void *arg)
+{
+    uint64_t s = (uintptr_t)arg * 977 + 1;
+    uint8_t *p = atomic_load(&g_map);
+    while (!atomic_load(&g_stop))
+        ((volatile uint64_t *)p)[rnd(&s) % (g_size / 8)] = s;
+    return NULL;
+}
+static void *rio_thread(void *arg)
+{
+    (void)arg;
+    uint64_t s = 5;
+    static char b[300000];
+    memset(b, 1, sizeof b);
+    while (!atomic_load(&g_stop)) {
+        size_t l = 1 + rnd(&s) % sizeof b;
+        uint64_t o = (rnd(&s) >> 20) % (g_size - l);
+        int r = (s & 1) ? pms_pread(g_dev, b, l, o) : pms_pwrite(g_dev, b, l, o);
+        CHECK(r == 0, "pread/pwrite beside stores and snapshots: %s", pms_errmsg());
+        atomic_fetch_add(&g_ops, 1);
+    }
+    return NULL;
+}
+static int t_snapio(const char *img, unsigned snaps)
+{
+    g_dev = open_img(img, NULL);
+    g_size = (uint64_t)pms_size(g_dev);
+    struct pms_map_opts mo;
+    pms_map_opts_init(&mo);
+    mo.dirty_tracking = PMS_DIRTY_SYNC_WP;
+    kfeat_need("sync");
+    void *a;
+    size_t len;
+    API(pms_map(g_dev, &mo, &a, &len));
+    atomic_store(&g_map, (uint8_t *)a);
+    pthread_t th[3];
+    for (uintptr_t i = 0; i < 2; i++)
+        pthread_create(&th[i], NULL, rstore_thread, (void *)(i + 1));
+    pthread_create(&th[2], NULL, rio_thread, NULL);
+    for (unsigned i = 0; i < snaps; i++) {
+        char n[32];
+        usleep(100000);
+        snprintf(n, sizeof n, "h%u", i);
+        API(pms_snapshot_create(g_dev, n));
+        if (i >= 2) {
+            snprintf(n, sizeof n, "h%u", i - 2);
+            API(pms_snapshot_delete(g_dev, n));
+        }
+    }
+    atomic_store(&g_stop, true);
+    for (int i = 0; i < 3; i++)
+        pthread_join(th[i], NULL);
+    printf("snapio: %u snapshots, %lu copies\n", snaps, (unsigned long)atomic_load(&g_ops));
+    API(pms_close(g_dev));
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
+    if (argc >= 4 && !strcmp(argv[1], "snapio"))
+        return t_snapio(argv[2], (unsigned)strtoul(argv[3], NULL, 0));
     if (argc >= 4 && !strcmp(argv[1], "storeread"))
         return t_storeread(argv[2], (unsigned)strtoul(argv[3], NULL, 0));
     if (argc >= 4 && !strcmp(argv[1], "swap"))

@@ -5,7 +5,7 @@
 # calls on one handle.  HARD_CASES selects a subset (the TSan build runs
 # "race" only).
 . "$(dirname "$0")/lib.sh"
-cases=${HARD_CASES:-swap eio discard eintr revert storeread race}
+cases=${HARD_CASES:-swap eio discard eintr revert storeread snapio race}
 
 # -- swap: a swap file and a memory cgroup smaller than the working set ------
 run_swap() {
@@ -91,6 +91,17 @@ run_storeread() {
     [ $rc = 0 ] || fail "storeread scenario (exit $rc)"
     check_img "$img"
     echo "storeread ok"
+}
+
+run_snapio() {
+    local img=$T/si.qcow2 rc=0
+    qemu-img create -q -f qcow2 "$img" 32M
+    timeout 60 "$HARD" snapio "$img" 40 || rc=$?
+    [ $rc = 124 ] && fail "snapio: hung (pms_pwrite beside sync-tracked stores and snapshots)"
+    [ $rc = 77 ] && { echo "snapio skipped (no sync write-protect)"; return; }
+    [ $rc = 0 ] || fail "snapio scenario (exit $rc)"
+    check_img "$img"
+    echo "snapio ok"
 }
 
 run_race() {
