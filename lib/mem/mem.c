@@ -61,7 +61,9 @@
  * here calls malloc or takes a lock an application thread may hold.
  *   prefetch thread optional; installs missing chunks front to back (mu).
  *   callers         persist/snapshot/revert/unmap take wb_mu; pread/pwrite
- *                   copy to/from the mapping like any store (no lock).
+ *                   copy to/from the mapping a step at a time under mu
+ *                   (and, sync mode, wp_mu), with the safepoint signal
+ *                   blocked meanwhile (io_copy).
  * Locks, in order: wb_mu (one writer of memory contents to the image at a
  * time; held across a snapshot so nothing dirtied after the cut reaches the
  * image before the commit; the cut leaves the final set DIRTY, so the
