@@ -967,19 +967,37 @@ static int rebase(struct bdev *c, const char *bname, const char *bfmt)
     return 0;
 }
 
-/* Does the image at path have the layer (dev/ino) as its backing file? */
-static bool backs(const char *path, const struct paths *p, const struct stat *lst,
-                  char **bname)
+/* Does the image at path have the layer (dev/ino) as its backing file?
+ * 1 yes, 0 no (also for what is not a layer at all, as the list judges:
+ * not a regular file, not qcow2 by its magic), -errno when a qcow2 file
+ * cannot be inspected: it may read through the layer, so a delete must
+ * not go on (it removed the layer under an unreadable child). */
+static int backs(const char *path, const struct paths *p, const struct stat *lst,
+                 char **bname)
 {
+    struct stat pst;
+    if (lstat(path, &pst) < 0)
+        return errno == ENOENT ? 0 : pms_err(errno, "%s", strerror(errno));
+    if (!S_ISREG(pst.st_mode))
+        return 0;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return pms_err(errno, "%s", strerror(errno));
+    char magic[4];
+    ssize_t got = pread(fd, magic, sizeof magic, 0);
+    close(fd);
+    if (got != (ssize_t)sizeof magic || memcmp(magic, "QFI\xfb", 4))
+        return 0;
     struct bdev *c;
     struct pms_open_opts o;
     pms_open_opts_init(&o);
     o.readonly = 1;
     o.no_backing = 1;
     o.force_share = 1;                 /* reading a header only */
-    if (bdev_open(path, &o, &c) < 0)
-        return false;
-    bool yes = false;
+    int r = bdev_open(path, &o, &c);
+    if (r < 0)
+        return r;                      /* (the open's message) */
+    int yes = 0;
     struct qcow2_state *s = c->drv == &pms_drv_qcow2 ? QS(c) : NULL;
     if (s && s->backing_file) {
         char full[PATH_MAX];
@@ -1226,8 +1244,15 @@ static int survey(struct bdev *bs, const char *name, const struct paths *p, cons
             !strcmp(de->d_name + bl + 1, name))
             continue;
         char path[PATH_MAX];
-        if (snprintf(path, sizeof path, "%s/%s", p->dir, de->d_name) >= (int)sizeof path ||
-            !backs(path, p, &lst, NULL))
+        if (snprintf(path, sizeof path, "%s/%s", p->dir, de->d_name) >= (int)sizeof path)
+            continue;
+        int b = backs(path, p, &lst, NULL);
+        if (b < 0) {
+            r = pms_err(-b, "'%s' may read through it and cannot be inspected: %s", path,
+                        pms_err_get());
+            break;
+        }
+        if (!b)
             continue;
         if (v->nch == cap) {
             char **n2 = realloc(v->ch, (cap = cap ? 2 * cap : 8) * sizeof *v->ch);

@@ -365,4 +365,24 @@ same rs.qcow2@b ref-rsb.raw; check_clean rs.qcow2@b
 same rs.qcow2 ref-rslive.raw; check_clean rs.qcow2
 ok
 
+begin unreadable-child
+# a layer that cannot be inspected may read through the snapshot being
+# deleted: the delete is refused and removes nothing (it removed the layer
+# under the child, which no longer opened)
+qemu-img create -q -f qcow2 uc.qcow2 4M
+qemu-io -c "write -P 0x31 0 4M" uc.qcow2 >/dev/null
+run "$P" snapshot -c a --external uc.qcow2
+qemu-io -c "write -P 0x32 0 64k" uc.qcow2 >/dev/null
+run "$P" snapshot -c b --external uc.qcow2
+cp uc.qcow2@b uc-b.good
+python3 -c "
+import struct; f = open('uc.qcow2@b', 'r+b'); f.seek(20); f.write(struct.pack('>I', 40))"
+sums=$(md5sum uc.qcow2 uc.qcow2@a uc.qcow2@b)
+refuse "$P" snapshot -d a uc.qcow2
+[ "$(md5sum uc.qcow2 uc.qcow2@a uc.qcow2@b)" = "$sums" ] || fail "the refused delete changed a file"
+cp uc-b.good uc.qcow2@b
+run "$P" snapshot -d a uc.qcow2
+check_clean uc.qcow2@b
+ok
+
 finish
