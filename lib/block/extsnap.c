@@ -419,6 +419,19 @@ static bool any_marker(const struct paths *p)
     return found;
 }
 
+static int recover(struct bdev *bs, const struct paths *p);
+
+/* recover() before an operation: one that cannot finish an interrupted
+ * delete refuses the operation (a delete of the child named in a pending
+ * marker let the next open drop the marker and bring the half-overwritten
+ * snapshot back). */
+static int recover_first(struct bdev *bs, const struct paths *p)
+{
+    int r = recover(bs, p);
+    return r < 0 ? pms_err(-r, "an interrupted delete could not be finished first: %s",
+                           pms_err_get()) : 0;
+}
+
 static int recover(struct bdev *bs, const struct paths *p)
 {
     if (unlink(p->tmp) == 0)
@@ -538,7 +551,9 @@ static int prepare_locked(struct bdev_extsnap_prep *x)
 {
     struct bdev *bs = x->bs;
     const struct paths *p = &x->p;
-    recover(bs, p);
+    int r0 = recover_first(bs, p);
+    if (r0 < 0)
+        return r0;
     struct stat st;
     if (lstat(x->layer, &st) == 0)
         return pms_err(EEXIST, "snapshot '%s' already exists (layer file '%s')", x->name,
@@ -683,7 +698,9 @@ void bdev_extsnap_unlock(struct bdev *bs)
 static int revert_locked(struct bdev *bs, const char *name, const struct paths *p,
                          const char *layer)
 {
-    recover(bs, p);
+    int r0 = recover_first(bs, p);
+    if (r0 < 0)
+        return r0;
     struct pms_snapshot_info *l = NULL;
     size_t n = 0;
     int r = bs->drv->snapshot_list ? bs->drv->snapshot_list(bs, &l, &n) : 0;
@@ -1150,7 +1167,16 @@ static int finish_commits(const struct paths *p, int cache_mode)
             continue;
         if ((r = merge_alloc(&m)) < 0) break;
         if (stat(child, &st) < 0) {
-            unlink(marker);
+            /* the child went (removed from outside while the delete was
+             * pending): the parent's own content was overwritten by the
+             * copy and nothing reads through it any more, so it goes too,
+             * before its marker (it must not come back as the snapshot) */
+            if (unlink(parent) == 0 || errno == ENOENT) {
+                fsync_dir(p->dir);
+                unlink(marker);
+                fsync_dir(p->dir);
+            } else
+                r = pms_err(errno, "could not remove '%s': %s", parent, strerror(errno));
             continue;
         }
         r = commit_finish(p, NULL, parent, child, marker, cache_mode, &m);
@@ -1454,9 +1480,10 @@ int bdev_extsnap_delete(struct bdev *bs, const char *name, bdev_progress_fn fn, 
     memset(&v, 0, sizeof v);
     pthread_mutex_lock(&bs->snap_lock);
     pthread_mutex_lock(&bs->lock);
-    recover(bs, &p);
     bool had_chain = bs->backing != NULL;
-    r = survey(bs, name, &p, layer, &v);
+    r = recover_first(bs, &p);
+    if (r == 0)
+        r = survey(bs, name, &p, layer, &v);
     if (r == 0) {
         if (v.commit)
             hand_over_locks(bs, layer);

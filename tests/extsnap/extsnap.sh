@@ -385,4 +385,31 @@ run "$P" snapshot -d a uc.qcow2
 check_clean uc.qcow2@b
 ok
 
+begin pending-commit
+# a delete by commit killed after its copy (the marker stands) whose finish
+# is blocked (a QEMU reader holds the snapshot's file): other operations
+# are refused until it can be finished, and the deleted snapshot never
+# comes back half overwritten
+qemu-img create -q -f qcow2 pc.qcow2 4M
+qemu-io -c "write -P 1 0 4M" pc.qcow2 >/dev/null
+run "$P" snapshot -c a --external pc.qcow2
+qemu-io -c "write -P 2 0 64k" pc.qcow2 >/dev/null
+qemu-img convert -O raw pc.qcow2 ref-pcb.raw
+run "$P" snapshot -c b --external pc.qcow2
+qemu-io -c "write -P 3 64k 64k" pc.qcow2 >/dev/null
+run "$P" snapshot -c c --external pc.qcow2
+PMS_EXTSNAP_KILL_AT=delete-committed "$P" snapshot -d a pc.qcow2 2>/dev/null
+[ -e .pc.qcow2@a.deleting ] || fail "setup: no marker"
+qemu-io -r -c "sleep 3000" pc.qcow2@a >/dev/null 2>&1 &
+qpid=$!
+sleep 0.5
+refuse "$P" snapshot -d b pc.qcow2
+refuse "$P" snapshot -c d --external pc.qcow2
+wait $qpid
+run "$P" io -c "read 0 1" pc.qcow2
+"$P" snapshot -l pc.qcow2 | grep -q 'pc.qcow2@a' && fail "the deleted snapshot a is listed again"
+ls -a | grep -q 'pc.qcow2@a.deleting' && fail "the marker is still there"
+same pc.qcow2@b ref-pcb.raw; check_clean pc.qcow2@b
+ok
+
 finish
