@@ -20,7 +20,7 @@
  * The external snapshots of DIR/IMG are the regular files DIR/IMG@* (a
  * directory scan), whatever their place in the tree.  A name must be a
  * possible file name part: not empty, no '/', not "." or "..", at most
- * BDEV_EXTSNAP_NAME_MAX bytes and short enough for IMG@NAME to fit in
+ * BDEV_EXTSNAP_NAME_MAX bytes and short enough for .IMG@NAME.deleting to fit in
  * NAME_MAX.  Names are unique across both kinds (an internal snapshot of the
  * live image and an external one never share a name).
  *
@@ -197,9 +197,11 @@ int bdev_extsnap_check_name(const char *live_path, const char *name)
                        BDEV_EXTSNAP_NAME_MAX);
     const char *sl = strrchr(live_path, '/');
     size_t bl = strlen(sl ? sl + 1 : live_path);
-    if (bl + 1 + nl > NAME_MAX)
+    /* the longest name made of it: the delete marker .IMG@NAME.deleting */
+    if (1 + bl + 1 + nl + strlen(".deleting") > NAME_MAX)
         return pms_err(EINVAL, "external snapshot name '%s' is too long for image '%s' "
-                       "(the layer file name would exceed %d bytes)", name, live_path, NAME_MAX);
+                       "(the file names made of it would exceed %d bytes)", name, live_path,
+                       NAME_MAX);
     return 0;
 }
 
@@ -289,6 +291,10 @@ int bdev_extsnap_exists(struct bdev *bs, const char *name)
     struct paths p;
     if (S_ISREG(st.st_mode) && split(bs->filename, &p) == 0 && marked(&p, name))
         return 0;                      /* being deleted */
+    struct stat live;
+    if (S_ISREG(st.st_mode) && stat(bs->filename, &live) == 0 && live.st_dev == st.st_dev &&
+        live.st_ino == st.st_ino)
+        return 0;                      /* a create that never got to its rename */
     return S_ISREG(st.st_mode);
 }
 
@@ -1258,6 +1264,12 @@ static int survey(struct bdev *bs, const char *name, const struct paths *p, cons
     if (r < 0) return r;
     if (oom) return pms_err(ENOMEM, "out of memory");
 
+    /* the delete ends by removing the layer's name: a directory we cannot
+     * write is refused before a child is written */
+    if (faccessat(AT_FDCWD, p->dir, W_OK, AT_EACCESS) < 0)
+        return pms_err(errno, "cannot remove '%s' from directory '%s': %s", layer, p->dir,
+                       strerror(errno));
+
     /* children: other layers, then the live image */
     size_t cap = 0;
     DIR *d = opendir(p->dir);
@@ -1364,10 +1376,16 @@ static int delete_by_stream(struct bdev *bs, const struct paths *p, const char *
     int r = 0;
     m->skip_zero_pages = v->bname == NULL;
     m->total = (v->nch + (v->live_child ? 1 : 0)) * v->lsize;
+    /* every child opens for writing before any is written: a refusal (a
+     * QEMU reader on one, no write permission) changes nothing */
+    struct bdev **cs = calloc(v->nch ? v->nch : 1, sizeof *cs);
+    if (!cs)
+        return pms_err(ENOMEM, "out of memory");
+    for (size_t i = 0; i < v->nch && r == 0; i++)
+        r = open_commit_target(v->ch[i], bs->cache_mode, &cs[i]);
     for (size_t i = 0; i < v->nch && r == 0; i++) {
-        struct bdev *c;
-        r = open_commit_target(v->ch[i], bs->cache_mode, &c);
-        if (r < 0) break;
+        struct bdev *c = cs[i];
+        cs[i] = NULL;
         struct stat cst;
         bool have_time = stat(v->ch[i], &cst) == 0;
         r = stream(c, m);
@@ -1386,6 +1404,10 @@ static int delete_by_stream(struct bdev *bs, const struct paths *p, const char *
             utimensat(AT_FDCWD, v->ch[i], ts, 0);
         }
     }
+    for (size_t i = 0; i < v->nch; i++)
+        if (cs[i])
+            bdev_close(cs[i]);
+    free(cs);
     if (r == 0 && v->live_child) {
         pthread_mutex_lock(&bs->lock);
         if (!bs->backing)              /* opened without its chain (snapshot -d) */
@@ -1528,6 +1550,8 @@ int bdev_extsnap_list(struct bdev *bs, struct pms_snapshot_info **list, size_t *
     size_t bl = strlen(p.base), first = *n;
     struct dirent *de;
     int r = 0;
+    struct stat live;
+    bool have_live = stat(bs->filename, &live) == 0;
     while ((de = readdir(d)) && r == 0) {
         if (strncmp(de->d_name, p.base, bl) || de->d_name[bl] != '@' || !de->d_name[bl + 1])
             continue;
@@ -1535,6 +1559,11 @@ int bdev_extsnap_list(struct bdev *bs, struct pms_snapshot_info **list, size_t *
         struct stat st;
         if (bdev_extsnap_layer_path(bs->filename, de->d_name + bl + 1, path, sizeof path) < 0 ||
             lstat(path, &st) < 0 || !S_ISREG(st.st_mode) || marked(&p, de->d_name + bl + 1))
+            continue;
+        /* a second name of the live file: a create that never got to its
+         * rename (the snapshot was not taken; the next writable open
+         * removes it) */
+        if (have_live && st.st_dev == live.st_dev && st.st_ino == live.st_ino)
             continue;
         /* the virtual size from the header; files that are not qcow2 are
          * not layers */

@@ -412,4 +412,33 @@ ls -a | grep -q 'pc.qcow2@a.deleting' && fail "the marker is still there"
 same pc.qcow2@b ref-pcb.raw; check_clean pc.qcow2@b
 ok
 
+begin refused-unchanged
+# a delete that must stream into two children, one held by a QEMU reader:
+# refused before either is written
+qemu-img create -q -f qcow2 ru.qcow2 4M
+qemu-io -c "write -P 1 0 4M" ru.qcow2 >/dev/null
+run "$P" snapshot -c a --external ru.qcow2
+qemu-io -c "write -P 2 0 64k" ru.qcow2 >/dev/null
+run "$P" snapshot -c b --external ru.qcow2
+run "$P" snapshot -a a ru.qcow2
+qemu-io -c "write -P 3 64k 64k" ru.qcow2 >/dev/null
+run "$P" snapshot -c d --external ru.qcow2
+for held in b d; do
+    sums=$(md5sum ru.qcow2@b ru.qcow2@d ru.qcow2@a)
+    qemu-io -r -c "sleep 1500" ru.qcow2@$held >/dev/null 2>&1 &
+    qpid=$!
+    sleep 0.5
+    refuse "$P" snapshot -d a ru.qcow2
+    wait $qpid
+    [ "$(md5sum ru.qcow2@b ru.qcow2@d ru.qcow2@a)" = "$sums" ] ||
+        fail "a delete refused for a reader on $held changed a file"
+done
+# a create killed between its link and its rename: no snapshot (not listed)
+PMS_EXTSNAP_KILL_AT=create-link "$P" snapshot -c half --external ru.qcow2 2>/dev/null
+"$P" snapshot -l ru.qcow2 | grep -q ' half ' && fail "a snapshot never taken is listed"
+refuse "$P" snapshot -d half ru.qcow2
+# names as long as the files made of them allow (.IMG@NAME.deleting)
+refuse "$P" snapshot -c "$(printf 'n%.0s' $(seq 1 240))" --external ru.qcow2
+ok
+
 finish
