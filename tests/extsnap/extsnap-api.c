@@ -672,14 +672,21 @@ static int do_faulty(const char *dir)
     return fails ? 1 : 0;
 }
 
+/* A new qcow2 image DIR/BASE of size bytes; its path in img (1024 bytes). */
+static int new_image(const char *dir, const char *base, uint64_t size, char *img)
+{
+    if (strlen(dir) > 900) return 2;
+    snprintf(img, 1024, "%s/%s", dir, base);
+    struct pms_create_opts co;
+    pms_create_opts_init(&co);
+    CHECK(pms_create(img, size, &co));
+    return 0;
+}
+
 static int do_limit(const char *dir)
 {
     char img[1024];
-    if (strlen(dir) > 900) return 2;
-    snprintf(img, sizeof img, "%s/lim.qcow2", dir);
-    struct pms_create_opts co;
-    pms_create_opts_init(&co);
-    CHECK(pms_create(img, 1 << 20, &co));
+    if (new_image(dir, "lim.qcow2", 1 << 20, img)) return 2;
     pms_dev *d;
     CHECK(pms_open(img, NULL, &d));
     int i, r = 0;
@@ -710,11 +717,7 @@ static int do_limit(const char *dir)
 static int do_resized(const char *dir)
 {
     char img[1024];
-    if (strlen(dir) > 900) return 2;
-    snprintf(img, sizeof img, "%s/rsz.qcow2", dir);
-    struct pms_create_opts co;
-    pms_create_opts_init(&co);
-    CHECK(pms_create(img, 1 << 20, &co));
+    if (new_image(dir, "rsz.qcow2", 1 << 20, img)) return 2;
     pms_dev *d;
     CHECK(pms_open(img, NULL, &d));
     CHECK(pms_snapshot_create_ex(d, "small", PMS_SNAP_EXTERNAL));

@@ -365,15 +365,21 @@ same rs.qcow2@b ref-rsb.raw; check_clean rs.qcow2@b
 same rs.qcow2 ref-rslive.raw; check_clean rs.qcow2
 ok
 
+# chain_ab IMG: a 4 MiB image written with 1, snapshot a, 64 KiB of 2,
+# snapshot b (a <- b <- IMG)
+chain_ab() {
+    qemu-img create -q -f qcow2 "$1" 4M
+    qemu-io -c "write -P 1 0 4M" "$1" >/dev/null
+    run "$P" snapshot -c a --external "$1"
+    qemu-io -c "write -P 2 0 64k" "$1" >/dev/null
+    run "$P" snapshot -c b --external "$1"
+}
+
 begin unreadable-child
 # a layer that cannot be inspected may read through the snapshot being
 # deleted: the delete is refused and removes nothing (it removed the layer
 # under the child, which no longer opened)
-qemu-img create -q -f qcow2 uc.qcow2 4M
-qemu-io -c "write -P 0x31 0 4M" uc.qcow2 >/dev/null
-run "$P" snapshot -c a --external uc.qcow2
-qemu-io -c "write -P 0x32 0 64k" uc.qcow2 >/dev/null
-run "$P" snapshot -c b --external uc.qcow2
+chain_ab uc.qcow2
 cp uc.qcow2@b uc-b.good
 python3 -c "
 import struct; f = open('uc.qcow2@b', 'r+b'); f.seek(20); f.write(struct.pack('>I', 40))"
@@ -390,12 +396,8 @@ begin pending-commit
 # is blocked (a QEMU reader holds the snapshot's file): other operations
 # are refused until it can be finished, and the deleted snapshot never
 # comes back half overwritten
-qemu-img create -q -f qcow2 pc.qcow2 4M
-qemu-io -c "write -P 1 0 4M" pc.qcow2 >/dev/null
-run "$P" snapshot -c a --external pc.qcow2
-qemu-io -c "write -P 2 0 64k" pc.qcow2 >/dev/null
-qemu-img convert -O raw pc.qcow2 ref-pcb.raw
-run "$P" snapshot -c b --external pc.qcow2
+chain_ab pc.qcow2
+qemu-img convert -O raw pc.qcow2@b ref-pcb.raw
 qemu-io -c "write -P 3 64k 64k" pc.qcow2 >/dev/null
 run "$P" snapshot -c c --external pc.qcow2
 PMS_EXTSNAP_KILL_AT=delete-committed "$P" snapshot -d a pc.qcow2 2>/dev/null
@@ -415,11 +417,7 @@ ok
 begin refused-unchanged
 # a delete that must stream into two children, one held by a QEMU reader:
 # refused before either is written
-qemu-img create -q -f qcow2 ru.qcow2 4M
-qemu-io -c "write -P 1 0 4M" ru.qcow2 >/dev/null
-run "$P" snapshot -c a --external ru.qcow2
-qemu-io -c "write -P 2 0 64k" ru.qcow2 >/dev/null
-run "$P" snapshot -c b --external ru.qcow2
+chain_ab ru.qcow2
 run "$P" snapshot -a a ru.qcow2
 qemu-io -c "write -P 3 64k 64k" ru.qcow2 >/dev/null
 run "$P" snapshot -c d --external ru.qcow2
