@@ -314,6 +314,9 @@ def _(m): m.w32(96, 7)
 @case('hdr-backing-off-eof', 'plain', 'backing file name beyond the header cluster')
 def _(m): m.w64(8, m.h['cs'] - 4); m.w32(16, 16)
 
+@case('hdr-backing-off-1-empty', 'plain', 'backing_file_offset 1, size 0 (QEMU: no backing)')
+def _(m): m.w64(8, 1); m.w32(16, 0)
+
 @case('hdr-backing-size-2000', 'backing', 'backing_file_size 2000 (> 1023)')
 def _(m): m.w32(16, 2000)
 

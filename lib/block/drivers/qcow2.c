@@ -652,8 +652,10 @@ static int qcow2_open(struct bdev *bs, const char *path, const struct pms_open_o
     uint64_t bfo = be64toh(h.backing_file_offset);
     uint32_t bfs = be32toh(h.backing_file_size);
     uint64_t ext_end = bfo ? bfo : s->cluster_size;
+    /* as QEMU: the name within the first cluster, at most 1023 bytes (it
+     * does not check that the name stays clear of the header) */
     if (bfo && (bfo > s->cluster_size || bfs > QCOW2_MAX_BACKING_NAME ||
-                bfo + bfs > s->cluster_size || bfo < s->header_length)) {
+                bfo + bfs > s->cluster_size)) {
         free(cl);
         return pms_err(EINVAL, "backing file name (offset %llu, %u bytes) is invalid",
                        (unsigned long long)bfo, bfs);
@@ -662,7 +664,7 @@ static int qcow2_open(struct bdev *bs, const char *path, const struct pms_open_o
         r = read_extensions(bs, cl, s->cluster_size, s->header_length, ext_end);
         if (r < 0) { free(cl); return r; }
     }
-    if (bfo) {
+    if (bfo && bfs) {                  /* (an empty name: no backing file) */
         s->backing_file = strndup((const char *)cl + bfo, bfs);
         if (!s->backing_file || strlen(s->backing_file) != bfs) {
             free(cl);
