@@ -990,13 +990,10 @@ static int rebase(struct bdev *c, const char *bname, const char *bfmt)
     return 0;
 }
 
-/* Does the image at path have the layer (dev/ino) as its backing file?
- * 1 yes, 0 no (also for what is not a layer at all, as the list judges:
- * not a regular file, not qcow2 by its magic), -errno when a qcow2 file
- * cannot be inspected: it may read through the layer, so a delete must
- * not go on (it removed the layer under an unreadable child). */
-static int backs(const char *path, const struct paths *p, const struct stat *lst,
-                 char **bname)
+/* Is the file at path a layer as the list judges one (a regular file, qcow2
+ * by its magic)?  1 yes (*vsize: its virtual size, if not NULL), 0 no (or
+ * missing), -errno when it cannot be read. */
+static int layer_header(const char *path, uint64_t *vsize)
 {
     struct stat pst;
     if (lstat(path, &pst) < 0)
@@ -1006,18 +1003,36 @@ static int backs(const char *path, const struct paths *p, const struct stat *lst
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return pms_err(errno, "%s", strerror(errno));
-    char magic[4];
-    ssize_t got = pread(fd, magic, sizeof magic, 0);
+    uint8_t h[32];
+    ssize_t got = pread(fd, h, sizeof h, 0);
     close(fd);
-    if (got != (ssize_t)sizeof magic || memcmp(magic, "QFI\xfb", 4))
+    if (got != (ssize_t)sizeof h || memcmp(h, "QFI\xfb", 4))
         return 0;
+    if (vsize) {
+        memcpy(vsize, h + 24, 8);
+        *vsize = be64toh(*vsize);
+    }
+    return 1;
+}
+
+/* Does the image at path have the layer (dev/ino) as its backing file?
+ * 1 yes, 0 no (also for what is not a layer at all, as the list judges:
+ * not a regular file, not qcow2 by its magic), -errno when a qcow2 file
+ * cannot be inspected: it may read through the layer, so a delete must
+ * not go on (it removed the layer under an unreadable child). */
+static int backs(const char *path, const struct paths *p, const struct stat *lst,
+                 char **bname)
+{
+    int r = layer_header(path, NULL);
+    if (r <= 0)
+        return r;
     struct bdev *c;
     struct pms_open_opts o;
     pms_open_opts_init(&o);
     o.readonly = 1;
     o.no_backing = 1;
     o.force_share = 1;                 /* reading a header only */
-    int r = bdev_open(path, &o, &c);
+    r = bdev_open(path, &o, &c);
     if (r < 0)
         return r;                      /* (the open's message) */
     int yes = 0;
@@ -1567,15 +1582,11 @@ int bdev_extsnap_list(struct bdev *bs, struct pms_snapshot_info **list, size_t *
             continue;
         /* the virtual size from the header; files that are not qcow2 are
          * not layers */
-        uint8_t h[32];
-        int fd = open(path, O_RDONLY | O_CLOEXEC);
-        if (fd < 0) continue;
-        ssize_t got = pread(fd, h, sizeof h, 0);
-        close(fd);
-        if (got != (ssize_t)sizeof h || memcmp(h, "QFI\xfb", 4))
-            continue;
         uint64_t vsize;
-        memcpy(&vsize, h + 24, 8);
+        if (layer_header(path, &vsize) <= 0) {
+            pms_err_clear();
+            continue;
+        }
         struct pms_snapshot_info *l = realloc(*list, (*n + 1) * sizeof *l);
         if (!l) { r = pms_err(ENOMEM, "out of memory"); break; }
         *list = l;
@@ -1591,7 +1602,7 @@ int bdev_extsnap_list(struct bdev *bs, struct pms_snapshot_info **list, size_t *
         sn->kind = PMS_SNAP_KIND_EXTERNAL;
         sn->date_sec = (uint32_t)st.st_mtim.tv_sec;
         sn->date_nsec = (uint32_t)st.st_mtim.tv_nsec;
-        sn->disk_size = be64toh(vsize);
+        sn->disk_size = vsize;
         (*n)++;
     }
     closedir(d);
