@@ -930,10 +930,13 @@ static int check_outputs(struct srv *s, const struct chain_files *cf, char *err,
     const char *opt[] = { "--fuse", "--socket", "--pidfile", "--log" };
     const char *path[] = { s->fuse_path, s->sock_path, s->pidfile, s->log };
     char res[4][PATH_MAX];
+    struct stat st[4];
+    bool exists[4] = { false };
     for (int i = 0; i < 4; i++) {
         if (!path[i])
             continue;
         resolved_name(path[i], res[i], sizeof res[i]);
+        exists[i] = stat(path[i], &st[i]) == 0;
         char fdir[PATH_MAX];
         strcpy(fdir, res[i]);
         char *sl = strrchr(fdir, '/');
@@ -946,19 +949,17 @@ static int check_outputs(struct srv *s, const struct chain_files *cf, char *err,
                      "snapshots use; pick another file", opt[i], path[i]);
             return -1;
         }
-        struct stat st;
-        if (stat(path[i], &st) == 0)
+        if (exists[i])
             for (int k = 0; k < cf->n; k++)
-                if (st.st_dev == cf->st[k].st_dev && st.st_ino == cf->st[k].st_ino) {
+                if (st[i].st_dev == cf->st[k].st_dev && st[i].st_ino == cf->st[k].st_ino) {
                     snprintf(err, errlen, "%s %.300s is %s; pick another file", opt[i], path[i],
                              k ? "a backing file of the image" : "the image itself");
                     return -1;
                 }
         for (int j = 0; j < i; j++) {
-            struct stat sj;
             if (path[j] && ((res[i][0] && !strcmp(res[i], res[j])) ||
-                            (stat(path[i], &st) == 0 && stat(path[j], &sj) == 0 &&
-                             st.st_dev == sj.st_dev && st.st_ino == sj.st_ino))) {
+                            (exists[i] && exists[j] && st[i].st_dev == st[j].st_dev &&
+                             st[i].st_ino == st[j].st_ino))) {
                 snprintf(err, errlen, "%s and %s name the same file (%.300s)", opt[j], opt[i],
                          path[i]);
                 return -1;
