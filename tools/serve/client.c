@@ -87,11 +87,14 @@ int cmd_snapshot_remote(int argc, char **argv)
         case 'v': vm = 1; break;
         case 'k':
         case 'e':
-            if (kind && strcmp(kind, ch == 'e' ? "external" : optarg))
-                return usage_error("--external and --kind %s contradict each other",
-                                   ch == 'e' ? kind : optarg);
-            kind = ch == 'e' ? "external" : optarg;
+        {
+            const char *k = ch == 'e' ? "external" : optarg;
+            if (kind && strcmp(kind, k))
+                return usage_error("snapshot kinds '%s' and '%s' contradict each other "
+                                   "(--kind, --external)", kind, k);
+            kind = k;
             break;
+        }
         case 'q': break;
         case 'l': case 'a': case 'c': case 'd':
             if (action)
