@@ -396,6 +396,11 @@ int bdev_pwrite_batch(struct bdev *bs, const struct bdev_wvec *v, size_t n,
     return r;
 }
 
+uint64_t bdev_write_unit(struct bdev *bs)
+{
+    return bs->drv->write_unit ? bs->drv->write_unit(bs) : 1;
+}
+
 int bdev_pwrite_zeroes(struct bdev *bs, uint64_t len, uint64_t off, unsigned flags)
 {
     int r = check_req(bs, len, off, true);

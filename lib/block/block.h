@@ -73,6 +73,9 @@ struct pms_driver {
                          struct pms_extent *ext);
     /* Format information; optional. */
     int  (*info)(struct bdev *bs, struct pms_info *info);
+    /* See bdev_write_unit; optional (1).  Reads fields fixed until the node's
+     * state is swapped (bdev_swap_state); no lock taken. */
+    uint64_t (*write_unit)(struct bdev *bs);
     /* Guest offset where the VM state area begins (QEMU's vm state offset:
      * past the last L2 table's coverage of the disk); reads and writes at
      * it and beyond go through pread/pwrite.  Optional (ENOTSUP). */
@@ -235,6 +238,11 @@ int  bdev_pwrite(struct bdev *bs, const void *buf, uint64_t len, uint64_t off);
  * error some runs may have been written, none half-committed in metadata. */
 int  bdev_pwrite_batch(struct bdev *bs, const struct bdev_wvec *v, size_t n,
                        bdev_fill_fn fill, void *opaque);
+/* The unit a write into an unallocated or shared range writes whole (qcow2:
+ * a cluster; a subcluster with extended L2), as a cost estimate of a batch:
+ * a 4 KiB run that copies a 64 KiB cluster on write costs 64 KiB of I/O.
+ * 1 for drivers that write in place. */
+uint64_t bdev_write_unit(struct bdev *bs);
 int  bdev_pwrite_zeroes(struct bdev *bs, uint64_t len, uint64_t off, unsigned flags);
 /* Compressed write (qcow2 only): off cluster aligned, len a multiple of the
  * cluster size or ending at the end of the image. */

@@ -302,6 +302,9 @@ struct pms_mem {
                                         (atomic word loads) */
     _Atomic bool no_evict;           /* a failed re-dirty left a written page looking
                                         clean: eviction could drop it, so it stops */
+    _Atomic unsigned wb_cancel;      /* callers waiting for wb_mu to discard what a
+                                        background round writes (revert): the round
+                                        stops at its next batch */
     _Atomic unsigned converge_us;    /* delay before each missing fault (pre-copy) */
     atomic_bool precopying;          /* a pre-copy runs (see DIRTY_PRECOPY_RUNS) */
     uint64_t wb_again;               /* pages writeback found in `since` already
@@ -1065,11 +1068,15 @@ static int scan(struct pms_mem *m, uint64_t *start, uint64_t end, bool wp_match,
 /* Writes to the image go out in batches (bdev_pwrite_batch): a format
  * driver allocates a batch's new clusters together, writes them with few
  * large writes and updates its metadata once.  A batch holds the image's
- * lock throughout, so fault-ins wait behind it: WB_BATCH_BYTES bounds that
- * (~10 ms of writing here) for runs that stream, WB_BATCH_RUNS for scattered
- * pages, each an allocating write of its own (4,096 of them held faults on
- * allocated clusters for tens of ms: 64 GiB image under a 1 GiB cap, random
- * stores 58-61 -> 66-71 MB/s with 512). */
+ * lock throughout, so fault-ins wait behind it, and so does a revert for
+ * the batch in flight: WB_BATCH_BYTES bounds that (~10 ms of writing here)
+ * in bytes the driver writes, each run counted as at least the image's
+ * write unit (bdev_write_unit: a page stored into a shared 64 KiB cluster
+ * of an internal snapshot writes the whole cluster; 512 such runs were a
+ * 32 MiB batch, 12-15 ms that a revert waited for), and WB_BATCH_RUNS for
+ * scattered pages, each an allocating write of its own (4,096 of them held
+ * faults on allocated clusters for tens of ms: 64 GiB image under a 1 GiB
+ * cap, random stores 58-61 -> 66-71 MB/s with 512). */
 #define WB_BATCH_BYTES (8ull << 20)
 #define WB_BATCH_RUNS  512
 
@@ -1105,6 +1112,7 @@ struct wbatch {
     const uint8_t *stage;           /* see write_runs */
     size_t k;                       /* runs in m->wv */
     uint64_t bytes;
+    uint64_t cost;                  /* bytes, each run at least a write unit */
 };
 
 static int wbatch_flush(struct wbatch *b)
@@ -1121,19 +1129,23 @@ static int wbatch_flush(struct wbatch *b)
         atomic_fetch_add(&b->m->bytes_out, b->bytes);
     b->k = 0;
     b->bytes = 0;
+    b->cost = 0;
     return r;
 }
 
 static int write_runs(struct pms_mem *m, const struct run *runs, uint64_t n,
-                      const uint8_t *stage, uint64_t *failed)
+                      const uint8_t *stage, bool cancellable, uint64_t *failed)
 {
-    struct wbatch b = { m, stage, 0, 0 };
+    struct wbatch b = { m, stage, 0, 0, 0 };
     uint64_t first = 0;             /* first run of the pending batch */
+    uint64_t unit = bdev_write_unit(m->bs);   /* (the node's state swaps only under wb_mu) */
     int r = 0;
     for (uint64_t i = 0; i < n && r == 0; i++) {
-        if (b.k + 2 > WB_BATCH_RUNS || b.bytes >= WB_BATCH_BYTES) {
+        if (b.k + 2 > WB_BATCH_RUNS || b.cost >= WB_BATCH_BYTES) {
             r = wbatch_flush(&b);
             first = r < 0 ? first : i;
+            if (r == 0 && cancellable && atomic_load(&m->wb_cancel))
+                r = -ECANCELED;     /* nothing of runs[i..n) written */
         }
         uint64_t off = runs[i].off, end = off + runs[i].len;
         const uint8_t *src = stage ? stage + runs[i].stage : m->base + off;
@@ -1150,6 +1162,7 @@ static int write_runs(struct pms_mem *m, const struct run *runs, uint64_t n,
             if (q > p && r == 0) {
                 m->wv[b.k++] = (struct bdev_wvec){ p, q - p, src + (p - off) };
                 b.bytes += q - p;
+                b.cost += q - p > unit ? q - p : unit;
             }
             p = q;
         }
@@ -1286,8 +1299,10 @@ static void evict_over_cap(struct pms_mem *m);
 /* Write back every dirty page of [s, e); wb_mu held.  Returns bytes or
  * -errno; on an error every page not written is dirty again.  Under a cap,
  * pages are evicted as the writing goes (a round over a large dirty set
- * takes seconds, and faults over the cap wait for eviction). */
-static int64_t writeback(struct pms_mem *m, uint64_t s, uint64_t e)
+ * takes seconds, and faults over the cap wait for eviction).  A background
+ * round (bg) stops with -ECANCELED at the next batch once a caller that
+ * discards the dirty pages waits for wb_mu (wb_cancel: a revert). */
+static int64_t writeback(struct pms_mem *m, uint64_t s, uint64_t e, bool bg)
 {
     int64_t bytes = 0;
     if (!m->wp)
@@ -1313,17 +1328,20 @@ static int64_t writeback(struct pms_mem *m, uint64_t s, uint64_t e)
         }
         if (n == 0)
             break;
-        uint64_t failed = 0;
-        int r = write_runs(m, m->runs, (uint64_t)n, NULL, &failed);
+        uint64_t failed = (uint64_t)n;
+        int r = write_runs(m, m->runs, (uint64_t)n, NULL, bg, &failed);
+        /* runs[0..failed) reached the image: they changed since the
+         * snapshot even when a later batch failed (a revert to it drops
+         * exactly the pages marked here and the dirty ones) */
+        for (uint64_t i = 0; i < failed; i++) {
+            bytes += (int64_t)m->runs[i].len;
+            if (m->since_name)
+                m->wb_again += since_mark(m, m->runs[i].off, m->runs[i].len);
+        }
         if (r < 0) {
             for (int64_t j = (int64_t)failed; j < n; j++)
                 redirty(m, m->runs[j].off, m->runs[j].len);
             return r;
-        }
-        for (int64_t i = 0; i < n; i++) {
-            bytes += (int64_t)m->runs[i].len;
-            if (m->since_name)
-                m->wb_again += since_mark(m, m->runs[i].off, m->runs[i].len);
         }
         evict_over_cap(m);
     }
@@ -1609,11 +1627,13 @@ static void *wb_main(void *arg)
         pthread_mutex_unlock(&m->ctl_mu);
         if (atomic_load(&m->stop))
             break;
+        if (atomic_load(&m->wb_cancel))
+            continue;                 /* a revert waits for wb_mu: let it have it */
         pthread_mutex_lock(&m->wb_mu);
         m->wb_again = 0;
         atomic_store(&m->wfaults, 0);
         uint64_t ev0 = atomic_load(&m->evicted);
-        int64_t w = writeback(m, 0, m->maplen);
+        int64_t w = writeback(m, 0, m->maplen, true);
         bool fresh = m->since_name && m->wb_again * PG * WB_HOT_DIV < (uint64_t)(w > 0 ? w : 0);
         bool pressed = atomic_load(&m->evicted) != ev0;
         if (w < 0)
@@ -1625,7 +1645,8 @@ static void *wb_main(void *arg)
         else
             period = m->interval_ms;
         last = w < 0 ? 0 : (uint64_t)w;
-        evict_over_cap(m);
+        if (w != -ECANCELED)          /* a revert waits and drops pages itself */
+            evict_over_cap(m);
         pthread_mutex_unlock(&m->wb_mu);
         atomic_store(&m->round_end_ns, now_ns());
         pthread_mutex_lock(&m->ctl_mu);
@@ -1993,7 +2014,7 @@ int pms_mem_unmap(struct pms_mem *m, bool force)
     int r = 0;
     if (m->wp) {            /* the fault thread still serves: writeback may fault */
         pthread_mutex_lock(&m->wb_mu);
-        int64_t w = writeback(m, 0, m->maplen);
+        int64_t w = writeback(m, 0, m->maplen, false);
         r = w < 0 ? (int)w : bdev_flush(m->bs);
         pthread_mutex_unlock(&m->wb_mu);
     }
@@ -2021,7 +2042,7 @@ static int persist_range(struct pms_mem *m, uint64_t s, uint64_t e)
     if (m->ro)
         return 0;
     pthread_mutex_lock(&m->wb_mu);
-    int64_t w = writeback(m, s, e);
+    int64_t w = writeback(m, s, e, false);
     int r = w < 0 ? (int)w : bdev_flush(m->bs);
     pthread_mutex_unlock(&m->wb_mu);
     return r;
@@ -2256,7 +2277,7 @@ int pms_mem_discard(struct pms_mem *m, size_t len, uint64_t off)
     if (e <= s)
         return 0;
     pthread_mutex_lock(&m->wb_mu);
-    int64_t w = writeback(m, s, e);
+    int64_t w = writeback(m, s, e, false);
     r = w < 0 ? (int)w : 0;
     pthread_mutex_lock(&m->mu);
     if (r == 0)
@@ -2365,7 +2386,7 @@ static int64_t precopy_rounds(struct pms_mem *m, int64_t *last)
     *last = 0;
     for (int round = 0; round < PRECOPY_ROUNDS; round++) {
         uint64_t f0 = atomic_load(&m->faults);
-        int64_t w = writeback(m, 0, m->maplen);
+        int64_t w = writeback(m, 0, m->maplen, false);
         if (w < 0)
             return w;
         bytes += w;
@@ -2475,7 +2496,7 @@ static int commit(struct pms_mem *m, const char *name, struct bdev_extsnap_prep 
         *staged += m->runs[i].len;
     atomic_store(&m->stage_pages, (*staged > m->stage_warm ? *staged : m->stage_warm) / PG);
     uint64_t failed;
-    int r = write_runs(m, m->runs, (uint64_t)nr, m->stage, &failed);
+    int r = write_runs(m, m->runs, (uint64_t)nr, m->stage, false, &failed);
     /* the driver's create is durable on return (it flushes the staged data
      * with its first barrier); no flush of our own after it */
     if (ext) {
@@ -2715,7 +2736,11 @@ int pms_mem_snapshot_revert(struct pms_mem *m, const char *name)
     /* before wb_mu (a create holds it from prepare, before wb_mu); it also
      * keeps a delete from changing the chain ext_changed reads */
     if (ext) bdev_extsnap_lock(bs);
+    /* what a background round would still write is dropped below: it
+     * stops at its next batch instead of finishing first */
+    atomic_fetch_add(&m->wb_cancel, 1);
     pthread_mutex_lock(&m->wb_mu);
+    atomic_fetch_sub(&m->wb_cancel, 1);
     bool whole = !bs->drv->snapshot_changed;
     if (m->since_name && !strcmp(m->since_name, name)) {
         /* the snapshot this mapping took or reverted to last: the pages
@@ -2735,6 +2760,10 @@ int pms_mem_snapshot_revert(struct pms_mem *m, const char *name)
         pthread_mutex_unlock(&bs->lock);
         pms_err_clear();
     }
+    /* a page that looks clean may hold bytes the image lacks (no_evict:
+     * a re-dirty failed): only dropping every page is sure to drop it */
+    bool lost = atomic_load(&m->no_evict);
+    whole |= lost;
     int r = ext ? bdev_extsnap_revert(bs, name) : snap_locked(bs, bs->drv->snapshot_goto, name);
     mark_eager(m, true);
     if (r == 0) {
@@ -2743,6 +2772,8 @@ int pms_mem_snapshot_revert(struct pms_mem *m, const char *name)
             r = drops_apply(&d);
         if (whole || r < 0)
             r = drop_range(m, 0, m->maplen);
+        if (r == 0 && lost)
+            atomic_store(&m->no_evict, false);   /* nothing resident is newer now */
         if (r < 0)
             r = pms_err(-r, "reverted the image to '%s' but could not drop the mapping's "
                         "pages (%s): unmap without persisting", name, pms_err_get());

@@ -20,5 +20,13 @@ for mode in async sync; do
     check_img "$z"
     qio "$z" "read -P 0x5a 8256K 64K"
     echo "revert to data over known zeroes $mode: ok"
+    # reverts that meet a writeback round mid-way (mem-test.c t_revert_wb)
+    w=$T/w-$mode.qcow2
+    qemu-img create -q -f qcow2 "$w" 64M || fail "qemu-img create"
+    qio "$w" "write -P 0x11 0 64M"
+    "$MEMTEST" revert-wb "$w" $mode || fail "revert-wb $mode (exit $?)"
+    check_img "$w"
+    qio "$w" "read -P 0x11 0 64M"
+    echo "reverts meeting the writeback $mode: ok"
 done
 finish

@@ -6,6 +6,9 @@
  *   mem-test atomic  IMG MODE NT NS     NT writer threads, NS live snapshots
  *   mem-test verify  RAW NT [PREVSUM]   check one snapshot's slots (converted raw)
  *   mem-test revert  IMG MODE           snapshot, store, revert, check
+ *   mem-test revert-wb IMG MODE         reverts that meet a writeback round
+ *                                       mid-way (failed part-way, or stopped)
+ *   mem-test wberr   IMG MODE           write-backs that fail keep pages dirty
  *   mem-test cap     IMG MODE LIMIT_MB STORE_MB
  *   mem-test capsnap IMG MODE LIMIT_MB SECS  random page stores under a cap
  *                                       while a thread takes an external
@@ -729,6 +732,63 @@ static int t_wberr(const char *img, const char *mode)
     return 0;
 }
 
+/* Reverts that meet the writeback mid-round (IMG: 64 MiB, every byte 0x11).
+ * 1. A round that fails part-way (the file may grow by a few clusters
+ *    only) has written its first batches to the image: a revert to the
+ *    snapshot must drop those pages as well as the ones left dirty.
+ * 2. A revert right after the stores stops a background round at its next
+ *    batch (the pages it had not written are dirty again): every stored
+ *    page reads the snapshot's bytes afterwards. */
+static void stores_spaced(uint8_t *p, size_t len, int v)
+{
+    for (size_t off = 0; off < len; off += 65536)   /* a page per 64 KiB cluster */
+        memset(p + off + ((off >> 16) % 16) * PG, v, PG);
+}
+
+static void expect_spaced(const uint8_t *p, size_t len, int v, const char *what)
+{
+    for (size_t off = 0; off < len; off += 65536) {
+        const uint8_t *q = p + off + ((off >> 16) % 16) * PG;
+        for (size_t i = 0; i < PG; i++)
+            CHECK(q[i] == v, "%s: offset %zu reads 0x%02x, not 0x%02x", what,
+                  (size_t)(q - p) + i, q[i], v);
+    }
+}
+
+static int t_revert_wb(const char *img, const char *mode)
+{
+    signal(SIGXFSZ, SIG_IGN);          /* the write fails with EFBIG instead */
+    pms_dev *d = open_img(img, 0, NULL);
+    size_t len;
+    uint8_t *p = map(d, mode, 0, &len);
+    CHECK(len >= (64u << 20), "image too small");
+    API(pms_snapshot_create(d, "A"));
+    struct stat sb;
+    CHECK(stat(img, &sb) == 0, "stat");
+    struct rlimit old, lim;
+    getrlimit(RLIMIT_FSIZE, &old);
+    lim = old;
+    lim.rlim_cur = (rlim_t)sb.st_size + (12u << 20);   /* ~190 clusters of 1,024 */
+    CHECK(setrlimit(RLIMIT_FSIZE, &lim) == 0, "setrlimit");
+    stores_spaced(p, len, 0x22);
+    CHECK(pms_persist(d, p, len) < 0, "persist succeeded although the file cannot grow");
+    CHECK(stats(d).bytes_written_back > 0, "nothing was written before the failure");
+    CHECK(setrlimit(RLIMIT_FSIZE, &old) == 0, "setrlimit back");
+    API(pms_snapshot_revert(d, "A"));
+    expect_spaced(p, len, 0x11, "after a failed round and a revert");
+    printf("revert after a partly failed round: ok\n");
+    for (int i = 0; i < 8; i++) {
+        stores_spaced(p, len, 0x30 + i);
+        usleep((unsigned)(i * 3000));  /* meet the round at different points */
+        API(pms_snapshot_revert(d, "A"));
+        expect_spaced(p, len, 0x11, "after a revert during a round");
+    }
+    printf("reverts during background rounds: ok\n");
+    API(pms_unmap(d));
+    API(pms_close(d));
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc == 3 && !strcmp(argv[1], "probe")) {
@@ -765,6 +825,7 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "prefetch")) return t_prefetch(img);
     if (!strcmp(cmd, "blocked")) return t_blocked(img);
     if (!strcmp(cmd, "wberr")) return t_wberr(img, mode);
+    if (!strcmp(cmd, "revert-wb")) return t_revert_wb(img, mode);
     fprintf(stderr, "unknown subcommand %s\n", cmd);
     return 2;
 }

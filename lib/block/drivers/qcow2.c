@@ -2724,6 +2724,13 @@ static int qcow2_info(struct bdev *bs, struct pms_info *info)
     return 0;
 }
 
+/* A partial write of an unallocated or shared (sub)cluster writes it whole. */
+static uint64_t qcow2_write_unit(struct bdev *bs)
+{
+    struct qcow2_state *s = QS(bs);
+    return s->ext_l2 ? s->cluster_size / QCOW2_SUBCLUSTERS : s->cluster_size;
+}
+
 /* QEMU's qcow2_vm_state_offset: the first L1 index past the disk. */
 static uint64_t qcow2_vmstate_offset(struct bdev *bs)
 {
@@ -2737,6 +2744,7 @@ const struct pms_driver pms_drv_qcow2 = {
     .state_size = sizeof(struct qcow2_state),
     .probe = probe,
     .open = open_wrap,
+    .write_unit = qcow2_write_unit,
     .close = qcow2_close,
     .pread = qcow2_pread,
     .pwrite = qcow2_pwrite,
