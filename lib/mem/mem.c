@@ -60,7 +60,10 @@
  * Between stopping the application (safepoint.c) and releasing it, no code
  * here calls malloc or takes a lock an application thread may hold.
  *   prefetch thread optional; installs missing chunks front to back (mu).
- *   callers         persist/snapshot/revert/unmap take wb_mu; pread/pwrite
+ *   callers         persist/snapshot/revert/unmap take wb_mu (a revert raises
+ *                   wb_cancel first: the round in progress stops at its next
+ *                   batch, its unwritten pages dirty again, and no new round
+ *                   starts while it waits); pread/pwrite
  *                   copy to/from the mapping a step at a time under mu
  *                   (and, sync mode, wp_mu), with the safepoint signal
  *                   blocked meanwhile (io_copy).
