@@ -19,6 +19,7 @@
  * add a link name, a row to `applets`.
  */
 #include <stdbool.h>
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 #include "cli.h"
@@ -101,6 +102,9 @@ static void help(void)
 
 int main(int argc, char **argv)
 {
+    /* a file-size limit (ulimit -f) fails the write with EFBIG, reported
+     * with the file's name, instead of killing us between two writes */
+    signal(SIGXFSZ, SIG_IGN);
     const char *base = argc > 0 && argv[0] ? strrchr(argv[0], '/') : NULL;
     base = base ? base + 1 : argc > 0 && argv[0] ? argv[0] : "";
     for (size_t i = 0; i < sizeof applets / sizeof applets[0]; i++)

@@ -645,6 +645,17 @@ int bdev_file_discard(struct bdev *file, uint64_t len, uint64_t off)
     return r;
 }
 
+int bdev_file_reserve(struct bdev *file, uint64_t off, uint64_t len)
+{
+    if (file->readonly)
+        return pms_err(EROFS, "'%s' is opened read-only", file->filename);
+    if (!file->drv->reserve || !len)
+        return 0;
+    int r = file->drv->reserve(file, off, len);
+    wrote(file);                    /* the file's size may have changed */
+    return r;
+}
+
 int bdev_file_zero(struct bdev *file, uint64_t len, uint64_t off)
 {
     if (file->readonly)

@@ -61,6 +61,8 @@ struct pms_driver {
      * the driver checks its alignment rules.  Optional (ENOTSUP). */
     int  (*pwrite_compressed)(struct bdev *bs, const void *buf, uint64_t len, uint64_t off);
     int  (*discard)(struct bdev *bs, uint64_t len, uint64_t off);
+    /* Protocol drivers: see bdev_file_reserve; optional (nothing reserved). */
+    int  (*reserve)(struct bdev *bs, uint64_t off, uint64_t len);
     /* Write many runs as one request (see bdev_pwrite_batch); optional: the
      * core falls back to one pwrite per run. */
     int  (*pwrite_batch)(struct bdev *bs, const struct bdev_wvec *v, size_t n,
@@ -280,6 +282,13 @@ int64_t bdev_file_length(struct bdev *file);
 int  bdev_file_truncate(struct bdev *file, uint64_t size);
 int  bdev_file_discard(struct bdev *file, uint64_t len, uint64_t off);
 int  bdev_file_zero(struct bdev *file, uint64_t len, uint64_t off);
+/* Give [off, off+len) storage in the file (extending the file if it ends
+ * before), keeping its bytes, so that writes there later cannot fail for
+ * want of space: a metadata table the cache writes after the data write
+ * that needed it was acknowledged (QEMU writes a new L2 table at once for
+ * the same reason).  0 where the file system cannot reserve (best effort);
+ * -ENOSPC, -EFBIG, ... when it can and there is no room. */
+int  bdev_file_reserve(struct bdev *file, uint64_t off, uint64_t len);
 
 /* Probe the format of an open protocol node: "qcow2" or "raw". */
 const char *bdev_probe(struct bdev *file);

@@ -491,6 +491,36 @@ static int file_zero(struct bdev *bs, uint64_t len, uint64_t off, unsigned flags
     return 0;
 }
 
+static int file_reserve(struct bdev *bs, uint64_t off, uint64_t len)
+{
+    struct file_state *s = bs->opaque;
+    if (s->is_blk)
+        return 0;                   /* a device's blocks all exist */
+    if (fallocate(s->fd, 0, (off_t)off, (off_t)len) == 0) {
+        if (s->cache_len)
+            grew_to(s, off + len);
+        return 0;
+    }
+    int e = errno;
+    if (e != EOPNOTSUPP && e != ENOSYS && e != EINVAL)
+        return pms_err(e, "could not reserve %llu bytes at %llu in '%s': %s",
+                       (unsigned long long)len, (unsigned long long)off, bs->filename,
+                       strerror(e));
+    /* no fallocate here: what lies past the end of the file is unused, so
+     * zeroes written there take the space */
+    int64_t flen = cur_len(bs);
+    if (flen < 0)
+        return (int)flen;
+    static const uint8_t zeroes[65536];
+    for (uint64_t p = off > (uint64_t)flen ? off : (uint64_t)flen; p < off + len;) {
+        uint64_t n = off + len - p < sizeof zeroes ? off + len - p : sizeof zeroes;
+        int r = file_pwrite(bs, zeroes, n, p);
+        if (r < 0) return r;
+        p += n;
+    }
+    return 0;
+}
+
 static int file_discard(struct bdev *bs, uint64_t len, uint64_t off)
 {
     struct file_state *s = bs->opaque;
@@ -571,6 +601,7 @@ const struct pms_driver pms_drv_file = {
     .pwrite = file_pwrite,
     .pwrite_zeroes = file_zero,
     .discard = file_discard,
+    .reserve = file_reserve,
     .flush = file_flush,
     .getlength = file_getlength,
     .truncate = file_truncate,

@@ -1478,6 +1478,25 @@ static int get_l2_writable(struct bdev *bs, uint64_t off, uint64_t *l2offp)
      * change; a table anywhere else (a reused cluster) is written whole. */
     int64_t flen = copy ? 0 : bdev_file_length(bs->file);
     if (flen < 0) pms_err_clear();
+    /* The cache writes the table after the write that needs it returned:
+     * its blocks must exist now (a table past the end of the file, or in a
+     * discarded cluster, is a hole), or a full disk fails that later write
+     * and loses the acknowledged one.  A reservation that fails fails this
+     * write, with nothing linked. */
+    r = bdev_file_reserve(bs->file, (uint64_t)noff, s->cluster_size);
+    /* the same for the L1 entry's page, which the next metadata flush
+     * writes (an image's L1 table may be a hole: qemu-img and our create
+     * leave a zero table unwritten) */
+    uint64_t pg0 = (s->l1_offset + l1i * 8) & ~(uint64_t)4095, pg1 = pg0 + 4096;
+    uint64_t l1end = s->l1_offset + qc_size_to_clusters(s, (uint64_t)s->l1_size * 8) * s->cluster_size;
+    if (pg0 < s->l1_offset) pg0 = s->l1_offset;
+    if (pg1 > l1end) pg1 = l1end;
+    if (r == 0) r = bdev_file_reserve(bs->file, pg0, pg1 - pg0);
+    if (r < 0) {
+        free(copy);
+        (void)qcow2_free_clusters(bs, (uint64_t)noff, s->cluster_size);   /* else a leak */
+        return r;
+    }
     r = qcow2_cache_get_empty(bs, &s->l2_cache, (uint64_t)noff, &t);
     if (r < 0) { free(copy); return r; }
     if (copy) memcpy(t, copy, s->cluster_size);
@@ -2791,6 +2810,25 @@ static uint64_t data_pos(uint64_t p0, uint64_t k, uint64_t cs, uint64_t per_l2, 
     return p0 + nl2 * cs + k * cs;
 }
 
+/* pwrite all of buf at off (a short write is the file system running out
+ * of space), or one error line naming the file and the reason. */
+static int create_write(int fd, const char *path, const void *buf, size_t len, off_t off)
+{
+    while (len) {
+        ssize_t n = pwrite(fd, buf, len, off);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            int e = n < 0 ? errno : ENOSPC;
+            return pms_err(e, "write to '%s' failed: %s", path, strerror(e));
+        }
+        buf = (const uint8_t *)buf + n;
+        len -= (size_t)n;
+        off += n;
+    }
+    return 0;
+}
+
 int qcow2_create(const char *path, uint64_t size, const struct pms_create_opts *o)
 {
     uint64_t cs = o->cluster_size ? o->cluster_size : 65536;
@@ -2939,8 +2977,7 @@ int qcow2_create(const char *path, uint64_t size, const struct pms_create_opts *
      * preallocation counts allocated blocks) */
     if (r == 0 && pmode != PMS_PREALLOC_OFF)
         hlen = cs;
-    if (r == 0 && pwrite(fd, buf, hlen, 0) != (ssize_t)hlen)
-        r = pms_err(errno ? errno : EIO, "write to '%s' failed", path);
+    if (r == 0) r = create_write(fd, path, buf, hlen, 0);
     /* refcount table */
     for (uint64_t i = 0; r == 0 && i < rt_clusters; i++) {
         memset(buf, 0, cs);
@@ -2951,16 +2988,14 @@ int qcow2_create(const char *path, uint64_t size, const struct pms_create_opts *
                 memcpy(buf + j * 8, &v, 8);
             }
         }
-        if (pwrite(fd, buf, cs, (off_t)(cs * (1 + i))) != (ssize_t)cs)
-            r = pms_err(errno ? errno : EIO, "write to '%s' failed", path);
+        r = create_write(fd, path, buf, cs, (off_t)(cs * (1 + i)));
     }
     /* refcount blocks */
     for (uint64_t b = 0; r == 0 && b < rb_count; b++) {
         memset(buf, 0, cs);
         for (uint64_t ci = b * rb_entries; ci < (b + 1) * rb_entries && ci < total; ci++)
             qcow2_rb_set(&st, buf, ci - b * rb_entries, 1);
-        if (pwrite(fd, buf, cs, (off_t)(rb_off + b * cs)) != (ssize_t)cs)
-            r = pms_err(errno ? errno : EIO, "write to '%s' failed", path);
+        r = create_write(fd, path, buf, cs, (off_t)(rb_off + b * cs));
     }
     /* L1 (zeroes): extend the file to cover it */
     if (r == 0 && ftruncate(fd, (off_t)(st.l1_offset + (l1n ? l1n * 8 : 0))) < 0)
@@ -2971,8 +3006,7 @@ int qcow2_create(const char *path, uint64_t size, const struct pms_create_opts *
         if (!l1) r = pms_err(ENOMEM, "out of memory");
         for (uint64_t i = 0; r == 0 && i < nl2; i++)
             l1[i] = htobe64(l2_pos(p0, i, cs, per_l2, pmode) | QCOW_OFLAG_COPIED);
-        if (r == 0 && pwrite(fd, l1, l1n * 8, (off_t)st.l1_offset) != (ssize_t)(l1n * 8))
-            r = pms_err(errno ? errno : EIO, "write to '%s' failed", path);
+        if (r == 0) r = create_write(fd, path, l1, l1n * 8, (off_t)st.l1_offset);
         free(l1);
         unsigned esz = st.ext_l2 ? 16 : 8;
         for (uint64_t i = 0; r == 0 && i < nl2; i++) {
@@ -2982,8 +3016,7 @@ int qcow2_create(const char *path, uint64_t size, const struct pms_create_opts *
                                      QCOW_OFLAG_COPIED);
                 memcpy(buf + j * esz, &e, 8);
             }
-            if (pwrite(fd, buf, cs, (off_t)l2_pos(p0, i, cs, per_l2, pmode)) != (ssize_t)cs)
-                r = pms_err(errno ? errno : EIO, "write to '%s' failed", path);
+            r = create_write(fd, path, buf, cs, (off_t)l2_pos(p0, i, cs, per_l2, pmode));
         }
         /* the data: a sparse file (metadata), reserved (falloc) or zeroes (full) */
         /* metadata: the file ends with the last data cluster; with extended L2
