@@ -104,6 +104,7 @@ struct srv {
     atomic_bool flusher_up;           /* between flusher_start and flusher_stop */
     atomic_bool discard_writes;
     int wake[2];                      /* quit requests -> main thread */
+    struct held held;                 /* writes waiting for room (held.c) */
     struct srv_stats st;
     char bdi_note[256];
 };
@@ -236,7 +237,8 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
     }
     uint64_t t0 = now_us();
     pthread_rwlock_rdlock(&s->io_lock);
-    int r = pms_pread(s->dev, buf, size, (uint64_t)off);
+    int r = held_any(&s->held) ? held_read(&s->held, s->dev, buf, size, (uint64_t)off)
+                               : pms_pread(s->dev, buf, size, (uint64_t)off);
     pthread_rwlock_unlock(&s->io_lock);
     s->st.read_us += now_us() - t0;
     if (r < 0) {
@@ -268,7 +270,13 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     }
     uint64_t t0 = now_us();
     pthread_rwlock_rdlock(&s->io_lock);
-    int r = s->discard_writes ? 0 : pms_pwrite(s->dev, buf, size, (uint64_t)off);
+    int r = 0;
+    if (s->discard_writes)
+        ;
+    else if (held_any(&s->held))         /* behind the held ones */
+        r = held_write(&s->held, s->dev, buf, size, (uint64_t)off, 0);
+    else if ((r = pms_pwrite(s->dev, buf, size, (uint64_t)off)) < 0 && held_retryable(r))
+        r = held_write(&s->held, s->dev, buf, size, (uint64_t)off, r);   /* no room: hold it */
     pthread_rwlock_unlock(&s->io_lock);
     s->st.write_us += now_us() - t0;
     if (r < 0) {
@@ -285,7 +293,10 @@ static void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_f
     struct srv *s = fuse_req_userdata(req);
     uint64_t t0 = now_us();
     pthread_rwlock_rdlock(&s->io_lock);
-    int r = pms_flush(s->dev);
+    /* nothing held is ever reported durable */
+    int r = held_drain(&s->held, s->dev);
+    if (r == 0)
+        r = pms_flush(s->dev);
     pthread_rwlock_unlock(&s->io_lock);
     s->st.flush_us += now_us() - t0;
     s->st.flushes++;
@@ -320,7 +331,9 @@ static void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, of
              mode == FALLOC_FL_ZERO_RANGE || mode == (FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)) {
         if (start < end) {
             pthread_rwlock_rdlock(&s->io_lock);
-            r = pms_write_zeroes(s->dev, (size_t)(end - start), start);
+            r = held_drain(&s->held, s->dev);     /* a held write must not land over the zeroes */
+            if (r == 0)
+                r = pms_write_zeroes(s->dev, (size_t)(end - start), start);
             pthread_rwlock_unlock(&s->io_lock);
             s->st.zeroes++;
         }
@@ -691,8 +704,10 @@ int srv_snapshot_revert(struct srv *s, const char *name, bool vm, struct srv_err
     bool reverted = r == 0;
     if (!reverted)
         s->discard_writes = false;       /* nothing changed: keep every write */
-    else
+    else {
+        held_clear(&s->held);            /* (none: the final flush stored them) */
         r = pms_flush(s->dev);
+    }
     pthread_rwlock_unlock(&s->io_lock);
     if (r < 0)
         seterr(e, "%s", pms_errmsg());
@@ -840,6 +855,7 @@ json_object *srv_query_stats(struct srv *s)
     ADD("last-vm-state-us", s->st.last_vm_state_us);
     ADD("last-vm-paused-us", s->st.last_vm_paused_us);
 #undef ADD
+    json_object_object_add(o, "held-write-bytes", json_object_new_int64((int64_t)held_bytes(&s->held)));
     json_object_object_add(o, "writeback-cache", json_object_new_boolean(s->wb_on));
     json_object_object_add(o, "bdi", json_object_new_string(s->bdi_note));
     return o;
@@ -1420,6 +1436,7 @@ int cmd_serve(int argc, char **argv)
     pthread_rwlockattr_init(&ra);
     pthread_rwlockattr_setkind_np(&ra, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
     pthread_rwlock_init(&s->io_lock, &ra);
+    held_init(&s->held);
     pthread_mutex_init(&s->op_lock, NULL);
     pthread_mutex_init(&s->seek_mu, NULL);
     pthread_key_create(&buf_key, free);
@@ -1547,6 +1564,12 @@ int cmd_serve(int argc, char **argv)
     qmp_server_stop();
     close(lfd);
     unlink(s->sock_path);
+    if (held_drain(&s->held, s->dev) < 0) {   /* (unmounted: nothing adds to them now) */
+        fprintf(stderr, "pmemsnap: %llu bytes of writes could not be stored in %s (%s) and are "
+                "lost\n", (unsigned long long)held_bytes(&s->held), s->image, libmsg());
+        rc = 1;
+    }
+    held_destroy(&s->held);
     if (pms_close(s->dev) < 0) {
         fprintf(stderr, "pmemsnap: closing %s: %s\n", s->image, libmsg());
         rc = 1;

@@ -7,6 +7,8 @@
  *             for `pmemsnap snapshot --socket` / `pmemsnap stats`
  *   flusher.c the helper process that writes the FUSE file's page cache
  *             back (a daemon thread must never wait on that itself)
+ *   held.c    writes the image could not take for want of space, kept
+ *             until it can (fsync fails meanwhile)
  *
  * Threads: the main thread accepts control connections and waits for a
  * shutdown request; libfuse's worker threads serve the FUSE file; one thread
@@ -46,6 +48,33 @@ struct srv_stats {
 };
 
 struct srv;
+
+/* Held writes (held.c). */
+struct held_write;
+struct held {
+    pthread_mutex_t mu;
+    struct held_write *v;             /* in arrival order (mu) */
+    size_t n, cap;
+    atomic_uint_fast64_t bytes;       /* sum of v[].len; read lock-free */
+};
+void held_init(struct held *h);
+void held_destroy(struct held *h);
+bool held_any(struct held *h);
+uint64_t held_bytes(struct held *h);
+/* err (a -errno of pms_pwrite) means "no room": the write may be held. */
+bool held_retryable(int err);
+/* A write while writes are held (direct_err 0), or after the direct
+ * pms_pwrite failed with direct_err: retries the held ones, then this one;
+ * holds it if there is no room.  0 = stored or held. */
+int held_write(struct held *h, pms_dev *dev, const void *buf, size_t len, uint64_t off,
+               int direct_err);
+/* Store the held writes; 0 when none is left, else the error of the first
+ * that still failed. */
+int held_drain(struct held *h, pms_dev *dev);
+/* pms_pread with the held bytes laid over it. */
+int held_read(struct held *h, pms_dev *dev, void *buf, size_t len, uint64_t off);
+/* Drop them all (a revert); returns the bytes dropped. */
+uint64_t held_clear(struct held *h);
 
 /* Result of a control operation: 0, or -errno with a message and QMP error
  * class in err/eclass. */
