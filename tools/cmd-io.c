@@ -416,6 +416,21 @@ static int zero_write(struct io *io, uint64_t len, uint64_t off, bool unmap)
     return 0;
 }
 
+/* write_f()'s flag checks, in its order and words */
+static bool write_flags_conflict(bool vm, bool compress, bool fua, bool nofallback,
+                                 bool unmap, bool z)
+{
+    const char *msg =
+        vm && z ? "-b and -z cannot be specified at the same time"
+        : fua && (vm || compress) ? "-f and -b or -c cannot be specified at the same time"
+        : nofallback && !z ? "-n requires -z to be specified"
+        : unmap && !z ? "-u requires -z to be specified"
+        : NULL;
+    if (msg)
+        printf("%s\n", msg);
+    return msg != NULL;
+}
+
 static int do_write(struct io *io, int argc, char **argv)
 {
     bool C = false, q = false, z = false, P = false, fua = false, unmap = false;
@@ -448,6 +463,8 @@ static int do_write(struct io *io, int argc, char **argv)
         cmd_usage(find_cmd("write"));
         return -EINVAL;
     }
+    if (write_flags_conflict(vm, compress, fua, nofallback, unmap, z))
+        return -EINVAL;
     if ((int)z + (int)P + (src != NULL) > 1) {
         printf("Only one of -z, -P, and -s can be specified at the same time\n");
         return -EINVAL;

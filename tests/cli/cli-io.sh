@@ -19,6 +19,7 @@ cmds=(
  'alloc 0 128k' 'alloc 64k' 'alloc 0' 'alloc 3M 2M' 'alloc 5M' 'alloc 1000 1000' 'alloc x'
  'alloc' 'a 1M 4k' 'info' 'i' 'aio_write -P 9 3M 4k' 'aio_flush' 'aio_read -P 9 3M 4k'
  'truncate 1000' 'truncate' 'truncate 6M' 'length' 'read -P 0 5M 1M' 'alloc 4M 2M'
+ 'write -u 0 4k' 'write -n 0 4k' 'write -f -c 0 64k' 'write -f -b 0 512' 'write -b -z 0 512'
 )
 args=()
 for c in "${cmds[@]}"; do args+=(-c "$c"); done
