@@ -133,7 +133,7 @@ int cmd_bench(int argc, char **argv)
             break;
         case 'q': quiet = 1; break;    /* accepted; qemu-img bench prints anyway */
         case 's':
-            if (parse_size(optarg, &bufsize) < 0 || bufsize == 0 || bufsize > INT32_MAX)
+            if (parse_size(optarg, &bufsize) < 0 || bufsize > INT32_MAX)
                 return bad("Invalid buffer size specified");
             break;
         case 'S':

@@ -18,6 +18,7 @@
 #include <unistd.h>
 #include "cli.h"
 #include "util/buf.h"
+#include "util/size.h"
 
 /* Deepest backing chain followed (as the qcow2 driver's QCOW2_MAX_CHAIN_DEPTH:
  * external snapshots make one layer each). */
@@ -267,6 +268,22 @@ static int64_t backing_size(const char *file, const char *backing, const char *f
     return sz;
 }
 
+/* qemu-img's cvtnum(NAME, ARG): a size from 0 to INT64_MAX, in its words */
+static int cvtnum(const char *name, const char *arg, uint64_t *out)
+{
+    int r = pms_parse_size(arg, out);
+    if (r < 0 && r != -ERANGE) {
+        errorf("Invalid %s specified. You may use k, M, G, T, P or E suffixes for kilobytes, "
+               "megabytes, gigabytes, terabytes, petabytes and exabytes.", name);
+        return -1;
+    }
+    if (r < 0 || *out > INT64_MAX) {
+        errorf("Invalid %s specified. Must be between 0 and %" PRId64 ".", name, INT64_MAX);
+        return -1;
+    }
+    return 0;
+}
+
 int cmd_create(int argc, char **argv)
 {
     static const struct option lo[] = {
@@ -317,11 +334,24 @@ int cmd_create(int argc, char **argv)
     pms_create_opts_init(&c.o);
     c.is_raw = strcmp(fmt, "raw") == 0;
     c.o.format = c.is_raw ? "raw" : "qcow2";
+    /* qemu-img reads the size argument before the -o list */
+    uint64_t size_arg = 0;
+    bool has_size_arg = optind + 1 < argc;
+    if (has_size_arg && cvtnum("image size", argv[optind + 1], &size_arg) < 0)
+        return 1;
     for (int i = 0; i < nopts; i++) {
         /* parsed in place: option values point into argv */
         int r = parse_copts(&c, optstrs[i], file);
         if (r != 0)
             return r > 0 ? 0 : 1;
+    }
+    if (has_size_arg && c.has_size) {
+        errorf("%s: The image size must be specified only once", file);
+        return 1;
+    }
+    if (has_size_arg) {
+        c.size = size_arg;
+        c.has_size = true;
     }
     if (check_copts(&c, file) < 0)
         return 1;
@@ -353,19 +383,6 @@ int cmd_create(int argc, char **argv)
                    "backing file", file);
             return 1;
         }
-    }
-    if (optind + 1 < argc) {
-        if (parse_size(argv[optind + 1], &c.size) < 0) {
-            errorf("Invalid image size specified. You may use k, M, G, T, P or E suffixes "
-                   "for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.");
-            return 1;
-        }
-        if (c.size > INT64_MAX) {
-            errorf("Invalid image size specified. Must be between 0 and %" PRId64 ".",
-                   INT64_MAX);
-            return 1;
-        }
-        c.has_size = true;
     }
     if (!c.has_size) {
         if (!c.o.backing_file || unsafe) {
@@ -1063,16 +1080,10 @@ int cmd_map(int argc, char **argv)
         case 'f': fmt = optarg; break;
         case 'U': force = 1; break;
         case 's':
-            if (parse_size(optarg, &start) < 0) {
-                errorf("Invalid start offset specified");
-                return 1;
-            }
+            if (cvtnum("start offset", optarg, &start) < 0) return 1;
             break;
         case 'l':
-            if (parse_size(optarg, &maxlen) < 0) {
-                errorf("Invalid length specified");
-                return 1;
-            }
+            if (cvtnum("max length", optarg, &maxlen) < 0) return 1;
             break;
         case OPT_OUTPUT:
             if ((json = parse_output(optarg)) < 0)

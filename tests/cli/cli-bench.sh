@@ -6,7 +6,8 @@
 command -v qemu-img >/dev/null || { echo "SKIP: no qemu-img"; exit 77; }
 truncate -s 16M r.raw
 for o in "-c 100" "-c 50 -d 4 -s 64k" "-c 10 -S 1M -s 4k -o 64k" "-c 20 -w --pattern=7 -d 2" \
-         "-c 40 -w -d 4 --flush-interval=8" "-c 5 -t none -n -i threads"; do
+         "-c 40 -w -d 4 --flush-interval=8" "-c 5 -t none -n -i threads" "-c 10 -s 0" \
+         "-c 10 -s 0 -w -o 16M"; do
     # shellcheck disable=SC2086
     "$P" bench -f raw $o r.raw > p.out 2>&1; prc=$?
     # shellcheck disable=SC2086

@@ -149,9 +149,16 @@ for s in -1 99999999999T 15.99E 1.5 1.5e3k 1.5e400k 0x1.8k ' 1M'; do
     refused $class "create: size '$s'" create -f qcow2 out.q "$s"
 done
 refused q "create: -o size overflow"         create -f qcow2 -o size=8E out.q
+refused q "create: -o size and a size"       create -f qcow2 -o size=2M out.q 1M
+refused q "create raw: -o size and a size"   create -f raw -o size=1M out.q 1M
 refused q "map: negative offset"             map --start-offset=-1 img.qcow2
 refused q "map: garbage offset"              map --start-offset=1x img.qcow2
 refused q "map: negative length"             map --max-length=-5 img.qcow2
+refused q "map: offset 2^63"                 map --start-offset=8E img.qcow2
+refused q "map: offset 2^64-1"               map --start-offset=18446744073709551615 img.qcow2
+refused q "map: length 2^63"                 map --max-length=8E img.qcow2
+grep -q "Invalid max length specified. Must be between 0 and 9223372036854775807." err ||
+    fail "map length 2^63 message: $(cat err)"
 refused q "bench: garbage count"             bench -c x img.qcow2
 refused q "bench: request past the end"      bench -c 1 -o 2M img.qcow2
 
