@@ -821,7 +821,9 @@ int cmd_check(int argc, char **argv)
         memset(&r, 0, sizeof r);
         r.size = sizeof r;
         ret = pms_check(dev, 0, &r, check_msg, NULL);
-        /* qemu-img drops the *-fixed counts from the re-check's JSON */
+        /* qemu-img reports the first pass's *-fixed counts with the re-check */
+        r.corruptions_fixed = cf;
+        r.leaks_fixed = lf;
     }
     if (ret == 0 && !quiet) {
         if (json)

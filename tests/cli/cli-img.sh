@@ -100,12 +100,19 @@ PY
 cmp_cmd "check leaked human" leak.qcow2 check
 same "check leaked stderr" p.err q.err
 cmp_cmd "check leaked json" leak.qcow2 check --output=json
-cp leak.qcow2 leak2.qcow2
+cp leak.qcow2 leak2.qcow2; cp leak.qcow2 leak0.qcow2
 "$P" check -r leaks leak.qcow2 > p.out 2>/dev/null; prc=$?
 qemu-img check -r leaks leak2.qcow2 > q.out 2>/dev/null; qrc=$?
 [ $prc -eq $qrc ] || fail "check -r leaks exit $prc vs $qrc"
 same "check -r leaks output" p.out q.out
 qemu-img check -q leak.qcow2 && pass "repaired image is clean for qemu-img" || fail "repair"
+# --output=json after a repair keeps the first pass's *-fixed counts
+for r in leaks all; do
+    cp leak0.qcow2 lj.qcow2; "$P" check -r $r --output=json lj.qcow2 > p.out 2>/dev/null; prc=$?
+    cp leak0.qcow2 lj.qcow2; qemu-img check -r $r --output=json lj.qcow2 > q.out 2>/dev/null; qrc=$?
+    [ $prc -eq $qrc ] || fail "check -r $r --output=json exit $prc vs $qrc"
+    jsondiff "check -r $r --output=json" p.out q.out
+done
 
 # create: the Formatting line matches qemu-img's for the same options
 for o in "" "-o cluster_size=4k" "-o compat=0.10" "-o extended_l2=on,cluster_size=32k" \
