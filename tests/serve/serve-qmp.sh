@@ -43,11 +43,11 @@ while True:
     elif sys.argv[2] == "wrongshape":
         c.sendall(b'{"QMP": {"version": {}, "capabilities": []}}\r\n')
         for line in c.makefile('rb'):
-            cmd = json.loads(line)['execute']
+            m = json.loads(line); cmd = m['execute']
             r = {"running": True} if cmd == 'query-status' else \
                 [{"drv": None, "ro": "no", "node-name": 7}] if cmd == 'query-named-block-nodes' else \
                 7 if cmd == 'query-jobs' else {}
-            c.sendall(json.dumps({"return": r}).encode() + b'\r\n')
+            c.sendall(json.dumps({"return": r, "id": m.get("id")}).encode() + b'\r\n')
     time.sleep(0.1)
 PY
 for mode in silent garbage noaccept wrongshape; do

@@ -135,7 +135,9 @@ int cmd_snapshot_remote(int argc, char **argv)
     if (r < 0) {
         static const char *const what[] = { ['l'] = "list snapshots", ['c'] = "create snapshot",
                                             ['a'] = "apply snapshot", ['d'] = "delete snapshot" };
-        if (action == 'l')
+        if (strstr(m, DONE_BUT_PAUSED))
+            errorf("%s", m);            /* it was done: only the resume failed */
+        else if (action == 'l')
             errorf("Could not %s: %s", what[action], m);
         else
             errorf("Could not %s '%s': %s", what[action], name, m);

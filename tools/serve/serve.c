@@ -103,6 +103,7 @@ struct srv {
     pthread_mutex_t seek_mu;
     atomic_bool flusher_up;           /* between flusher_start and flusher_stop */
     atomic_bool discard_writes;
+    atomic_bool quitting;             /* shutdown began: VM jobs stop waiting */
     int wake[2];                      /* quit requests -> main thread */
     struct held held;                 /* writes waiting for room (held.c) */
     struct srv_stats st;
@@ -467,7 +468,58 @@ static int vm_connect(struct srv *s, struct vmqmp **q, struct srv_err *e)
     int r = vmqmp_connect(s->qmp_path, s->qmp_timeout_ms, q, m, sizeof m);
     if (r < 0)
         seterr(e, "VM QMP socket %s: %s", s->qmp_path, m);
+    else
+        vmqmp_set_cancel(*q, &s->quitting);
     return r;
+}
+
+/* Resume a guest we stopped (or may have: a `stop` that got no clear
+ * answer).  A connection that timed out or broke is replaced first: its
+ * state is unknown, and a guest left paused is the one outcome that must
+ * not follow from a QMP hiccup. */
+static int vm_cont(struct srv *s, struct vmqmp **q, struct srv_err *e)
+{
+    char m[400];
+    int r = vmqmp_exec(*q, "cont", NULL, NULL, s->qmp_timeout_ms, m, sizeof m);
+    if (r < 0 && r != -EIO) {            /* no answer (-EIO: QEMU refused) */
+        vmqmp_close(*q);
+        *q = NULL;
+        struct srv_err e2 = { "", NULL };
+        if (vm_connect(s, q, &e2) < 0) {
+            seterr(e, "VM: cont: %s; reconnecting: %s", m, e2.msg);
+            return r;
+        }
+        r = vmqmp_exec(*q, "cont", NULL, NULL, s->qmp_timeout_ms, m, sizeof m);
+    }
+    if (r < 0)
+        seterr(e, "VM: cont: %s", m);
+    return r;
+}
+
+/* After an operation that stopped the guest: resume it, and say in e what
+ * state it is left in when that fails.  what: the operation, r its result. */
+static int vm_resume(struct srv *s, struct vmqmp **q, int r, const char *what, struct srv_err *e)
+{
+    struct srv_err e2 = { "", NULL };
+    int r2 = vm_cont(s, q, &e2);
+    if (r2 == 0)
+        return r;
+    if (r == 0)
+        seterr(e, "%s" DONE_BUT_PAUSED " (%s): resume it with 'cont' on its monitor", what,
+               e2.msg);
+    else {
+        size_t n = strlen(e->msg);
+        snprintf(e->msg + n, sizeof e->msg - n, "; the VM could not be resumed and is paused "
+                 "(%s)", e2.msg);
+    }
+    return r < 0 ? r : r2;
+}
+
+/* `stop` failed: did QEMU refuse it (still running), or is the answer
+ * unknown (timeout, broken connection, garbage: it may have stopped)? */
+static bool stop_refused(int r)
+{
+    return r == -EIO;
 }
 
 static int vm_simple(struct srv *s, struct vmqmp *q, const char *cmd, json_object *args, struct srv_err *e)
@@ -489,7 +541,14 @@ static int vm_running(struct srv *s, struct vmqmp *q, struct srv_err *e)
         seterr(e, "VM: query-status: %s", m);
         return r;
     }
-    r = json_member_bool(ret, "running", false);
+    json_object *v;
+    if (!json_object_is_type(ret, json_type_object) || !json_object_object_get_ex(ret, "running", &v) ||
+        !json_object_is_type(v, json_type_boolean)) {
+        json_object_put(ret);
+        seterr(e, "VM: query-status returned no boolean 'running'");
+        return -EPROTO;
+    }
+    r = json_object_get_boolean(v);
     json_object_put(ret);
     return r;
 }
@@ -586,6 +645,7 @@ int srv_snapshot_create(struct srv *s, const char *name, bool external, bool vm,
     json_object *devs = NULL;
     const char *vmstate = NULL;
     int was_running = 0, r;
+    bool committed = false;
     if (snapshot_exists(s, name, NULL)) {
         seterr(e, "a snapshot named '%s' already exists", name);
         r = -EEXIST;
@@ -602,8 +662,11 @@ int srv_snapshot_create(struct srv *s, const char *name, bool external, bool vm,
     if ((r = precopy(s, e)) < 0)
         goto out;
     t1 = now_us();
-    if (q && was_running && (r = vm_simple(s, q, "stop", NULL, e)) < 0)
-        goto out;
+    if (q && was_running && (r = vm_simple(s, q, "stop", NULL, e)) < 0) {
+        if (stop_refused(r))
+            goto out;
+        goto resume;                     /* it may have stopped */
+    }
     tpause = now_us();
     if ((r = final_flush(s, e)) < 0)
         goto resume;
@@ -633,14 +696,14 @@ int srv_snapshot_create(struct srv *s, const char *name, bool external, bool vm,
     s->st.last_final_us = t2 - tpause;
     s->st.last_commit_us = t3 - t2 - tstate;
     s->st.last_vm_state_us = tstate;
+    committed = true;
 resume:
     if (q && was_running) {
-        struct srv_err e2 = { "", NULL };
-        int r2 = vm_simple(s, q, "cont", NULL, r < 0 ? &e2 : e);
-        if (r == 0)
-            r = r2;
+        char what[320];
+        snprintf(what, sizeof what, "snapshot '%s' was created", name);
+        r = vm_resume(s, &q, r, what, e);
     }
-    if (r == 0) {
+    if (committed) {
         uint64_t t4 = now_us();
         s->st.last_vm_paused_us = q && was_running ? t4 - tpause : 0;
         s->st.last_snapshot_us = t4 - t0;
@@ -688,8 +751,11 @@ int srv_snapshot_revert(struct srv *s, const char *name, bool vm, struct srv_err
             r = r < 0 ? r : -EINVAL;
             goto out;
         }
-        if (was_running && (r = vm_simple(s, q, "stop", NULL, e)) < 0)
-            goto out;
+        if (was_running && (r = vm_simple(s, q, "stop", NULL, e)) < 0) {
+            if (stop_refused(r))
+                goto out;
+            goto resume;                 /* it may have stopped */
+        }
     }
     if ((r = final_flush(s, e)) < 0)
         goto resume;
@@ -740,10 +806,9 @@ int srv_snapshot_revert(struct srv *s, const char *name, bool vm, struct srv_err
     }
 resume:
     if (q && was_running) {
-        struct srv_err e2 = { "", NULL };
-        int r2 = vm_simple(s, q, "cont", NULL, r < 0 ? &e2 : e);
-        if (r == 0)
-            r = r2;
+        char what[320];
+        snprintf(what, sizeof what, "reverted to snapshot '%s'", name);
+        r = vm_resume(s, &q, r, what, e);
     }
 out:
     json_object_put(devs);
@@ -1551,6 +1616,7 @@ int cmd_serve(int argc, char **argv)
     json_object_object_add(d, "reason", json_object_new_string(sig ? "host-signal" : "host-qmp-quit"));
     qmp_event("SHUTDOWN", d);
 
+    s->quitting = true;                      /* a VM job in progress stops waiting */
     pthread_mutex_lock(&s->op_lock);         /* no operation after this one */
     int rc = 0;
     struct srv_err e = { "", NULL };

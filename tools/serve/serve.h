@@ -76,6 +76,10 @@ int held_read(struct held *h, pms_dev *dev, void *buf, size_t len, uint64_t off)
 /* Drop them all (a revert); returns the bytes dropped. */
 uint64_t held_clear(struct held *h);
 
+/* In an error's desc: the operation was done, but the guest it stopped
+ * could not be resumed (the client then does not say "Could not ..."). */
+#define DONE_BUT_PAUSED ", but the VM could not be resumed and is paused"
+
 /* Result of a control operation: 0, or -errno with a message and QMP error
  * class in err/eclass. */
 struct srv_err {
@@ -103,6 +107,9 @@ void qmp_event(const char *name, json_object *data);
 struct vmqmp;
 int  vmqmp_connect(const char *path, int timeout_ms, struct vmqmp **out, char *err, size_t errlen);
 void vmqmp_close(struct vmqmp *q);
+/* While *cancel is set, vmqmp_job stops waiting (the job is cancelled and
+ * dismissed, -ECANCELED). */
+void vmqmp_set_cancel(struct vmqmp *q, const atomic_bool *cancel);
 /* Run one command; *ret gets the "return" value (caller puts it) or, on an
  * "error" reply, -EIO with desc in err.  Events read meanwhile are passed to
  * on_event when set.  args is consumed. */

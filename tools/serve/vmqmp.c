@@ -11,11 +11,21 @@
  * never accepts fills its backlog, and a blocking connect would then wait
  * for good).  Replies are checked for shape (json_member_*) before use: a
  * peer that answers with the wrong types gets an error, not a crash.
+ * Every command carries an "id" (a counter of the connection) and only the
+ * reply with that id answers it: a stray reply, or the late answer to a
+ * command that timed out, is skipped, never taken for the next one's.
+ * Job ids are unique in the process (a counter shared by all connections
+ * and the pid), and a job we started is dismissed (cancelled first if it
+ * still runs) on every way out, so QEMU never keeps one that blocks the
+ * next operation with "Job ID ... already in use".
  *
- * Threads: a struct vmqmp belongs to the thread that connected it.
+ * Threads: a struct vmqmp belongs to the thread that connected it; the
+ * job counter is atomic; *cancel (vmqmp_set_cancel) is read lock-free.
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
+#include <stdatomic.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,13 +43,19 @@
 #define CONNECT_RETRY_MS 5
 /* Pause between query-jobs polls while a job runs (ms). */
 #define JOB_POLL_MS 5
+/* Bound of each clean-up command (job-cancel, job-dismiss) after a job
+ * failed or was interrupted (ms): the peer may be the reason it failed. */
+#define JOB_CLEANUP_MS 2000
 
 struct vmqmp {
     int fd;
     char *buf;
     size_t len, cap;
-    unsigned job_seq;
+    uint64_t cmd_seq;               /* id of the last command sent */
+    const atomic_bool *cancel;      /* set: stop waiting for a job */
 };
+
+static atomic_uint job_seq;         /* job ids, unique in the process */
 
 static int64_t now_ms(void)
 {
@@ -158,14 +174,24 @@ static const char *err_desc(json_object *o)
     return d ? d : "unknown error";
 }
 
+/* Is m the reply to command id? */
+static bool reply_to(json_object *m, uint64_t id)
+{
+    json_object *v;
+    return json_object_object_get_ex(m, "id", &v) && json_object_is_type(v, json_type_int) &&
+           (uint64_t)json_object_get_int64(v) == id;
+}
+
 int vmqmp_exec(struct vmqmp *q, const char *cmd, json_object *args, json_object **ret,
                int timeout_ms, char *err, size_t errlen)
 {
     int64_t deadline = now_ms() + timeout_ms;
+    uint64_t id = ++q->cmd_seq;
     json_object *o = json_object_new_object();
     json_object_object_add(o, "execute", json_object_new_string(cmd));
     if (args)
         json_object_object_add(o, "arguments", args);
+    json_object_object_add(o, "id", json_object_new_int64((int64_t)id));
     const char *s = json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN);
     char *line;
     int r = asprintf(&line, "%s\n", s) < 0 ? -ENOMEM : 0;
@@ -183,18 +209,19 @@ int vmqmp_exec(struct vmqmp *q, const char *cmd, json_object *args, json_object 
         if ((r = read_msg(q, &m, deadline, err, errlen)) < 0)
             return r;
         json_object *v;
-        if (json_object_object_get_ex(m, "return", &v)) {
+        bool mine = reply_to(m, id);
+        if (mine && json_object_object_get_ex(m, "return", &v)) {
             if (ret)
                 *ret = json_object_get(v);
             json_object_put(m);
             return 0;
         }
-        if (json_object_object_get_ex(m, "error", &v)) {
+        if (mine && json_object_object_get_ex(m, "error", &v)) {
             snprintf(err, errlen, "%s", err_desc(m));
             json_object_put(m);
             return -EIO;
         }
-        json_object_put(m);      /* an event */
+        json_object_put(m);      /* an event, or another command's reply */
     }
 }
 
@@ -239,7 +266,7 @@ int vmqmp_connect(const char *path, int timeout_ms, struct vmqmp **out, char *er
     json_object *g = NULL, *v;
     int r = read_msg(q, &g, deadline, err, errlen);
     if (r == 0 && !json_object_object_get_ex(g, "QMP", &v)) {
-        snprintf(err, errlen, "%s: no QMP greeting", path);
+        snprintf(err, errlen, "the peer sent no QMP greeting");
         r = -EPROTO;
     }
     json_object_put(g);
@@ -251,6 +278,11 @@ int vmqmp_connect(const char *path, int timeout_ms, struct vmqmp **out, char *er
     }
     *out = q;
     return 0;
+}
+
+void vmqmp_set_cancel(struct vmqmp *q, const atomic_bool *cancel)
+{
+    q->cancel = cancel;
 }
 
 void vmqmp_close(struct vmqmp *q)
@@ -285,8 +317,13 @@ static int job_state(struct vmqmp *q, const char *id, int timeout_ms, char *jerr
         found = 0;
         if (st && strcmp(st, "concluded") == 0) {
             found = 1;
-            const char *je = json_member_str(j, "error");
-            snprintf(jerr, jerrlen, "%s", je ? je : "");
+            /* any error member is a failure, whatever its type */
+            json_object *ev;
+            if (json_object_object_get_ex(j, "error", &ev)) {
+                const char *je = json_member_str(j, "error");
+                snprintf(jerr, jerrlen, "%s", je && *je ? je : "the job failed (no reason given)");
+            } else
+                jerr[0] = '\0';
         }
     }
     json_object_put(l);
@@ -295,37 +332,53 @@ static int job_state(struct vmqmp *q, const char *id, int timeout_ms, char *jerr
     return found;
 }
 
+/* A job command on job id (job-cancel, job-dismiss), best effort. */
+static void job_cmd(struct vmqmp *q, const char *cmd, const char *id)
+{
+    json_object *a = json_object_new_object();
+    json_object_object_add(a, "id", json_object_new_string(id));
+    char e[200];
+    (void)vmqmp_exec(q, cmd, a, NULL, JOB_CLEANUP_MS, e, sizeof e);
+}
+
 int vmqmp_job(struct vmqmp *q, const char *cmd, json_object *args, int cmd_timeout_ms,
               int timeout_ms, char *err, size_t errlen)
 {
-    char id[64];
-    snprintf(id, sizeof id, "pmemsnap-%s-%u-%d", cmd, ++q->job_seq, (int)getpid());
+    char id[80];
+    snprintf(id, sizeof id, "pmemsnap-%s-%d-%u", cmd, (int)getpid(),
+             atomic_fetch_add(&job_seq, 1) + 1);
     json_object_object_add(args, "job-id", json_object_new_string(id));
     int r = vmqmp_exec(q, cmd, args, NULL, cmd_timeout_ms, err, errlen);
-    if (r < 0)
-        return r;
+    if (r == -EIO)
+        return r;                   /* refused: no job was made */
     int64_t deadline = now_ms() + timeout_ms;
     char jerr[400] = "";
-    for (;;) {
+    while (r == 0) {
         r = job_state(q, id, cmd_timeout_ms, jerr, sizeof jerr, err, errlen);
-        if (r < 0)
-            return r;
-        if (r == 1)
+        if (r == 1) {
+            r = 0;
             break;
-        if (now_ms() > deadline) {
-            snprintf(err, errlen, "%s job did not finish in %d ms", cmd, timeout_ms);
-            return -ETIMEDOUT;
         }
-        struct timespec ts = { 0, JOB_POLL_MS * 1000000L };
-        nanosleep(&ts, NULL);
+        if (r < 0)
+            break;
+        if (q->cancel && atomic_load(q->cancel)) {
+            snprintf(err, errlen, "%s job interrupted: the daemon is shutting down", cmd);
+            r = -ECANCELED;
+        } else if (now_ms() > deadline) {
+            snprintf(err, errlen, "%s job did not finish in %d ms", cmd, timeout_ms);
+            r = -ETIMEDOUT;
+        } else {
+            struct timespec ts = { 0, JOB_POLL_MS * 1000000L };
+            nanosleep(&ts, NULL);
+        }
     }
-    json_object *a = json_object_new_object();
-    json_object_object_add(a, "id", json_object_new_string(id));
-    char derr[200];
-    vmqmp_exec(q, "job-dismiss", a, NULL, cmd_timeout_ms, derr, sizeof derr);
-    if (jerr[0]) {
+    if (r < 0 && r != -ENOENT)      /* still running, or unknown: stop it */
+        job_cmd(q, "job-cancel", id);
+    if (r != -ENOENT)               /* (vanished: nothing to dismiss) */
+        job_cmd(q, "job-dismiss", id);
+    if (r == 0 && jerr[0]) {
         snprintf(err, errlen, "%s", jerr);
         return -EIO;
     }
-    return 0;
+    return r;
 }
