@@ -797,7 +797,8 @@ int cmd_check(int argc, char **argv)
         return 1;
     }
     open_for_check = true;
-    pms_dev *dev = open_image(file, fmt, flags == 0, PMS_CACHE_WRITEBACK, true, force);
+    /* with its backing chain: qemu-img check fails when a backing file is missing */
+    pms_dev *dev = open_image(file, fmt, flags == 0, PMS_CACHE_WRITEBACK, false, force);
     if (!dev)
         return 1;
     struct pms_info info = { .size = sizeof info };
@@ -851,6 +852,18 @@ int cmd_check(int argc, char **argv)
 
 /* ---- snapshot ---------------------------------------------------------------- */
 
+/* qemu-img snapshot opens the backing chain, so a missing backing file fails
+ * every action before anything is written.  The action itself opens the image
+ * alone: a writable open with the chain would finish an interrupted external
+ * snapshot operation that snapshot -d finishes itself (extsnap.c). */
+static bool backing_chain_opens(const char *file, const char *fmt)
+{
+    pms_dev *dev = open_image(file, fmt, true, PMS_CACHE_WRITEBACK, false, true);
+    if (dev)
+        pms_close(dev);
+    return dev != NULL;
+}
+
 int cmd_snapshot(int argc, char **argv)
 {
     static const struct option lo[] = {
@@ -894,6 +907,8 @@ int cmd_snapshot(int argc, char **argv)
         errorf("--external is only valid with -c");
         return 1;
     }
+    if (!backing_chain_opens(file, fmt))
+        return 1;
     pms_dev *dev = open_image(file, fmt, action == 'l', PMS_CACHE_WRITEBACK, true, force);
     if (!dev)
         return 1;

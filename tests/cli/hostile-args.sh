@@ -267,6 +267,20 @@ expect_rc 0 "resize raw by +1000" "$P" resize -f raw img.raw +1000 &&
 rm -f out.r q.qcow2
 fresh
 
+# ---- an overlay whose backing file is missing (info alone opens it) ---------
+qemu-img create -q -f qcow2 nb.qcow2 1M
+qemu-img snapshot -c s nb.qcow2
+qemu-img rebase -u -b missing.qcow2 -F qcow2 nb.qcow2
+cp nb.qcow2 Q/
+IMAGES="nb.qcow2"; digests; CLEAN=$DIG
+for cmd in check "check -U" "check -r all" "check --output=json" "snapshot -l" \
+           "snapshot -l -U" "snapshot -c s2" "snapshot -a s" "snapshot -d s"; do
+    # shellcheck disable=SC2086
+    refused q "missing backing: $cmd" $cmd nb.qcow2
+done
+grep -q "Could not open backing file" err || fail "missing backing message: $(cat err)"
+expect_rc 0 "missing backing: info works" "$P" info nb.qcow2
+
 # ---- an image locked by a running qemu-io (one per side) ---------------------
 cp base.qcow2 lk.qcow2
 cp base.qcow2 Q/lk.qcow2
