@@ -128,6 +128,15 @@ for o in "" "-o cluster_size=4k" "-o compat=0.10" "-o extended_l2=on,cluster_siz
 done
 "$P" create -f raw r1.raw 1M > p.out; qemu-img create -f raw r1.raw 1M > q.out
 same "create line raw" p.out q.out
+# a 0-byte qcow2 image has no L1 table (offset 0), as qemu-img makes it;
+# growing it gives one and leaks nothing
+for o in "" "-o preallocation=metadata" "-o cluster_size=512,compat=0.10"; do
+    # shellcheck disable=SC2086
+    "$P" create -q -f qcow2 $o z-p.qcow2 0; qemu-img create -q -f qcow2 $o z-q.qcow2 0
+    same "create '$o' size 0: same bytes as qemu-img" z-p.qcow2 z-q.qcow2
+    expect_rc 0 "resize the size-0 '$o' image" "$P" resize -q z-p.qcow2 1M
+    qemu-img check -q z-p.qcow2 || fail "check after growing the size-0 '$o' image"
+done
 
 # resize: grow qcow2 (relative and absolute), shrink needs --shrink
 "$P" create -f qcow2 rs.qcow2 1M >/dev/null

@@ -2936,8 +2936,7 @@ int qcow2_create(const char *path, uint64_t size, const struct pms_create_opts *
     /* layout: header | reftable | refblock | L1 ... ; grow reftable if the
      * metadata itself needs more than one refcount block */
     uint64_t rb_entries = (cs * 8) >> st.refcount_order;
-    uint64_t l1_clusters = (l1n * 8 + cs - 1) / cs;
-    if (l1_clusters == 0) l1_clusters = 1;
+    uint64_t l1_clusters = (l1n * 8 + cs - 1) / cs;  /* none for a 0-byte image, as QEMU */
     /* preallocation: one L2 table per L1 entry, a cluster per cluster of data */
     uint64_t per_l2 = 1ull << l2bits;
     uint64_t nl2 = pmode != PMS_PREALLOC_OFF ? l1n : 0;
@@ -2953,9 +2952,10 @@ int qcow2_create(const char *path, uint64_t size, const struct pms_create_opts *
     st.reftable_offset = cs;
     st.reftable_clusters = (uint32_t)rt_clusters;
     uint64_t rb_off = cs * (1 + rt_clusters);
-    st.l1_offset = rb_off + rb_count * cs;
+    uint64_t meta_end = rb_off + rb_count * cs;
+    st.l1_offset = l1n ? meta_end : 0;                 /* QEMU: no L1 table, offset 0 */
     uint64_t total = 1 + rt_clusters + rb_count + l1_clusters + nl2 + ndata;
-    uint64_t p0 = st.l1_offset + l1_clusters * cs;     /* first L2 table */
+    uint64_t p0 = meta_end + l1_clusters * cs;         /* first L2 table */
     if (st.reftable_clusters * (cs / 8) < rb_count) {
         free(bf); free(bfmt);
         return pms_err(EFBIG, "image size too large to preallocate");
@@ -2998,7 +2998,7 @@ int qcow2_create(const char *path, uint64_t size, const struct pms_create_opts *
         r = create_write(fd, path, buf, cs, (off_t)(rb_off + b * cs));
     }
     /* L1 (zeroes): extend the file to cover it */
-    if (r == 0 && ftruncate(fd, (off_t)(st.l1_offset + (l1n ? l1n * 8 : 0))) < 0)
+    if (r == 0 && ftruncate(fd, (off_t)(meta_end + l1n * 8)) < 0)
         r = pms_err(errno, "could not extend '%s': %s", path, strerror(errno));
     /* preallocation: L1 entries, L2 tables, then the data clusters' space */
     if (r == 0 && pmode != PMS_PREALLOC_OFF) {
