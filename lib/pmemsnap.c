@@ -216,6 +216,9 @@ int pms_block_status(pms_dev *dev, uint64_t off, uint64_t len, struct pms_extent
     return r;
 }
 
+/* qemu-img creates raw images in whole sectors (file-posix rounds the size up) */
+#define RAW_CREATE_ALIGN 512ull
+
 int pms_create(const char *path, uint64_t size, const struct pms_create_opts *opts)
 {
     pms_err_clear();
@@ -252,6 +255,7 @@ int pms_create(const char *path, uint64_t size, const struct pms_create_opts *op
             else if (!(f = fopen(path, "w")))
                 r = pms_err(errno, "could not create '%s': %s", path, strerror(errno));
             else {
+                size = (size + RAW_CREATE_ALIGN - 1) & ~(RAW_CREATE_ALIGN - 1);
                 if (ftruncate(fileno(f), (off_t)size) < 0)
                     r = pms_err(errno, "could not resize '%s': %s", path, strerror(errno));
                 else if (pm != PMS_PREALLOC_OFF)

@@ -128,6 +128,14 @@ for o in "" "-o cluster_size=4k" "-o compat=0.10" "-o extended_l2=on,cluster_siz
 done
 "$P" create -f raw r1.raw 1M > p.out; qemu-img create -f raw r1.raw 1M > q.out
 same "create line raw" p.out q.out
+# raw sizes are rounded up to a whole sector, as qemu-img's file-posix does
+for o in "" "-o preallocation=full"; do
+    # shellcheck disable=SC2086
+    "$P" create -f raw $o r1.raw 1000 > p.out; qemu-img create -f raw $o r2.raw 1000 > q.out
+    sed -i 's/r2\.raw/r1.raw/' q.out
+    same "create raw '$o' 1000: Formatting line" p.out q.out
+    same "create raw '$o' 1000: same bytes as qemu-img" r1.raw r2.raw
+done
 # a 0-byte qcow2 image has no L1 table (offset 0), as qemu-img makes it;
 # growing it gives one and leaks nothing
 for o in "" "-o preallocation=metadata" "-o cluster_size=512,compat=0.10"; do
