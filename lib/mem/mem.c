@@ -213,6 +213,11 @@
 #define DIRTY_PRECOPY_SEQ_BYTES (16ull << 20)
 #define DIRTY_POLL_US     100
 #define DIRTY_WAIT_MS     20
+/* Floor of the byte limit: an eighth of a tiny cap (the smallest accepted
+ * is four chunks: 16 KiB) is less than a page, and every fault then waited
+ * DIRTY_WAIT_MS (a store over 4,536 pages took minutes, which looked like a
+ * hang).  16 pages: the writeback writes them in one round. */
+#define DIRTY_MIN_SEQ_BYTES (64u << 10)
 /* After serving a fault, the fault thread polls the uffd without sleeping
  * for FAULT_SPIN_US before it blocks in poll(2): random stores fault again
  * within microseconds, and waking a sleeping thread (an IPI to an idle,
@@ -772,6 +777,8 @@ static bool over_dirty(struct pms_mem *m)
     uint64_t bytes = pre ? DIRTY_PRECOPY_SEQ_BYTES : DIRTY_MAX_SEQ_BYTES;
     if (bytes > m->limit_pages / DIRTY_SEQ_CAP_DIV * PG)
         bytes = m->limit_pages / DIRTY_SEQ_CAP_DIV * PG;
+    if (bytes < DIRTY_MIN_SEQ_BYTES)
+        bytes = DIRTY_MIN_SEQ_BYTES;
     return atomic_load(&m->ndruns) > runs || atomic_load(&m->ndirty) * PG > bytes;
 }
 

@@ -10,6 +10,7 @@
  *                                       mid-way (failed part-way, or stopped)
  *   mem-test wberr   IMG MODE           write-backs that fail keep pages dirty
  *   mem-test cap     IMG MODE LIMIT_MB STORE_MB
+ *   mem-test tinycap IMG MODE           stores under the smallest cap (4 chunks)
  *   mem-test capsnap IMG MODE LIMIT_MB SECS  random page stores under a cap
  *                                       while a thread takes an external
  *                                       snapshot every CAPSNAP_PERIOD_MS
@@ -732,6 +733,51 @@ static int t_wberr(const char *img, const char *mode)
     return 0;
 }
 
+/* The smallest cap pms_map accepts (four 4 KiB chunks), 8 MiB stored page
+ * by page and persisted: every store must make progress (an eighth of the
+ * cap as the dirty limit was less than a page, and each fault waited its
+ * whole dirty wait: minutes for 2,048 pages). */
+struct tiny_arg { uint8_t *p; int half; };
+
+static void *tiny_store(void *arg)
+{
+    struct tiny_arg *t = arg;
+    for (size_t off = (size_t)t->half * PG; off < (8u << 20); off += 2 * PG)
+        memset(t->p + off, 0x60 + (int)((off >> 20) & 7), PG);
+    return NULL;
+}
+
+static int t_tinycap(const char *img, const char *mode)
+{
+    pms_dev *d = open_img(img, 0, NULL);
+    struct pms_map_opts mo;
+    pms_map_opts_init(&mo);
+    mo.dirty_tracking = mode_of(mode);
+    mo.chunk_size = PG;
+    mo.mem_limit = 4 * PG;
+    mo.writeback_interval_ms = 1;
+    mo.prefetch = 1;
+    void *a;
+    size_t len;
+    API(pms_map(d, &mo, &a, &len));
+    uint8_t *p = a;
+    CHECK(len >= (8u << 20), "image too small");
+    uint64_t t0 = now_ns();
+    /* two threads: one stores while the other waits in a fault */
+    struct tiny_arg ta[2] = { { p, 0 }, { p, 1 } };
+    pthread_t th[2];
+    for (int i = 0; i < 2; i++)
+        CHECK(pthread_create(&th[i], NULL, tiny_store, &ta[i]) == 0, "pthread_create");
+    for (int i = 0; i < 2; i++)
+        pthread_join(th[i], NULL);
+    API(pms_persist(d, p, 8u << 20));
+    printf("tinycap %s: 2048 pages stored and persisted under a 16 KiB cap in %.2f s\n", mode,
+           (now_ns() - t0) / 1e9);
+    API(pms_unmap(d));
+    API(pms_close(d));
+    return 0;
+}
+
 /* Reverts that meet the writeback mid-round (IMG: 64 MiB, every byte 0x11).
  * 1. A round that fails part-way (the file may grow by a few clusters
  *    only) has written its first batches to the image: a revert to the
@@ -826,6 +872,7 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "blocked")) return t_blocked(img);
     if (!strcmp(cmd, "wberr")) return t_wberr(img, mode);
     if (!strcmp(cmd, "revert-wb")) return t_revert_wb(img, mode);
+    if (!strcmp(cmd, "tinycap")) return t_tinycap(img, mode);
     fprintf(stderr, "unknown subcommand %s\n", cmd);
     return 2;
 }
