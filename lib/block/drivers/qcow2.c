@@ -376,6 +376,7 @@ int qcow2_grow_l1(struct bdev *bs, uint32_t min_size)
     s->l1 = nl1;
     s->l1_size = (uint32_t)nsize;
     s->l1_offset = (uint64_t)off;
+    s->l1_reserved = true;                   /* written whole above */
     return old_size ? qcow2_free_clusters(bs, old_off, old_size * 8) : 0;
 }
 
@@ -1484,14 +1485,14 @@ static int get_l2_writable(struct bdev *bs, uint64_t off, uint64_t *l2offp)
      * and loses the acknowledged one.  A reservation that fails fails this
      * write, with nothing linked. */
     r = bdev_file_reserve(bs->file, (uint64_t)noff, s->cluster_size);
-    /* the same for the L1 entry's page, which the next metadata flush
+    /* the same for the L1 table, whose entry the next metadata flush
      * writes (an image's L1 table may be a hole: qemu-img and our create
-     * leave a zero table unwritten) */
-    uint64_t pg0 = (s->l1_offset + l1i * 8) & ~(uint64_t)4095, pg1 = pg0 + 4096;
-    uint64_t l1end = s->l1_offset + qc_size_to_clusters(s, (uint64_t)s->l1_size * 8) * s->cluster_size;
-    if (pg0 < s->l1_offset) pg0 = s->l1_offset;
-    if (pg1 > l1end) pg1 = l1end;
-    if (r == 0) r = bdev_file_reserve(bs->file, pg0, pg1 - pg0);
+     * leave a zero table unwritten); once per table */
+    if (r == 0 && !s->l1_reserved) {
+        r = bdev_file_reserve(bs->file, s->l1_offset,
+                              qc_size_to_clusters(s, (uint64_t)s->l1_size * 8) * s->cluster_size);
+        s->l1_reserved = r == 0;
+    }
     if (r < 0) {
         free(copy);
         (void)qcow2_free_clusters(bs, (uint64_t)noff, s->cluster_size);   /* else a leak */

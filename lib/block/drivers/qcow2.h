@@ -218,6 +218,8 @@ struct qcow2_state {
     bool opened, signalled;
     /* active L1 entries changed in memory, not yet written: [lo, hi) */
     uint32_t l1_dirty_lo, l1_dirty_hi;
+    bool l1_reserved;            /* the L1 table's clusters have their blocks
+                                    (bdev_file_reserve, or written whole) */
 };
 
 /* An ordering barrier between metadata writes: a file flush, except inside
