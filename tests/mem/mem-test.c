@@ -700,6 +700,18 @@ static int t_ro(const char *img)
  * the background writeback fails too, and unmap fails and stays mapped.
  * The pages must stay dirty: once the file may grow again, persist and
  * unmap succeed and the script checks every byte with qemu-io. */
+/* Let img's file grow by at most `extra` bytes (RLIMIT_FSIZE; *old gets
+ * the limit to restore). */
+static void limit_growth(const char *img, uint64_t extra, struct rlimit *old)
+{
+    struct stat sb;
+    CHECK(stat(img, &sb) == 0, "stat");
+    getrlimit(RLIMIT_FSIZE, old);
+    struct rlimit lim = *old;
+    lim.rlim_cur = (rlim_t)(sb.st_size + extra);
+    CHECK(setrlimit(RLIMIT_FSIZE, &lim) == 0, "setrlimit");
+}
+
 static int t_wberr(const char *img, const char *mode)
 {
     signal(SIGXFSZ, SIG_IGN);          /* the write fails with EFBIG instead */
@@ -707,13 +719,8 @@ static int t_wberr(const char *img, const char *mode)
     size_t len;
     uint8_t *p = map(d, mode, 0, &len);
     CHECK(len >= (9u << 20), "image too small");
-    struct stat sb;
-    CHECK(stat(img, &sb) == 0, "stat");
-    struct rlimit old, lim;
-    getrlimit(RLIMIT_FSIZE, &old);
-    lim = old;
-    lim.rlim_cur = (rlim_t)sb.st_size;  /* no cluster can be allocated */
-    CHECK(setrlimit(RLIMIT_FSIZE, &lim) == 0, "setrlimit");
+    struct rlimit old;
+    limit_growth(img, 0, &old);          /* no cluster can be allocated */
     for (size_t i = 0; i < (8u << 20); i += PG)
         memset(p + (1u << 20) + i, (int)(0x40 + (i >> 20)), PG);
     int r = pms_persist(d, p + (1u << 20), 8u << 20);
@@ -809,13 +816,8 @@ static int t_revert_wb(const char *img, const char *mode)
     uint8_t *p = map(d, mode, 0, &len);
     CHECK(len >= (64u << 20), "image too small");
     API(pms_snapshot_create(d, "A"));
-    struct stat sb;
-    CHECK(stat(img, &sb) == 0, "stat");
-    struct rlimit old, lim;
-    getrlimit(RLIMIT_FSIZE, &old);
-    lim = old;
-    lim.rlim_cur = (rlim_t)sb.st_size + (12u << 20);   /* ~190 clusters of 1,024 */
-    CHECK(setrlimit(RLIMIT_FSIZE, &lim) == 0, "setrlimit");
+    struct rlimit old;
+    limit_growth(img, 12u << 20, &old);   /* ~190 clusters of 1,024 */
     stores_spaced(p, len, 0x22);
     CHECK(pms_persist(d, p, len) < 0, "persist succeeded although the file cannot grow");
     CHECK(stats(d).bytes_written_back > 0, "nothing was written before the failure");
