@@ -56,4 +56,26 @@ qemu-img convert -f qcow2 -O raw -l snapshot.name=after "$img" "$T/after.raw" 2>
     qemu-img convert -f qcow2 -O raw -s after "$img" "$T/after.raw"
 python3 -c "import sys; d=open(sys.argv[1],'rb').read()[8<<20:16<<20]; sys.exit(0 if d == b'\x77'*(8<<20) else 1)" "$T/after.raw" ||
     fail "snapshot 'after' lacks the stores"
+# A file-size limit on the daemon (ulimit -f): writes past it fail with
+# EFBIG (pmemsnap ignores SIGXFSZ); the daemon keeps serving and quits clean
+img2=$T/l.qcow2
+qemu-img create -q -f qcow2 "$img2" 64M
+(ulimit -f 4096; start "$img2" l) || fail "serve under ulimit -f"
+python3 - "$T/l.file" <<'PY' || fail "writes under the daemon's file-size limit"
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY)
+try:
+    n = os.pwrite(fd, b'x' * (8 << 20), 0)
+    os.fsync(fd)
+    print("wrote", n)
+except OSError as e:
+    print("error:", e.strerror)
+PY
+PID_l=$(cat "$T/l.pid"); DAEMONS+=("$PID_l")
+kill -0 "$PID_l" 2>/dev/null || fail "the daemon died under its file-size limit (SIGXFSZ?)"
+"$P" stats --socket "$T/l.sock" >/dev/null || fail "the daemon stopped serving after EFBIG"
+stop l
+qemu-img check "$img2" >/dev/null 2>&1; rc=$?
+[ $rc = 0 ] || [ $rc = 3 ] || fail "qemu-img check exit $rc after the file-size limit"
+ok "a file-size limit on the daemon: the write fails, the daemon keeps serving"
 echo "serve-enospc: all passed"
