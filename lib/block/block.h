@@ -168,6 +168,9 @@ int  bdev_file_busy(const char *path);
  * mode (enum pms_prealloc): FALLOC reserves it (fallocate), FULL writes
  * zeroes; the file grows to at least off+len in every mode. */
 int  bdev_fd_prealloc(int fd, const char *path, uint64_t off, uint64_t len, int mode);
+/* pwrite all of buf at off: 0, or -errno (a short write that cannot go on
+ * is -ENOSPC).  No message: the caller names the file and the step. */
+int  bdev_fd_pwrite_all(int fd, const void *buf, size_t len, uint64_t off);
 int  bdev_open_protocol(const char *path, const struct pms_open_opts *o, bool readonly,
                         struct bdev **bsp);
 void bdev_close(struct bdev *bs);

@@ -96,6 +96,21 @@ int bdev_file_busy(const char *path)
                           "using the image?", path) : 0;
 }
 
+int bdev_fd_pwrite_all(int fd, const void *buf, size_t len, uint64_t off)
+{
+    while (len) {
+        ssize_t n = pwrite(fd, buf, len, (off_t)off);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return n < 0 ? -errno : -ENOSPC;
+        buf = (const uint8_t *)buf + n;
+        len -= (size_t)n;
+        off += (uint64_t)n;
+    }
+    return 0;
+}
+
 int bdev_fd_prealloc(int fd, const char *path, uint64_t off, uint64_t len, int mode)
 {
     if (len == 0)
@@ -110,13 +125,10 @@ int bdev_fd_prealloc(int fd, const char *path, uint64_t off, uint64_t len, int m
         static const uint8_t zeroes[1 << 16];
         while (len) {
             size_t n = len < sizeof zeroes ? (size_t)len : sizeof zeroes;
-            ssize_t w = pwrite(fd, zeroes, n, (off_t)off);
-            if (w < 0 && errno == EINTR)
-                continue;
-            if (w <= 0)
-                return pms_err(w < 0 ? errno : EIO, "could not preallocate '%s' (full): %s",
-                               path, strerror(w < 0 ? errno : EIO));
-            off += (uint64_t)w; len -= (uint64_t)w;
+            int r = bdev_fd_pwrite_all(fd, zeroes, n, off);
+            if (r < 0)
+                return pms_err(-r, "could not preallocate '%s' (full): %s", path, strerror(-r));
+            off += n; len -= n;
         }
         return 0;
     }
@@ -462,6 +474,19 @@ static int extend(struct bdev *bs, uint64_t end)
     return 0;
 }
 
+/* Write zeroes over [off, off+len). */
+static int write_zeroes(struct bdev *bs, uint64_t off, uint64_t len)
+{
+    static const uint8_t zeroes[65536];
+    while (len) {
+        uint64_t n = len < sizeof zeroes ? len : sizeof zeroes;
+        int r = file_pwrite(bs, zeroes, n, off);
+        if (r < 0) return r;
+        off += n; len -= n;
+    }
+    return 0;
+}
+
 static int file_zero(struct bdev *bs, uint64_t len, uint64_t off, unsigned flags)
 {
     (void)flags;
@@ -481,14 +506,7 @@ static int file_zero(struct bdev *bs, uint64_t len, uint64_t off, unsigned flags
             return 0;
         }
     }
-    static const uint8_t zeroes[65536];
-    while (len) {
-        uint64_t n = len < sizeof zeroes ? len : sizeof zeroes;
-        int r = file_pwrite(bs, zeroes, n, off);
-        if (r < 0) return r;
-        off += n; len -= n;
-    }
-    return 0;
+    return write_zeroes(bs, off, len);
 }
 
 static int file_reserve(struct bdev *bs, uint64_t off, uint64_t len)
@@ -511,14 +529,8 @@ static int file_reserve(struct bdev *bs, uint64_t off, uint64_t len)
     int64_t flen = cur_len(bs);
     if (flen < 0)
         return (int)flen;
-    static const uint8_t zeroes[65536];
-    for (uint64_t p = off > (uint64_t)flen ? off : (uint64_t)flen; p < off + len;) {
-        uint64_t n = off + len - p < sizeof zeroes ? off + len - p : sizeof zeroes;
-        int r = file_pwrite(bs, zeroes, n, p);
-        if (r < 0) return r;
-        p += n;
-    }
-    return 0;
+    uint64_t from = off > (uint64_t)flen ? off : (uint64_t)flen;
+    return from < off + len ? write_zeroes(bs, from, off + len - from) : 0;
 }
 
 static int file_discard(struct bdev *bs, uint64_t len, uint64_t off)

@@ -2811,23 +2811,11 @@ static uint64_t data_pos(uint64_t p0, uint64_t k, uint64_t cs, uint64_t per_l2, 
     return p0 + nl2 * cs + k * cs;
 }
 
-/* pwrite all of buf at off (a short write is the file system running out
- * of space), or one error line naming the file and the reason. */
+/* bdev_fd_pwrite_all, or one error line naming the file and the reason. */
 static int create_write(int fd, const char *path, const void *buf, size_t len, off_t off)
 {
-    while (len) {
-        ssize_t n = pwrite(fd, buf, len, off);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0) {
-            int e = n < 0 ? errno : ENOSPC;
-            return pms_err(e, "write to '%s' failed: %s", path, strerror(e));
-        }
-        buf = (const uint8_t *)buf + n;
-        len -= (size_t)n;
-        off += n;
-    }
-    return 0;
+    int r = bdev_fd_pwrite_all(fd, buf, len, (uint64_t)off);
+    return r < 0 ? pms_err(-r, "write to '%s' failed: %s", path, strerror(-r)) : 0;
 }
 
 int qcow2_create(const char *path, uint64_t size, const struct pms_create_opts *o)
