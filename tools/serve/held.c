@@ -75,7 +75,8 @@ uint64_t held_bytes(struct held *h)
     return atomic_load(&h->bytes);
 }
 
-bool held_retryable(int err)
+/* err (a -errno of pms_pwrite) means "no room": the write may be held. */
+static bool retryable(int err)
 {
     return err == -ENOSPC || err == -EDQUOT;
 }
@@ -124,14 +125,20 @@ static int add_locked(struct held *h, const void *buf, size_t len, uint64_t off)
     return 0;
 }
 
-int held_write(struct held *h, pms_dev *dev, const void *buf, size_t len, uint64_t off,
-               int direct_err)
+int held_pwrite(struct held *h, pms_dev *dev, const void *buf, size_t len, uint64_t off)
 {
+    int r = 0;                      /* 0: not tried directly */
+    if (!held_any(h)) {             /* the common path: nothing held, no lock */
+        r = pms_pwrite(dev, buf, len, off);
+        if (!retryable(r))
+            return r;
+    }
     pthread_mutex_lock(&h->mu);
-    int r = h->n ? drain_locked(h, dev) : direct_err;
+    if (h->n)                       /* behind the held ones */
+        r = drain_locked(h, dev);
     if (r == 0)
         r = pms_pwrite(dev, buf, len, off);
-    if (r < 0 && held_retryable(r))
+    if (r < 0 && retryable(r))
         r = add_locked(h, buf, len, off);
     pthread_mutex_unlock(&h->mu);
     return r;
@@ -147,8 +154,10 @@ int held_drain(struct held *h, pms_dev *dev)
     return r;
 }
 
-int held_read(struct held *h, pms_dev *dev, void *buf, size_t len, uint64_t off)
+int held_pread(struct held *h, pms_dev *dev, void *buf, size_t len, uint64_t off)
 {
+    if (!held_any(h))
+        return pms_pread(dev, buf, len, off);
     pthread_mutex_lock(&h->mu);
     int r = pms_pread(dev, buf, len, off);
     for (size_t i = 0; r == 0 && i < h->n; i++) {     /* in order: newer last */

@@ -238,8 +238,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
     }
     uint64_t t0 = now_us();
     pthread_rwlock_rdlock(&s->io_lock);
-    int r = held_any(&s->held) ? held_read(&s->held, s->dev, buf, size, (uint64_t)off)
-                               : pms_pread(s->dev, buf, size, (uint64_t)off);
+    int r = held_pread(&s->held, s->dev, buf, size, (uint64_t)off);
     pthread_rwlock_unlock(&s->io_lock);
     s->st.read_us += now_us() - t0;
     if (r < 0) {
@@ -271,13 +270,7 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     }
     uint64_t t0 = now_us();
     pthread_rwlock_rdlock(&s->io_lock);
-    int r = 0;
-    if (s->discard_writes)
-        ;
-    else if (held_any(&s->held))         /* behind the held ones */
-        r = held_write(&s->held, s->dev, buf, size, (uint64_t)off, 0);
-    else if ((r = pms_pwrite(s->dev, buf, size, (uint64_t)off)) < 0 && held_retryable(r))
-        r = held_write(&s->held, s->dev, buf, size, (uint64_t)off, r);   /* no room: hold it */
+    int r = s->discard_writes ? 0 : held_pwrite(&s->held, s->dev, buf, size, (uint64_t)off);
     pthread_rwlock_unlock(&s->io_lock);
     s->st.write_us += now_us() - t0;
     if (r < 0) {
@@ -771,7 +764,7 @@ int srv_snapshot_revert(struct srv *s, const char *name, bool vm, struct srv_err
     if (!reverted)
         s->discard_writes = false;       /* nothing changed: keep every write */
     else {
-        held_clear(&s->held);            /* (none: the final flush stored them) */
+        held_clear(&s->held);            /* any held since the final flush predate the revert */
         r = pms_flush(s->dev);
     }
     pthread_rwlock_unlock(&s->io_lock);

@@ -61,18 +61,14 @@ void held_init(struct held *h);
 void held_destroy(struct held *h);
 bool held_any(struct held *h);
 uint64_t held_bytes(struct held *h);
-/* err (a -errno of pms_pwrite) means "no room": the write may be held. */
-bool held_retryable(int err);
-/* A write while writes are held (direct_err 0), or after the direct
- * pms_pwrite failed with direct_err: retries the held ones, then this one;
- * holds it if there is no room.  0 = stored or held. */
-int held_write(struct held *h, pms_dev *dev, const void *buf, size_t len, uint64_t off,
-               int direct_err);
+/* pms_pwrite, behind the held writes (retried first) while any are; a
+ * write there is no room for (ENOSPC, EDQUOT) is held.  0 = stored or held. */
+int held_pwrite(struct held *h, pms_dev *dev, const void *buf, size_t len, uint64_t off);
 /* Store the held writes; 0 when none is left, else the error of the first
  * that still failed. */
 int held_drain(struct held *h, pms_dev *dev);
 /* pms_pread with the held bytes laid over it. */
-int held_read(struct held *h, pms_dev *dev, void *buf, size_t len, uint64_t off);
+int held_pread(struct held *h, pms_dev *dev, void *buf, size_t len, uint64_t off);
 /* Drop them all (a revert); returns the bytes dropped. */
 uint64_t held_clear(struct held *h);
 
