@@ -375,12 +375,17 @@ static int64_t alloc_clusters(struct bdev *bs, uint64_t n, const char *at0)
         uint64_t start;
         int r = find_free(bs, n, &start);
         if (r < 0) return r;
-        if (s->npending && !drained && !s->hold_frees) {
+        if (s->npending && s->pending_frees && !drained && !s->hold_frees) {
             /* Clusters released since the last flush (discard, COW) are
              * free for QEMU at once; ours wait for the flush that makes
              * their L2 change durable.  Rather than grow the file past them,
              * flush now and take them, so the image is laid out as QEMU
-             * lays it out (one flush per discard-then-grow cycle). */
+             * lays it out (one flush per discard-then-grow cycle).  Not
+             * when no release can free anything (pending_frees): each
+             * copy-on-write of a cluster an internal snapshot shares queues
+             * one, and draining before every allocation cost two file
+             * flushes per write (FUSE write-back of 160 scattered 64 KiB
+             * runs: 331 fdatasyncs, 115 ms). */
             int64_t flen = bdev_file_length(bs->file);
             if (flen < 0) return (int)flen;
             if (start + n > qc_size_to_clusters(s, (uint64_t)flen)) {

@@ -1397,6 +1397,18 @@ static int pending_add(struct bdev *bs, uint64_t off, uint64_t len)
     return 0;
 }
 
+/* Queue the release of a whole cluster's reference; note whether it frees
+ * the cluster (see pending_frees).  A failed refcount lookup counts as
+ * freeing: it only costs a flush. */
+static int pending_add_cluster(struct bdev *bs, uint64_t off)
+{
+    struct qcow2_state *s = QS(bs);
+    uint64_t rc = 0;
+    if (!s->pending_frees && (qcow2_get_refcount(bs, off >> s->cluster_bits, &rc) < 0 || rc <= 1))
+        s->pending_frees = true;
+    return pending_add(bs, off, s->cluster_size);
+}
+
 static int pending_drain(struct bdev *bs)
 {
     struct qcow2_state *s = QS(bs);
@@ -1409,6 +1421,7 @@ static int pending_drain(struct bdev *bs)
         }
     }
     s->npending = 0;
+    s->pending_frees = false;
     return 0;
 }
 
@@ -1420,11 +1433,12 @@ static int release_entry(struct bdev *bs, uint64_t e)
     case QC_COMPRESSED: {
         uint64_t coff, csize;
         qcow2_compressed_range(s, e, &coff, &csize);
+        s->pending_frees = true;
         return pending_add(bs, coff, csize);
     }
     case QC_NORMAL:
     case QC_ZERO_ALLOC:
-        return pending_add(bs, e & L2E_OFFSET_MASK, s->cluster_size);
+        return pending_add_cluster(bs, e & L2E_OFFSET_MASK);
     default:
         return 0;
     }
@@ -1513,7 +1527,7 @@ static int get_l2_writable(struct bdev *bs, uint64_t off, uint64_t *l2offp)
     s->l1[l1i] = (uint64_t)noff | QCOW_OFLAG_COPIED;
     qcow2_l1_mark_dirty(s, (uint32_t)l1i);
     r = 0;
-    if (old) r = pending_add(bs, old, s->cluster_size);
+    if (old) r = pending_add_cluster(bs, old);
     *l2offp = (uint64_t)noff;
     return r;
 }
@@ -2542,7 +2556,7 @@ static int qcow2_shrink(struct bdev *bs, uint64_t size)
         s->l1[i] = 0;
         qcow2_l1_mark_dirty(s, (uint32_t)i);
         qcow2_cache_discard(&s->l2_cache, t);
-        if (t) r = pending_add(bs, t, cs);
+        if (t) r = pending_add_cluster(bs, t);
     }
     if (r == 0) r = qcow2_flush(bs);
     if (r < 0) return r;

@@ -190,6 +190,13 @@ struct qcow2_state {
      * that dropped them is durable (drained by flush) */
     struct qcow2_range *pending;
     size_t npending, cappending;
+    /* some pending release may take a cluster's refcount to 0 (one of the
+     * clusters had refcount <= 1 when it was queued, or it is a compressed
+     * range, whose host clusters hold several references): only then is
+     * draining worth a metadata flush to reuse the space (alloc_clusters).
+     * A copy-on-write of a cluster a snapshot shares releases a reference
+     * that frees nothing. */
+    bool pending_frees;
     /* Apply the pending releases only at close (qcow2_hold_frees): a
      * node writing a layer that read-only nodes of the same file keep
      * reading (an external-snapshot merge) must not reuse a cluster those
