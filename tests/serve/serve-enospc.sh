@@ -78,4 +78,40 @@ stop l
 qemu-img check "$img2" >/dev/null 2>&1; rc=$?
 [ $rc = 0 ] || [ $rc = 3 ] || fail "qemu-img check exit $rc after the file-size limit"
 ok "a file-size limit on the daemon: the write fails, the daemon keeps serving"
+# Shutdown while writes are held: the daemon keeps serving and retries
+# them, exits once they are stored; a second signal gives them up (and
+# says so).  Before, SIGTERM retried once and dropped them.
+for mode in store abandon; do
+    img3=$T/m/s-$mode.qcow2                  # fresh: every store allocates
+    qemu-img create -q -f qcow2 "$img3" 64M
+    fallocate -l $(( $(df -B1 --output=avail "$T/m" | tail -1) - (1 << 20) )) "$T/m/filler" || fail "fallocate"
+    start "$img3" s
+    out=$(python3 "$T/mm.py" "$T/s.file" 0x5a)
+    [ "$out" = "msync No space left on device" ] || fail "$mode: msync on a full disk: '$out'"
+    kill -TERM "$PID_s"
+    sleep 2
+    kill -0 "$PID_s" 2>/dev/null || fail "$mode: the daemon exited with writes held: $(tail -2 "$T/s.log")"
+    grep -q "writes are held.*still serving" "$T/s.log" || fail "$mode: log: $(tail -2 "$T/s.log")"
+    "$P" stats --socket "$T/s.sock" | grep -q "held-write-bytes: [1-9]" ||
+        fail "$mode: stats while the shutdown waits: $("$P" stats --socket "$T/s.sock" 2>&1 | grep held)"
+    if [ $mode = store ]; then
+        rm -f "$T/m/filler"
+    else
+        kill -TERM "$PID_s"
+    fi
+    for _ in $(seq 100); do kill -0 "$PID_s" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$PID_s" 2>/dev/null && fail "$mode: the daemon did not exit"
+    if [ $mode = store ]; then
+        grep -q "held writes are stored" "$T/s.log" || fail "store: log: $(tail -2 "$T/s.log")"
+        qio_ro "$img3" "read -P 0x5a 8M 8M"
+        ok "SIGTERM with writes held: still serving until there is room, then every page stored"
+    else
+        grep -q "could not be stored.*lost" "$T/s.log" || fail "abandon: log: $(tail -2 "$T/s.log")"
+        ok "a second SIGTERM gives the held writes up, and the log says how many bytes were lost"
+        rm -f "$T/m/filler"
+    fi
+    qemu-img check "$img3" >/dev/null 2>&1; rc=$?
+    [ $rc = 0 ] || [ $rc = 3 ] || fail "$mode: qemu-img check exit $rc"
+    rm -f "$T/s.log" "$img3"
+done
 echo "serve-enospc: all passed"

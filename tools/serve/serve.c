@@ -80,6 +80,10 @@
 #define SERVE_ATTR_TIMEOUT 3600.0
 /* Pre-copy passes while writers run before the final flush. */
 #define SERVE_PRECOPY_PASSES 2
+/* A shutdown that finds writes held for want of space (held.c) keeps
+ * serving and retries them this often (ms) until they are stored or a
+ * second signal or quit gives them up: they exist nowhere else. */
+#define SERVE_HELD_RETRY_MS 1000
 
 struct srv {
     const char *image, *fuse_path, *sock_path, *qmp_path, *vmstate_node;
@@ -451,6 +455,43 @@ static int final_flush(struct srv *s, struct srv_err *e)
     if (r < 0)
         seterr(e, "flushing %s: %s", s->fuse_path, strerror(-r));
     return r;
+}
+
+/* The shutdown's final flush.  If writes are held (no space), they are not
+ * dropped by the shutdown: the mount and the control socket stay up, the
+ * flush is retried every SERVE_HELD_RETRY_MS, and the loop ends when it
+ * succeeds, the file is unmounted, or a second signal in quitset or quit
+ * request gives the held writes up.  op_lock held (released while
+ * waiting, so `query-stats` and other commands are answered). */
+static int final_flush_shutdown(struct srv *s, const sigset_t *quitset, struct srv_err *e)
+{
+    int r = final_flush(s, e);
+    if (r == 0 || !held_any(&s->held))
+        return r;
+    fprintf(stderr, "pmemsnap: %llu bytes of writes are held (no space for them in %s's file "
+            "system): still serving %s; free space to store them, or signal again (or quit) "
+            "to stop and lose them\n", (unsigned long long)held_bytes(&s->held), s->image,
+            s->fuse_path);
+    char c;
+    while (read(s->wake[0], &c, 1) == 1)
+        ;                                    /* the quit that got us here */
+    for (;;) {
+        pthread_mutex_unlock(&s->op_lock);
+        struct pollfd p = { .fd = s->wake[0], .events = POLLIN };
+        bool woke = poll(&p, 1, SERVE_HELD_RETRY_MS) > 0;
+        struct timespec zero = { 0, 0 };
+        int sig = sigtimedwait(quitset, NULL, &zero);
+        pthread_mutex_lock(&s->op_lock);
+        if (woke || sig > 0 || atomic_load(&s->fuse_ended))
+            return r;                        /* given up: the caller reports the loss */
+        e->msg[0] = 0;
+        r = final_flush(s, e);
+        if (r == 0 || !held_any(&s->held)) {
+            if (r == 0)
+                fprintf(stderr, "pmemsnap: the held writes are stored, shutting down\n");
+            return r;
+        }
+    }
 }
 
 /* ---- the VM (--qmp) ---------------------------------------------------------- */
@@ -1615,7 +1656,7 @@ int cmd_serve(int argc, char **argv)
     struct srv_err e = { "", NULL };
     /* (unmounted: the kernel's page cache of the file went with the mount,
      * after writing back through FUSE what it held) */
-    if (s->fuse_running && !unmounted && final_flush(s, &e) < 0) {
+    if (s->fuse_running && !unmounted && final_flush_shutdown(s, &quitset, &e) < 0) {
         fprintf(stderr, "pmemsnap: %s\n", e.msg);
         rc = 1;
     }
