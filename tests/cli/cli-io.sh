@@ -64,4 +64,21 @@ for a in "-c quit -c 'read 0 1'" "-r -c 'write 0 4k' -c 'discard 0 4k'" "-c clos
     norm_io < p.err > p.e; norm_io < q.err > q.e; same "io $a: stderr" p.e q.e
     cmp -s p.img base.raw || fail "io $a modified the image"
 done
+
+# a raw file whose length is not a whole sector: QEMU sees it rounded up
+# to 512 bytes (reads past the end are zeroes, a write there extends it)
+head -c 1000 /dev/urandom > odd.raw
+cp odd.raw p.img; cp odd.raw q.img
+"$P" info -f raw p.img | grep "^virtual size" > p.out
+qemu-img info -f raw q.img | grep "^virtual size" > q.out
+same "1000-byte raw file: virtual size" p.out q.out
+"$P" map -f raw --output=json p.img > p.out; qemu-img map -f raw --output=json q.img > q.out
+same "1000-byte raw file: map" p.out q.out
+io_odd=(-c "read -v 960 64" -c "write -P 0x33 1010 14" -c "read -P 0x33 1010 14" -c "read 1020 8")
+"$P" io -f raw "${io_odd[@]}" p.img > p.out 2>&1; prc=$?
+qemu-io -f raw "${io_odd[@]}" q.img > q.out 2>&1; qrc=$?
+[ "$prc" -eq "$qrc" ] || fail "1000-byte raw file: io exit $prc vs $qrc"
+norm_io < p.out > p.n; norm_io < q.out > q.n; same "1000-byte raw file: io output" p.n q.n
+cmp -s p.img q.img && pass "1000-byte raw file: the same file after the write" ||
+    fail "1000-byte raw file: files differ after the write ($(stat -c %s p.img) vs $(stat -c %s q.img) bytes)"
 finish

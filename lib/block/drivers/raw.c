@@ -19,7 +19,14 @@ static int raw_zero(struct bdev *bs, uint64_t l, uint64_t o, unsigned f)
 static int raw_discard(struct bdev *bs, uint64_t l, uint64_t o)
 { return bdev_file_discard(bs->file, l, o); }
 static int raw_flush(struct bdev *bs) { return bdev_file_flush(bs->file); }
-static int64_t raw_getlength(struct bdev *bs) { return bdev_file_length(bs->file); }
+/* Whole 512-byte sectors, as QEMU's block layer counts them (a 1000-byte
+ * file is a 1024-byte disk; the protocol reads zeroes past the end, and a
+ * write there extends the file). */
+static int64_t raw_getlength(struct bdev *bs)
+{
+    int64_t n = bdev_file_length(bs->file);
+    return n < 0 ? n : (int64_t)(((uint64_t)n + 511) & ~511ull);
+}
 static int raw_truncate(struct bdev *bs, uint64_t s) { return bdev_file_truncate(bs->file, s); }
 static int raw_block_status(struct bdev *bs, uint64_t off, uint64_t len, struct pms_extent *e)
 {
