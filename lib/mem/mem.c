@@ -257,7 +257,9 @@
  * free, and PAGEMAP_SCAN takes the mmap_lock only for reading.  Below
  * that, a walk is shorter than the hand-off.  Scans that re-protect
  * (writeback) are not split: two re-protecting walks of one mm interrupt
- * each other with TLB flushes, and took twice as long as one. */
+ * each other with TLB flushes (in a micro-benchmark over 16 GiB, two
+ * halves in parallel took twice as long as one walk; read-only halves
+ * took 0.6x). */
 #define SCAN_SPLIT_MIN     (2ull << 30)
 /* Staging pages kept touched between snapshots (a first touch costs a
  * fault each, ~10 us under shadow paging): at most STAGE_KEEP_MAX bytes and
