@@ -302,6 +302,7 @@ struct pms_mem {
     uint64_t maplen, size, npages;
     uint64_t chunk;
     bool ro, async, wp;
+    bool bstat;                      /* the image answers block status (set at map) */
     int uffd, pagemap_fd, evfd;
     int pidfd;                       /* our own pidfd for process_madvise, or -1 */
     uint64_t features;
@@ -357,7 +358,9 @@ struct pms_mem {
      * revert; read under mu by the fault path. */
     uint64_t *zknown, *zscanned;
     uint64_t nzgrain, nzregion;
-    uint64_t seq_next, ra, hand;
+    uint64_t seq_next, ra, hand;     /* seq_next, ra: the fault thread's own */
+    atomic_bool ra_reset;            /* revert: the fault thread forgets its
+                                        sequential run (seq_next) at its next fault */
     uint64_t zero_focus;             /* see serve_missing (mu; UINT64_MAX: none) */
     uint64_t wfocus;                 /* sync mode: the page a write fault installs
                                         writable; install resets it to UINT64_MAX once
@@ -644,9 +647,7 @@ static int fill_run(struct pms_mem *m, uint8_t *buf, uint64_t off, uint64_t len)
         } else {
             uint64_t dl = (end < m->size ? end : m->size) - off;
             struct pms_extent e;
-            /* raw over the fault injector has no block status: read it all */
-            bool bst = !(m->bs->file && !m->bs->file->drv->block_status &&
-                         strcmp(m->bs->drv->name, "raw") == 0);
+            bool bst = m->bstat;
             uint64_t zn = bst ? zero_known(m, off, off + dl) : 0;
             if (zn) {
                 zero = true;
@@ -827,6 +828,8 @@ static void serve_missing(struct pms_mem *m, uint64_t addr, unsigned flags, pid_
 {
     uint64_t off = (addr - (uint64_t)(uintptr_t)m->base) & ~(PG - 1);
     uint64_t c0 = off & ~(m->chunk - 1);
+    if (atomic_exchange(&m->ra_reset, false))
+        m->seq_next = UINT64_MAX;
     bool seq = c0 == m->seq_next || off == m->seq_next;
     if (seq)
         m->ra = m->ra * 2 > RA_MAX ? RA_MAX : m->ra * 2;
@@ -1973,6 +1976,12 @@ int pms_mem_map(pms_dev *dev, const struct pms_map_opts *o, struct pms_mem **mem
     pthread_cond_init(&m->sc_cond, NULL);
     m->dev = dev;
     m->bs = dev->bs;
+    /* raw over the fault injector has no block status: faults read it all.
+     * Decided here, not per fault: an external snapshot's switch swaps the
+     * node's fields under its own lock, which the fault path reads only
+     * through bdev_* calls (they take it) */
+    m->bstat = !(m->bs->file && !m->bs->file->drv->block_status &&
+                 strcmp(m->bs->drv->name, "raw") == 0);
     m->size = size;
     m->maplen = (size + PG - 1) & ~(PG - 1);
     m->npages = m->maplen / PG;
@@ -2967,7 +2976,7 @@ int pms_mem_snapshot_revert(struct pms_mem *m, const char *name)
             r = pms_err(-r, "reverted the image to '%s' but could not drop the mapping's "
                         "pages (%s): unmap without persisting", name, pms_err_get());
         zknown_reset(m);
-        m->seq_next = UINT64_MAX;
+        atomic_store(&m->ra_reset, true);
         pthread_mutex_unlock(&m->mu);
         since_reset(m, r == 0 ? name : NULL);
     }
