@@ -1509,7 +1509,8 @@ int cmd_resize(int argc, char **argv)
     } else if (want < cur && !shrink) {
         errorf("Use the --shrink option to perform a shrink operation.");
         rc = 1;
-    } else if (want != cur && pms_truncate(dev, want) < 0) {
+    } else if (pms_truncate(dev, want) < 0) {   /* also to the same size, as qemu-img:
+                                                   a raw file 4097 bytes long becomes 4608 */
         errorf("%s", libmsg());
         rc = 1;
     } else if (!quiet)

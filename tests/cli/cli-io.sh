@@ -81,4 +81,17 @@ qemu-io -f raw "${io_odd[@]}" q.img > q.out 2>&1; qrc=$?
 norm_io < p.out > p.n; norm_io < q.out > q.n; same "1000-byte raw file: io output" p.n q.n
 cmp -s p.img q.img && pass "1000-byte raw file: the same file after the write" ||
     fail "1000-byte raw file: files differ after the write ($(stat -c %s p.img) vs $(stat -c %s q.img) bytes)"
+# zeroes that may unmap over the partial sector keep the length (a hole),
+# and a resize to the rounded size truncates the file to it, as QEMU does
+head -c 4097 /dev/urandom > odd.raw
+for op in "io -f raw -c 'write -z -u 4096 512'" "io -f raw -c 'write -z -u 0 4608'" \
+          "resize -f raw @ 4608" "resize -f raw @ 8192"; do
+    cp odd.raw p.img; cp odd.raw q.img
+    pc=${op/@/p.img}; qc=${op/@/q.img}
+    case $op in *@*) ;; *) pc="$pc p.img"; qc="$qc q.img" ;; esac
+    eval "\"$P\" $pc" >/dev/null 2>&1
+    case $op in io*) eval "qemu-io ${qc#io }" ;; *) eval "qemu-img $qc" ;; esac >/dev/null 2>&1
+    cmp -s p.img q.img && pass "4097-byte raw file, $op: same file as QEMU's" ||
+        fail "4097-byte raw file, $op: $(stat -c %s p.img) bytes vs QEMU's $(stat -c %s q.img)"
+done
 finish

@@ -114,4 +114,20 @@ for mode in store abandon; do
     [ $rc = 0 ] || [ $rc = 3 ] || fail "$mode: qemu-img check exit $rc"
     rm -f "$T/s.log" "$img3"
 done
+# The shutdown's wait ends by an unmount from outside after space was
+# freed: the write-back of the unmount stores the held writes, and the
+# daemon exits 0 (it exited 1 with a stale ENOSPC message)
+img4=$T/m/u.qcow2
+qemu-img create -q -f qcow2 "$img4" 64M
+fallocate -l $(( $(df -B1 --output=avail "$T/m" | tail -1) - (1 << 20) )) "$T/m/filler" || fail "fallocate"
+"$P" serve "$img4" --fuse "$T/u.file" --socket "$T/u.sock" --foreground 2>"$T/u.log" &
+upid=$!; DAEMONS+=("$upid")
+for _ in $(seq 50); do [ -S "$T/u.sock" ] && break; sleep 0.1; done
+python3 "$T/mm.py" "$T/u.file" 0x6b >/dev/null
+kill -TERM "$upid"; sleep 1.5; rm -f "$T/m/filler"
+fusermount3 -u "$T/u.file" 2>/dev/null || umount "$T/u.file"
+wait "$upid"; urc=$?
+[ $urc = 0 ] || fail "unmounted while waiting with held writes: exit $urc: $(tail -3 "$T/u.log")"
+qio_ro "$img4" "read -P 0x6b 8M 8M"
+ok "unmounted from outside while the shutdown waits: exit 0, every held page stored"
 echo "serve-enospc: all passed"

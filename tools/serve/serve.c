@@ -482,7 +482,10 @@ static int final_flush_shutdown(struct srv *s, const sigset_t *quitset, struct s
         struct timespec zero = { 0, 0 };
         int sig = sigtimedwait(quitset, NULL, &zero);
         pthread_mutex_lock(&s->op_lock);
-        if (woke || sig > 0 || atomic_load(&s->fuse_ended))
+        if (atomic_load(&s->fuse_ended))
+            return 0;                        /* unmounted: the page cache went back through
+                                                us; the caller's last drain says what is lost */
+        if (woke || sig > 0)
             return r;                        /* given up: the caller reports the loss */
         e->msg[0] = 0;
         r = final_flush(s, e);

@@ -14,8 +14,23 @@ static int raw_pread(struct bdev *bs, void *b, uint64_t l, uint64_t o)
 { return bdev_file_pread(bs->file, b, l, o); }
 static int raw_pwrite(struct bdev *bs, const void *b, uint64_t l, uint64_t o)
 { return bdev_file_pwrite(bs->file, b, l, o); }
+/* May unmap: the part past the end of the file (inside the last, partial
+ * sector) already reads as zeroes and stays a hole, the file keeps its
+ * length, as QEMU's file-posix punches with KEEP_SIZE; without it the
+ * zeroes are written and the file grows. */
 static int raw_zero(struct bdev *bs, uint64_t l, uint64_t o, unsigned f)
-{ (void)f; return bdev_file_zero(bs->file, l, o); }
+{
+    if (f & BDEV_ZERO_MAY_UNMAP) {
+        int64_t flen = bdev_file_length(bs->file);
+        if (flen < 0)
+            return (int)flen;
+        if (o >= (uint64_t)flen)
+            return 0;
+        if (o + l > (uint64_t)flen)
+            l = (uint64_t)flen - o;
+    }
+    return bdev_file_zero(bs->file, l, o);
+}
 static int raw_discard(struct bdev *bs, uint64_t l, uint64_t o)
 { return bdev_file_discard(bs->file, l, o); }
 static int raw_flush(struct bdev *bs) { return bdev_file_flush(bs->file); }
