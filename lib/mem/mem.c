@@ -1180,6 +1180,38 @@ static int scan_join(struct pms_mem *m, uint64_t *next)
     return n;
 }
 
+/* Every written run of the mapping, read-only, in offset order, a batch at
+ * a time to fn (a full vec, or the rest); fn returns false to stop early.
+ * The helper walks the upper half meanwhile (SCAN_SPLIT_MIN); its batch
+ * follows the lower half's, and is always waited for.  Async mode, wb_mu
+ * held.  0 or -errno. */
+static int walk_written(struct pms_mem *m,
+                        bool (*fn)(struct pms_mem *, const struct page_region *, int, void *),
+                        void *arg)
+{
+    uint64_t split = scan_split(m), cur = 0, next = m->maplen;
+    if (split < m->maplen)
+        scan_hand_off(m, split, m->maplen);
+    int r = 0;
+    bool more = true;
+    while (more && cur < split && (r = scan_fill(m, &cur, split, m->vec, SCAN_VEC)) > 0)
+        more = fn(m, m->vec, r, arg);
+    r = r < 0 ? r : 0;
+    if (split < m->maplen) {
+        int n = scan_join(m, &next);     /* vec2 full: `next` is where it stopped */
+        if (r == 0 && n < 0)
+            r = n;
+        if (r == 0 && more && n > 0)
+            more = fn(m, m->vec2, n, arg);
+    }
+    while (r == 0 && more && next < m->maplen &&
+           (r = scan_fill(m, &next, m->maplen, m->vec, SCAN_VEC)) > 0) {
+        more = fn(m, m->vec, r, arg);
+        r = 0;
+    }
+    return r < 0 ? r : 0;
+}
+
 /* Writes to the image go out in batches (bdev_pwrite_batch): a format
  * driver allocates a batch's new clusters together, writes them with few
  * large writes and updates its metadata once.  A batch holds the image's
@@ -2458,51 +2490,30 @@ static void copy_out(struct pms_mem *m, uint8_t *dst, uint64_t off, uint64_t len
  * writeback (after the snapshot is committed) writes their current
  * content again and re-arms them outside the pause.  The price is that the
  * final set is written twice.  Returns the number of runs or -errno. */
-/* Copy n written runs into the staging area, appending to runs[*nr). */
-static void stage_runs(struct pms_mem *m, const struct page_region *vec, int n,
-                       uint64_t *nr, uint64_t *staged)
+/* Where the cut stages the written runs (stage_batch). */
+struct stage_acc { uint64_t nr, staged; };
+
+/* walk_written's fn for the cut: copy a batch into the staging area,
+ * appending to runs[]. */
+static bool stage_batch(struct pms_mem *m, const struct page_region *vec, int n, void *arg)
 {
+    struct stage_acc *a = arg;
     for (int i = 0; i < n; i++) {
         uint64_t o = vec[i].start, l = vec[i].end - o;
-        copy_out(m, m->stage + *staged, o, l);
-        m->runs[(*nr)++] = (struct run){ o, l, *staged };
-        *staged += l;
+        copy_out(m, m->stage + a->staged, o, l);
+        m->runs[a->nr++] = (struct run){ o, l, a->staged };
+        a->staged += l;
     }
-}
-
-/* Stage the written runs of [*cur, end), walking on until end. */
-static int stage_scan(struct pms_mem *m, uint64_t *cur, uint64_t end, uint64_t *nr,
-                      uint64_t *staged)
-{
-    while (*cur < end) {
-        int n = scan_fill(m, cur, end, m->vec, SCAN_VEC);
-        if (n <= 0)
-            return n;
-        stage_runs(m, m->vec, n, nr, staged);
-    }
-    return 0;
+    return true;
 }
 
 static int64_t cut(struct pms_mem *m)
 {
     uint64_t nr = 0, staged = 0;
     if (m->async) {
-        /* the helper walks the upper half meanwhile; its runs are staged
-         * after the lower half's, so runs stay in offset order */
-        uint64_t split = scan_split(m), cur = 0, next = m->maplen;
-        if (split < m->maplen)
-            scan_hand_off(m, split, m->maplen);
-        int r = stage_scan(m, &cur, split, &nr, &staged);
-        if (split < m->maplen) {
-            int n = scan_join(m, &next);
-            if (r == 0 && n < 0)
-                r = n;
-            if (r == 0)
-                stage_runs(m, m->vec2, n, &nr, &staged);
-        }
-        if (r == 0)
-            r = stage_scan(m, &next, m->maplen, &nr, &staged);
-        return r < 0 ? r : (int64_t)nr;
+        struct stage_acc a = { 0, 0 };
+        int r = walk_written(m, stage_batch, &a);
+        return r < 0 ? r : (int64_t)a.nr;
     }
     pthread_mutex_lock(&m->wp_mu);
     uint64_t cur = 0;
@@ -2545,30 +2556,25 @@ static int snap_refuse(struct pms_mem *m, const char *name,
  * -errno; read-only: nothing is re-protected.  Sync mode counts its bits;
  * async mode walks (split as the cut is) until it has seen `want`.
  * wb_mu held. */
+struct count_acc { uint64_t seen, want; };
+
+/* walk_written's fn for the probe: count, stop once `want` was seen. */
+static bool count_batch(struct pms_mem *m, const struct page_region *vec, int n, void *arg)
+{
+    (void)m;
+    struct count_acc *a = arg;
+    for (int i = 0; i < n; i++)
+        a->seen += vec[i].end - vec[i].start;
+    return a->seen < a->want;
+}
+
 static int dirty_at_least(struct pms_mem *m, uint64_t want)
 {
     if (!m->async)
         return atomic_load(&m->ndirty) * PG >= want;
-    uint64_t split = scan_split(m), cur = 0, next = m->maplen, seen = 0;
-    if (split < m->maplen)
-        scan_hand_off(m, split, m->maplen);
-    int r = 0;
-    while (r == 0 && cur < split && seen < want) {
-        int n = scan_fill(m, &cur, split, m->vec, SCAN_VEC);
-        if (n <= 0)
-            r = n;
-        for (int i = 0; i < n; i++)
-            seen += m->vec[i].end - m->vec[i].start;
-    }
-    if (split < m->maplen) {
-        int n = scan_join(m, &next);
-        if (r == 0 && n < 0)
-            r = n;
-        for (int i = 0; i < n; i++)
-            seen += m->vec2[i].end - m->vec2[i].start;
-    }
-    /* (vec2 full: SCAN_VEC runs of a page or more, far above any `want`) */
-    return r < 0 ? r : seen >= want;
+    struct count_acc a = { 0, want };
+    int r = walk_written(m, count_batch, &a);
+    return r < 0 ? r : a.seen >= want;
 }
 
 static int64_t precopy_rounds(struct pms_mem *m, int64_t *last)
